@@ -83,7 +83,7 @@ def q_mean_variance(s: Schedule, x0, t):
     t = _prepare(s, x0, t)
     n = x0.ndim
     mean = extract(s.sqrt_alphas_cumprod, t, n) * x0
-    variance = jnp.broadcast_to(extract(1.0 - s.alphas_cumprod, t, n), x0.shape)
+    variance = jnp.broadcast_to(extract(s.sqrt_one_minus_alphas_cumprod, t, n) ** 2, x0.shape)
     log_variance = jnp.broadcast_to(extract(s.log_one_minus_alphas_cumprod, t, n), x0.shape)
     return mean, variance, log_variance
 
@@ -248,12 +248,20 @@ def ddim_step(s: Schedule, model_output, x_t, t, t_prev, noise, *, eta=0.0,
         model_output, _ = split_model_output(model_output, x_t, "learned_range")
     x0, eps = predict_x0_eps(s, model_output, x_t, t, prediction, clip_x0)
     n = x_t.ndim
+    prev_ok = (t_prev >= 0).reshape((-1,) + (1,) * (n - 1))
+    t_prev = jnp.maximum(t_prev, 0)
+    # 1 - abar from the float64-derived sqrt table: 1.0 - abar in float32 cancels near t = 0.
+    one_minus_t = extract(s.sqrt_one_minus_alphas_cumprod, t, n) ** 2
+    one_minus_prev = jnp.where(prev_ok, extract(s.sqrt_one_minus_alphas_cumprod, t_prev, n) ** 2, 0.0)
+    abar_prev = jnp.where(prev_ok, extract(s.alphas_cumprod, t_prev, n), 1.0)
+    # 1 - abar_t / abar_prev without cancellation: near abar = 1 as a difference of the
+    # accurate (1 - abar) values, elsewhere from the ratio itself.
     abar_t = extract(s.alphas_cumprod, t, n)
-    prev_ok = t_prev >= 0
-    abar_prev = jnp.where(prev_ok.reshape((-1,) + (1,) * (n - 1)),
-                          extract(s.alphas_cumprod, jnp.maximum(t_prev, 0), n), 1.0)
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * jnp.sqrt(1.0 - abar_t / abar_prev)
-    mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
+    step_var = jnp.where(abar_prev > 0.5, (one_minus_t - one_minus_prev) / abar_prev,
+                         1.0 - abar_t / abar_prev)
+    step_var = jnp.maximum(step_var, 0.0)
+    sigma = eta * jnp.sqrt(one_minus_prev / one_minus_t * step_var)
+    mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
     return mean + sigma * noise
 
 

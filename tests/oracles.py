@@ -1,0 +1,71 @@
+"""Independent oracles shared by the tests: float64 NumPy formulas and the Gaussian data set
+whose optimal denoiser is known in closed form."""
+import numpy as np
+import jax.numpy as jnp
+from scipy.stats import norm
+
+
+def gaussian_optimal_eps(alphas_cumprod, mu, sigma):
+    """E[eps | x_t] for data x0 ~ N(mu, sigma^2 I), as denoise_fn(x_t, t_model).
+
+    x_t = sqrt(a) x0 + sqrt(1-a) eps is Gaussian with mean sqrt(a) mu and variance
+    a sigma^2 + 1 - a, and Cov(eps, x_t) = sqrt(1-a), so the regression of eps on x_t is
+    sqrt(1-a) / (a sigma^2 + 1 - a) * (x_t - sqrt(a) mu). `alphas_cumprod` is indexed by the
+    model's own timestep (the original schedule's, even when sampling a respaced one).
+    """
+    abar = jnp.asarray(np.asarray(alphas_cumprod, np.float64), jnp.float32)
+
+    def denoise_fn(x_t, t_model, *unused):
+        a = abar[t_model].reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return jnp.sqrt(1 - a) / (a * sigma**2 + 1 - a) * (x_t - jnp.sqrt(a) * mu)
+
+    return denoise_fn
+
+
+def gaussian_optimal_loss(alphas_cumprod, sigma):
+    """Expected eps-MSE of the optimal predictor, t uniform: mean_t a s^2 / (a s^2 + 1 - a)."""
+    a = np.asarray(alphas_cumprod, np.float64)
+    return float(np.mean(a * sigma**2 / (a * sigma**2 + 1 - a)))
+
+
+def discretized_gaussian_entropy_bits(mu, sigma):
+    """Entropy (bits per dimension) of round-to-8-bit(N(mu, sigma^2)) on [-1, 1], edge bins
+    collecting the tails: the lowest achievable cross-entropy of that data."""
+    centers = np.arange(256) / 127.5 - 1.0
+    upper = np.append(centers[:-1] + 1 / 255.0, np.inf)
+    lower = np.append(-np.inf, centers[1:] - 1 / 255.0)
+    p = norm.cdf(upper, mu, sigma) - norm.cdf(lower, mu, sigma)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def quantize_8bit(x):
+    """Round data in [-1, 1] to the 256 levels k / 127.5 - 1."""
+    return np.round((np.clip(x, -1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def gaussian_optimal_learned_range(alphas_cumprod, mu, sigma):
+    """The exact reverse kernel q(x_{t-1} | x_t) of Gaussian data as a learned_range model.
+
+    Its mean is the posterior mean at E[x0 | x_t] (which the optimal eps gives) and its variance
+    beta tilde_t + coef1_t^2 Var(x0 | x_t), Var(x0 | x_t) = s^2 (1-a) / (a s^2 + 1 - a); this lies
+    in [beta tilde_t, beta_t] for s <= 1, so the learned-range output v reaches it exactly.
+    Returns denoise_fn(x_t, t_model) -> [..., 2C].
+    """
+    a = np.asarray(alphas_cumprod, np.float64)
+    a_prev = np.append(1.0, a[:-1])
+    betas = 1 - a / a_prev
+    beta_tilde = betas * (1 - a_prev) / (1 - a)
+    coef1 = betas * np.sqrt(a_prev) / (1 - a)
+    true_var = beta_tilde + coef1**2 * sigma**2 * (1 - a) / (a * sigma**2 + 1 - a)
+    log_min = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
+    v = 2 * (np.log(true_var) - log_min) / (np.log(betas) - log_min) - 1
+    v[0] = -1.0  # the decoder's variance: beta tilde_1 (its log_min)
+    v = jnp.asarray(np.clip(v, -1, 1), jnp.float32)
+    eps_fn = gaussian_optimal_eps(alphas_cumprod, mu, sigma)
+
+    def denoise_fn(x_t, t_model, *unused):
+        v_t = jnp.broadcast_to(v[t_model].reshape((-1,) + (1,) * (x_t.ndim - 1)), x_t.shape)
+        return jnp.concatenate([eps_fn(x_t, t_model), v_t], axis=-1)
+
+    return denoise_fn
