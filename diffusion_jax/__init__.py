@@ -13,3 +13,4 @@ from diffusion_jax.likelihood import (discretized_gaussian_log_likelihood, nll_b
                                       prior_bpd, vlb_terms_bpd)
 
 __version__ = "0.1.0"
+from diffusion_jax.samplers import decode, encode, sample, sampling_grid

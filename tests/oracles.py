@@ -69,3 +69,47 @@ def gaussian_optimal_learned_range(alphas_cumprod, mu, sigma):
         return jnp.concatenate([eps_fn(x_t, t_model), v_t], axis=-1)
 
     return denoise_fn
+
+
+def _gaussian_chain(abars, mu, sigma, deterministic):
+    """Float64 scalar recursion of a reverse chain on N(mu, sigma^2) data with the optimal eps.
+
+    `abars` are abar at the chain's timesteps in sampling order (noisiest first); after the
+    last one abar_prev = 1. Every step is affine in x plus Gaussian noise, so the chain maps
+    x_T to A x_T + B + noise of variance V. DDPM (Ho et al. eqs. 6-7, sigma^2 = beta tilde) or
+    DDIM eta = 0 (Song et al. eq. 12), written from the papers, not from the library.
+    """
+    A, B, V = 1.0, 0.0, 0.0
+    for i, a in enumerate(abars):
+        ap = abars[i + 1] if i + 1 < len(abars) else 1.0
+        c = np.sqrt(1 - a) / (a * sigma**2 + 1 - a)  # eps_hat = c (x - sqrt(a) mu)
+        p, q = (1 - np.sqrt(1 - a) * c) / np.sqrt(a), np.sqrt(1 - a) * c * mu  # x0_hat = p x + q
+        if deterministic:
+            a_x, b = np.sqrt(ap) * p + np.sqrt(1 - ap) * c, np.sqrt(ap) * q - np.sqrt(1 - ap) * c * np.sqrt(a) * mu
+            noise_var = 0.0
+        else:
+            beta = 1 - a / ap
+            k1, k2 = np.sqrt(ap) * beta / (1 - a), np.sqrt(a / ap) * (1 - ap) / (1 - a)
+            a_x, b = k1 * p + k2, k1 * q
+            noise_var = beta * (1 - ap) / (1 - a)
+        A, B, V = a_x * A, a_x * B + b, a_x**2 * V + noise_var
+    return A, B, V
+
+
+def ddpm_chain_moments(abars, mu, sigma):
+    """Mean and variance of the DDPM (fixed_small) chain's output from x_T ~ N(0, 1)."""
+    A, B, V = _gaussian_chain(abars, mu, sigma, deterministic=False)
+    return B, A**2 + V
+
+
+def ddim_chain_map(abars, mu, sigma):
+    """(A, B): deterministic DDIM maps x_T to A x_T + B."""
+    A, B, _ = _gaussian_chain(abars, mu, sigma, deterministic=True)
+    return A, B
+
+
+def flow_map(abar_T, mu, sigma):
+    """(A, B) of the exact probability-flow ODE from abar_T to 0: the standardised x_T
+    becomes the standardised x0, x0 = mu + sigma (x_T - sqrt(a) mu) / sqrt(a s^2 + 1 - a)."""
+    scale = sigma / np.sqrt(abar_T * sigma**2 + 1 - abar_T)
+    return scale, mu - scale * np.sqrt(abar_T) * mu
