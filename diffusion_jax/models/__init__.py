@@ -1,0 +1,101 @@
+"""Backbones with one interface, `model.apply(variables, x_t, t, y=None, train=False, rngs=...)`,
+NHWC in and the same spatial shape out, and a registry of published presets.
+
+    model = create_model("ddpm_cifar10", dtype=jnp.bfloat16)
+    params = model.init(key, x, t)["params"]
+    denoise_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.dit import DiT, DiTBlock, sincos_pos_embed_2d
+from diffusion_jax.models.layers import timestep_embedding
+from diffusion_jax.models.unet import UNet
+
+
+class Preset(NamedTuple):
+    """A named configuration: the module class, its fields and the input it was published for."""
+
+    cls: type
+    kwargs: dict
+    input_shape: tuple  # (H, W, C)
+    note: str = ""
+
+
+def _dit(patch, hidden, depth, heads, shape=(32, 32, 4), **kw):
+    return Preset(DiT, dict(patch_size=patch, hidden=hidden, depth=depth, num_heads=heads, **kw), shape)
+
+
+_DIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
+
+PRESETS: dict[str, Preset] = {
+    # DDPM (Ho et al. 2020): 35.7M parameters on CIFAR-10, 114M at 256x256.
+    "ddpm_cifar10": Preset(UNet, dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                      attn_resolutions=(16,), dropout=0.1), (32, 32, 3), "35.7M"),
+    "ddpm_celebahq256": Preset(UNet, dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                                          attn_resolutions=(16,), dropout=0.0), (256, 256, 3), "114M"),
+    "ddpm_lsun256": Preset(UNet, dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                                      attn_resolutions=(16,), dropout=0.0), (256, 256, 3), "114M"),
+    # Small U-Nets that train on a CPU.
+    "unet_digits": Preset(UNet, dict(ch=64, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
+                                     dropout=0.0, num_groups=16), (8, 8, 1)),
+    "unet_mnist": Preset(UNet, dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,),
+                                    dropout=0.1, num_groups=16), (28, 28, 1)),
+    "unet_cifar_small": Preset(UNet, dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                                          attn_resolutions=(8,), dropout=0.1), (32, 32, 3)),
+    "unet_celeba64": Preset(UNet, dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                                       attn_resolutions=(16,), dropout=0.1), (64, 64, 3)),
+    "unet_tiny": Preset(UNet, dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                                   dropout=0.0, num_groups=8), (8, 8, 1), "tests"),
+    # Small DiTs for pixel data and tests.
+    "dit_tiny": _dit(2, 64, 2, 2, (8, 8, 1), num_classes=10, learn_sigma=False),
+    "dit_mnist": _dit(4, 256, 6, 4, (28, 28, 1), num_classes=10, learn_sigma=False),
+    "dit_cifar": _dit(2, 384, 12, 6, (32, 32, 3), num_classes=10, learn_sigma=False),
+}
+# DiT (Peebles & Xie 2022) on a 32x32x4 latent, ImageNet classes, learned sigma:
+# S/2 33M, B/2 130M, L/2 458M, XL/2 675M parameters; patch 4 and 8 variants too.
+for _size, (_hidden, _depth, _heads) in _DIT_SIZES.items():
+    for _patch in (2, 4, 8):
+        PRESETS[f"dit_{_size}{_patch}"] = _dit(_patch, _hidden, _depth, _heads)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """The preset `name` as a Flax module, with any field overridden (e.g. dtype, learn_sigma)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    fields = set(preset.cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {preset.cls.__name__} preset "
+                         f"{name!r}; options: {sorted(fields)}")
+    return preset.cls(**{**preset.kwargs, **overrides})
+
+
+def param_shapes(model: nn.Module, input_shape, batch: int = 1):
+    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+    x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.eval_shape(lambda k, x, t: model.init(k, x, t), jax.random.key(0), x, t)["params"]
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def init_params(model: nn.Module, key, input_shape, batch: int = 1):
+    """Initial parameters for inputs of shape [batch, *input_shape]."""
+    x = jnp.zeros((batch, *input_shape), jnp.float32)
+    t = jnp.zeros((batch,), jnp.int32)
+    return jax.jit(model.init)({"params": key, "dropout": key}, x, t)["params"]
+
+
+__all__ = ["DiT", "DiTBlock", "PRESETS", "Preset", "UNet", "count_params", "create_model",
+           "init_params", "param_shapes", "sincos_pos_embed_2d", "timestep_embedding"]

@@ -1,0 +1,132 @@
+"""The Diffusion Transformer (Peebles & Xie 2022) as a Flax Linen module.
+
+`DiT()(x_t [B, H, W, C], t [B], y [B] or None, train) -> [B, H, W, out]` (out = 2C with
+`learn_sigma`). Patchify (a p x p conv), add the fixed 2-D sin-cos position embedding, run
+`depth` adaLN-Zero blocks conditioned on c = time embedding + label embedding, a final adaLN
+layer and a linear map to p*p*out per token, unpatchify. Every modulation and the final linear
+are zero-initialised, so the model outputs zeros at initialisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models.layers import Float32Norm, MultiHeadSelfAttention, timestep_embedding
+
+Dtype = Any
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """[grid_h * grid_w, dim] fixed sin-cos embedding (MAE / DiT): half the channels encode the
+    row, half the column, each as [sin, cos] of omega = 1 / 10000^(2i / (dim / 2))."""
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+    return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: c -> (shift, scale, gate) x 2 for the attention and MLP branches."""
+
+    hidden: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, c):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, name="adaLN_modulation",
+                       **kw)(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        norm = lambda name: Float32Norm(0, use_scale_bias=False, param_dtype=self.param_dtype, name=name)
+        h = modulate(norm("norm1")(x), shift_msa, scale_msa)
+        h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl, name="attn", **kw)(h)
+        x = x + gate_msa[:, None, :] * h
+        h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
+        h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
+        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(nn.gelu(h, approximate=True))
+        return x + gate_mlp[:, None, :] * h
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer on NHWC inputs whose H and W are divisible by `patch_size`.
+
+    `num_classes` > 0 adds a label embedding with a null class (index num_classes) used when
+    y is None and, with `train=True`, for a fraction `class_dropout_prob` of the labels
+    (classifier-free guidance training; needs the 'dropout' rng).
+    """
+
+    patch_size: int = 2
+    hidden: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    out_channels: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    attention_impl: Optional[str] = None
+    freq_dim: int = 256
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
+        B, H, W, C = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}: "
+                             "choose a patch size that divides the image size, or resize")
+        out_ch = self.out_channels or C
+        out_ch = 2 * out_ch if self.learn_sigma else out_ch
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        h = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="x_embedder",
+                    **kw)(x.astype(self.dtype))
+        gh, gw = H // p, W // p
+        h = h.reshape(B, gh * gw, self.hidden)
+        h = h + jnp.asarray(sincos_pos_embed_2d(self.hidden, gh, gw), self.dtype)[None]
+
+        temb = timestep_embedding(t, self.freq_dim)
+        temb = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")(temb)
+        c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
+        if self.num_classes:
+            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+            if train and self.class_dropout_prob > 0:
+                drop = nn.Dropout(self.class_dropout_prob, deterministic=False)
+                keep = drop(jnp.ones((B,), jnp.float32)) > 0
+                labels = jnp.where(keep, labels, self.num_classes)
+            c = c + nn.Embed(self.num_classes + 1, self.hidden, param_dtype=self.param_dtype,
+                             name="y_embedder")(labels).astype(jnp.float32)
+        c = c.astype(self.dtype)
+
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            h = block_cls(self.hidden, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
+                          name=f"block{i}", **kw)(h, c)
+
+        shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
+                                          name="final_adaLN_modulation", **kw)(nn.silu(c)), 2, axis=-1)
+        h = modulate(Float32Norm(0, use_scale_bias=False, name="final_norm")(h), shift, scale)
+        h = nn.Dense(p * p * out_ch, kernel_init=nn.initializers.zeros, name="final_linear", **kw)(h)
+        h = h.reshape(B, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(B, H, W, out_ch).astype(jnp.float32)

@@ -1,0 +1,191 @@
+"""The DDPM / ADM U-Net (Ho et al. 2020; Dhariwal & Nichol 2021) as a Flax Linen module.
+
+`UNet()(x_t [B, H, W, C], t [B], y [B] or None, train) -> [B, H, W, out]`, out = C, or 2C with
+`learn_sigma`. DDPM's layout: conv_in, per level `num_res_blocks` residual blocks (attention at
+the resolutions in `attn_resolutions`) then a 2x downsample, a middle block (res, attention,
+res), the mirror image upwards with skip concatenations (`num_res_blocks + 1` blocks a level),
+GroupNorm, SiLU and a zero-initialised conv_out. ADM's options: scale-shift norm, resblock
+up/down sampling, several heads, class conditioning.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import Float32Norm, MultiHeadSelfAttention, timestep_embedding
+
+Dtype = Any
+
+
+def _resample(x, up: bool):
+    B, H, W, C = x.shape
+    if up:
+        return jax.image.resize(x, (B, 2 * H, 2 * W, C), method="nearest")
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + time embedding (added, or scale-shift), GroupNorm-SiLU-dropout-
+    zero-initialised conv, with a 1x1 (NIN) shortcut when the width changes; `resample` = "up"
+    or "down" resamples both paths inside the block (ADM's resblock_updown)."""
+
+    out_ch: int
+    dropout: float = 0.0
+    scale_shift_norm: bool = False
+    resample: Optional[str] = None
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, train: bool):
+        conv = lambda feats, name, init=nn.linear.default_kernel_init, k=3: nn.Conv(
+            feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=init, name=name)
+        norm = lambda name: Float32Norm(self.num_groups, param_dtype=self.param_dtype, name=name)
+        h = nn.silu(norm("norm1")(x))
+        if self.resample:
+            h, x = _resample(h, self.resample == "up"), _resample(x, self.resample == "up")
+        h = conv(self.out_ch, "conv1")(h)
+        emb = nn.Dense((2 if self.scale_shift_norm else 1) * self.out_ch, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="temb_proj")(nn.silu(temb))[:, None, None, :]
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = norm("norm2")(h) * (1 + scale) + shift
+        else:
+            h = norm("norm2")(h + emb)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv(self.out_ch, "conv2", nn.initializers.zeros)(h)
+        if x.shape[-1] != self.out_ch:
+            x = conv(self.out_ch, "nin_shortcut", k=1)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """GroupNorm then self-attention over the H*W positions, zero-initialised output, residual."""
+
+    num_heads: int = 1
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = Float32Norm(self.num_groups, param_dtype=self.param_dtype, name="norm")(x)
+        h = MultiHeadSelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
+                                   param_dtype=self.param_dtype,
+                                   attention_impl=self.attention_impl, name="attn")(h.reshape(B, H * W, C))
+        return x + h.reshape(B, H, W, C)
+
+
+class UNet(nn.Module):
+    """DDPM / ADM U-Net predicting the noise (or x0 / v) of x_t [B, H, W, C] in NHWC.
+
+    H and W must be divisible by 2^(len(ch_mult) - 1); every width ch * mult by `num_groups`;
+    each entry of `attn_resolutions` must be one of the resolutions the net visits.
+    `num_classes` > 0 adds a label embedding (index num_classes is the null label, used when
+    y is None) to the time embedding. `remat` rematerialises each block in the backward pass.
+    """
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    dropout: float = 0.1
+    out_channels: Optional[int] = None
+    learn_sigma: bool = False
+    num_classes: int = 0
+    scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    resamp_with_conv: bool = True
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    attention_impl: Optional[str] = None
+
+    def check_input(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        H, W = x.shape[1:3]
+        if H % factor or W % factor:
+            raise ValueError(f"image size {H}x{W} is not divisible by 2^(levels-1) = {factor} "
+                             f"for ch_mult {tuple(self.ch_mult)}: resize the images or use fewer levels")
+        visited = {H // 2**i for i in range(len(self.ch_mult))}
+        missing = sorted(set(self.attn_resolutions) - visited)
+        if missing:
+            raise ValueError(f"attention resolution(s) {missing} never occur: this U-Net visits "
+                             f"{sorted(visited, reverse=True)} for {H}x{W} inputs")
+        for mult in self.ch_mult:
+            if (self.ch * mult) % self.num_groups:
+                raise ValueError(f"channels {self.ch * mult} (ch {self.ch} x mult {mult}) are not "
+                                 f"divisible by the GroupNorm groups {self.num_groups}")
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train: bool = False):
+        self.check_input(x)
+        B, H, W, C = x.shape
+        out_ch = self.out_channels or C
+        out_ch = 2 * out_ch if self.learn_sigma else out_ch
+        dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
+        temb = timestep_embedding(t, self.ch)
+        temb = dense(4 * self.ch, "temb_dense0")(temb)
+        temb = dense(4 * self.ch, "temb_dense1")(nn.silu(temb))
+        if self.num_classes:
+            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else y
+            temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=self.param_dtype,
+                                   name="label_emb")(labels).astype(jnp.float32)
+        temb = temb.astype(self.dtype)
+
+        block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        res = lambda ch, name, resample=None: block_cls(
+            ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, name=name, **common)
+        attn = lambda name: AttnBlock(self.num_heads, self.num_groups, attention_impl=self.attention_impl,
+                                      name=name, **common)
+        conv = lambda ch, name, **kw: nn.Conv(ch, (3, 3), padding="SAME", name=name, **common, **kw)
+
+        hs = [conv(self.ch, "conv_in")(x.astype(self.dtype))]
+        levels = len(self.ch_mult)
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = res(self.ch * mult, f"down{level}_res{i}")(hs[-1], temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn(f"down{level}_attn{i}")(h)
+                hs.append(h)
+            if level != levels - 1:
+                if self.resblock_updown:
+                    hs.append(res(hs[-1].shape[-1], f"down{level}_resample", "down")(hs[-1], temb, train))
+                elif self.resamp_with_conv:
+                    hs.append(conv(hs[-1].shape[-1], f"down{level}_resample", strides=(2, 2))(hs[-1]))
+                else:
+                    hs.append(_resample(hs[-1], up=False))
+
+        h = hs[-1]
+        h = res(h.shape[-1], "mid_res0")(h, temb, train)
+        h = attn("mid_attn")(h)
+        h = res(h.shape[-1], "mid_res1")(h, temb, train)
+
+        for level in reversed(range(levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = res(self.ch * self.ch_mult[level], f"up{level}_res{i}")(
+                    jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn(f"up{level}_attn{i}")(h)
+            if level != 0:
+                if self.resblock_updown:
+                    h = res(h.shape[-1], f"up{level}_resample", "up")(h, temb, train)
+                else:
+                    h = _resample(h, up=True)
+                    if self.resamp_with_conv:
+                        h = conv(h.shape[-1], f"up{level}_resample")(h)
+        h = nn.silu(Float32Norm(self.num_groups, param_dtype=self.param_dtype, name="norm_out")(h))
+        out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
+        return out.astype(jnp.float32)

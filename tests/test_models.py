@@ -1,0 +1,164 @@
+"""Backbones: published parameter counts, shapes, zero init, bf16, remat, attention, learning."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import diffusion_jax as dj
+from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
+                                  sincos_pos_embed_2d, timestep_embedding)
+from diffusion_jax.models.layers import dot_product_attention
+
+# Published figures: DDPM (Ho et al. 2020, 35.7M / 114M), DiT (Peebles & Xie 2022, Table 4).
+PUBLISHED = {"ddpm_cifar10": (35.7e6, 0.005), "ddpm_celebahq256": (114e6, 0.01),
+             "ddpm_lsun256": (114e6, 0.01), "dit_s2": (33e6, 0.01), "dit_b2": (130e6, 0.01),
+             "dit_l2": (458e6, 0.01), "dit_xl2": (675e6, 0.01)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_match_the_papers(name):
+    expected, tolerance = PUBLISHED[name]
+    n = count_params(param_shapes(create_model(name), PRESETS[name].input_shape))
+    assert abs(n - expected) / expected <= tolerance, (name, n)
+
+
+def test_patch_variants_and_exact_ddpm_count():
+    # The DDPM CIFAR-10 U-Net of the original TF code has exactly 35,746,307 parameters.
+    assert count_params(param_shapes(create_model("ddpm_cifar10"), (32, 32, 3))) == 35_746_307
+    # Patch size changes only the patch embedding and the final linear.
+    n2, n4, n8 = (count_params(param_shapes(create_model(f"dit_xl{p}"), (32, 32, 4))) for p in (2, 4, 8))
+    assert n2 < n4 < n8 and abs(n8 - 675e6) / 675e6 < 0.01
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(name, overrides):
+    model = create_model(name, **dict(overrides))
+    shape = PRESETS[name].input_shape
+    return model, init_params(model, jax.random.key(0), shape, batch=2), shape
+
+
+def tiny(name, **kw):
+    """A small preset and its initial parameters, initialised once per configuration."""
+    return _tiny(name, tuple(sorted(kw.items())))
+
+
+@pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
+def test_shapes_zero_init_jit_grad_bf16(name):
+    model, params, shape = tiny(name)
+    x = jax.random.normal(jax.random.key(1), (3, *shape))
+    t = jnp.array([0, 10, 999])
+    out = jax.jit(model.apply)({"params": params}, x, t)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, 0.0)  # zero-initialised head / adaLN-Zero
+    # Learned sigma doubles the channels; class labels are accepted.
+    model2, params2, _ = tiny(name, learn_sigma=True, num_classes=10)
+    out2 = jax.jit(model2.apply)({"params": params2}, x, t, jnp.array([1, 2, 3]))
+    assert out2.shape == (*x.shape[:-1], 2 * shape[-1])
+    # Gradients flow (after a perturbation of the zero-initialised heads) and bf16 is finite.
+    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t) ** 2)
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(grads)) > 0.8 * len(
+        jax.tree_util.tree_leaves(grads))
+    bf16 = create_model(name, dtype=jnp.bfloat16)
+    out_bf16 = jax.jit(bf16.apply)({"params": params}, x, t)
+    assert out_bf16.dtype == jnp.float32 and np.isfinite(np.asarray(out_bf16)).all()
+    np.testing.assert_allclose(out_bf16, jax.jit(model.apply)({"params": params}, x, t), atol=0.1, rtol=0.1)
+    bf16_params = jax.eval_shape(bf16.init, jax.random.key(0), x, t)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(bf16_params))
+
+
+@pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
+def test_remat_gives_the_same_gradients(name):
+    model, params, shape = tiny(name)
+    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    t = jnp.array([3, 500])
+    grad = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, t) ** 2)))(params)
+    g1, g2 = grad(model), grad(create_model(name, remat=True))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_needs_and_uses_rng():
+    _, params, shape = tiny("unet_tiny")
+    model = create_model("unet_tiny", dropout=0.5)
+    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    t = jnp.array([3, 4])
+    apply = jax.jit(model.apply, static_argnames="train")
+    a = apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.key(0)})
+    b = apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.key(1)})
+    c = apply({"params": params}, x, t)
+    assert not np.allclose(a, b) and np.allclose(c, apply({"params": params}, x, t))
+
+
+def test_attention_matches_plain_softmax_reference():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (2, 10, 3, 8)) for kk in (k1, k2, k3))
+    logits = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhlm,bmhd->blhd", weights, v)
+    np.testing.assert_allclose(dot_product_attention(q, k, v), expected, atol=1e-5)
+
+
+def test_embeddings():
+    emb = timestep_embedding(jnp.array([0, 7]), 6)
+    half = np.exp(-np.log(10000) * np.arange(3) / 3)
+    np.testing.assert_allclose(emb[1], np.concatenate([np.cos(7 * half), np.sin(7 * half)]), rtol=1e-5)
+    assert emb.dtype == jnp.float32
+    pos = sincos_pos_embed_2d(8, 2, 3)
+    assert pos.shape == (6, 8)
+    np.testing.assert_allclose(pos[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # position (0, 0)
+    # Token (row 1, col 2): first half encodes the column, second half the row.
+    np.testing.assert_allclose(pos[5, [0, 4]], [np.sin(2.0), np.sin(1.0)], rtol=1e-6)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="unknown model preset 'ddpm_cifar100'.*ddpm_cifar10"):
+        create_model("ddpm_cifar100")
+    with pytest.raises(ValueError, match="unknown option"):
+        create_model("unet_tiny", channels=3)
+    x = jnp.zeros((1, 9, 9, 1))
+    t = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="not divisible by the patch size 2"):
+        create_model("dit_tiny").init(jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="not divisible by 2\\^\\(levels-1\\)"):
+        create_model("unet_tiny").init(jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="GroupNorm groups 32"):
+        create_model("unet_tiny", num_groups=32).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t)
+    with pytest.raises(ValueError, match=r"attention resolution\(s\) \[16\] never occur"):
+        create_model("unet_tiny", attn_resolutions=(16,)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t)
+
+
+@pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
+def test_overfits_a_fixed_batch(name):
+    """A few hundred Adam steps of training_loss on one fixed batch drive the loss down."""
+    model, params, shape = tiny(name)
+    s = dj.make_schedule("linear", 100)
+    x0 = jnp.tile(jnp.linspace(-1, 1, shape[0] * shape[1]).reshape(1, *shape[:2], 1), (16, 1, 1, shape[2]))
+    x0 = x0 * jnp.where(jnp.arange(16) % 2 == 0, 1.0, -1.0).reshape(-1, 1, 1, 1)
+    opt = optax.adam(2e-3)
+
+    @jax.jit
+    def step(params, opt_state, key):
+        def loss_fn(p):
+            return dj.training_loss(lambda x, t: model.apply({"params": p}, x, t), s, x0, key)[0]
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = opt.init(params)
+    eval_keys = jax.random.split(jax.random.key(99), 8)
+    evaluate = jax.jit(lambda p: jnp.mean(jax.vmap(lambda k: dj.training_loss(
+        lambda x, t: model.apply({"params": p}, x, t), s, x0, k)[0])(eval_keys)))
+    initial = float(evaluate(params))
+    for i in range(300):
+        params, opt_state, _ = step(params, opt_state, jax.random.key(i))
+    final = float(evaluate(params))
+    assert final < 0.35 * initial, (initial, final)
