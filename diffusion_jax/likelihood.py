@@ -10,6 +10,7 @@ edge bins open to -inf and +inf).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -20,7 +21,7 @@ from diffusion_jax.diffusion import (_prepare, mean_flat, p_mean_variance, q_mea
                                      q_posterior, q_sample)
 from diffusion_jax.schedules import Schedule
 
-LOG2 = float(jnp.log(2.0))
+LOG2 = math.log(2.0)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -22,7 +22,6 @@ final step to x0; the model is always called with its own timestep `schedule.tim
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax

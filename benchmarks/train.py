@@ -1,0 +1,109 @@
+"""Training throughput: images/s, step time, MFU, peak memory and compile time of the library's
+own train step (the one `diffusion_jax.training` runs), one JSON line per configuration.
+
+    python -m benchmarks.train --model ddpm_cifar10 --batch 128 --dtype bfloat16
+    python -m benchmarks.train --model dit_b2 --batch 256 --dtype bfloat16
+
+Data are synthetic (random images, marked "data": "synthetic"), already on the device, so the
+number is the step itself; `--host_pipeline` feeds batches through the real host pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import block, emit, forward_flops_cpu, peak_flops, peak_memory_bytes
+from diffusion_jax import parallel
+from diffusion_jax.models import PRESETS, create_model
+from diffusion_jax.runs import build_model, build_schedule, input_shape
+from diffusion_jax.training.config import base_config
+from diffusion_jax.training.optim import make_optimizer
+from diffusion_jax.training.state import create_train_state
+from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
+
+
+def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int):
+    c = base_config()
+    h, w, ch = PRESETS[model].input_shape
+    c.data.image_size, c.data.channels, c.data.batch_size = h, ch, batch
+    c.data.use_labels, c.data.num_classes = num_classes > 0, num_classes
+    c.model.name, c.model.dtype = model, dtype
+    c.optim.warmup_steps = 10
+    c.train.steps_per_dispatch = steps_per_dispatch
+    if PRESETS[model].kwargs.get("learn_sigma", PRESETS[model].cls.learn_sigma):
+        c.diffusion.variance = "learned_range"
+    return c
+
+
+def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int) -> dict:
+    config = bench_config(model_name, batch, dtype, k, num_classes)
+    model, schedule = build_model(config), build_schedule(config)
+    optimizer = make_optimizer(config.optim, 1000)
+    mesh = parallel.make_mesh()
+    shape = input_shape(config)
+    state_shapes = jax.eval_shape(lambda key: create_train_state(
+        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0),
+        jax.random.key(0))
+    step_fn, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
+                                        state_shapes, mesh, stacked=k > 1)
+    init = jax.jit(lambda key: create_train_state(
+        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0),
+        out_shardings=shardings)
+    state = init(jax.random.PRNGKey(0))
+    lead = (k,) if k > 1 else ()
+    rng = np.random.default_rng(0)
+    local = {"image": rng.uniform(-1, 1, (*lead, batch, *shape)).astype(np.float32)}
+    if num_classes:
+        local["label"] = rng.integers(0, num_classes, (*lead, batch)).astype(np.int32)
+    batch_arrays = parallel.global_batch(local, mesh, leading=len(lead))
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch_arrays)  # warm-up
+    block(metrics)
+    calls = max(steps // k, 1)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        state, metrics = compiled(state, batch_arrays)
+    block((state.step, metrics))
+    seconds = time.perf_counter() - t0
+    step_s = seconds / (calls * k)
+    images_s = batch / step_s
+
+    fwd_model = create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
+    fwd_flops = forward_flops_cpu(lambda p, x, t: fwd_model.apply({"params": p}, x, t),
+                                  jax.device_get(state.params), np.zeros((1, *shape), np.float32),
+                                  np.zeros((1,), np.int32))
+    peak = peak_flops()
+    record = {"bench": "train", "model": model_name, "batch": batch, "dtype": dtype,
+              "steps_per_dispatch": k, "data": "synthetic", "images_per_sec": round(images_s, 1),
+              "step_ms": round(1e3 * step_s, 3), "compile_s": round(compile_s, 2),
+              "forward_gflops_per_image": None if fwd_flops is None else round(fwd_flops / 1e9, 4),
+              "peak_memory_gb": None if peak_memory_bytes() is None else round(peak_memory_bytes() / 2**30, 2),
+              "loss": float(metrics["loss"])}
+    if fwd_flops and peak:
+        record["mfu"] = round(3 * fwd_flops * images_s / peak, 4)
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", help="preset name (repeatable)")
+    p.add_argument("--batch", type=int, action="append", help="global batch (repeatable)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps_per_dispatch", type=int, default=1)
+    p.add_argument("--num_classes", type=int, default=0)
+    args = p.parse_args(argv)
+    for model in args.model or ["ddpm_cifar10"]:
+        for batch in args.batch or [128]:
+            emit(measure(model, batch, args.dtype, args.steps, args.steps_per_dispatch, args.num_classes))
+
+
+if __name__ == "__main__":
+    main()

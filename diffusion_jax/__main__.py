@@ -1,0 +1,3 @@
+from diffusion_jax.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""Image sources, each returning the whole split in memory as NumPy arrays:
+images float32 [N, H, W, C] in [-1, 1] and labels int32 [N].
+
+  * "digits": scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), with
+    a fixed seeded split: 1,497 "train" and 300 "validation".
+  * "folder:/path": every PNG/JPEG under a folder, center-cropped and resized; label 0.
+  * any other name: a tensorflow-datasets image dataset (mnist, fashion_mnist, cifar10,
+    celeb_a, oxford_flowers102, ...), imported lazily: the core never needs TensorFlow.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import NamedTuple
+
+import numpy as np
+
+DIGITS_VALIDATION = 300
+
+
+class ImageData(NamedTuple):
+    images: np.ndarray  # float32 [N, H, W, C] in [-1, 1]
+    labels: np.ndarray  # int32 [N]
+
+
+def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images_uint8.astype(np.float32) / 127.5 - 1.0
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [size, size, C]: the central square, resized (area/bicubic)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[top:top + side, left:left + side]
+    if side == size:
+        return image
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    pil = pil.resize((size, size), Image.BICUBIC if side < size else Image.BOX)
+    out = np.asarray(pil)
+    return out[..., None] if squeeze else out
+
+
+def _match_shape(images: np.ndarray, image_size: int, channels: int, name: str) -> np.ndarray:
+    if images.shape[-1] != channels:
+        raise ValueError(f"dataset {name!r} has {images.shape[-1]} channels but the config asks for "
+                         f"{channels}: set data.channels={images.shape[-1]} (and a matching model)")
+    if images.shape[1:3] != (image_size, image_size):
+        images = np.stack([center_crop_resize(im, image_size) for im in images])
+    return images
+
+
+def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
+    order = np.random.default_rng(0).permutation(len(images))
+    parts = {"train": order[DIGITS_VALIDATION:], "validation": order[:DIGITS_VALIDATION],
+             "test": order[:DIGITS_VALIDATION], "all": order}
+    if split not in parts:
+        raise ValueError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
+    idx = np.sort(parts[split])
+    images = _match_shape(images[idx], image_size, channels, "digits")
+    return ImageData(to_model_range(images), bunch.target[idx].astype(np.int32))
+
+
+def load_folder(path: str, image_size: int, channels: int) -> ImageData:
+    from PIL import Image
+
+    root = pathlib.Path(path)
+    if not root.is_dir():
+        raise ValueError(f"image folder {path!r} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ValueError(f"no PNG or JPEG images under {path!r}")
+    mode = "L" if channels == 1 else "RGB"
+    images = np.stack([center_crop_resize(np.asarray(Image.open(f).convert(mode)).reshape(
+        *Image.open(f).size[::-1], channels), image_size) for f in files])
+    return ImageData(to_model_range(images), np.zeros(len(files), np.int32))
+
+
+def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: str = "",
+              process_index: int = 0, process_count: int = 1) -> ImageData:
+    """A tfds split, this process's shard of it only (tfds.even_splits) when several run."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("tfds datasets need tensorflow-datasets and tensorflow-cpu: "
+                          "pip install 'diffusion_jax[data]'") from e
+    if name not in tfds.list_builders():
+        raise ValueError(f"unknown dataset {name!r}: not 'digits', 'folder:/path' or a "
+                         "tensorflow-datasets builder (see tfds.list_builders())")
+    if process_count > 1:
+        split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    images, labels = [], []
+    for example in tfds.as_numpy(ds):
+        images.append(example["image"])
+        labels.append(example.get("label", 0))
+    if not images:
+        raise ValueError(f"split {split!r} of {name!r} is empty")
+    shapes = {im.shape for im in images}
+    if len(shapes) == 1:
+        array = np.stack(images)
+        array = _match_shape(array, image_size, channels, name)
+    else:  # variable-size images (celeb_a, flowers): crop and resize one by one
+        array = np.stack([_match_shape(im[None], image_size, channels, name)[0] for im in images])
+    return ImageData(to_model_range(array), np.asarray(labels, np.int32))
+
+
+def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:
+    """The split named in a run's data config (see training/config.py)."""
+    name = data_config.name
+    size, channels = data_config.image_size, data_config.channels
+    if name == "digits":
+        return load_digits(split, size, channels)
+    if name.startswith("folder:"):
+        return load_folder(name[len("folder:"):], size, channels)
+    return load_tfds(name, split, size, channels, data_config.data_dir, process_index, process_count)

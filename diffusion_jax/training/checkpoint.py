@@ -1,0 +1,86 @@
+"""Orbax checkpoints of the train state plus a JSON record (config, data position, versions).
+
+`Checkpointer(workdir)` keeps the last K under workdir/checkpoints; saves are asynchronous where
+Orbax supports it. `restore_latest` walks back from the newest step: a checkpoint that fails to
+restore (corrupt, or partly written) is reported and the one before it used. Orbax writes
+into a temporary folder and renames it when complete, so a save cut short never looks finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in a workdir was written by a different model or config."""
+
+
+class Checkpointer:
+    def __init__(self, workdir, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, record: dict, force: bool = True) -> None:
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore_record(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
+    def restore(self, step: int, abstract_state):
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+        return out["state"], out["record"]
+
+    def restore_latest(self, abstract_state, check_record=None):
+        """(state, record) of the newest checkpoint that restores, or (None, None) if none.
+
+        `check_record(record)` may raise CheckpointMismatch, which is never skipped over.
+        """
+        for step in reversed(self.steps()):
+            try:
+                record = self.restore_record(step)
+                if check_record is not None:
+                    check_record(record)
+                return self.restore(step, abstract_state)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # corrupt or partial: report it and fall back
+                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
+                            "trying the previous one", step, self.directory, type(e).__name__, e)
+                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); "
+                      "falling back to the previous one", flush=True)
+        return None, None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings=None):
+    """ShapeDtypeStructs of a pytree (with shardings) for a restore target."""
+    if shardings is None:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  tree, shardings)
+
+
+def config_fingerprint(config) -> dict:
+    """The parts of a config a checkpoint must agree with to be resumed."""
+    return {"model": json.loads(config.model.to_json()), "image_size": config.data.image_size,
+            "channels": config.data.channels, "num_classes": config.data.num_classes,
+            "diffusion": json.loads(config.diffusion.to_json())}

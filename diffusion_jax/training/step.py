@@ -1,0 +1,71 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted once over a mesh.
+
+Randomness: the step key is fold_in(state.rng, state.step); `training_loss` draws t and the
+noise for the whole global batch from it, and with JAX's partitionable threefry every device
+computes its own slice of that global draw, so devices never share noise and the sharded step
+equals the unsharded one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax.diffusion import training_loss
+from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
+from diffusion_jax.training.optim import tree_norm
+from diffusion_jax.training.state import TrainState, ema_decay, ema_update
+
+
+def make_train_step(model, schedule, config, optimizer):
+    """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?}."""
+    d, t = config.diffusion, config.train
+    num_classes = int(config.data.num_classes)
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(state.rng, state.step)
+        key_loss, key_dropout, key_labels = jax.random.split(key, 3)
+        labels = batch.get("label")
+        if labels is not None and t.label_dropout > 0:
+            drop = jax.random.bernoulli(key_labels, t.label_dropout, labels.shape)
+            labels = jnp.where(drop, num_classes, labels)
+
+        def loss_fn(params):
+            def denoise_fn(x_t, t_model):
+                return model.apply({"params": params}, x_t, t_model, labels, train=True,
+                                   rngs={"dropout": key_dropout})
+            return training_loss(denoise_fn, schedule, batch["image"], key_loss,
+                                 prediction=d.prediction, weighting=d.weighting,
+                                 variance=d.variance, vlb_weight=d.vlb_weight)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step, t.ema_decay, t.ema_warmup)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_update(state.ema_params, params, decay))
+        metrics = {"loss": loss, "mse": jnp.mean(aux["mse"]), "grad_norm": tree_norm(grads),
+                   "finite": jnp.isfinite(loss).astype(jnp.float32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_multi_step(train_step, k: int):
+    """K train steps in one lax.scan: (state, batches [K, B, ...]) -> (state, metrics of the last)."""
+    if k == 1:
+        return train_step
+
+    def multi_step(state, batches):
+        state, metrics = jax.lax.scan(train_step, state, batches)
+        return state, jax.tree_util.tree_map(lambda m: m[-1], metrics)
+
+    return multi_step
+
+
+def jit_train_step(step_fn, state_shapes, mesh, stacked: bool = False):
+    """jax.jit over the mesh: state replicated (or fsdp-sharded), batch on the data axes,
+    metrics replicated, the old state donated."""
+    shardings = state_shardings(state_shapes, mesh)
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh, 1 if stacked else 0)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0), shardings

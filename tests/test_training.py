@@ -1,0 +1,168 @@
+"""Training: exact resume, sharding equivalence, pre-emption, bad input, optimiser and EMA."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import parallel
+from diffusion_jax.runs import build_model, build_schedule, input_shape
+from diffusion_jax.training import NonFiniteLoss, train
+from diffusion_jax.training.optim import make_optimizer
+from diffusion_jax.training.state import create_train_state, ema_decay
+from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
+from tests.train_helpers import state_arrays, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    straight = train(tiny_config(20), tmp_path / "a")
+    train(tiny_config(20), tmp_path / "b", stop_after=10)
+    resumed = train(tiny_config(20), tmp_path / "b")
+    a, b = state_arrays(straight), state_arrays(resumed)
+    assert a.keys() == b.keys() and int(resumed.step) == 20
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]  # the second call started at step 10
+
+
+def _one_step(mesh, k=1):
+    config = tiny_config(4, **{"train.steps_per_dispatch": k})
+    model, schedule = build_model(config), build_schedule(config)
+    optimizer = make_optimizer(config.optim, 10)
+    shape = input_shape(config)
+    make_state = lambda key: create_train_state(
+        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0)
+    state_shapes = jax.eval_shape(make_state, jax.random.PRNGKey(0))
+    step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
+                                     state_shapes, mesh, stacked=k > 1)
+    state = jax.jit(make_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 16, *shape)).astype(np.float32)
+    if k == 1:
+        for i in range(2):
+            state, metrics = step(state, parallel.global_batch({"image": images[i]}, mesh))
+    else:
+        state, metrics = step(state, parallel.global_batch({"image": images}, mesh, leading=1))
+    return state, metrics
+
+
+def test_sharded_step_equals_single_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    one, m1 = _one_step(parallel.make_mesh(devices=jax.devices()[:1]))
+    eight, m8 = _one_step(parallel.make_mesh())
+    fsdp, m_fsdp = _one_step(parallel.make_mesh(fsdp=2))
+    scanned, m_scan = _one_step(parallel.make_mesh(), k=2)  # two steps in one lax.scan dispatch
+    assert len(eight.params["conv_in"]["kernel"].sharding.device_set) == 8
+    for other, m in ((eight, m8), (fsdp, m_fsdp), (scanned, m_scan)):
+        np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
+        a, b = state_arrays(one), state_arrays(other)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from tests.train_helpers import tiny_config\n"
+            "from diffusion_jax.training import train\n"
+            "train(tiny_config(100000, **{'train.log_every': 1, 'train.ckpt_every': 1000000}), %r)\n"
+            % (str(REPO), str(workdir)))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert "SIGTERM" in output and "resume" in output, output
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 5 <= saved[0] < 100000
+    logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    state = train(tiny_config(saved[0] + 3, **{"train.log_every": 1, "train.ckpt_every": 1000000}), workdir)
+    assert int(state.step) == saved[0] + 3
+    logged_after = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert logged_after[len(logged):] == [saved[0] + 1, saved[0] + 2, saved[0] + 3]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(40, **{"optim.learning_rate": 1e30, "optim.skip_nonfinite": False,
+                                "optim.grad_clip": 0.0, "optim.warmup_steps": 0,
+                                "train.ckpt_every": 1, "train.log_every": 1})
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint is kept"):
+        train(config, tmp_path)
+    from diffusion_jax.runs import load_run
+    run = load_run(tmp_path)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree_util.tree_leaves(run.ema_params))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'not_a_dataset'"):
+        train(tiny_config(2, **{"data.name": "not_a_dataset"}), tmp_path / "a")
+    with pytest.raises(ValueError, match="has 1 channels but the config asks for 3"):
+        train(tiny_config(2, **{"data.channels": 3}), tmp_path / "b")
+    if jax.device_count() == 8:
+        with pytest.raises(ValueError, match="not divisible by the device count 8"):
+            train(tiny_config(2, **{"data.batch_size": 12}), tmp_path / "c")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        train(tiny_config(2), blocker / "run")
+    train(tiny_config(2), tmp_path / "d")
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_config(4, **{"model.overrides": {"ch": 32}}), tmp_path / "d")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        train(tiny_config(2, **{"model.name": "unet_huge"}), tmp_path / "e")
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
+    train(tiny_config(20), tmp_path)
+    latest = tmp_path / "checkpoints" / "20"
+    for f in latest.rglob("*"):
+        if f.is_file() and "record" not in str(f):
+            f.write_bytes(b"garbage")
+    state = train(tiny_config(25), tmp_path)
+    assert int(state.step) == 25
+    assert "checkpoint 20 is unreadable" in capsys.readouterr().out
+
+
+def test_ema_warmup_and_optimizer_schedule():
+    assert float(ema_decay(0, 0.9999, True)) == pytest.approx(0.1)
+    assert float(ema_decay(10**7, 0.9999, True)) == pytest.approx(0.9999)
+    assert float(ema_decay(0, 0.99, False)) == pytest.approx(0.99)
+    config = tiny_config()
+    config.optim.warmup_steps, config.optim.decay, config.optim.learning_rate = 10, "cosine", 1.0
+    from diffusion_jax.training.optim import learning_rate_schedule
+    lr = learning_rate_schedule(config.optim, 110)
+    assert float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.5, abs=1e-3) and float(lr(110)) == pytest.approx(0.0, abs=1e-6)
+    # Gradient accumulation: nothing moves until the k-th micro-step.
+    config.optim.accumulate_steps, config.optim.warmup_steps, config.optim.decay = 2, 0, "constant"
+    opt = make_optimizer(config.optim, 10)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    upd, state = opt.update({"w": jnp.ones(3)}, state, params)
+    assert float(jnp.abs(upd["w"]).sum()) == 0.0
+    upd, state = opt.update({"w": jnp.ones(3)}, state, params)
+    assert float(jnp.abs(upd["w"]).sum()) > 0.0
+
+
+def test_config_overrides_are_validated():
+    from experiments.digits_unet import get_config
+    from experiments.launch import run
+    with pytest.raises(SystemExit, match="no_such_key"):
+        run(get_config, ["prog", "--workdir", "/tmp/x", "--config.train.no_such_key=3"])
+    with pytest.raises(SystemExit, match="steps"):
+        run(get_config, ["prog", "--workdir", "/tmp/x", "--config.train.steps=many"])

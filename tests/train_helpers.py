@@ -1,0 +1,38 @@
+"""Tiny runs shared by the training tests (and by the subprocesses they launch)."""
+import jax
+import numpy as np
+
+from diffusion_jax.training.config import base_config
+
+
+def tiny_config(steps=20, **changes):
+    c = base_config()
+    c.data.name = "digits"
+    c.data.image_size, c.data.channels, c.data.batch_size = 8, 1, 16
+    c.model.name = "unet_tiny"
+    c.diffusion.num_timesteps = 100
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.steps = steps
+    c.train.log_every = 5
+    c.train.ckpt_every = 10
+    c.train.num_sample_images = 0
+    c.train.progress = False
+    c.sample.steps = 5
+    c.eval.num_examples = 64
+    c.eval.num_samples = 16
+    c.eval.bpd_examples = 4
+    for key, value in changes.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def state_arrays(state) -> dict:
+    """Flattened host copies of params, EMA and optimizer state, keyed by path."""
+    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "ema": state.ema_params,
+                                                  "opt": state.opt_state, "step": state.step})
+    return {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
