@@ -21,7 +21,7 @@ def _train(argv):
     flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
     flags.DEFINE_bool("evaluate", False, "evaluate the run when training ends", flag_values=fv)
     config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=["train"] + argv)
     try:
         fv(["train"] + argv)
     except flags.Error as e:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.models import create_model
-from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
+from diffusion_jax.parallel import batch_sharding, make_mesh, replicated, to_host
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import Schedule, make_schedule
 
@@ -74,6 +74,9 @@ def load_run(workdir, step: int | None = None) -> Run:
     shape = (1, *input_shape(config))
     abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros(shape), jnp.zeros((1,), jnp.int32)),
                               jax.random.key(0))["params"]
+    everywhere = replicated(make_mesh())  # restored onto every device, ready for sharded sampling
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
     ckpt = Checkpointer(workdir, async_save=False)
     try:
         steps = ckpt.steps()
@@ -99,7 +102,8 @@ def _ema_only_args(abstract_params):
 
     target = {"ema_params": abstract_params}
     return ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(), target),
+        item=target, restore_args=jax.tree_util.tree_map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target),
         partial_restore=True))
 
 

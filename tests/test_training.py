@@ -166,3 +166,15 @@ def test_config_overrides_are_validated():
         run(get_config, ["prog", "--workdir", "/tmp/x", "--config.train.no_such_key=3"])
     with pytest.raises(SystemExit, match="steps"):
         run(get_config, ["prog", "--workdir", "/tmp/x", "--config.train.steps=many"])
+
+
+@pytest.mark.parametrize("name,size,channels", [("mnist", 28, 1), ("cifar10", 32, 3)])
+def test_tfds_path_trains_end_to_end(tmp_path, name, size, channels):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tiny_config(3, **{"data.name": name, "data.image_size": size, "data.channels": channels,
+                               "data.random_flip": True, "data.use_labels": True, "data.num_classes": 10,
+                               "train.label_dropout": 0.2, "model.overrides": {"attn_resolutions": ()}})
+    with tfds.testing.mock_data(num_examples=32):
+        state = train(config, tmp_path)
+    assert int(state.step) == 3
+    assert "label_emb" in state.params

@@ -3,6 +3,7 @@ files (`.npz` with `mu` and `sigma`, as pytorch-fid writes them)."""
 from __future__ import annotations
 
 import pathlib
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -29,8 +30,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all() or np.abs(np.imag(covmean)).max() > 1e-3:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+    if singular or not np.isfinite(covmean).all() or np.abs(np.imag(covmean)).max() > 1e-3:
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):

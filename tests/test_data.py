@@ -1,0 +1,82 @@
+"""Data: digits split, deterministic per-process batches, really random flips, tfds under
+mock_data, image folders."""
+import numpy as np
+import pytest
+
+from diffusion_jax.data import Batches, load_digits, load_split
+from diffusion_jax.training.config import base_config
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, val = load_digits("train"), load_digits("validation")
+    assert train.images.shape == (1497, 8, 8, 1) and val.images.shape == (300, 8, 8, 1)
+    assert train.images.dtype == np.float32 and train.images.min() == -1.0 and train.images.max() == 1.0
+    rows = lambda d: {r.tobytes() for r in d.images}
+    assert len(rows(train) & rows(val)) < 10  # a few digits are pixel-identical duplicates
+    np.testing.assert_array_equal(load_digits("validation").labels, val.labels)
+    assert set(val.labels.tolist()) == set(range(10))
+
+
+def test_batches_are_a_function_of_the_step_and_processes_split_them():
+    data = load_digits("train")
+    whole = Batches(data, 32, seed=3, random_flip=True, with_labels=True)
+    halves = [Batches(data, 32, seed=3, process_index=p, process_count=2, random_flip=True,
+                      with_labels=True) for p in range(2)]
+    for step in (0, 5, 46, 47, 1000):  # 46 batches an epoch: 46 and 47 are in the next epoch
+        b = whole(step)
+        np.testing.assert_array_equal(np.concatenate([h(step)["image"] for h in halves]), b["image"])
+        np.testing.assert_array_equal(whole(step)["image"], b["image"])  # recomputable
+    assert not np.array_equal(whole(0)["image"], whole(1)["image"])
+    # Every image appears once per epoch.
+    seen = np.concatenate([whole(s)["label"] for s in range(whole.batches_per_epoch)])
+    assert len(seen) == 46 * 32
+
+
+def test_random_flips_are_random_per_example():
+    data = load_digits("train")
+    plain = Batches(data, 64, seed=0)
+    flipped = Batches(data, 64, seed=0, random_flip=True)
+    a, b = plain(7)["image"], flipped(7)["image"]
+    is_flipped = [np.array_equal(b[i], a[i, :, ::-1]) and not np.array_equal(a[i], a[i, :, ::-1])
+                  for i in range(64)]
+    unchanged = [np.array_equal(b[i], a[i]) for i in range(64)]
+    assert 10 < sum(is_flipped) < 54 and all(f or u for f, u in zip(is_flipped, unchanged))
+
+
+def test_bad_batch_settings():
+    data = load_digits("validation")
+    with pytest.raises(ValueError, match="not divisible by the process count"):
+        Batches(data, 30, seed=0, process_count=4)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        Batches(data, 512, seed=0)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_digits("dev")
+
+
+@pytest.mark.parametrize("name,shape,size", [("mnist", (28, 28, 1), 28), ("cifar10", (32, 32, 3), 32),
+                                             ("mnist", (28, 28, 1), 8)])
+def test_tfds_under_mock_data(name, shape, size):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    c = base_config().data
+    c.name, c.image_size, c.channels = name, size, shape[-1]
+    with tfds.testing.mock_data(num_examples=24):
+        data = load_split(c, "train")
+        half = load_split(c, "train", process_index=1, process_count=2)
+    assert data.images.shape == (24, size, size, shape[-1]) and data.labels.shape == (24,)
+    assert data.images.dtype == np.float32 and -1.0 <= data.images.min() and data.images.max() <= 1.0
+    # mock_data serves num_examples for any split, so only the shard's shape can be checked.
+    assert half.images.shape[1:] == (size, size, shape[-1])
+
+
+def test_folder_source(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    c = base_config().data
+    c.name, c.image_size, c.channels = f"folder:{tmp_path}", 16, 3
+    data = load_split(c, "train")
+    assert data.images.shape == (3, 16, 16, 3)
+    with pytest.raises(ValueError, match="does not exist"):
+        c.name = f"folder:{tmp_path}/missing"
+        load_split(c, "train")
