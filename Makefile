@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.digits_unet --workdir runs/digits

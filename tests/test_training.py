@@ -136,6 +136,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     state = train(tiny_config(25), tmp_path)
     assert int(state.step) == 25
     assert "checkpoint 20 is unreadable" in capsys.readouterr().out
+    assert any((tmp_path / "unreadable_checkpoints").iterdir())  # set aside, not deleted
 
 
 def test_ema_warmup_and_optimizer_schedule():

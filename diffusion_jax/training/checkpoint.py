@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -59,12 +61,25 @@ class Checkpointer:
                 return self.restore(step, abstract_state)
             except CheckpointMismatch:
                 raise
-            except Exception as e:  # corrupt or partial: report it and fall back
-                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
-                            "trying the previous one", step, self.directory, type(e).__name__, e)
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); "
-                      "falling back to the previous one", flush=True)
+            except Exception as e:  # corrupt or partial: report it, keep it aside, fall back
+                aside = self.set_aside(step)
+                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); moved to %s, "
+                            "trying the previous one", step, self.directory, type(e).__name__, e, aside)
+                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); moved it to "
+                      f"{aside} and fell back to the previous one", flush=True)
         return None, None
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Moves an unreadable checkpoint out of the manager's way (nothing is deleted)."""
+        target = self.directory.parent / "unreadable_checkpoints" / f"{step}_{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         self.manager.wait_until_finished()
