@@ -179,3 +179,16 @@ def test_tfds_path_trains_end_to_end(tmp_path, name, size, channels):
         state = train(config, tmp_path)
     assert int(state.step) == 3
     assert "label_emb" in state.params
+
+
+@pytest.mark.parametrize("module", ["digits_unet", "mnist_unet", "fashion_mnist_unet", "cifar10_ddpm",
+                                    "cifar10_dit", "celeba64_unet"])
+def test_every_experiment_builds_its_model(module):
+    """Each experiment config names a preset that accepts its data shape (shapes only)."""
+    import importlib
+    config = importlib.import_module(f"experiments.{module}").get_config()
+    model = build_model(config)
+    shape = input_shape(config)
+    out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),
+                         jax.ShapeDtypeStruct((2, *shape), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
+    assert out["params"]

@@ -1,0 +1,27 @@
+"""A small U-Net on MNIST 28x28 (tensorflow-datasets), unconditional.
+
+    python -m experiments.mnist_unet --workdir runs/mnist
+"""
+from diffusion_jax.training.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.data.name = "mnist"
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.image_size, c.data.channels, c.data.batch_size = 28, 1, 128
+    c.model.name = "unet_mnist"
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 1000
+    c.train.steps = 30_000
+    c.train.ema_decay = 0.9995
+    c.train.ckpt_every = 2500
+    c.train.sample_every = 5000
+    c.sample.method, c.sample.steps = "ddim", 100
+    return c
+
+
+if __name__ == "__main__":
+    from experiments.launch import run
+
+    run(get_config)
