@@ -9,11 +9,9 @@ overhead = time per step / time of one bare forward (same batch, same jit) - 1.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import block, emit, peak_memory_bytes

@@ -3,7 +3,8 @@
   train     --config experiments/digits_unet.py --workdir DIR [--config.train.steps=N ...]
   sample    --workdir DIR --num_samples N [--method ddpm|ddim|dpm_solver++ --steps K --seed S
             --guidance_scale G --labels 0,1,2 --eta E --checkpoint STEP] --out FILE.npz
-  evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler M --steps K --seed S]
+  evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler M --steps K --seed S
+            --fid_stats REF.npz --inception_weights FILE]
   fid-stats --dataset NAME --split train --out FILE.npz [--features digits|inception
             --inception_weights FILE --image_size S --channels C --max_images N]
 """
@@ -66,12 +67,14 @@ def _evaluate(args):
     from diffusion_jax.evaluation import evaluate_run
 
     m = evaluate_run(args.workdir, checkpoint=args.checkpoint, num_samples=args.num_samples,
-                     sampler=args.sampler, steps=args.steps, seed=args.seed)
+                     sampler=args.sampler, steps=args.steps, seed=args.seed, fid_stats=args.fid_stats,
+                     inception_weights=args.inception_weights)
     summary = {k: m[k] for k in ("noise_mse", "noise_rmse", "noise_mae", "noise_r2", "checkpoint_step")}
     if "bpd" in m:
         summary["bits_per_dim"] = m["bpd"]["total_bpd"]
-    if "digits_fd" in m:
-        summary["digits_fd"] = m["digits_fd"]
+    for key in ("fid", "digits_fd"):
+        if key in m:
+            summary[key] = m[key]
     print(json.dumps(summary, indent=2))
 
 
@@ -123,6 +126,8 @@ def main(argv=None):
     e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver++"])
     e.add_argument("--steps", type=int)
     e.add_argument("--seed", type=int)
+    e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
+    e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")
     f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split")
     f.add_argument("--dataset", required=True)
     f.add_argument("--split", default="train")

@@ -48,3 +48,23 @@ def test_missing_and_mismatched_weights_are_clear_errors(tmp_path):
     np.savez(bad, **{"params/Conv2d_1a_3x3/conv/kernel": np.zeros((3, 3, 3, 32), np.float32)})
     with pytest.raises(ValueError, match="missing"):
         load_inception(bad)
+
+
+def test_fid_stats_command_and_fid_of_a_set_against_itself(tmp_path):
+    from diffusion_jax import cli
+    from diffusion_jax.data import load_digits
+    from diffusion_jax.evaluation import feature_statistics, frechet_distance, load_statistics
+    weights = save_weights(synthetic_weights(), tmp_path / "w.npz")
+    stats = tmp_path / "digits_inception.npz"
+    cli.main(["fid-stats", "--dataset", "digits", "--split", "train", "--image_size", "8", "--channels", "1",
+              "--features", "inception", "--inception_weights", str(weights), "--max_images", "12",
+              "--out", str(stats)])
+    mu, sigma = load_statistics(stats)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    images = load_digits("train").images[:12]
+    features = inception_features(load_inception(weights), images)
+    same = frechet_distance(*feature_statistics(features), mu, sigma)
+    other = inception_features(load_inception(weights), load_digits("validation").images[:12])
+    different = frechet_distance(*feature_statistics(other), mu, sigma)
+    # 12 images in 2048 dimensions: singular covariances, regularised by eps = 1e-6 on the diagonal.
+    assert abs(same) < 0.01 and different > 50 * abs(same), (same, different)

@@ -32,8 +32,13 @@ def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_s
 
 def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int | None = None,
+                 fid_stats: str | None = None, inception_weights: str | None = None,
                  out_dir=None) -> dict:
-    """Evaluates the run in `workdir`; returns the metrics dict it writes to eval/metrics.json."""
+    """Evaluates the run in `workdir`; returns the metrics dict it writes to eval/metrics.json.
+
+    With `fid_stats` (a reference .npz from `fid-stats`) the FID of the samples is computed with
+    the FID Inception network (`inception_weights`, default path in evaluation/inception.py).
+    """
     started = time.perf_counter()
     run = load_run(workdir, checkpoint)
     c = run.config
@@ -72,6 +77,15 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
+    fid_stats = fid_stats or c.eval.get("fid_stats", "")
+    if fid_stats:
+        from diffusion_jax.evaluation.frechet import load_statistics
+        from diffusion_jax.evaluation.inception import inception_features, load_inception
+
+        ref_mu, ref_sigma = load_statistics(fid_stats)
+        features = inception_features(load_inception(inception_weights), samples)
+        metrics["fid"] = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
+        metrics["fid_reference"] = str(fid_stats)
     metrics.update(checkpoint_step=int(run.step), seed=int(seed), workdir=str(workdir),
                    ema=True, seconds=round(time.perf_counter() - started, 1))
 
@@ -110,6 +124,9 @@ def render_report(m: dict) -> str:
     lines += ["", "## Samples",
               f"{s['num_samples']} samples, sampler `{s['method']}` with {s['steps']} steps, eta {s['eta']}, "
               f"guidance scale {s['guidance_scale']}.", ""]
+    if "fid" in m:
+        lines += [f"FID {m['fid']:.3f} against `{m['fid_reference']}` ({s['num_samples']} samples, "
+                  "uint8-rounded, FID Inception pool3).", ""]
     if "digits_fd" in m:
         lines += [f"Frechet distance in digits-classifier features (lower is better): {m['digits_fd']:.3f}; "
                   f"mean classifier confidence on samples {m['digits_classifier_confidence']:.3f}; "

@@ -77,4 +77,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 64
     c.eval.bpd_examples = 64        # held-out images for bits/dim (T model calls each)
     c.eval.seed = 1234
+    c.eval.fid_stats = ""           # reference .npz (fid-stats); "" = no FID
     return c
