@@ -13,7 +13,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import block, emit, forward_flops_cpu, peak_flops, peak_memory_bytes
@@ -22,7 +21,7 @@ from diffusion_jax.models import PRESETS, create_model
 from diffusion_jax.runs import build_model, build_schedule, input_shape
 from diffusion_jax.training.config import base_config
 from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import create_train_state
+from diffusion_jax.training.state import make_init_fn
 from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
 
 
@@ -45,15 +44,11 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     optimizer = make_optimizer(config.optim, 1000)
     mesh = parallel.make_mesh()
     shape = input_shape(config)
-    state_shapes = jax.eval_shape(lambda key: create_train_state(
-        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0),
-        jax.random.key(0))
+    init_state = make_init_fn(model, optimizer, shape, 0)
+    state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
     step_fn, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
                                         state_shapes, mesh, stacked=k > 1)
-    init = jax.jit(lambda key: create_train_state(
-        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0),
-        out_shardings=shardings)
-    state = init(jax.random.PRNGKey(0))
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
     lead = (k,) if k > 1 else ()
     rng = np.random.default_rng(0)
     local = {"image": rng.uniform(-1, 1, (*lead, batch, *shape)).astype(np.float32)}

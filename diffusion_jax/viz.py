@@ -42,7 +42,8 @@ def auto_upscale(height: int) -> int:
 
 def save_grid(images, path, ncols: int | None = None) -> str:
     images = np.asarray(images)
-    return save_image(make_grid(images, ncols, upscale=auto_upscale(images.shape[1])), path)
+    up = auto_upscale(images.shape[1])
+    return save_image(make_grid(images, ncols, pad=max(1, up // 2), upscale=up), path)
 
 
 def save_reverse_process(trajectory: dict, path, num_images: int = 8) -> str:

@@ -21,7 +21,7 @@ def get_config():
     c.train.ema_decay = 0.999
     c.train.log_every = 50
     c.train.ckpt_every = 1000
-    c.train.num_sample_images = 100
+    c.train.num_sample_images = 0  # the evaluation after training draws the samples
     c.sample.method = "ddpm"
     c.sample.steps = 1000
     c.eval.num_examples = 300

@@ -35,6 +35,17 @@ def main(config, workdir: str, evaluate: bool = True) -> None:
 
     train(config, workdir)
     if evaluate:
+        import pathlib
+
+        import jax
+
         from diffusion_jax.evaluation import evaluate_run
 
-        evaluate_run(workdir)
+        m = evaluate_run(workdir)
+        if jax.process_index() == 0:
+            out = pathlib.Path(workdir) / "eval"
+            print(f"held-out noise prediction: MSE {m['noise_mse']:.4f}, RMSE {m['noise_rmse']:.4f}, "
+                  f"MAE {m['noise_mae']:.4f}, R^2 {m['noise_r2']:.4f}"
+                  + (f"; {m['bpd']['total_bpd']:.3f} bits/dim" if "bpd" in m else ""))
+            for name in ("samples.png", "reverse_process.png", "per_timestep.png", "metrics.json", "report.md"):
+                print(f"  {out / name}")

@@ -16,7 +16,7 @@ from diffusion_jax import parallel
 from diffusion_jax.runs import build_model, build_schedule, input_shape
 from diffusion_jax.training import NonFiniteLoss, train
 from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import create_train_state, ema_decay
+from diffusion_jax.training.state import ema_decay, make_init_fn
 from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
 from tests.train_helpers import state_arrays, tiny_config
 
@@ -40,8 +40,7 @@ def _one_step(mesh, k=1):
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, 10)
     shape = input_shape(config)
-    make_state = lambda key: create_train_state(
-        model.init(key, jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32))["params"], optimizer, 0)
+    make_state = make_init_fn(model, optimizer, shape, 0)
     state_shapes = jax.eval_shape(make_state, jax.random.PRNGKey(0))
     step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
                                      state_shapes, mesh, stacked=k > 1)

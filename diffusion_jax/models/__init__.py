@@ -45,7 +45,7 @@ PRESETS: dict[str, Preset] = {
     # Small U-Nets that train on a CPU.
     "unet_digits": Preset(UNet, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                                      dropout=0.0, num_groups=8, resamp_with_conv=False), (8, 8, 1),
-                          "0.3M; ~1,000 img/s training on 2 CPU cores"),
+                          "0.6M; ~1,000 img/s training on 2 CPU cores"),
     "unet_mnist": Preset(UNet, dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,),
                                     dropout=0.1, num_groups=16), (28, 28, 1)),
     "unet_cifar_small": Preset(UNet, dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,

@@ -17,13 +17,12 @@ import jax.numpy as jnp
 
 from diffusion_jax import parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
-from diffusion_jax.models import init_params
 from diffusion_jax.runs import build_model, build_schedule, input_shape, make_generator
 from diffusion_jax.training.checkpoint import (CheckpointMismatch, Checkpointer, abstract_like,
                                                config_fingerprint)
 from diffusion_jax.training.logbook import MetricWriter
 from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import TrainState, create_train_state
+from diffusion_jax.training.state import TrainState, make_init_fn
 from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
 
 
@@ -88,9 +87,8 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
     schedule = build_schedule(config)
     optimizer = make_optimizer(config.optim, tc.steps)
     k = max(int(tc.steps_per_dispatch), 1)
-    state_shapes = jax.eval_shape(lambda key: create_train_state(
-        model.init(key, jnp.zeros((1, *input_shape(config))), jnp.zeros((1,), jnp.int32))["params"],
-        optimizer, config.seed), jax.random.key(0))
+    init_state = make_init_fn(model, optimizer, input_shape(config), config.seed)
+    state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     step_fn, shardings = jit_train_step(
         make_multi_step(make_train_step(model, schedule, config, optimizer), k), state_shapes, mesh,
         stacked=k > 1)
@@ -98,8 +96,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
     ckpt = Checkpointer(workdir, keep=tc.keep_ckpts)
     state, record = ckpt.restore_latest(abstract_like(state_shapes, shardings), _fingerprint_checker(config))
     if state is None:
-        params = init_params(model, jax.random.PRNGKey(config.seed), input_shape(config))
-        state = jax.device_put(create_train_state(params, optimizer, config.seed), shardings)
+        state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
         if is_main:
             print(f"starting a new run in {workdir}", flush=True)
     elif is_main:

@@ -29,6 +29,19 @@ def create_train_state(params, optimizer, seed: int) -> TrainState:
                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
 
+def make_init_fn(model, optimizer, input_shape, seed: int):
+    """init(key) -> the TrainState of fresh parameters for inputs [1, *input_shape]; use it
+    under jax.eval_shape for shapes, or jax.jit(init, out_shardings=...) to build it sharded."""
+
+    def init(key):
+        x = jnp.zeros((1, *input_shape), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        params = model.init({"params": key, "dropout": key}, x, t)["params"]
+        return create_train_state(params, optimizer, seed)
+
+    return init
+
+
 def ema_decay(step, decay: float, warmup: bool):
     """min(decay, (1 + step) / (10 + step)) with warm-up, so early EMA weights are not noise."""
     step = jnp.asarray(step, jnp.float32)
