@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Tests use 8 virtual CPU devices to exercise sharding; xdist runs 2 workers on the 2 cores.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,22 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.digits_unet --workdir runs/digits
 
+# CPU-sized benchmarks (the quickstart model); bench-gpu runs the published-size ones.
 bench: $(STAMP)
-	$(PY) -m benchmarks.train
-	$(PY) -m benchmarks.sample
+	$(PY) -m benchmarks.flops --model ddpm_cifar10 --model dit_b2 --model unet_digits
+	$(PY) -m benchmarks.train --model unet_digits --batch 128 --dtype float32 --steps 40
+	$(PY) -m benchmarks.sample --model unet_digits --batch 256 --dtype float32 --methods ddpm:1000,ddim:50
+
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.flops --model ddpm_cifar10 --model dit_b2
+	$(PY) -m benchmarks.train --model ddpm_cifar10 --batch 128 --batch 512 --dtype bfloat16
+	$(PY) -m benchmarks.train --model dit_b2 --batch 256 --dtype bfloat16 --num_classes 1000
+	$(PY) -m benchmarks.sample --model ddpm_cifar10 --batch 256 --dtype bfloat16 --methods ddpm:1000,ddim:50
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -82,6 +82,7 @@ def digits_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.xdist_group("digits_run")
 def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     from diffusion_jax.evaluation import evaluate_run
     from diffusion_jax.runs import load_run
@@ -109,6 +110,7 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
         assert m1[key] == m2[key], key  # seeded: identical inputs, samples and metrics
 
 
+@pytest.mark.xdist_group("digits_run")
 def test_sample_command_writes_npz_and_png(digits_run, tmp_path):
     from diffusion_jax import cli
     out = tmp_path / "samples.npz"

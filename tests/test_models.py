@@ -162,3 +162,17 @@ def test_overfits_a_fixed_batch(name):
         params, opt_state, _ = step(params, opt_state, jax.random.key(i))
     final = float(evaluate(params))
     assert final < 0.35 * initial, (initial, final)
+
+
+def test_adm_options_scale_shift_and_resblock_updown():
+    """ADM's scale-shift norm and resblock resampling: same interface, more parameters, and a
+    time embedding that changes the output once the zero-initialised head is perturbed."""
+    base = count_params(param_shapes(create_model("unet_tiny"), (8, 8, 1)))
+    model = create_model("unet_tiny", scale_shift_norm=True, resblock_updown=True, num_heads=2)
+    assert count_params(param_shapes(model, (8, 8, 1))) > base
+    params = jax.tree_util.tree_map(lambda p: p + 0.02, init_params(model, jax.random.key(0), (8, 8, 1)))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    apply = jax.jit(model.apply)
+    out_a = apply({"params": params}, x, jnp.array([1, 1]))
+    out_b = apply({"params": params}, x, jnp.array([900, 900]))
+    assert out_a.shape == x.shape and not np.allclose(out_a, out_b)
