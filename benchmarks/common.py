@@ -6,6 +6,7 @@ import json
 import time
 
 import jax
+import numpy as np
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12}
@@ -38,15 +39,40 @@ def compiled_flops(compiled) -> float | None:
         return None
 
 
-def forward_flops_cpu(apply_fn, *args) -> float | None:
-    """FLOPs of apply_fn(*args) from XLA's cost analysis of its CPU compilation."""
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:
-        return None
-    with jax.default_device(cpu):
-        args = jax.device_put(args, cpu)
-        return compiled_flops(jax.jit(apply_fn).lower(*args).compile())
+def _matmul_flops(eqn) -> float:
+    """2 x multiply-adds of one conv_general_dilated or dot_general equation."""
+    out = eqn.outvars[0].aval
+    if eqn.primitive.name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval
+        dn = eqn.params["dimension_numbers"]
+        kernel_out = rhs.shape[dn.rhs_spec[0]]
+        per_output = np.prod(rhs.shape) / kernel_out  # kernel spatial x input channels per group
+        return 2.0 * np.prod(out.shape) * per_output
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval
+    return 2.0 * np.prod(out.shape) * np.prod([lhs.shape[d] for d in lhs_contract])
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Sum of conv / dot_general FLOPs in a (closed) jaxpr, nested jaxprs included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            total += _matmul_flops(eqn)
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    total += jaxpr_flops(inner if hasattr(inner, "eqns") else inner.jaxpr)
+                elif hasattr(sub, "eqns"):
+                    total += jaxpr_flops(sub)
+    return total
+
+
+def analytic_forward_flops(apply_fn, *args) -> float:
+    return jaxpr_flops(jax.make_jaxpr(apply_fn)(*args).jaxpr)
+
+
 
 
 def block(x):

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import block, emit, forward_flops_cpu, peak_flops, peak_memory_bytes
+from benchmarks.common import analytic_forward_flops, block, emit, peak_flops, peak_memory_bytes
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS, create_model
 from diffusion_jax.runs import build_model, build_schedule, input_shape
@@ -71,9 +71,8 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     images_s = batch / step_s
 
     fwd_model = create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
-    fwd_flops = forward_flops_cpu(lambda p, x, t: fwd_model.apply({"params": p}, x, t),
-                                  jax.device_get(state.params), np.zeros((1, *shape), np.float32),
-                                  np.zeros((1,), np.int32))
+    fwd_flops = analytic_forward_flops(lambda p, x, t: fwd_model.apply({"params": p}, x, t),
+                                       state.params, np.zeros((1, *shape), np.float32), np.zeros((1,), np.int32))
     peak = peak_flops()
     record = {"bench": "train", "model": model_name, "batch": batch, "dtype": dtype,
               "steps_per_dispatch": k, "data": "synthetic", "images_per_sec": round(images_s, 1),

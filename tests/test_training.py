@@ -36,8 +36,7 @@ def test_exact_resume_is_bitwise(tmp_path):
 
 
 def _one_step(mesh, k=1):
-    # The small DiT compiles fastest on 8 virtual devices; the sharding machinery is model-agnostic.
-    config = tiny_config(4, **{"train.steps_per_dispatch": k, "model.name": "dit_tiny"})
+    config = tiny_config(4, **{"train.steps_per_dispatch": k})
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, 10)
     shape = input_shape(config)
@@ -122,7 +121,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         train(tiny_config(2), blocker / "run")
     train(tiny_config(2), tmp_path / "d")
     with pytest.raises(ValueError, match="different config"):
-        train(tiny_config(4, **{"model.overrides": {"ch": 32}}), tmp_path / "d")
+        train(tiny_config(4, **{"model.overrides": {"hidden": 32}}), tmp_path / "d")
     with pytest.raises(ValueError, match="unknown model preset"):
         train(tiny_config(2, **{"model.name": "unet_huge"}), tmp_path / "e")
 
@@ -174,7 +173,7 @@ def test_tfds_path_trains_end_to_end(tmp_path, name, size, channels):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = tiny_config(2, **{"data.name": name, "data.image_size": size, "data.channels": channels,
                                "data.random_flip": True, "data.use_labels": True, "data.num_classes": 10,
-                               "train.label_dropout": 0.2, "model.name": "dit_tiny"})
+                               "train.label_dropout": 0.2})
     with tfds.testing.mock_data(num_examples=32):
         state = train(config, tmp_path)
     assert int(state.step) == 2
