@@ -83,7 +83,7 @@ def train_throughput(name, model, shape, batch, steps, compile_model, device, la
     seconds = (time.perf_counter() - t0) / steps
     _emit({"bench": "train", "model": name, "batch": batch, "dtype": "bf16-autocast", "compiled": compile_model,
            "images_per_sec": round(batch / seconds, 1), "step_ms": round(1e3 * seconds, 3),
-           "warmup_s": round(warmup_s, 2), "loss": float(loss),
+           "warmup_s": round(warmup_s, 2), "loss": float(loss.detach()),
            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)})
 
 
