@@ -18,11 +18,9 @@ import numpy as np
 from benchmarks.common import analytic_forward_flops, block, emit, peak_flops, peak_memory_bytes
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS, create_model
-from diffusion_jax.runs import build_model, build_schedule, input_shape
+from diffusion_jax.runs import input_shape
 from diffusion_jax.training.config import base_config
-from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import make_init_fn
-from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
+from diffusion_jax.training.step import build_train_program
 
 
 def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int):
@@ -40,15 +38,10 @@ def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, nu
 
 def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int) -> dict:
     config = bench_config(model_name, batch, dtype, k, num_classes)
-    model, schedule = build_model(config), build_schedule(config)
-    optimizer = make_optimizer(config.optim, 1000)
     mesh = parallel.make_mesh()
-    shape = input_shape(config)
-    init_state = make_init_fn(model, optimizer, shape, 0)
-    state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-    step_fn, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
-                                        state_shapes, mesh, stacked=k > 1)
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    program = build_train_program(config, mesh)
+    step_fn, shape = program.step, input_shape(config)
+    state = program.init(jax.random.PRNGKey(0))
     lead = (k,) if k > 1 else ()
     rng = np.random.default_rng(0)
     local = {"image": rng.uniform(-1, 1, (*lead, batch, *shape)).astype(np.float32)}

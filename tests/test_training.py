@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from diffusion_jax import parallel
-from diffusion_jax.runs import build_model, build_schedule, input_shape
+from diffusion_jax.runs import build_model, input_shape
 from diffusion_jax.training import NonFiniteLoss, train
 from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import ema_decay, make_init_fn
-from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
+from diffusion_jax.training.state import ema_decay
+from diffusion_jax.training.step import build_train_program
 from tests.train_helpers import state_arrays, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,14 +37,9 @@ def test_exact_resume_is_bitwise(tmp_path):
 
 def _one_step(mesh, k=1):
     config = tiny_config(4, **{"train.steps_per_dispatch": k})
-    model, schedule = build_model(config), build_schedule(config)
-    optimizer = make_optimizer(config.optim, 10)
-    shape = input_shape(config)
-    make_state = make_init_fn(model, optimizer, shape, 0)
-    state_shapes = jax.eval_shape(make_state, jax.random.PRNGKey(0))
-    step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
-                                     state_shapes, mesh, stacked=k > 1)
-    state = jax.jit(make_state, out_shardings=shardings)(jax.random.PRNGKey(0))
+    program = build_train_program(config, mesh)
+    step, shape = program.step, input_shape(config)
+    state = program.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (2, 16, *shape)).astype(np.float32)
     if k == 1:

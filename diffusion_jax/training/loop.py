@@ -17,13 +17,12 @@ import jax.numpy as jnp
 
 from diffusion_jax import parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
-from diffusion_jax.runs import build_model, build_schedule, input_shape, make_generator
+from diffusion_jax.runs import make_generator
 from diffusion_jax.training.checkpoint import (CheckpointMismatch, Checkpointer, abstract_like,
                                                config_fingerprint)
 from diffusion_jax.training.logbook import MetricWriter
-from diffusion_jax.training.optim import make_optimizer
-from diffusion_jax.training.state import TrainState, make_init_fn
-from diffusion_jax.training.step import jit_train_step, make_multi_step, make_train_step
+from diffusion_jax.training.state import TrainState
+from diffusion_jax.training.step import build_train_program
 
 
 class NonFiniteLoss(RuntimeError):
@@ -83,20 +82,15 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
                       process_count=jax.process_count(), random_flip=config.data.random_flip,
                       local_shard=local_shard, with_labels=config.data.use_labels)
 
-    model = build_model(config)
-    schedule = build_schedule(config)
-    optimizer = make_optimizer(config.optim, tc.steps)
+    program = build_train_program(config, mesh)
+    model, schedule, step_fn, shardings = program.model, program.schedule, program.step, program.shardings
     k = max(int(tc.steps_per_dispatch), 1)
-    init_state = make_init_fn(model, optimizer, input_shape(config), config.seed)
-    state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
-    step_fn, shardings = jit_train_step(
-        make_multi_step(make_train_step(model, schedule, config, optimizer), k), state_shapes, mesh,
-        stacked=k > 1)
 
     ckpt = Checkpointer(workdir, keep=tc.keep_ckpts)
-    state, record = ckpt.restore_latest(abstract_like(state_shapes, shardings), _fingerprint_checker(config))
+    state, record = ckpt.restore_latest(abstract_like(program.state_shapes, shardings),
+                                        _fingerprint_checker(config))
     if state is None:
-        state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+        state = program.init(jax.random.PRNGKey(config.seed))
         if is_main:
             print(f"starting a new run in {workdir}", flush=True)
     elif is_main:

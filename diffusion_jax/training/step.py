@@ -7,6 +7,8 @@ equals the unsharded one.
 """
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +16,7 @@ import optax
 from diffusion_jax.diffusion import training_loss
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
 from diffusion_jax.training.optim import tree_norm
-from diffusion_jax.training.state import TrainState, ema_decay, ema_update
+from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
 
 
 def make_train_step(model, schedule, config, optimizer):
@@ -69,3 +71,32 @@ def jit_train_step(step_fn, state_shapes, mesh, stacked: bool = False):
     shardings = state_shardings(state_shapes, mesh)
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh, 1 if stacked else 0)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0), shardings
+
+
+class TrainProgram(NamedTuple):
+    """Everything compiled for a run: the model, schedule and optimiser, the jitted step, and
+    `init(key)`, which builds a fresh TrainState directly in its shardings."""
+
+    model: Any
+    schedule: Any
+    optimizer: Any
+    step: Callable
+    state_shapes: Any
+    shardings: Any
+    init: Callable
+
+
+def build_train_program(config, mesh) -> TrainProgram:
+    """The train step of a run's config over `mesh` (config.train.steps_per_dispatch steps a call)."""
+    from diffusion_jax.runs import build_model, build_schedule, input_shape
+    from diffusion_jax.training.optim import make_optimizer
+
+    model, schedule = build_model(config), build_schedule(config)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    k = max(int(config.train.steps_per_dispatch), 1)
+    init = make_init_fn(model, optimizer, input_shape(config), config.seed)
+    state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
+                                     state_shapes, mesh, stacked=k > 1)
+    return TrainProgram(model, schedule, optimizer, step, state_shapes, shardings,
+                        jax.jit(init, out_shardings=shardings))
