@@ -202,20 +202,18 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
         out = model(x, steps.timesteps[tt])
         k_noise, k_known = jax.random.split(k)
         noise = normal(k_noise)
-        if method == "ddpm":
-            mean_out, _ = split_model_output(out, x, variance)
-            x0, _ = predict_x0_eps(steps, mean_out, x, tt, prediction, clip_x0)
-            x_prev = p_sample_step(steps, out, x, tt, noise, prediction=prediction,
-                                   variance=variance, clip_x0=clip_x0)
-        elif method == "ddim":
-            mean_out, _ = split_model_output(out, x, variance)
-            x0, _ = predict_x0_eps(steps, mean_out, x, tt, prediction, clip_x0)
-            x_prev = ddim_step(steps, mean_out, x, tt, tp, noise, eta=eta, prediction=prediction,
-                               clip_x0=clip_x0)
-        else:
-            mean_out, _ = split_model_output(out, x, variance)
+        mean_out, _ = split_model_output(out, x, variance)
+        if method == "dpm_solver++":
             x_prev, state, x0 = _dpm_solver_step(steps, mean_out, x, tt, tp, state, first,
                                                  prediction, clip_x0)
+        else:
+            x0, _ = predict_x0_eps(steps, mean_out, x, tt, prediction, clip_x0)
+            if method == "ddpm":
+                x_prev = p_sample_step(steps, out, x, tt, noise, prediction=prediction,
+                                       variance=variance, clip_x0=clip_x0)
+            else:
+                x_prev = ddim_step(steps, mean_out, x, tt, tp, noise, eta=eta, prediction=prediction,
+                                   clip_x0=clip_x0)
         return merge_known(x_prev, t_prev, k_known), state, x0
 
     def first_order(i):
