@@ -31,9 +31,14 @@ def main(config, workdir: str, evaluate: bool = True) -> None:
     from diffusion_jax.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    from diffusion_jax.training import train
+    from diffusion_jax.training import NonFiniteLoss, Preempted, train
 
-    train(config, workdir)
+    try:
+        train(config, workdir)
+    except Preempted as e:  # saved: the scheduler may restart the same command
+        sys.exit(f"pre-empted: {e}")
+    except NonFiniteLoss as e:
+        sys.exit(f"stopped: {e}")
     if evaluate:
         import pathlib
 
