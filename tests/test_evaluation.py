@@ -105,7 +105,9 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     assert len(saved["per_timestep"]) == 10 and sum(r["count"] for r in saved["per_timestep"]) == 300
     assert 0 < saved["bpd"]["total_bpd"] < 8 and np.isfinite(saved["digits_fd"])
     assert "Noise prediction" in (out / "report.md").read_text()
-    m2 = evaluate_run(digits_run)
+    from diffusion_jax import cli
+    cli.main(["evaluate", "--workdir", str(digits_run)])  # the README's command, run again
+    m2 = json.loads((out / "metrics.json").read_text())
     for key in ("noise_mse", "noise_r2", "per_timestep", "bpd", "digits_fd"):
         assert m1[key] == m2[key], key  # seeded: identical inputs, samples and metrics
 
