@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.common import analytic_forward_flops, block, emit, peak_flops, peak_memory_bytes
 from diffusion_jax import parallel
-from diffusion_jax.models import PRESETS, create_model
+from diffusion_jax.models import PRESETS
 from diffusion_jax.runs import input_shape
 from diffusion_jax.training.config import base_config
 from diffusion_jax.training.step import build_train_program
@@ -63,8 +63,7 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     step_s = seconds / (calls * k)
     images_s = batch / step_s
 
-    fwd_model = create_model(model_name, **({"num_classes": num_classes} if num_classes else {}))
-    fwd_flops = analytic_forward_flops(lambda p, x, t: fwd_model.apply({"params": p}, x, t),
+    fwd_flops = analytic_forward_flops(lambda p, x, t: program.model.apply({"params": p}, x, t),
                                        state.params, np.zeros((1, *shape), np.float32), np.zeros((1,), np.int32))
     peak = peak_flops()
     record = {"bench": "train", "model": model_name, "batch": batch, "dtype": dtype,
