@@ -2,8 +2,8 @@
 run's EMA parameters (`load_run`) and generating batched, sharded samples from them.
 
     run = load_run("runs/digits")
-    x0 = generate(run.model, run.ema_params, run.schedule, run.config, num_samples=64,
-                  key=jax.random.key(0))
+    generate = make_generator(run.model, run.schedule, run.config, batch_size=64)
+    x0 = generate(run.ema_params, num_samples=64, key=jax.random.key(0))
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax.models import create_model
+from diffusion_jax.models import create_model, param_shapes
 from diffusion_jax.parallel import batch_sharding, make_mesh, replicated, to_host
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import Schedule, make_schedule
@@ -71,9 +71,7 @@ def load_run(workdir, step: int | None = None) -> Run:
 
     config = load_config(workdir)
     model = build_model(config)
-    shape = (1, *input_shape(config))
-    abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros(shape), jnp.zeros((1,), jnp.int32)),
-                              jax.random.key(0))["params"]
+    abstract = param_shapes(model, input_shape(config))
     everywhere = replicated(make_mesh())  # restored onto every device, ready for sharded sampling
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)

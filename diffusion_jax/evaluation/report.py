@@ -47,9 +47,8 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     out = pathlib.Path(out_dir or pathlib.Path(workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
-    with_labels = bool(c.data.use_labels)
-    denoise = denoise_fn_for(run.model, run.ema_params, False) if not with_labels else (
-        lambda x, t: run.model.apply({"params": run.ema_params}, x, t))  # unconditional (null label)
+    # Without labels a class-conditional model uses its null label: the unconditional model.
+    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False)
 
     metrics = noise_prediction_metrics(denoise, run.schedule, held_out.images,
                                        num_examples=c.eval.num_examples, seed=seed,

@@ -74,10 +74,10 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
     tc = config.train
     mesh = parallel.make_mesh(tc.fsdp)
     parallel.check_batch_divisible(config.data.batch_size, mesh)
-    local_shard = config.data.name not in ("digits",) and not config.data.name.startswith("folder:") \
+    # tfds sources load only this process's shard; digits and folders are read whole everywhere.
+    local_shard = config.data.name != "digits" and not config.data.name.startswith("folder:") \
         and jax.process_count() > 1
-    data = load_split(config.data, config.data.train_split, jax.process_index(), jax.process_count()) \
-        if local_shard else load_split(config.data, config.data.train_split)
+    data = load_split(config.data, config.data.train_split, jax.process_index(), jax.process_count())
     batches = Batches(data, config.data.batch_size, config.seed, process_index=jax.process_index(),
                       process_count=jax.process_count(), random_flip=config.data.random_flip,
                       local_shard=local_shard, with_labels=config.data.use_labels)
