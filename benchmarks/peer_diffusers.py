@@ -112,6 +112,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", default="unet_train,dit_train,ddpm_sample")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--compiled_only", action="store_true", help="with --compile, skip the eager training runs")
     p.add_argument("--unet_batch", type=int, default=128)
     p.add_argument("--dit_batch", type=int, default=256)
     p.add_argument("--sample_batch", type=int, default=256)
@@ -120,7 +121,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     what = args.what.split(",")
-    for compiled in ([False, True] if args.compile else [False]):
+    modes = [True] if args.compile and args.compiled_only else [False, True] if args.compile else [False]
+    for compiled in modes:
         if "unet_train" in what:
             train_throughput("ddpm_cifar10", ddpm_cifar10_unet(), (3, 32, 32), args.unet_batch, args.steps,
                              compiled, device)

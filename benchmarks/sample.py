@@ -71,10 +71,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--methods", default="ddpm:1000,ddim:50", help="method:steps, comma-separated")
+    p.add_argument("--repeats", type=int, default=2, help="timed chains per method (after one warm-up)")
     args = p.parse_args(argv)
     for item in args.methods.split(","):
         method, steps = item.split(":")
-        emit(measure(args.model, args.batch, args.dtype, method, int(steps)))
+        emit(measure(args.model, args.batch, args.dtype, method, int(steps), args.repeats))
 
 
 if __name__ == "__main__":

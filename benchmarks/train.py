@@ -5,11 +5,14 @@ own train step (the one `diffusion_jax.training` runs), one JSON line per config
     python -m benchmarks.train --model dit_b2 --batch 256 --dtype bfloat16
 
 Data are synthetic (random images, marked "data": "synthetic"), already on the device, so the
-number is the step itself; `--host_pipeline` feeds batches through the real host pipeline.
+number is the step itself. `--override attention_impl=xla` changes a model field (repeatable);
+`--profile DIR` records a few steps with `jax.profiler` (a Perfetto trace; summarise it with
+`python -m benchmarks.trace_summary DIR`).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 
 import jax
@@ -23,12 +26,14 @@ from diffusion_jax.training.config import base_config
 from diffusion_jax.training.step import build_train_program
 
 
-def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int):
+def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int,
+                 overrides: dict | None = None):
     c = base_config()
     h, w, ch = PRESETS[model].input_shape
     c.data.image_size, c.data.channels, c.data.batch_size = h, ch, batch
     c.data.use_labels, c.data.num_classes = num_classes > 0, num_classes
     c.model.name, c.model.dtype = model, dtype
+    c.model.overrides.update(overrides or {})
     c.optim.warmup_steps = 10
     c.train.steps_per_dispatch = steps_per_dispatch
     if PRESETS[model].kwargs.get("learn_sigma", PRESETS[model].cls.learn_sigma):
@@ -36,8 +41,21 @@ def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, nu
     return c
 
 
-def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int) -> dict:
-    config = bench_config(model_name, batch, dtype, k, num_classes)
+def parse_override(text: str) -> tuple:
+    """"field=value" -> (field, value), the value read as a Python literal or else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--override wants field=value, got {text!r}")
+    field, value = text.split("=", 1)
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value
+
+
+def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int,
+            overrides: dict | None = None):
+    """(record, run_more): the measurement, and run_more(n) to run n more steps (for a profile)."""
+    config = bench_config(model_name, batch, dtype, k, num_classes, overrides)
     mesh = parallel.make_mesh()
     program = build_train_program(config, mesh)
     step_fn, shape = program.step, input_shape(config)
@@ -67,14 +85,21 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
                                        state.params, np.zeros((1, *shape), np.float32), np.zeros((1,), np.int32))
     peak = peak_flops()
     record = {"bench": "train", "model": model_name, "batch": batch, "dtype": dtype,
-              "steps_per_dispatch": k, "data": "synthetic", "images_per_sec": round(images_s, 1),
+              "steps_per_dispatch": k, "overrides": overrides or {}, "data": "synthetic", "images_per_sec": round(images_s, 1),
               "step_ms": round(1e3 * step_s, 3), "compile_s": round(compile_s, 2),
               "forward_gflops_per_image": None if fwd_flops is None else round(fwd_flops / 1e9, 4),
               "peak_memory_gb": None if peak_memory_bytes() is None else round(peak_memory_bytes() / 2**30, 2),
               "loss": float(metrics["loss"])}
     if fwd_flops and peak:
         record["mfu"] = round(3 * fwd_flops * images_s / peak, 4)
-    return record
+
+    def run_more(n: int):
+        nonlocal state
+        for _ in range(n):
+            state, out = compiled(state, batch_arrays)
+        block((state.step, out))
+
+    return record, run_more
 
 
 def main(argv=None):
@@ -85,10 +110,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--steps_per_dispatch", type=int, default=1)
     p.add_argument("--num_classes", type=int, default=0)
+    p.add_argument("--override", type=parse_override, action="append", default=[],
+                   help="model field=value (repeatable), e.g. attention_impl=xla")
+    p.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps here")
     args = p.parse_args(argv)
     for model in args.model or ["ddpm_cifar10"]:
         for batch in args.batch or [128]:
-            emit(measure(model, batch, args.dtype, args.steps, args.steps_per_dispatch, args.num_classes))
+            record, run_more = measure(model, batch, args.dtype, args.steps, args.steps_per_dispatch,
+                                       args.num_classes, dict(args.override))
+            emit(record)
+            if args.profile:
+                with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+                    run_more(3)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
                                   sincos_pos_embed_2d, timestep_embedding)
-from diffusion_jax.models.layers import dot_product_attention
+from diffusion_jax.models.layers import dot_product_attention, group_norm, resolve_attention_impl
+from diffusion_jax.models.unet import _resample
 
 # Published figures: DDPM (Ho et al. 2020, 35.7M / 114M), DiT (Peebles & Xie 2022, Table 4).
 PUBLISHED = {"ddpm_cifar10": (35.7e6, 0.005), "ddpm_celebahq256": (114e6, 0.01),
@@ -105,6 +106,44 @@ def test_attention_matches_plain_softmax_reference():
     weights /= weights.sum(-1, keepdims=True)
     expected = np.einsum("bhlm,bmhd->blhd", weights, v)
     np.testing.assert_allclose(dot_product_attention(q, k, v), expected, atol=1e-5)
+
+
+def test_group_norm_matches_float64_formula_and_flax():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 2.0, (3, 4, 5, 12))
+    scale, bias = rng.normal(size=12), rng.normal(size=12)
+    groups = x.reshape(3, 4, 5, 4, 3)                 # G = 4 groups of 3 channels
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    var = groups.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    got = group_norm(jnp.asarray(x, jnp.float32), 4, jnp.asarray(scale), jnp.asarray(bias))
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    # Gradients equal flax's GroupNorm (a different reduction order of the same function).
+    import flax.linen as nn
+    ref = nn.GroupNorm(num_groups=4, epsilon=1e-6)
+    ref_params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours = jax.grad(lambda x: jnp.sum(w * group_norm(x, 4, ref_params["params"]["scale"],
+                                                     ref_params["params"]["bias"])))(jnp.asarray(x, jnp.float32))
+    theirs = jax.grad(lambda x: jnp.sum(w * ref.apply(ref_params, x)))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    with pytest.raises(ValueError, match="not divisible by the GroupNorm groups 5"):
+        group_norm(jnp.zeros((1, 2, 2, 12)), 5)
+
+
+def test_resample_and_attention_kernel_choice():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    np.testing.assert_array_equal(_resample(x, up=True),
+                                  jax.image.resize(x, (2, 6, 8, 5), method="nearest"))
+    np.testing.assert_array_equal(_resample(x, up=True)[:, ::2, ::2], x)
+    # The fused kernel only where it exists: a GPU, half precision, head size <= 128, multiple of 8.
+    assert resolve_attention_impl(None, jnp.bfloat16, 64, backend="gpu") == "cudnn"
+    assert resolve_attention_impl("auto", jnp.float32, 64, backend="gpu") == "xla"
+    assert resolve_attention_impl(None, jnp.bfloat16, 256, backend="gpu") == "xla"
+    assert resolve_attention_impl(None, jnp.bfloat16, 64, backend="cpu") == "xla"
+    assert resolve_attention_impl("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        resolve_attention_impl("flash", jnp.bfloat16, 64)
 
 
 def test_embeddings():

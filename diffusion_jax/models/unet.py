@@ -21,9 +21,11 @@ Dtype = Any
 
 
 def _resample(x, up: bool):
+    """2x nearest-neighbour upsampling (a broadcast, so its gradient is a 2x2 sum rather than
+    the scatter of a gather-based resize) or 2x2 average pooling of x [B, H, W, C]."""
     B, H, W, C = x.shape
     if up:
-        return jax.image.resize(x, (B, 2 * H, 2 * W, C), method="nearest")
+        return jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 

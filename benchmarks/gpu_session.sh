@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU session: diffusion_jax's benchmarks and the PyTorch diffusers peer, side by side on
+# the same card, each stage under its own time limit so that one failure loses nothing else.
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh        # results in $OUT/results.jsonl
+# Needs jax with CUDA, flax, optax, ml_collections; torch and diffusers for the peer stages.
+set -u
+OUT=${OUT:-/tmp/diffusion_jax_bench}
+mkdir -p "$OUT"
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+PEER_PY=${PEER_PY:-$PY}
+# Sizes: the published ones; SMOKE=1 shrinks everything for a dry run on a CPU.
+if [ "${SMOKE:-0}" = 1 ]; then
+  UNET=unet_tiny; DIT=dit_tiny; BU=8; BU2=16; BD=8; BS=4; STEPS=20; CLASSES=10
+  PEER="--unet_batch 2 --dit_batch 2 --sample_batch 2 --sample_steps 5"
+else
+  UNET=ddpm_cifar10; DIT=dit_b2; BU=128; BU2=512; BD=256; BS=256; STEPS=1000; CLASSES=1000; PEER=""
+fi
+RESULTS=$OUT/results.jsonl
+LOG=$OUT/log.txt
+START=$(date +%s)
+
+stage() {  # stage SECONDS NAME command...
+  local secs=$1 name=$2; shift 2
+  echo "=== $name (limit ${secs}s, at +$(( $(date +%s) - START ))s)" | tee -a "$LOG"
+  timeout "$secs" "$@" 2>>"$LOG" | tee -a "$LOG" | grep --line-buffered '^{' >>"$RESULTS"
+  echo "=== $name: exit ${PIPESTATUS[0]} (+$(( $(date +%s) - START ))s)" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$LOG"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+
+# The targets first: training throughput (with a kernel profile) and DDPM-1000 sampling.
+stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
+stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
+stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit
+stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
+stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override attention_impl=xla
+stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
+# The peer on the same card: torch.compile training, the eager DDPMScheduler loop.
+stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
+stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
+stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
+# If time is left: a larger batch, and the quickstart trained in bfloat16 on this card.
+stage 80 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype bfloat16 --steps 30
+stage 120 digits_bf16 $PY -m experiments.digits_unet --workdir /tmp/digits_gpu --config.model.dtype=bfloat16
+cp /tmp/digits_gpu/eval/metrics.json "$OUT/digits_bf16_metrics.json" 2>/dev/null
+cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
+
+for name in unet dit; do
+  f=$(find /tmp/prof_$name -name perfetto_trace.json.gz 2>/dev/null | tail -1)
+  [ -n "$f" ] && cp "$f" "$OUT/${name}_trace.json.gz"
+done
+echo "=== summary (+$(( $(date +%s) - START ))s)"
+$PY - "$RESULTS" <<'EOF'
+import json, sys
+keep = ("bench", "peer", "model", "batch", "method", "steps", "compiled", "overrides", "images_per_sec",
+        "step_ms", "mfu", "seconds", "samples_per_sec", "compile_s", "warmup_s", "overhead",
+        "forward_ms", "peak_memory_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
+        "by_category_ms")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print({k: r[k] for k in keep if k in r})
+EOF
