@@ -28,11 +28,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train --model unet_digits --batch 128 --dtype float32 --steps 40
 	$(PY) -m benchmarks.sample --model unet_digits --batch 256 --dtype float32 --methods ddpm:1000,ddim:50
 
+# On a GPU host with jax[cuda]: every accelerator benchmark, plus the diffusers peer if torch
+# and diffusers are importable; JSON lines and logs in $(OUT).
 bench-gpu: $(STAMP)
-	$(PY) -m benchmarks.flops --model ddpm_cifar10 --model dit_b2
-	$(PY) -m benchmarks.train --model ddpm_cifar10 --batch 128 --batch 512 --dtype bfloat16
-	$(PY) -m benchmarks.train --model dit_b2 --batch 256 --dtype bfloat16 --num_classes 1000
-	$(PY) -m benchmarks.sample --model ddpm_cifar10 --batch 256 --dtype bfloat16 --methods ddpm:1000,ddim:50
+	OUT=$(or $(OUT),runs/bench_gpu) PY=$(PY) bash benchmarks/gpu_session.sh
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -18,9 +18,9 @@ import os
 import re
 
 CATEGORIES = [  # first match wins
-    ("attention", r"flash|fmha|cudnn.*attn|sdpa"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|xmma_.*(fprop|dgrad|wgrad)"),
-    ("matmul", r"gemm|cublas|cutlass|matmul|dot|wgmma|sm90_xmma|triton_gemm"),
+    ("attention", r"flash|fmha|sdpa|cudnn::fusion"),
+    ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm"),
+    ("matmul", r"gemm|nvjet|cublas|cutlass|matmul|dot|wgmma|sm90_xmma"),
     ("reduction", r"reduce|reduction"),
     ("fusion", r"fusion|loop_|input_"),
     ("copy", r"copy|memcpy|memset|transpose"),

@@ -37,8 +37,9 @@ def test_two_processes_match_one_process(tmp_path):
         [sys.executable, str(WORKER), str(tmp_path / "single"), str(tmp_path / "single.npz"), str(REPO)],
         env=_env(4), capture_output=True, text=True, timeout=600)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    report = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-2500:]}"
+                       for i, (p, out) in enumerate(zip(procs, outputs)))
+    assert all(p.returncode == 0 for p in procs), report
     assert single.returncode == 0, single.stderr[-3000:]
     assert "process 1 of 2 with 2 local devices finished at step 6" in "".join(outputs)
     assert "resuming from step 3" in outputs[0]

@@ -1,7 +1,6 @@
 """Samplers: one compiled scan each, checked on the Gaussian data set whose optimal denoiser is
 known, against each other, and sharded across 8 CPU devices."""
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +105,7 @@ def test_keys_and_determinism():
     assert not np.allclose(d(jax.random.key(0)), d(jax.random.key(1)))
 
 
-def test_compiles_once_and_compile_time_independent_of_steps():
+def test_compiles_once_and_the_program_is_independent_of_steps():
     traces = []
 
     def counted(*args, **kw):
@@ -130,18 +129,19 @@ def test_compiles_once_and_compile_time_independent_of_steps():
         g(jax.random.key(0), guidance_scale=scale, cond=labels, null_cond=2)
     assert len(traces) == 1
 
-    def compile_seconds(num_steps):
-        best = np.inf
-        for _ in range(3):
-            fn = jax.jit(functools.partial(sample, ORACLE, S, (8, 2, 2, 1), method="ddpm",
-                                           num_steps=num_steps))
-            start = time.perf_counter()
-            fn.lower(jax.random.key(0)).compile()
-            best = min(best, time.perf_counter() - start)
-        return best
+    # The chain is one lax.scan, so the program XLA compiles does not grow with the step count:
+    # the same lowered program line for line (only the constant tables are longer) and the
+    # same loops after optimisation. (Structure, not timings: BENCHMARKS.md has the seconds.)
+    def program(num_steps):
+        fn = jax.jit(functools.partial(sample, ORACLE, S, (8, 2, 2, 1), method="ddpm", num_steps=num_steps))
+        lowered = fn.lower(jax.random.key(0))
+        return lowered.as_text(), lowered.compile().as_text()
 
-    short, long = compile_seconds(10), compile_seconds(1000)
-    assert long < 2 * short and short < 2 * long, (short, long)
+    (low10, opt10), (low1000, opt1000) = program(10), program(1000)
+    assert len(low10.splitlines()) == len(low1000.splitlines())
+    assert low10.count("stablehlo.while") == low1000.count("stablehlo.while") >= 1
+    assert opt10.count(" while(") == opt1000.count(" while(")
+    assert abs(len(opt10.splitlines()) - len(opt1000.splitlines())) <= 0.05 * len(opt10.splitlines())
 
 
 def test_ddim_inversion_round_trip_improves_with_steps():

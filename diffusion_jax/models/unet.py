@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import Float32Norm, MultiHeadSelfAttention, timestep_embedding
