@@ -186,3 +186,29 @@ def test_every_experiment_builds_its_model(module):
     out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),
                          jax.ShapeDtypeStruct((2, *shape), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
     assert out["params"]
+
+
+def test_workdir_check_is_safe_when_processes_share_the_directory(tmp_path):
+    # The processes of a multi-host run all check the shared workdir at start-up; a common
+    # probe file made one process delete it under another (seen in tests/test_multihost.py).
+    import threading
+
+    from diffusion_jax.training.loop import check_workdir
+
+    barrier, errors = threading.Barrier(8), []
+
+    def worker():
+        barrier.wait()
+        for _ in range(50):
+            try:
+                check_workdir(tmp_path / "shared")
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert list((tmp_path / "shared").iterdir()) == []

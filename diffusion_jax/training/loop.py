@@ -11,6 +11,7 @@ import math
 import pathlib
 import signal
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,12 @@ class Preempted(RuntimeError):
 
 
 def check_workdir(workdir) -> pathlib.Path:
+    """Creates `workdir` and checks it is writable, with a probe file of the caller's own (the
+    processes of a multi-host run check the shared directory at the same moment)."""
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{uuid.uuid4().hex}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
