@@ -139,7 +139,12 @@ def main(argv=None):
     f.add_argument("--data_dir", default="")
     f.add_argument("--max_images", type=int, default=0)
     args = p.parse_args(argv)
-    {"sample": _sample, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
+    from diffusion_jax.training.checkpoint import CheckpointMismatch
+
+    try:
+        {"sample": _sample, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
+    except (CheckpointMismatch, FileNotFoundError) as e:  # the message says what to do
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

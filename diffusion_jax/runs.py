@@ -67,7 +67,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def load_run(workdir, step: int | None = None) -> Run:
     """The config, model, EMA params and schedule of a run (latest good checkpoint, or `step`)."""
-    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.training.checkpoint import CheckpointMismatch, Checkpointer
 
     config = load_config(workdir)
     model = build_model(config)
@@ -84,8 +84,11 @@ def load_run(workdir, step: int | None = None) -> Run:
             raise ValueError(f"no checkpoint at step {step} in {workdir}; available: {steps}")
         for s in ([step] if step is not None else reversed(steps)):
             try:
+                ckpt.check_params(s, abstract)
                 restored = ckpt.manager.restore(s, args=_ema_only_args(abstract))
                 return Run(config, model, restored["state"]["ema_params"], build_schedule(config), s)
+            except CheckpointMismatch:
+                raise
             except Exception as e:
                 if step is not None:
                     raise

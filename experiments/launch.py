@@ -32,6 +32,7 @@ def main(config, workdir: str, evaluate: bool = True) -> None:
 
     maybe_initialize_distributed()
     from diffusion_jax.training import NonFiniteLoss, Preempted, train
+    from diffusion_jax.training.checkpoint import CheckpointMismatch
 
     try:
         train(config, workdir)
@@ -39,6 +40,8 @@ def main(config, workdir: str, evaluate: bool = True) -> None:
         sys.exit(f"pre-empted: {e}")
     except NonFiniteLoss as e:
         sys.exit(f"stopped: {e}")
+    except CheckpointMismatch as e:
+        sys.exit(f"error: {e}")
     if evaluate:
         import pathlib
 

@@ -133,6 +133,33 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
     assert any((tmp_path / "unreadable_checkpoints").iterdir())  # set aside, not deleted
 
 
+def test_checkpoint_that_does_not_fit_the_model_is_an_error_not_a_restart(tmp_path, monkeypatch):
+    # A checkpoint written before the model's code changed (parameters renamed or reshaped) is
+    # not corrupt: resuming must stop with the names that differ, never set it aside and restart.
+    from diffusion_jax import runs
+    from diffusion_jax.training.checkpoint import CheckpointMismatch, Checkpointer, abstract_like
+
+    state = train(tiny_config(10), tmp_path)
+    shapes = abstract_like(state)
+    renamed = dict(shapes.params)
+    renamed["renamed_block"] = renamed.pop("x_embedder")
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    try:
+        with pytest.raises(CheckpointMismatch, match=r"2 of the model's are not in it \(renamed_block\.bias, renamed_block\.kernel\); "
+                                                     r"2 in it are not in the model \(x_embedder\.bias, x_embedder\.kernel\)"
+                                                     r".*new --workdir"):
+            ckpt.restore_latest(shapes.replace(params=renamed))
+    finally:
+        ckpt.close()
+    assert not (tmp_path / "unreadable_checkpoints").exists()
+    # The evaluation's read-only loader says the same.
+    real = runs.param_shapes
+    monkeypatch.setattr(runs, "param_shapes", lambda *a: {**real(*a), "extra": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    with pytest.raises(CheckpointMismatch, match=r"step 10 .* 1 of the model's are not in it \(extra\)"):
+        runs.load_run(tmp_path)
+    assert int(train(tiny_config(10), tmp_path).step) == 10  # the run itself is untouched
+
+
 def test_ema_warmup_and_optimizer_schedule():
     assert float(ema_decay(0, 0.9999, True)) == pytest.approx(0.1)
     assert float(ema_decay(10**7, 0.9999, True)) == pytest.approx(0.9999)

@@ -2,7 +2,9 @@
 
 `Checkpointer(workdir)` keeps the last K under workdir/checkpoints; saves are asynchronous where
 Orbax supports it. `restore_latest` walks back from the newest step: a checkpoint that fails to
-restore (corrupt, or partly written) is reported and the one before it used. Orbax writes
+restore (corrupt, or partly written) is reported, set aside and the one before it used. A
+checkpoint whose parameters do not fit the model (the code or the config changed since it was
+written) is never skipped: that raises CheckpointMismatch, naming the parameters that differ. Orbax writes
 into a temporary folder and renames it when complete, so a save cut short never looks finished.
 """
 from __future__ import annotations
@@ -48,16 +50,37 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
         return out["state"], out["record"]
 
+    def check_params(self, step: int, abstract_params) -> None:
+        """Raises CheckpointMismatch if the parameter names or shapes saved at `step` differ
+        from `abstract_params` (a pytree of arrays or ShapeDtypeStructs)."""
+        saved = saved_param_shapes(self.directory / str(step) / "state")
+        expected = named_shapes(abstract_params)
+        if saved == expected:
+            return
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+        show = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts = [f"{len(missing)} of the model's are not in it ({show(missing)})" if missing else "",
+                 f"{len(unexpected)} in it are not in the model ({show(unexpected)})" if unexpected else "",
+                 f"{len(reshaped)} have another shape ({show(reshaped)})" if reshaped else ""]
+        raise CheckpointMismatch(
+            f"the checkpoint at step {step} in {self.directory} does not fit this model's parameters: "
+            f"{'; '.join(p for p in parts if p)}. The model's code or config changed since it was "
+            "written: resume with the version that wrote it, or train into a new --workdir")
+
     def restore_latest(self, abstract_state, check_record=None):
         """(state, record) of the newest checkpoint that restores, or (None, None) if none.
 
-        `check_record(record)` may raise CheckpointMismatch, which is never skipped over.
+        `check_record(record)` may raise CheckpointMismatch, as does a checkpoint whose
+        parameters do not fit `abstract_state.params`; neither is ever skipped over.
         """
         for step in reversed(self.steps()):
             try:
                 record = self.restore_record(step)
                 if check_record is not None:
                     check_record(record)
+                self.check_params(step, abstract_state.params)
                 return self.restore(step, abstract_state)
             except CheckpointMismatch:
                 raise
@@ -84,6 +107,27 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def named_shapes(tree) -> dict:
+    """{"a.b.c": shape} for the leaves of a nested-dict pytree."""
+    name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                                 for k in path)
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def saved_param_shapes(item_dir) -> dict:
+    """named_shapes of the `params` saved in a train-state checkpoint item, from its metadata
+    (nothing is read but the metadata)."""
+    absl_log = logging.getLogger("absl")  # quiet its note that the item has no step metadata file
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(pathlib.Path(item_dir).absolute())
+    finally:
+        absl_log.setLevel(level)
+    meta = getattr(meta, "item_metadata", meta)
+    return named_shapes(getattr(meta, "tree", meta)["params"])
 
 
 def abstract_like(tree, shardings=None):
