@@ -146,6 +146,27 @@ def test_resample_and_attention_kernel_choice():
         resolve_attention_impl("flash", jnp.bfloat16, 64)
 
 
+def test_separate_qkv_projections_compute_the_fused_function():
+    fused, params, shape = _tiny("dit_tiny", ())
+    separate = create_model("dit_tiny", fused_qkv=False)
+    assert count_params(params) == count_params(param_shapes(separate, shape))
+    # The fused [C, 3C] product's columns are q | k | v.
+    split = jax.tree_util.tree_map(lambda a: a, params)
+    for block in [k for k in params if k.startswith("block")]:
+        attn = dict(params[block]["attn"])
+        qkv = attn.pop("qkv")
+        C = qkv["kernel"].shape[0]
+        for i, name in enumerate("qkv"):
+            attn[name] = {"kernel": qkv["kernel"][:, i * C:(i + 1) * C], "bias": qkv["bias"][i * C:(i + 1) * C]}
+        split[block] = {**params[block], "attn": attn}
+    perturbed = jax.tree_util.tree_map(lambda a: a + 0.05, split)  # zero-initialised heads would hide errors
+    fused_params = jax.tree_util.tree_map(lambda a: a + 0.05, params)
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    t, y = jnp.array([3, 70]), jnp.array([1, 4])
+    np.testing.assert_allclose(separate.apply({"params": perturbed}, x, t, y),
+                               fused.apply({"params": fused_params}, x, t, y), rtol=1e-5, atol=1e-5)
+
+
 def test_embeddings():
     emb = timestep_embedding(jnp.array([0, 7]), 6)
     half = np.exp(-np.log(10000) * np.arange(3) / 3)

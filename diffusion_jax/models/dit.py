@@ -47,6 +47,7 @@ class DiTBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    fused_qkv: bool = True
 
     @nn.compact
     def __call__(self, x, c):
@@ -56,7 +57,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         norm = lambda name: Float32Norm(0, use_scale_bias=False, param_dtype=self.param_dtype, name=name)
         h = modulate(norm("norm1")(x), shift_msa, scale_msa)
-        h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl, name="attn", **kw)(h)
+        h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl,
+                                   fused_qkv=self.fused_qkv, name="attn", **kw)(h)
         x = x + gate_msa[:, None, :] * h
         h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
@@ -85,6 +87,7 @@ class DiT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    fused_qkv: bool = True  # see MultiHeadSelfAttention
     freq_dim: int = 256
 
     @nn.compact
@@ -122,7 +125,7 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
             h = block_cls(self.hidden, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                          name=f"block{i}", **kw)(h, c)
+                          fused_qkv=self.fused_qkv, name=f"block{i}", **kw)(h, c)
 
         shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
                                           name="final_adaLN_modulation", **kw)(nn.silu(c)), 2, axis=-1)

@@ -108,9 +108,13 @@ def dot_product_attention(q, k, v, implementation: Optional[str] = None):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention over tokens [B, L, C] with a fused qkv projection and an output projection.
+    """Self-attention over tokens [B, L, C]: q, k, v projections, attention, output projection.
 
-    `zero_init_out` zero-initialises the output projection (the DDPM U-Net's proj_out).
+    `fused_qkv` computes q, k and v with one [C, 3C] matrix product ("qkv"); False uses three
+    [C, C] ones ("q", "k", "v"): the same function and parameter count, and outputs already in
+    the [B, L, heads, d] layout a fused attention kernel reads, where the fused product needs a
+    copy to split them (and one to join their gradients). `zero_init_out` zero-initialises the
+    output projection (the DDPM U-Net's proj_out).
     """
 
     num_heads: int
@@ -118,15 +122,21 @@ class MultiHeadSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None  # None / "auto", "xla" or "cudnn"
+    fused_qkv: bool = True
 
     @nn.compact
     def __call__(self, x):
         B, L, C = x.shape
         if C % self.num_heads:
             raise ValueError(f"width {C} is not divisible by num_heads {self.num_heads}")
-        qkv = nn.Dense(3 * C, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(B, L, 3, self.num_heads, C // self.num_heads), 3, axis=2)
-        h = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
+        heads = (self.num_heads, C // self.num_heads)
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.fused_qkv:
+            qkv = dense(3 * C, "qkv")(x).reshape(B, L, 3, *heads)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q, k, v = (dense(C, name)(x).reshape(B, L, *heads) for name in ("q", "k", "v"))
+        h = dot_product_attention(q, k, v, self.attention_impl)
         init = nn.initializers.zeros if self.zero_init_out else nn.linear.default_kernel_init
         return nn.Dense(C, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
                         name="proj")(h.reshape(B, L, C))
