@@ -27,14 +27,22 @@ stage() {  # stage SECONDS NAME command...
   echo "=== $name: exit ${PIPESTATUS[0]} (+$(( $(date +%s) - START ))s)" | tee -a "$LOG"
 }
 
+keep_trace() {  # keep_trace NAME: the profile under /tmp/prof_NAME, copied at once (a later stage may be cut)
+  local f
+  f=$(find "/tmp/prof_$1" -name perfetto_trace.json.gz 2>/dev/null | tail -1)
+  [ -n "$f" ] && cp "$f" "$OUT/$1_trace.json.gz"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$LOG"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 
 # The targets first: training throughput (with a kernel profile) and DDPM-1000 sampling.
 stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
 stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
+keep_trace unet
 stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
+keep_trace dit
 stage 80 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
 stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override attention_impl=xla
 stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
@@ -48,10 +56,6 @@ stage 120 digits_bf16 $PY -m experiments.digits_unet --workdir /tmp/digits_gpu -
 cp /tmp/digits_gpu/eval/metrics.json "$OUT/digits_bf16_metrics.json" 2>/dev/null
 cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
 
-for name in unet dit; do
-  f=$(find /tmp/prof_$name -name perfetto_trace.json.gz 2>/dev/null | tail -1)
-  [ -n "$f" ] && cp "$f" "$OUT/${name}_trace.json.gz"
-done
 echo "=== summary (+$(( $(date +%s) - START ))s)"
 $PY - "$RESULTS" <<'EOF'
 import json, sys

@@ -121,7 +121,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     what = args.what.split(",")
-    modes = [True] if args.compile and args.compiled_only else [False, True] if args.compile else [False]
+    modes = [False, True] if args.compile else [False]
+    if args.compile and args.compiled_only:
+        modes = [True]
     for compiled in modes:
         if "unet_train" in what:
             train_throughput("ddpm_cifar10", ddpm_cifar10_unet(), (3, 32, 32), args.unet_batch, args.steps,

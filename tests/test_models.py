@@ -151,7 +151,7 @@ def test_separate_qkv_projections_compute_the_fused_function():
     separate = create_model("dit_tiny", fused_qkv=False)
     assert count_params(params) == count_params(param_shapes(separate, shape))
     # The fused [C, 3C] product's columns are q | k | v.
-    split = jax.tree_util.tree_map(lambda a: a, params)
+    split = dict(params)
     for block in [k for k in params if k.startswith("block")]:
         attn = dict(params[block]["attn"])
         qkv = attn.pop("qkv")
