@@ -10,7 +10,8 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
                                   sincos_pos_embed_2d, timestep_embedding)
-from diffusion_jax.models.layers import dot_product_attention, group_norm, resolve_attention_impl
+from diffusion_jax.models.layers import dot_product_attention, resolve_attention_impl
+from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh, group_norm
 from diffusion_jax.models.unet import _resample
 
 # Published figures: DDPM (Ho et al. 2020, 35.7M / 114M), DiT (Peebles & Xie 2022, Table 4).
@@ -108,27 +109,107 @@ def test_attention_matches_plain_softmax_reference():
     np.testing.assert_allclose(dot_product_attention(q, k, v), expected, atol=1e-5)
 
 
-def test_group_norm_matches_float64_formula_and_flax():
+def _numerical_grad(f, x, h=1e-6):
+    """Central differences of a scalar float64 function f at x (any shape)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = h
+        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+
+def _residual_bytes(f, x, *args):
+    """Bytes of the x-shaped tensors that reverse-mode differentiation of f(x, *args) keeps
+    from the forward pass."""
+    _, f_vjp = jax.vjp(f, x, *args)
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(f_vjp) if leaf.shape == x.shape)
+
+
+def test_group_norm_silu_matches_float64_formula_and_its_gradient():
     rng = np.random.default_rng(0)
-    x = rng.normal(0.5, 2.0, (3, 4, 5, 12))
+    x, w = rng.normal(0.5, 2.0, (2, 3, 2, 12)), rng.normal(size=(2, 3, 2, 12))
     scale, bias = rng.normal(size=12), rng.normal(size=12)
-    groups = x.reshape(3, 4, 5, 4, 3)                 # G = 4 groups of 3 channels
-    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
-    var = groups.var(axis=(1, 2, 4), keepdims=True)
-    expected = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
-    got = group_norm(jnp.asarray(x, jnp.float32), 4, jnp.asarray(scale), jnp.asarray(bias))
-    np.testing.assert_allclose(got, expected, atol=2e-5)
-    # Gradients equal flax's GroupNorm (a different reduction order of the same function).
+
+    def loss64(x, scale, bias, silu):   # G = 4 groups of 3 channels, over space and channels
+        groups = x.reshape(2, 3, 2, 4, 3)
+        mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+        var = groups.var(axis=(1, 2, 4), keepdims=True)
+        z = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+        return np.sum(w * (z / (1 + np.exp(-z)) if silu else z))
+
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    for silu in (False, True):
+        ours = lambda x, s, b: jnp.sum(f32(w) * group_norm(x, 4, s, b, silu=silu))
+        np.testing.assert_allclose(ours(f32(x), f32(scale), f32(bias)), loss64(x, scale, bias, silu), rtol=1e-5)
+        grads = jax.grad(ours, argnums=(0, 1, 2))(f32(x), f32(scale), f32(bias))
+        expected = (_numerical_grad(lambda v: loss64(v, scale, bias, silu), x),
+                    _numerical_grad(lambda v: loss64(x, v, bias, silu), scale),
+                    _numerical_grad(lambda v: loss64(x, scale, v, silu), bias))
+        for got, want in zip(grads, expected):
+            np.testing.assert_allclose(got, want, atol=2e-4)
+    # Per-example affine [B, C] (ADM's scale-shift norm folded in): each example's own scale.
+    per_example = rng.normal(size=(2, 12))
+    got = group_norm(f32(x), 4, f32(per_example), None)
+    for b in range(2):
+        np.testing.assert_allclose(got[b], group_norm(f32(x[b:b + 1]), 4, f32(per_example[b]))[0], atol=1e-6)
+    # bfloat16 in and out; of the [B, H, W, C] tensors the backward pass keeps x alone, where
+    # autodiff of the float32 composite keeps about 14 bytes an element.
+    xb = jnp.asarray(x, jnp.bfloat16)
+    assert group_norm(xb, 4, silu=True).dtype == jnp.bfloat16
+    assert _residual_bytes(lambda v: group_norm(v, 4, f32(scale), f32(bias), silu=True), xb) == xb.nbytes
     import flax.linen as nn
-    ref = nn.GroupNorm(num_groups=4, epsilon=1e-6)
-    ref_params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
-    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    ours = jax.grad(lambda x: jnp.sum(w * group_norm(x, 4, ref_params["params"]["scale"],
-                                                     ref_params["params"]["bias"])))(jnp.asarray(x, jnp.float32))
-    theirs = jax.grad(lambda x: jnp.sum(w * ref.apply(ref_params, x)))(jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    ref = nn.GroupNorm(num_groups=4, epsilon=1e-6, dtype=jnp.float32)
+    ref_params = {"params": {"scale": f32(scale), "bias": f32(bias)}}
+    autodiff = lambda v: nn.silu(ref.apply(ref_params, v.astype(jnp.float32)).astype(v.dtype))
+    assert _residual_bytes(autodiff, xb) >= 5 * xb.nbytes
     with pytest.raises(ValueError, match="not divisible by the GroupNorm groups 5"):
         group_norm(jnp.zeros((1, 2, 2, 12)), 5)
+
+
+def test_adaptive_layer_norm_matches_float64_formula_and_its_gradient():
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(0.3, 1.5, (2, 3, 8)), rng.normal(size=(2, 3, 8))
+    shift, scale = rng.normal(size=(2, 8)), rng.normal(size=(2, 8))
+
+    def loss64(x, shift, scale):   # the plain float64 formula: LN(x) (1 + scale) + shift
+        xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+        return np.sum(w * (xhat * (1 + scale[:, None]) + shift[:, None]))
+
+    args32 = [jnp.asarray(a, jnp.float32) for a in (x, shift, scale)]
+    ours = lambda *a: jnp.sum(jnp.asarray(w, jnp.float32) * adaptive_layer_norm(*a))
+    np.testing.assert_allclose(ours(*args32), loss64(x, shift, scale), rtol=1e-5)
+    grads = jax.grad(ours, argnums=(0, 1, 2))(*args32)
+    expected = (_numerical_grad(lambda v: loss64(v, shift, scale), x),
+                _numerical_grad(lambda v: loss64(x, v, scale), shift),
+                _numerical_grad(lambda v: loss64(x, shift, v), scale))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, atol=2e-4)
+    # bfloat16 in, bfloat16 out; of the [B, T, C] tensors the backward pass keeps x alone, where
+    # autodiff of float32 LayerNorm + modulation keeps 10 bytes an element.
+    xb, sb, cb = (jnp.asarray(a, jnp.bfloat16) for a in (x, shift, scale))
+    assert adaptive_layer_norm(xb, sb, cb).dtype == jnp.bfloat16
+    kept = _residual_bytes(adaptive_layer_norm, xb, sb, cb)
+    assert kept == xb.nbytes
+    import flax.linen as nn
+    autodiff = lambda x, s, c: (nn.LayerNorm(1e-6, use_scale=False, use_bias=False).apply(
+        {}, x.astype(jnp.float32)).astype(x.dtype) * (1 + c[:, None]) + s[:, None])
+    assert _residual_bytes(autodiff, xb, sb, cb) >= 5 * kept
+
+
+def test_gelu_tanh_matches_float64_formula_and_its_gradient():
+    x = np.linspace(-6.0, 6.0, 97)
+    gelu64 = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
+    w = np.cos(np.arange(97.0))
+    np.testing.assert_allclose(gelu_tanh(jnp.asarray(x, jnp.float32)), gelu64(x), atol=1e-6)
+    np.testing.assert_allclose(gelu_tanh(jnp.asarray(x, jnp.float32)),
+                               jax.nn.gelu(jnp.asarray(x, jnp.float32), approximate=True), atol=1e-6)
+    grad = jax.grad(lambda v: jnp.sum(jnp.asarray(w, jnp.float32) * gelu_tanh(v)))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(grad, _numerical_grad(lambda v: np.sum(w * gelu64(v)), x), atol=1e-5)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    assert gelu_tanh(xb).dtype == jnp.bfloat16
+    assert _residual_bytes(gelu_tanh, xb) == xb.nbytes          # x only
+    assert _residual_bytes(lambda v: jax.nn.gelu(v, approximate=True), xb) > 4 * xb.nbytes
 
 
 def test_resample_and_attention_kernel_choice():

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import Float32Norm, MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.layers import MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh
 
 Dtype = Any
 
@@ -34,10 +35,6 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1).astype(np.float32)
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero block: c -> (shift, scale, gate) x 2 for the attention and MLP branches."""
 
@@ -55,14 +52,13 @@ class DiTBlock(nn.Module):
         mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, name="adaLN_modulation",
                        **kw)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        norm = lambda name: Float32Norm(0, use_scale_bias=False, param_dtype=self.param_dtype, name=name)
-        h = modulate(norm("norm1")(x), shift_msa, scale_msa)
+        h = adaptive_layer_norm(x, shift_msa, scale_msa)
         h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl,
                                    fused_qkv=self.fused_qkv, name="attn", **kw)(h)
         x = x + gate_msa[:, None, :] * h
-        h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
+        h = adaptive_layer_norm(x, shift_mlp, scale_mlp)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
-        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(nn.gelu(h, approximate=True))
+        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(gelu_tanh(h))
         return x + gate_mlp[:, None, :] * h
 
 
@@ -129,7 +125,7 @@ class DiT(nn.Module):
 
         shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
                                           name="final_adaLN_modulation", **kw)(nn.silu(c)), 2, axis=-1)
-        h = modulate(Float32Norm(0, use_scale_bias=False, name="final_norm")(h), shift, scale)
+        h = adaptive_layer_norm(h, shift, scale)
         h = nn.Dense(p * p * out_ch, kernel_init=nn.initializers.zeros, name="final_linear", **kw)(h)
         h = h.reshape(B, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         return h.reshape(B, H, W, out_ch).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Layers shared by the backbones: timestep embeddings, attention, float32 normalisation."""
+"""Layers shared by the backbones: timestep embeddings, attention, float32 GroupNorm."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.models.ops import group_norm
 
 Dtype = Any
 
@@ -26,59 +28,27 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
     return emb
 
 
-def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6):
-    """GroupNorm of x [B, ..., C] in float32: each example's C channels are split into
-    `num_groups` groups and normalised over the group's channels and all spatial positions,
-    then scaled and shifted per channel (scale, bias [C] or None). Returns float32.
-
-    The moments are taken per channel over space first ([B, ..., C] -> [B, C], a reduction
-    whose kept axis is the contiguous one) and then pooled within each group; this equals the
-    direct reduction over (space, C / G) and avoids XLA's slow reduction with a kept axis
-    between reduced ones. Variance is E[x^2] - E[x]^2 in float32, as flax's fast variance.
-    """
-    B, C = x.shape[0], x.shape[-1]
-    if C % num_groups:
-        raise ValueError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}: "
-                         "change the channel width or num_groups")
-    xf = x.astype(jnp.float32)
-    space = tuple(range(1, x.ndim - 1))
-    mean_c, sq_mean_c = jnp.mean(xf, axis=space), jnp.mean(jnp.square(xf), axis=space)  # [B, C]
-    mean = mean_c.reshape(B, num_groups, -1).mean(-1)                                   # [B, G]
-    var = jnp.maximum(sq_mean_c.reshape(B, num_groups, -1).mean(-1) - jnp.square(mean), 0.0)
-    per_channel = lambda g: jnp.repeat(g, C // num_groups, axis=-1)                     # [B, C]
-    a = per_channel(jax.lax.rsqrt(var + epsilon))
-    if scale is not None:
-        a = a * scale.astype(jnp.float32)
-    b = -per_channel(mean) * a
-    if bias is not None:
-        b = b + bias.astype(jnp.float32)
-    shape = (B,) + (1,) * (x.ndim - 2) + (C,)
-    return xf * a.reshape(shape) + b.reshape(shape)
-
-
 class Float32Norm(nn.Module):
-    """GroupNorm (num_groups > 0, see `group_norm`) or LayerNorm (num_groups == 0) computed in
-    float32, output cast back to the input dtype; `use_scale_bias=False` gives the affine-free
-    LayerNorm of DiT."""
+    """GroupNorm with learned per-channel scale and bias, computed in float32 and returned in
+    the input's dtype (`ops.group_norm`); `silu=True` applies SiLU in the same op.
+
+    `scale_shift` = (s, b), each [B, C], modulates per example: GroupNorm(x) (1 + s) + b (ADM's
+    scale-shift norm), folded into the op's affine parameters.
+    """
 
     num_groups: int = 32
     epsilon: float = 1e-6
-    use_scale_bias: bool = True
+    silu: bool = False
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        dtype = x.dtype
-        if self.num_groups:
-            scale = bias = None
-            if self.use_scale_bias:
-                scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-                bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-            y = group_norm(x, self.num_groups, scale, bias, self.epsilon)
-        else:
-            y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=self.param_dtype,
-                             use_scale=self.use_scale_bias, use_bias=self.use_scale_bias)(x.astype(jnp.float32))
-        return y.astype(dtype)
+    def __call__(self, x, scale_shift=None):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        if scale_shift is not None:
+            s, b = (v.astype(jnp.float32) for v in scale_shift)
+            scale, bias = scale * (1 + s), bias * (1 + s) + b
+        return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu)
 
 
 def resolve_attention_impl(implementation: Optional[str], dtype, head_dim: int,

@@ -46,19 +46,19 @@ class ResBlock(nn.Module):
         conv = lambda feats, name, init=nn.linear.default_kernel_init, k=3: nn.Conv(
             feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=init, name=name)
-        norm = lambda name: Float32Norm(self.num_groups, param_dtype=self.param_dtype, name=name)
-        h = nn.silu(norm("norm1")(x))
+        norm_silu = lambda name: Float32Norm(self.num_groups, silu=True, param_dtype=self.param_dtype,
+                                             name=name)
+        h = norm_silu("norm1")(x)
         if self.resample:
             h, x = _resample(h, self.resample == "up"), _resample(x, self.resample == "up")
         h = conv(self.out_ch, "conv1")(h)
         emb = nn.Dense((2 if self.scale_shift_norm else 1) * self.out_ch, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="temb_proj")(nn.silu(temb))[:, None, None, :]
+                       param_dtype=self.param_dtype, name="temb_proj")(nn.silu(temb))
         if self.scale_shift_norm:
-            scale, shift = jnp.split(emb, 2, axis=-1)
-            h = norm("norm2")(h) * (1 + scale) + shift
+            h = norm_silu("norm2")(h, scale_shift=jnp.split(emb, 2, axis=-1))
         else:
-            h = norm("norm2")(h + emb)
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+            h = norm_silu("norm2")(h + emb[:, None, None, :])
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.out_ch, "conv2", nn.initializers.zeros)(h)
         if x.shape[-1] != self.out_ch:
             x = conv(self.out_ch, "nin_shortcut", k=1)(x)
@@ -187,6 +187,6 @@ class UNet(nn.Module):
                     h = _resample(h, up=True)
                     if self.resamp_with_conv:
                         h = conv(h.shape[-1], f"up{level}_resample")(h)
-        h = nn.silu(Float32Norm(self.num_groups, param_dtype=self.param_dtype, name="norm_out")(h))
+        h = Float32Norm(self.num_groups, silu=True, param_dtype=self.param_dtype, name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)
