@@ -36,25 +36,24 @@ keep_trace() {  # keep_trace NAME: the profile under /tmp/prof_NAME, copied at o
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$LOG"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 
-# The targets first: training throughput (with a kernel profile) and DDPM-1000 sampling.
-stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
-stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
-keep_trace unet
+# Most informative first (a run cut by its limit loses the end): the DiT target with a kernel
+# profile, its q/k/v variant and its peer; then what was never measured; then the rest.
 stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
 keep_trace dit
 stage 80 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
-stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override attention_impl=xla
-stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
-# The peer on the same card: torch.compile training, the eager DDPMScheduler loop.
-stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
 stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
-stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
-# If time is left: a larger batch, and the quickstart trained in bfloat16 on this card.
 stage 80 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype bfloat16 --steps 30
 stage 120 digits_bf16 $PY -m experiments.digits_unet --workdir /tmp/digits_gpu --config.model.dtype=bfloat16
 cp /tmp/digits_gpu/eval/metrics.json "$OUT/digits_bf16_metrics.json" 2>/dev/null
 cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
+stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
+stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
+keep_trace unet
+stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
+stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
+stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
+stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override attention_impl=xla
 
 echo "=== summary (+$(( $(date +%s) - START ))s)"
 $PY - "$RESULTS" <<'EOF'
