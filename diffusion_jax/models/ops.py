@@ -1,15 +1,16 @@
-"""Two transformer ops with hand-written gradients that keep only what the backward pass needs.
+"""Normalisations and activations with hand-written gradients that keep only what the backward
+pass needs: DiT's adaLN LayerNorm, tanh-GELU, and the U-Net's GroupNorm (+ SiLU).
 
-Reverse-mode autodiff of a composite op saves its intermediates for the backward pass. For
-memory-bound ops on large activations that is the cost: autodiff of the float32 LayerNorm of a
-bfloat16 [N, C] tensor followed by the adaLN modulation saves 10 bytes per element (two float32
-[N, C] intermediates and a bfloat16 one), and of tanh-GELU on a bfloat16 [N, 4C] tensor five
-bfloat16 tensors of that size. The versions here save the bfloat16 input (and per-row
-statistics) and recompute the rest inside the backward pass, where it fuses with the gradient
-arithmetic: the same function and gradient (tests compare both with a float64 formula and its
-numerical derivative), fewer bytes written and read.
+Reverse-mode autodiff of a composite op saves its intermediates for the backward pass, and for
+memory-bound ops on large activations those bytes are the cost. In bfloat16, autodiff keeps
+10 bytes an element for the float32 LayerNorm + adaLN modulation (two float32 intermediates
+and a bfloat16 one), five bfloat16 tensors of the input's size for tanh-GELU, and about 14
+bytes an element for GroupNorm + SiLU. The versions here keep the input (and per-row or
+per-group statistics) and recompute the rest inside the backward pass, where it fuses with the
+gradient arithmetic: the same function and gradient (tests compare both with a float64 formula
+and its numerical derivative), fewer bytes written and read.
 
-Both compute in float32 and return the input's dtype.
+All compute in float32 and return the input's dtype.
 """
 from __future__ import annotations
 
@@ -130,6 +131,11 @@ def _group_mean(v, num_groups):
     return jnp.repeat(v.reshape(B, num_groups, C // num_groups).mean(-1), C // num_groups, axis=-1)
 
 
+def _group_standardize(x, mean, rstd):
+    """(x - mean) / std in float32 for x [B, ..., C] and group statistics [B, C]."""
+    return (x.astype(jnp.float32) - _broadcast_over_tokens(mean, x)) * _broadcast_over_tokens(rstd, x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _group_norm(x, scale, bias, num_groups, epsilon, silu):
     return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
@@ -137,7 +143,7 @@ def _group_norm(x, scale, bias, num_groups, epsilon, silu):
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu):
     mean, rstd = _group_stats(x, num_groups, epsilon)
-    xhat = (x.astype(jnp.float32) - _broadcast_over_tokens(mean, x)) * _broadcast_over_tokens(rstd, x)
+    xhat = _group_standardize(x, mean, rstd)
     z = xhat * _per_example(scale, x) + _per_example(bias, x)
     y = z * jax.nn.sigmoid(z) if silu else z
     return y.astype(x.dtype), (x, scale, bias, mean, rstd)
@@ -145,8 +151,9 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu):
 
 def _group_norm_bwd(num_groups, epsilon, silu, residuals, g):
     x, scale, bias, mean, rstd = residuals
-    xhat = (x.astype(jnp.float32) - _broadcast_over_tokens(mean, x)) * _broadcast_over_tokens(rstd, x)
-    a = _per_example(scale, x)
+    xhat = _group_standardize(x, mean, rstd)
+    a_bc = jnp.broadcast_to(scale.astype(jnp.float32), (x.shape[0], x.shape[-1]))   # [B, C]
+    a = _broadcast_over_tokens(a_bc, x)
     dz = g.astype(jnp.float32)
     if silu:  # d/dz z sigmoid(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
         z = xhat * a + _per_example(bias, x)
@@ -156,7 +163,6 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, g):
     d_a, d_b = jnp.sum(dz * xhat, axis=space), jnp.sum(dz, axis=space)          # [B, C]
     # With dxhat = dz a: dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), the means
     # over each group's channels and space, which are the per-channel sums a d_b and a d_a pooled.
-    a_bc = jnp.broadcast_to(scale.astype(jnp.float32), d_a.shape)
     n = np.prod(x.shape[1:-1])
     mean_dxhat = _group_mean(a_bc * d_b, num_groups) / n
     mean_dxhat_xhat = _group_mean(a_bc * d_a, num_groups) / n
