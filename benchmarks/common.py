@@ -73,8 +73,6 @@ def analytic_forward_flops(apply_fn, *args) -> float:
     return jaxpr_flops(jax.make_jaxpr(apply_fn)(*args).jaxpr)
 
 
-
-
 def block(x):
     return jax.block_until_ready(x)
 

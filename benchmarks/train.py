@@ -1,5 +1,7 @@
 """Training throughput: images/s, step time, MFU, peak memory and compile time of the library's
 own train step (the one `diffusion_jax.training` runs), one JSON line per configuration.
+`compiled_temp_gb` is the temporary memory of XLA's buffer assignment for the step (mostly the
+activations kept for the backward pass), known on every backend without running it.
 
     python -m benchmarks.train --model ddpm_cifar10 --batch 128 --dtype bfloat16
     python -m benchmarks.train --model dit_b2 --batch 256 --dtype bfloat16
@@ -70,6 +72,8 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()  # XLA's buffer assignment: activations kept for the backward pass
+    temp_gb = None if memory is None else round(memory.temp_size_in_bytes / 2**30, 3)
     state, metrics = compiled(state, batch_arrays)  # warm-up
     block(metrics)
     calls = max(steps // k, 1)
@@ -91,6 +95,7 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
               "step_ms": round(1e3 * step_s, 3), "compile_s": round(compile_s, 2),
               "forward_gflops_per_image": None if fwd_flops is None else round(fwd_flops / 1e9, 4),
               "peak_memory_gb": None if peak_memory_bytes() is None else round(peak_memory_bytes() / 2**30, 2),
+              "compiled_temp_gb": temp_gb,
               "loss": float(metrics["loss"])}
     if fwd_flops and peak:
         record["mfu"] = round(3 * fwd_flops * images_s / peak, 4)

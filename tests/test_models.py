@@ -343,3 +343,22 @@ def test_flop_count_of_the_ddpm_unet():
                                    jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
                                    jax.ShapeDtypeStruct((1,), jnp.int32))
     assert abs(flops / 12.4e9 - 1) < 0.01, flops
+
+
+def test_flop_count_of_dit_b2_matches_the_transformer_formula():
+    """DiT-B/2 on 32x32x4 latents: T = 256 tokens of width C = 768, 12 blocks. Per block the
+    adaLN projection 2 C 6C, q/k/v 2 T C 3C, scores and values 2 x 2 T^2 C, output 2 T C^2 and
+    the MLP 2 x 2 T C 4C; plus patch embedding, time embedding MLP, final adaLN and linear.
+    The total is twice the paper's 23.01 G multiply-adds."""
+    from benchmarks.common import analytic_forward_flops
+    model = create_model("dit_b2").clone(attention_impl="xla")
+    params = param_shapes(model, (32, 32, 4))
+    flops = analytic_forward_flops(lambda p, x, t: model.apply({"params": p}, x, t), params,
+                                   jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32),
+                                   jax.ShapeDtypeStruct((1,), jnp.int32))
+    T, C, p, depth = 256, 768, 2, 12
+    block = 2 * C * 6 * C + 2 * T * C * 3 * C + 2 * 2 * T * T * C + 2 * T * C * C + 2 * 2 * T * C * 4 * C
+    rest = (2 * T * (p * p * 4) * C + 2 * (256 * C + C * C)      # patch embedding, time MLP
+            + 2 * C * 2 * C + 2 * T * C * (p * p * 8))          # final adaLN, linear to 2 x 4 channels
+    assert flops == depth * block + rest
+    assert abs(flops / 2 / 23.01e9 - 1) < 0.001
