@@ -10,7 +10,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
                                   sincos_pos_embed_2d, timestep_embedding)
-from diffusion_jax.models.layers import Float32Norm, dot_product_attention, resolve_attention_impl
+from diffusion_jax.models.layers import GroupNorm32, dot_product_attention, resolve_attention_impl
 from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh, group_norm
 from diffusion_jax.models.unet import _resample
 
@@ -153,9 +153,9 @@ def test_group_norm_silu_matches_float64_formula_and_its_gradient():
     got = group_norm(f32(x), 4, f32(per_example), None)
     for b in range(2):
         np.testing.assert_allclose(got[b], group_norm(f32(x[b:b + 1]), 4, f32(per_example[b]))[0], atol=1e-6)
-    # ADM's scale-shift norm, folded into the affine by Float32Norm: SiLU(GN(x) (1 + s) + b).
+    # ADM's scale-shift norm, folded into the affine by GroupNorm32: SiLU(GN(x) (1 + s) + b).
     s, b = f32(rng.normal(size=(2, 12))), f32(rng.normal(size=(2, 12)))
-    norm = Float32Norm(4, silu=True)
+    norm = GroupNorm32(4, silu=True)
     affine = {"params": {"scale": f32(scale), "bias": f32(bias)}}
     folded = lambda s: jnp.sum(f32(w) * norm.apply(affine, f32(x), scale_shift=(s, b)))
     plain = lambda s: jnp.sum(f32(w) * jax.nn.silu(group_norm(f32(x), 4, f32(scale), f32(bias))

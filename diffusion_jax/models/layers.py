@@ -28,7 +28,7 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
     return emb
 
 
-class Float32Norm(nn.Module):
+class GroupNorm32(nn.Module):
     """GroupNorm with learned per-channel scale and bias, computed in float32 and returned in
     the input's dtype (`ops.group_norm`); `silu=True` applies SiLU in the same op.
 

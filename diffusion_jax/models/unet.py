@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import Float32Norm, MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, timestep_embedding
 
 Dtype = Any
 
@@ -46,7 +46,7 @@ class ResBlock(nn.Module):
         conv = lambda feats, name, init=nn.linear.default_kernel_init, k=3: nn.Conv(
             feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=init, name=name)
-        norm_silu = lambda name: Float32Norm(self.num_groups, silu=True, param_dtype=self.param_dtype,
+        norm_silu = lambda name: GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype,
                                              name=name)
         h = norm_silu("norm1")(x)
         if self.resample:
@@ -77,7 +77,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = Float32Norm(self.num_groups, param_dtype=self.param_dtype, name="norm")(x)
+        h = GroupNorm32(self.num_groups, param_dtype=self.param_dtype, name="norm")(x)
         h = MultiHeadSelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
                                    param_dtype=self.param_dtype,
                                    attention_impl=self.attention_impl, name="attn")(h.reshape(B, H * W, C))
@@ -187,6 +187,6 @@ class UNet(nn.Module):
                     h = _resample(h, up=True)
                     if self.resamp_with_conv:
                         h = conv(h.shape[-1], f"up{level}_resample")(h)
-        h = Float32Norm(self.num_groups, silu=True, param_dtype=self.param_dtype, name="norm_out")(h)
+        h = GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype, name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)
