@@ -2,6 +2,8 @@
 # One GPU session: diffusion_jax's benchmarks and the PyTorch diffusers peer, side by side on
 # the same card, each stage under its own time limit so that one failure loses nothing else.
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh        # results in $OUT/results.jsonl
+#   ONLY="unet_b512 digits_bf16" bash benchmarks/gpu_session.sh   # just these stages (a second call
+#                                                      # for what the first one's limit cut)
 # Needs jax with CUDA, flax, optax, ml_collections; torch and diffusers for the peer stages.
 set -u
 OUT=${OUT:-/tmp/diffusion_jax_bench}
@@ -22,6 +24,7 @@ START=$(date +%s)
 
 stage() {  # stage SECONDS NAME command...
   local secs=$1 name=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${secs}s, at +$(( $(date +%s) - START ))s)" | tee -a "$LOG"
   timeout "$secs" "$@" 2>>"$LOG" | tee -a "$LOG" | grep --line-buffered '^{' >>"$RESULTS"
   echo "=== $name: exit ${PIPESTATUS[0]} (+$(( $(date +%s) - START ))s)" | tee -a "$LOG"
@@ -37,10 +40,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 
 # Most informative first (a run cut by its limit loses the end): the DiT target with a kernel
-# profile, its q/k/v variant and its peer; then what was never measured; then the rest.
+# profile, the same with autodiff instead of ops.py's gradients, its q/k/v variant and its
+# peer; then what was never measured; then the rest.
 stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
 keep_trace dit
+stage 80 dit_autodiff_ops $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override autodiff_ops=True
 stage 80 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
 stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
 stage 80 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype bfloat16 --steps 30
@@ -50,6 +55,7 @@ cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
 stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
 stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
 keep_trace unet
+stage 80 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
 stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
 stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
 stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
@@ -60,7 +66,7 @@ $PY - "$RESULTS" <<'EOF'
 import json, sys
 keep = ("bench", "peer", "model", "batch", "method", "steps", "compiled", "overrides", "images_per_sec",
         "step_ms", "mfu", "seconds", "samples_per_sec", "compile_s", "warmup_s", "overhead",
-        "forward_ms", "peak_memory_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
+        "forward_ms", "peak_memory_gb", "compiled_temp_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
         "by_category_ms")
 for line in open(sys.argv[1]):
     r = json.loads(line)

@@ -45,6 +45,7 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
     fused_qkv: bool = True
+    autodiff_ops: bool = False
 
     @nn.compact
     def __call__(self, x, c):
@@ -52,13 +53,13 @@ class DiTBlock(nn.Module):
         mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, name="adaLN_modulation",
                        **kw)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = adaptive_layer_norm(x, shift_msa, scale_msa)
+        h = adaptive_layer_norm(x, shift_msa, scale_msa, autodiff=self.autodiff_ops)
         h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl,
                                    fused_qkv=self.fused_qkv, name="attn", **kw)(h)
         x = x + gate_msa[:, None, :] * h
-        h = adaptive_layer_norm(x, shift_mlp, scale_mlp)
+        h = adaptive_layer_norm(x, shift_mlp, scale_mlp, autodiff=self.autodiff_ops)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
-        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(gelu_tanh(h))
+        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(gelu_tanh(h, autodiff=self.autodiff_ops))
         return x + gate_mlp[:, None, :] * h
 
 
@@ -84,6 +85,7 @@ class DiT(nn.Module):
     remat: bool = False
     attention_impl: Optional[str] = None
     fused_qkv: bool = True  # see MultiHeadSelfAttention
+    autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
     freq_dim: int = 256
 
     @nn.compact
@@ -121,11 +123,12 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
             h = block_cls(self.hidden, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                          fused_qkv=self.fused_qkv, name=f"block{i}", **kw)(h, c)
+                          fused_qkv=self.fused_qkv, autodiff_ops=self.autodiff_ops, name=f"block{i}",
+                          **kw)(h, c)
 
         shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
                                           name="final_adaLN_modulation", **kw)(nn.silu(c)), 2, axis=-1)
-        h = adaptive_layer_norm(h, shift, scale)
+        h = adaptive_layer_norm(h, shift, scale, autodiff=self.autodiff_ops)
         h = nn.Dense(p * p * out_ch, kernel_init=nn.initializers.zeros, name="final_linear", **kw)(h)
         h = h.reshape(B, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         return h.reshape(B, H, W, out_ch).astype(jnp.float32)

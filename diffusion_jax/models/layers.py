@@ -40,6 +40,7 @@ class GroupNorm32(nn.Module):
     epsilon: float = 1e-6
     silu: bool = False
     param_dtype: Dtype = jnp.float32
+    autodiff: bool = False  # True: JAX's autodiff instead of the hand-written gradient
 
     @nn.compact
     def __call__(self, x, scale_shift=None):
@@ -48,7 +49,7 @@ class GroupNorm32(nn.Module):
         if scale_shift is not None:
             s, b = (v.astype(jnp.float32) for v in scale_shift)
             scale, bias = scale * (1 + s), bias * (1 + s) + b
-        return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu)
+        return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu, autodiff=self.autodiff)
 
 
 def resolve_attention_impl(implementation: Optional[str], dtype, head_dim: int,

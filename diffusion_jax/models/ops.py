@@ -8,7 +8,9 @@ and a bfloat16 one), five bfloat16 tensors of the input's size for tanh-GELU, an
 bytes an element for GroupNorm + SiLU. The versions here keep the input (and per-row or
 per-group statistics) and recompute the rest inside the backward pass, where it fuses with the
 gradient arithmetic: the same function and gradient (tests compare both with a float64 formula
-and its numerical derivative), fewer bytes written and read.
+and its numerical derivative), fewer bytes written and read. Each takes `autodiff=True` for
+the same forward differentiated by JAX (the models' `autodiff_ops` field), the comparison the
+hand-written gradients are measured against.
 
 All compute in float32 and return the input's dtype.
 """
@@ -36,14 +38,21 @@ def _normalize(x, epsilon):
     return (xf - mean) * rstd, mean, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6):
+def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool = False):
     """DiT's adaLN: LayerNorm(x) * (1 + scale) + shift, without a learned affine.
 
     x [B, ..., C]; shift, scale [B, C] (one per example, broadcast over the token axes).
     Normalises over C in float32 (variance as E[x^2] - E[x]^2, as flax's fast variance) and
-    returns x.dtype. The backward pass saves x and the per-row mean and 1/std only.
+    returns x.dtype. The backward pass saves x and the per-row mean and 1/std only;
+    `autodiff=True` differentiates the same forward with JAX's autodiff instead.
     """
+    if autodiff:
+        return _adaptive_layer_norm_fwd(x, shift, scale, epsilon)[0]
+    return _adaptive_layer_norm(x, shift, scale, epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _adaptive_layer_norm(x, shift, scale, epsilon):
     return _adaptive_layer_norm_fwd(x, shift, scale, epsilon)[0]
 
 
@@ -68,7 +77,7 @@ def _adaptive_layer_norm_bwd(epsilon, residuals, g):
     return dx.astype(x.dtype), d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
 
 
-adaptive_layer_norm.defvjp(_adaptive_layer_norm_fwd, _adaptive_layer_norm_bwd)
+_adaptive_layer_norm.defvjp(_adaptive_layer_norm_fwd, _adaptive_layer_norm_bwd)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -80,17 +89,24 @@ def _gelu_tanh_parts(xf):
     return tanh_u, du_dx
 
 
-@jax.custom_vjp
-def gelu_tanh(x):
+def gelu_tanh(x, autodiff: bool = False):
     """GELU with the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) —
     `jax.nn.gelu(x, approximate=True)` — computed in float32, returned in x.dtype. The
-    backward pass saves x only."""
+    backward pass saves x only; `autodiff=True` differentiates the same forward with JAX's
+    autodiff instead."""
+    return _gelu_tanh_value(x) if autodiff else _gelu_tanh(x)
+
+
+def _gelu_tanh_value(x):
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + _gelu_tanh_parts(xf)[0])).astype(x.dtype)
 
 
+_gelu_tanh = jax.custom_vjp(_gelu_tanh_value)
+
+
 def _gelu_tanh_fwd(x):
-    return gelu_tanh(x), x
+    return _gelu_tanh_value(x), x
 
 
 def _gelu_tanh_bwd(x, g):
@@ -100,7 +116,7 @@ def _gelu_tanh_bwd(x, g):
     return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
 
 
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
 def _per_example(v, x):
@@ -175,14 +191,15 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, g):
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
-def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6, silu: bool = False):
+def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6, silu: bool = False,
+               autodiff: bool = False):
     """GroupNorm of x [B, ..., C] in float32, optionally followed by SiLU; returns x.dtype.
 
     Each example's C channels are split into `num_groups` groups and normalised over the
     group's channels and all spatial positions, then scaled and shifted per channel: scale,
     bias [C] (learned) or [B, C] (per example, as ADM's scale-shift norm folds in), None for
     1 and 0. The backward pass saves x and the per-group statistics only (autodiff of the
-    composite keeps about 14 bytes an element in bfloat16).
+    composite keeps about 14 bytes an element in bfloat16; `autodiff=True` uses it).
     """
     C = x.shape[-1]
     if C % num_groups:
@@ -190,4 +207,6 @@ def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6,
                          "change the channel width or num_groups")
     scale = jnp.ones((C,), jnp.float32) if scale is None else scale
     bias = jnp.zeros((C,), jnp.float32) if bias is None else bias
+    if autodiff:
+        return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
     return _group_norm(x, scale, bias, num_groups, epsilon, silu)

@@ -40,6 +40,7 @@ class ResBlock(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    autodiff_ops: bool = False
 
     @nn.compact
     def __call__(self, x, temb, train: bool):
@@ -47,7 +48,7 @@ class ResBlock(nn.Module):
             feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=init, name=name)
         norm_silu = lambda name: GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype,
-                                             name=name)
+                                             autodiff=self.autodiff_ops, name=name)
         h = norm_silu("norm1")(x)
         if self.resample:
             h, x = _resample(h, self.resample == "up"), _resample(x, self.resample == "up")
@@ -73,11 +74,12 @@ class AttnBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    autodiff_ops: bool = False
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = GroupNorm32(self.num_groups, param_dtype=self.param_dtype, name="norm")(x)
+        h = GroupNorm32(self.num_groups, param_dtype=self.param_dtype, autodiff=self.autodiff_ops, name="norm")(x)
         h = MultiHeadSelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
                                    param_dtype=self.param_dtype,
                                    attention_impl=self.attention_impl, name="attn")(h.reshape(B, H * W, C))
@@ -110,6 +112,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
 
     def check_input(self, x):
         if x.ndim != 4:
@@ -146,12 +149,13 @@ class UNet(nn.Module):
         temb = temb.astype(self.dtype)
 
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, autodiff_ops=self.autodiff_ops)
         res = lambda ch, name, resample=None: block_cls(
             ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, name=name, **common)
         attn = lambda name: AttnBlock(self.num_heads, self.num_groups, attention_impl=self.attention_impl,
                                       name=name, **common)
-        conv = lambda ch, name, **kw: nn.Conv(ch, (3, 3), padding="SAME", name=name, **common, **kw)
+        conv = lambda ch, name, **kw: nn.Conv(ch, (3, 3), padding="SAME", name=name, dtype=self.dtype,
+                                              param_dtype=self.param_dtype, **kw)
 
         hs = [conv(self.ch, "conv_in")(x.astype(self.dtype))]
         levels = len(self.ch_mult)
@@ -187,6 +191,7 @@ class UNet(nn.Module):
                     h = _resample(h, up=True)
                     if self.resamp_with_conv:
                         h = conv(h.shape[-1], f"up{level}_resample")(h)
-        h = GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype, name="norm_out")(h)
+        h = GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype, autodiff=self.autodiff_ops,
+                        name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)
