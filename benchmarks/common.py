@@ -54,18 +54,20 @@ def _matmul_flops(eqn) -> float:
 
 
 def jaxpr_flops(jaxpr) -> float:
-    """Sum of conv / dot_general FLOPs in a (closed) jaxpr, nested jaxprs included."""
+    """Sum of conv / dot_general FLOPs in a (closed) jaxpr, nested jaxprs included; a scan's
+    body counts once per iteration."""
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
             total += _matmul_flops(eqn)
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for param in eqn.params.values():
             for sub in (param if isinstance(param, (list, tuple)) else [param]):
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
-                    total += jaxpr_flops(inner if hasattr(inner, "eqns") else inner.jaxpr)
+                    total += repeats * jaxpr_flops(inner if hasattr(inner, "eqns") else inner.jaxpr)
                 elif hasattr(sub, "eqns"):
-                    total += jaxpr_flops(sub)
+                    total += repeats * jaxpr_flops(sub)
     return total
 
 

@@ -351,7 +351,7 @@ def test_adm_options_scale_shift_and_resblock_updown():
 
 
 def test_flop_count_of_the_ddpm_unet():
-    """The jaxpr FLOP counter on one conv against 2 x H x W x k x k x Cin x Cout, and on the DDPM
+    """The jaxpr FLOP counter on one conv against 2 x H x W x k x k x Cin x Cout, on a scan, and on the DDPM
     CIFAR-10 U-Net against the paper-convention figure (12.4 GFLOPs a forward at 32x32)."""
     import flax.linen as nn
     from benchmarks.common import analytic_forward_flops
@@ -359,6 +359,10 @@ def test_flop_count_of_the_ddpm_unet():
     x = jnp.zeros((1, 8, 8, 4))
     p = jax.eval_shape(conv.init, jax.random.key(0), x)
     assert analytic_forward_flops(conv.apply, p, x) == 2 * 8 * 8 * 9 * 4 * 5
+    # A scan's body counts once per iteration: 7 products of [3, 4] x [4, 4].
+    w = jnp.zeros((4, 4))
+    scanned = lambda h: jax.lax.scan(lambda c, _: (c @ w, None), h, None, length=7)[0]
+    assert analytic_forward_flops(scanned, jnp.zeros((3, 4))) == 7 * 2 * 3 * 4 * 4
     model = create_model("ddpm_cifar10")
     params = param_shapes(model, (32, 32, 3))
     flops = analytic_forward_flops(lambda p, x, t: model.apply({"params": p}, x, t), params,
