@@ -97,5 +97,14 @@ def peak_memory_bytes() -> int | None:
         return None
 
 
+def compiled_temp_bytes(compiled) -> int | None:
+    """Temporary memory of XLA's buffer assignment for a compiled function (mostly the
+    activations kept for the backward pass), or None where the backend does not say."""
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes
+    except Exception:
+        return None
+
+
 def emit(record: dict) -> None:
     print(json.dumps({**record, **device_facts()}), flush=True)

@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import analytic_forward_flops, block, emit, peak_flops, peak_memory_bytes
+from benchmarks.common import (analytic_forward_flops, block, compiled_temp_bytes, emit, peak_flops,
+                               peak_memory_bytes)
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS
 from diffusion_jax.runs import input_shape
@@ -72,8 +73,7 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()  # XLA's buffer assignment: activations kept for the backward pass
-    temp_gb = None if memory is None else round(memory.temp_size_in_bytes / 2**30, 3)
+    temp = compiled_temp_bytes(compiled)
     state, metrics = compiled(state, batch_arrays)  # warm-up
     block(metrics)
     calls = max(steps // k, 1)
@@ -95,7 +95,7 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
               "step_ms": round(1e3 * step_s, 3), "compile_s": round(compile_s, 2),
               "forward_gflops_per_image": None if fwd_flops is None else round(fwd_flops / 1e9, 4),
               "peak_memory_gb": None if peak_memory_bytes() is None else round(peak_memory_bytes() / 2**30, 2),
-              "compiled_temp_gb": temp_gb,
+              "compiled_temp_gb": None if temp is None else round(temp / 2**30, 3),
               "loss": float(metrics["loss"])}
     if fwd_flops and peak:
         record["mfu"] = round(3 * fwd_flops * images_s / peak, 4)
