@@ -17,7 +17,7 @@ import numpy as np
 from benchmarks.common import block, emit, peak_memory_bytes
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS, create_model, init_params
-from diffusion_jax.runs import DTYPES
+from diffusion_jax.builders import DTYPES
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import make_schedule
 

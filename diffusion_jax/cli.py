@@ -1,6 +1,9 @@
-"""`python -m diffusion_jax train|sample|evaluate|fid-stats`.
+"""`python -m diffusion_jax train|sample|evaluate|fid-stats`, and `run_experiment`, the entry
+point of the experiment modules. Both go through one error boundary (`main`): a user's mistake
+is one line `error: ...` (exit 2), a run that stops for a reason it states exits 1; the
+traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
 
-  train     --config experiments/digits_unet.py --workdir DIR [--config.train.steps=N ...]
+  train     --config experiments/digits_unet.py --workdir DIR [--config.train.steps=N ...] [--evaluate]
   sample    --workdir DIR --num_samples N [--method ddpm|ddim|dpm_solver++ --steps K --seed S
             --guidance_scale G --labels 0,1,2 --eta E --checkpoint STEP] --out FILE.npz
   evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler M --steps K --seed S
@@ -11,47 +14,119 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
+from diffusion_jax.samplers import METHODS
 
-def _train(argv):
+DEBUG_ENV = "DIFFUSION_JAX_DEBUG"
+
+
+def configure_logging() -> None:
+    """The library's log messages on stdout: INFO as they are, warnings marked."""
+    logger = logging.getLogger("diffusion_jax")
+    if any(getattr(h, "_diffusion_jax_cli", False) for h in logger.handlers):
+        return
+
+    class Format(logging.Formatter):
+        def format(self, record):
+            text = record.getMessage()
+            return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(Format())
+    handler._diffusion_jax_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+# ---------------------------------------------------------------------------- train
+def _parse_train_flags(argv, config_flag) -> tuple:
+    """(config, workdir, evaluate) from absl flags: --workdir, --evaluate and the config flag
+    `config_flag(flag_values)` defines (with --config.section.key=value overrides)."""
     from absl import flags
-    from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
-    flags.DEFINE_bool("evaluate", False, "evaluate the run when training ends", flag_values=fv)
-    config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
-                                    flag_values=fv, lock_config=True, sys_argv=["train"] + argv)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, pictures)", flag_values=fv)
+    flags.DEFINE_bool("evaluate", None, "evaluate the run when training ends", flag_values=fv)
+    config_flag(fv)
     try:
-        fv(["train"] + argv)
+        fv(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e}")
+        raise ValueError(str(e)) from None
     if fv.config is None or not fv.workdir:
-        sys.exit("error: train needs --config FILE and --workdir DIR")
-    from experiments.launch import main
-
-    main(fv.config, fv.workdir, fv.evaluate)
+        raise ValueError("train needs --config FILE and --workdir DIR")
+    return fv.config, fv.workdir, fv.evaluate
 
 
+def train_and_report(config, workdir: str, evaluate: bool) -> None:
+    """Trains (or resumes) the run, then optionally evaluates it and prints the summary."""
+    from diffusion_jax.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    import jax
+
+    from diffusion_jax.training import train
+
+    train(config, workdir)
+    if not evaluate:
+        return
+    from diffusion_jax.evaluation import evaluate_run
+
+    m = evaluate_run(workdir)
+    if jax.process_index() == 0:
+        print(f"held-out noise prediction: MSE {m['noise_mse']:.4f}, RMSE {m['noise_rmse']:.4f}, "
+              f"MAE {m['noise_mae']:.4f}, R^2 {m['noise_r2']:.4f}"
+              + (f"; {m['bpd']['total_bpd']:.3f} bits/dim" if "bpd" in m else ""))
+        for name in ("samples.png", "reverse_process.png", "per_timestep.png", "metrics.json", "report.md"):
+            print(f"  {os.path.join(workdir, 'eval', name)}")
+
+
+def _train(argv) -> None:
+    from ml_collections import config_flags
+
+    def config_file(fv):
+        config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
+                                        flag_values=fv, lock_config=True, sys_argv=["train"] + argv)
+
+    config, workdir, evaluate = _parse_train_flags(["train"] + argv, config_file)
+    train_and_report(config, workdir, bool(evaluate))
+
+
+def run_experiment(get_config, argv=None) -> None:
+    """`python -m experiments.NAME --workdir DIR [--config.section.key=value ...] [--noevaluate]`:
+    train the experiment's config, then evaluate it (through the CLI's error boundary)."""
+    from ml_collections import config_flags
+
+    def config_dict(fv):
+        config_flags.DEFINE_config_dict("config", get_config(), "experiment config; override with "
+                                        "--config.section.key=value", flag_values=fv, lock_config=True)
+
+    def command(args):
+        config, workdir, evaluate = _parse_train_flags(args, config_dict)
+        train_and_report(config, workdir, True if evaluate is None else evaluate)
+
+    _boundary(command, sys.argv if argv is None else list(argv))
+
+
+# ---------------------------------------------------------------------------- sample, evaluate, fid-stats
 def _sample(args):
     import jax
     import numpy as np
 
     from diffusion_jax import viz
+    from diffusion_jax.generation import make_generator
     from diffusion_jax.parallel import maybe_initialize_distributed
-    from diffusion_jax.runs import load_run, make_generator
+    from diffusion_jax.runs import load_run
 
     maybe_initialize_distributed()
     run = load_run(args.workdir, args.checkpoint)
-    generate = make_generator(run.model, run.schedule, run.config, batch_size=min(args.num_samples, args.batch_size),
-                              method=args.method, steps=args.steps,
-                              guided=args.guidance_scale is not None and args.guidance_scale != 1.0)
-    labels = None
-    if args.labels:
-        if not run.config.data.use_labels:
-            sys.exit("error: --labels given but this run is unconditional (data.use_labels is False)")
-        labels = np.resize(np.array([int(v) for v in args.labels.split(",")], np.int32), args.num_samples)
+    generate = make_generator(run.model, run.schedule, run.config,
+                              batch_size=min(args.num_samples, args.batch_size),
+                              method=args.method, steps=args.steps)
+    labels = None if not args.labels else [int(v) for v in args.labels.split(",")]
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed), eta=args.eta,
                       guidance_scale=args.guidance_scale, labels=labels)
     if jax.process_index() == 0:
@@ -100,21 +175,20 @@ def _fid_stats(args):
           f"{save_statistics(args.out, mu, sigma)}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":
-        return _train(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffusion_jax", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train a run (see --config)")
+    sub.add_parser("train", help="train a run: train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
     s = sub.add_parser("sample", help="samples from a run's EMA parameters")
     s.add_argument("--workdir", required=True)
     s.add_argument("--num_samples", type=int, default=64)
-    s.add_argument("--method", choices=["ddpm", "ddim", "dpm_solver++"])
+    s.add_argument("--method", choices=METHODS)
     s.add_argument("--steps", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eta", type=float)
-    s.add_argument("--guidance_scale", type=float)
+    s.add_argument("--guidance_scale", type=float,
+                   help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
     s.add_argument("--labels", help="comma-separated class labels, cycled")
     s.add_argument("--checkpoint", type=int)
     s.add_argument("--batch_size", type=int, default=256)
@@ -123,7 +197,7 @@ def main(argv=None):
     e.add_argument("--workdir", required=True)
     e.add_argument("--checkpoint", type=int)
     e.add_argument("--num_samples", type=int)
-    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpm_solver++"])
+    e.add_argument("--sampler", choices=METHODS)
     e.add_argument("--steps", type=int)
     e.add_argument("--seed", type=int)
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
@@ -138,13 +212,43 @@ def main(argv=None):
     f.add_argument("--channels", type=int, default=3)
     f.add_argument("--data_dir", default="")
     f.add_argument("--max_images", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def _dispatch(argv) -> None:
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
+    args = build_parser().parse_args(argv)
+    {"sample": _sample, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
+
+
+# ---------------------------------------------------------------------------- the error boundary
+def _boundary(command, argv) -> None:
+    """Runs command(argv): a user's mistake or a stated stop is one line on stderr and an exit
+    code, never a traceback (unless --debug or DIFFUSION_JAX_DEBUG=1)."""
+    from diffusion_jax.training import NonFiniteLoss, Preempted
     from diffusion_jax.training.checkpoint import CheckpointMismatch
 
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    configure_logging()
     try:
-        {"sample": _sample, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
-    except (CheckpointMismatch, FileNotFoundError) as e:  # the message says what to do
-        sys.exit(f"error: {e}")
+        command(argv)
+    except Exception as e:
+        if debug:
+            raise
+        if isinstance(e, Preempted):
+            sys.exit(f"pre-empted: {e}")
+        if isinstance(e, NonFiniteLoss):
+            sys.exit(f"stopped: {e}")
+        if isinstance(e, (CheckpointMismatch, ValueError, FileNotFoundError, PermissionError)):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def main(argv=None) -> None:
+    _boundary(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

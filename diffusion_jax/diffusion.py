@@ -1,6 +1,6 @@
 """The Gaussian diffusion maths as pure functions of a `Schedule` and arrays.
 
-Conventions (see DESIGN.md):
+Conventions (the README's "The functional API"):
   * x0, x_t, noise: [B, ...] (images NHWC in [-1, 1]); t: int [B] (or a scalar, broadcast) with
     0 <= t < T. Per-example coefficients broadcast over the non-batch axes.
   * A model enters only as its output (`model_output`, same shape as x_t, or twice the channels
@@ -12,7 +12,7 @@ Conventions (see DESIGN.md):
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,6 @@ from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-WEIGHTINGS = ("none", "min_snr", "p2")
 
 
 # ---------------------------------------------------------------------------- checks & gathers
@@ -77,6 +76,11 @@ def _check_option(name: str, value: str, allowed) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
 
 
+def mean_flat(x):
+    """Mean over every axis but the first: [B, ...] -> [B]."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
 # ---------------------------------------------------------------------------- forward process
 def q_mean_variance(s: Schedule, x0, t):
     """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
@@ -106,6 +110,15 @@ def q_posterior(s: Schedule, x0, x_t, t):
     variance = jnp.broadcast_to(extract(s.posterior_variance, t, n), x_t.shape)
     log_variance = jnp.broadcast_to(extract(s.posterior_log_variance_clipped, t, n), x_t.shape)
     return mean, variance, log_variance
+
+
+def q_step_sample(s: Schedule, x_prev, t, noise):
+    """x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) noise: one forward step q(x_t | x_{t-1}) from
+    index t - 1 to t (RePaint's re-noising). x_prev, noise [B, ...], t [B]."""
+    check_same_shape(x_prev=x_prev, noise=noise)
+    t = _prepare(s, x_prev, t)
+    n = x_prev.ndim
+    return jnp.sqrt(extract(s.alphas, t, n)) * x_prev + jnp.sqrt(extract(s.betas, t, n)) * noise
 
 
 # ---------------------------------------------------------------------------- conversions
@@ -159,6 +172,14 @@ def split_model_output(model_output, x_t, variance: str):
             f"model_output shape {model_output.shape} must equal x_t shape {x_t.shape} with "
             f"variance={variance!r} (use 'learned_range' for a model with 2C output channels)")
     return model_output, None
+
+
+def mean_channels(model_output, x_t):
+    """The mean part of a model output [B, ..., C] or [B, ..., 2C]: all of it when it has x_t's
+    shape, the first C channels of a learned-variance output (improved DDPM's layout)."""
+    if model_output.shape == x_t.shape:
+        return model_output
+    return split_model_output(model_output, x_t, "learned_range")[0]
 
 
 def predict_x0_eps(s: Schedule, output, x_t, t, prediction: str = "eps", clip_x0: bool = False):
@@ -244,9 +265,7 @@ def ddim_step(s: Schedule, model_output, x_t, t, t_prev, noise, *, eta=0.0,
     t = _prepare(s, x_t, t)
     t_prev = jnp.asarray(t_prev, dtype=jnp.int32)
     t_prev = jnp.broadcast_to(t_prev, t.shape)
-    if model_output.shape != x_t.shape:
-        model_output, _ = split_model_output(model_output, x_t, "learned_range")
-    x0, eps = predict_x0_eps(s, model_output, x_t, t, prediction, clip_x0)
+    x0, eps = predict_x0_eps(s, mean_channels(model_output, x_t), x_t, t, prediction, clip_x0)
     n = x_t.ndim
     prev_ok = (t_prev >= 0).reshape((-1,) + (1,) * (n - 1))
     t_prev = jnp.maximum(t_prev, 0)
@@ -263,75 +282,3 @@ def ddim_step(s: Schedule, model_output, x_t, t, t_prev, noise, *, eta=0.0,
     sigma = eta * jnp.sqrt(one_minus_prev / one_minus_t * step_var)
     mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
     return mean + sigma * noise
-
-
-# ---------------------------------------------------------------------------- training loss
-def snr(s: Schedule, t):
-    """Signal-to-noise ratio abar_t / (1 - abar_t) at indices t."""
-    return jnp.take(s.alphas_cumprod / (1.0 - s.alphas_cumprod), t, mode="fill", fill_value=jnp.nan)
-
-
-def loss_weight(s: Schedule, t, prediction: str, weighting: str, *, min_snr_gamma: float = 5.0,
-                p2_gamma: float = 1.0, p2_k: float = 1.0):
-    """Per-example weight [B] on the MSE of the chosen prediction target.
-
-    min_snr (Hang et al. 2023): min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and
-    min(SNR, gamma) / (SNR + 1) for v. p2 (Choi et al. 2022): 1 / (k + SNR)^gamma on the
-    eps-MSE, carried to x0 / v through eps-MSE = SNR x0-MSE = SNR / (SNR + 1) v-MSE.
-    """
-    _check_option("weighting", weighting, WEIGHTINGS)
-    r = snr(s, t)
-    if weighting == "none":
-        return jnp.ones_like(r)
-    if weighting == "min_snr":
-        clipped = jnp.minimum(r, min_snr_gamma)
-        return {"eps": clipped / r, "x0": clipped, "v": clipped / (r + 1.0)}[prediction]
-    w_eps = 1.0 / (p2_k + r) ** p2_gamma
-    return {"eps": w_eps, "x0": w_eps * r, "v": w_eps * r / (r + 1.0)}[prediction]
-
-
-def mean_flat(x):
-    """Mean over every axis but the first: [B, ...] -> [B]."""
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def training_loss(denoise_fn: Callable, s: Schedule, x0, key, *, prediction: str = "eps",
-                  weighting: str = "none", variance: str = "fixed_small",
-                  vlb_weight: float = 0.001, min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
-                  p2_k: float = 1.0):
-    """The denoising loss on a batch x0 [B, ...] with t ~ U{0..T-1} and fresh noise.
-
-    `denoise_fn(x_t, t_model) -> model_output`. Returns (loss, aux) where loss is the float32
-    batch mean and aux holds per-example arrays [B]: "t", "mse" (unweighted), "loss".
-    With `variance="learned_range"` the loss is improved DDPM's hybrid
-    L_simple + vlb_weight * T * L_t (L_t in bits/dim), the VLB term seeing the mean output
-    through a stop-gradient so it trains only the variance; aux then also has "vlb".
-    """
-    _check_option("prediction", prediction, PREDICTIONS)
-    batch = x0.shape[0]
-    key_t, key_noise = jax.random.split(key)
-    t = jax.random.randint(key_t, (batch,), 0, s.num_timesteps)
-    noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-    x0 = x0.astype(jnp.float32)
-    x_t = q_sample(s, x0, t, noise)
-    model_output = denoise_fn(x_t.astype(x0.dtype), s.timesteps[t])
-    mean_out, var_out = split_model_output(model_output, x_t, variance)
-    mean_out = mean_out.astype(jnp.float32)
-    target = {"eps": noise, "x0": x0, "v": None}[prediction]
-    if prediction == "v":
-        target = v_from_x0_eps(s, x0, noise, t)
-    mse = mean_flat((mean_out - target) ** 2)
-    weight = loss_weight(s, t, prediction, weighting, min_snr_gamma=min_snr_gamma,
-                         p2_gamma=p2_gamma, p2_k=p2_k)
-    per_example = weight * mse
-    aux = {"t": t, "mse": mse}
-    if variance == "learned_range":
-        from diffusion_jax.likelihood import vlb_terms_bpd
-
-        frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out.astype(jnp.float32)], -1)
-        vlb = vlb_terms_bpd(s, frozen, x0, x_t, t, prediction=prediction, variance=variance,
-                            clip_x0=False)
-        aux["vlb"] = vlb
-        per_example = per_example + vlb_weight * s.num_timesteps * vlb
-    aux["loss"] = per_example
-    return jnp.mean(per_example), aux

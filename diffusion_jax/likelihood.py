@@ -57,8 +57,11 @@ def prior_bpd(s: Schedule, x0):
 
 def vlb_terms_bpd(s: Schedule, model_output, x0, x_t, t, *, prediction: str = "eps",
                   variance: str = "fixed_small", clip_x0: bool = False):
-    """L_t in bits/dim, [B]: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, and the decoder
-    NLL -log p(x0 | x_1) for t == 0 (index 0 here is DDPM's t = 1)."""
+    """(L_t in bits/dim [B], the `MeanVariance` of p(x_{t-1} | x_t) it was computed from).
+
+    L_t is KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, and the decoder NLL
+    -log p(x0 | x_1) for t == 0 (index 0 here is DDPM's t = 1).
+    """
     t = _prepare(s, x_t, t)
     true_mean, _, true_log_var = q_posterior(s, x0, x_t, t)
     out = p_mean_variance(s, model_output, x_t, t, prediction=prediction, variance=variance,
@@ -66,7 +69,7 @@ def vlb_terms_bpd(s: Schedule, model_output, x0, x_t, t, *, prediction: str = "e
     kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / LOG2
     decoder = -mean_flat(discretized_gaussian_log_likelihood(
         x0, out.mean, 0.5 * out.log_variance)) / LOG2
-    return jnp.where(t == 0, decoder, kl)
+    return jnp.where(t == 0, decoder, kl), out
 
 
 def nll_bpd(denoise_fn: Callable, s: Schedule, x0, key, *, prediction: str = "eps",
@@ -88,10 +91,8 @@ def nll_bpd(denoise_fn: Callable, s: Schedule, x0, key, *, prediction: str = "ep
         noise = jax.random.normal(step_key, x0.shape, jnp.float32)
         x_t = q_sample(s, x0, t, noise)
         out = denoise_fn(x_t, s.timesteps[t]).astype(jnp.float32)
-        vb = vlb_terms_bpd(s, out, x0, x_t, t, prediction=prediction, variance=variance,
-                           clip_x0=clip_x0)
-        pred = p_mean_variance(s, out, x_t, t, prediction=prediction, variance=variance,
-                               clip_x0=clip_x0)
+        vb, pred = vlb_terms_bpd(s, out, x0, x_t, t, prediction=prediction, variance=variance,
+                                 clip_x0=clip_x0)
         eps = (x_t - jnp.take(s.sqrt_alphas_cumprod, t_index) * pred.pred_x0) / jnp.take(
             s.sqrt_one_minus_alphas_cumprod, t_index)
         return None, (vb, mean_flat((pred.pred_x0 - x0) ** 2), mean_flat((eps - noise) ** 2))

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import (ddim_step, extract, p_sample_step, predict_x0_eps,
-                                     q_sample, split_model_output)
+from diffusion_jax.diffusion import (ddim_step, extract, mean_channels, p_sample_step,
+                                     predict_x0_eps, q_sample, q_step_sample, split_model_output)
 from diffusion_jax.schedules import Schedule, evenly_spaced_timesteps, respace
 
 METHODS = ("ddpm", "ddim", "dpm_solver++")
@@ -202,7 +202,7 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
         out = model(x, steps.timesteps[tt])
         k_noise, k_known = jax.random.split(k)
         noise = normal(k_noise)
-        mean_out, _ = split_model_output(out, x, variance)
+        mean_out = mean_channels(out, x)
         if method == "dpm_solver++":
             x_prev, state, x0 = _dpm_solver_step(steps, mean_out, x, tt, tp, state, first,
                                                  prediction, clip_x0)
@@ -227,10 +227,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
         if repaint_resamples > 1:
             def resample(j, x_cur):
                 x_prev, _, _ = one_step(x_cur, t, t_prev, state, first_order(i), jax.random.fold_in(k, j))
-                alpha = jnp.take(steps.alphas, t)
-                renoise = jnp.sqrt(alpha) * x_prev + jnp.sqrt(1 - alpha) * normal(
-                    jax.random.fold_in(jax.random.fold_in(k, j), 7))
-                return renoise
+                return q_step_sample(steps, x_prev, jnp.full((B,), t, jnp.int32),
+                                     normal(jax.random.fold_in(jax.random.fold_in(k, j), 7)))
             x = jax.lax.fori_loop(0, repaint_resamples - 1, resample, x)
             k = jax.random.fold_in(k, repaint_resamples)
         x_prev, state, x0 = one_step(x, t, t_prev, state, first_order(i), k)
@@ -289,7 +287,7 @@ def encode(denoise_fn: Callable, schedule: Schedule, x0, num_steps: int = 50, *,
         t, t_next = inputs
         tt = jnp.full((B,), t, jnp.int32)
         out = model(x, schedule.timesteps[tt])
-        mean_out = out[..., : x.shape[-1]]
+        mean_out = mean_channels(out, x)
         x0_hat, eps = predict_x0_eps(schedule, mean_out, x, tt, prediction, clip_x0=False)
         tn = jnp.full((B,), t_next, jnp.int32)
         return q_sample(schedule, x0_hat, tn, eps), None

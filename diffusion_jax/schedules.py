@@ -43,11 +43,6 @@ class Schedule(NamedTuple):
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
-    @classmethod
-    def from_betas(cls, betas, timesteps=None) -> "Schedule":
-        """Builds every table from betas [T] (any float dtype; computed in float64)."""
-        return schedule_from_betas(betas, timesteps)
-
 
 def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     """The float64 tables of DDPM / improved DDPM from float64 betas [T]."""

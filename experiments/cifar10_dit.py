@@ -26,6 +26,6 @@ def get_config():
 
 
 if __name__ == "__main__":
-    from experiments.launch import run
+    from diffusion_jax.cli import run_experiment
 
-    run(get_config)
+    run_experiment(get_config)

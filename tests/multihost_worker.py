@@ -6,7 +6,10 @@ import numpy as np
 
 sys.path.insert(0, sys.argv[3])
 
+from diffusion_jax.cli import configure_logging  # noqa: E402
 from diffusion_jax.parallel import maybe_initialize_distributed  # noqa: E402
+
+configure_logging()  # the library's messages on stdout, as the CLI shows them
 
 maybe_initialize_distributed()
 

@@ -199,11 +199,18 @@ def test_loss_weights_match_formulas():
 
 def test_bf16_inputs_give_finite_float32_loss():
     x0 = jax.random.uniform(jax.random.key(0), (4, 4, 4, 3), minval=-1, maxval=1).astype(jnp.bfloat16)
-    denoise = lambda x, t: (0.3 * x).astype(jnp.bfloat16)
+    received = []
+
+    def denoise(x, t):  # a bfloat16 model: casts its input itself, returns bfloat16
+        received.append(x.dtype)
+        return (0.3 * x).astype(jnp.bfloat16)
+
     for variance, fn in (("fixed_small", denoise),
                          ("learned_range", lambda x, t: jnp.concatenate([denoise(x, t)] * 2, -1))):
         loss, aux = dj.training_loss(fn, S, x0, jax.random.key(1), variance=variance)
         assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+    # x_t is formed in float32 and reaches the model in float32, whatever the data's dtype.
+    assert received == [jnp.float32, jnp.float32]
 
 
 def test_hybrid_loss_vlb_trains_only_the_variance():

@@ -63,7 +63,7 @@ def test_sigmoid_is_a_valid_schedule():
 def test_from_betas_and_pytree():
     import jax
     betas = np.linspace(1e-3, 0.05, 20)
-    s = dj.Schedule.from_betas(betas)
+    s = dj.schedule_from_betas(betas)
     leaves = jax.tree_util.tree_leaves(s)
     assert len(leaves) == 14
     # A schedule passes through jit as an ordinary argument.
@@ -91,6 +91,6 @@ def test_bad_schedule_inputs():
     with pytest.raises(ValueError, match="num_timesteps"):
         dj.make_schedule("linear", 0)
     with pytest.raises(ValueError, match="betas"):
-        dj.Schedule.from_betas([0.1, 1.5])
+        dj.schedule_from_betas([0.1, 1.5])
     with pytest.raises(ValueError, match="timesteps"):
         dj.respace(dj.make_schedule("linear", 100), [3, 100])

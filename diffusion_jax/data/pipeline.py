@@ -5,7 +5,7 @@ Each process builds only its part of every global batch ([global_batch / process
 and `diffusion_jax.parallel.global_batch` assembles the global array. Two modes:
   * every process holds the whole split (digits, folders): one global permutation per epoch;
     process p takes rows [p * b, (p + 1) * b) of each global batch;
-  * each process holds its own shard (`local_shard=True`, tfds.even_splits): its own
+  * each process holds its own shard (`data.process_shard`, tfds.even_splits): its own
     permutation of its shard.
 Random horizontal flips are drawn per example and per step from the seed (really random, and
 reproducible).
@@ -25,18 +25,17 @@ class Batches:
     """Batch i of a split, for one process."""
 
     def __init__(self, data: ImageData, global_batch: int, seed: int, *, process_index: int = 0,
-                 process_count: int = 1, random_flip: bool = False, local_shard: bool = False,
-                 with_labels: bool = False):
+                 process_count: int = 1, random_flip: bool = False, with_labels: bool = False):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by the process count "
                              f"{process_count}: choose a multiple of {process_count}")
         self.data = data
         self.local_batch_size = global_batch // process_count
         self.global_batch = global_batch
-        self.seed, self.p, self.local_shard = seed, process_index, local_shard
+        self.seed, self.p, self.local_shard = seed, process_index, data.process_shard
         self.random_flip, self.with_labels = random_flip, with_labels
         rows = len(data.images)
-        per_step = self.local_batch_size if local_shard else global_batch
+        per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
             raise ValueError(f"the split has {rows} images, fewer than one batch of {per_step}: "
                              "lower data.batch_size")

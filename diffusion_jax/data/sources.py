@@ -20,6 +20,7 @@ DIGITS_VALIDATION = 300
 class ImageData(NamedTuple):
     images: np.ndarray  # float32 [N, H, W, C] in [-1, 1]
     labels: np.ndarray  # int32 [N]
+    process_shard: bool = False  # True: only this process's shard of the split (see Batches)
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -109,7 +110,7 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
         array = _match_shape(array, image_size, channels, name)
     else:  # variable-size images (celeb_a, flowers): crop and resize one by one
         array = np.stack([_match_shape(im[None], image_size, channels, name)[0] for im in images])
-    return ImageData(to_model_range(array), np.asarray(labels, np.int32))
+    return ImageData(to_model_range(array), np.asarray(labels, np.int32), process_shard=process_count > 1)
 
 
 def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:

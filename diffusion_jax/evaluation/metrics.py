@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from diffusion_jax.diffusion import q_sample
+from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample
 from diffusion_jax.schedules import Schedule
 
 
@@ -43,13 +43,10 @@ def timestep_buckets(t: np.ndarray, num_timesteps: int, num_buckets: int) -> np.
 def predict_noise(denoise_fn: Callable, schedule: Schedule, x0, t, noise, *, prediction="eps",
                   batch_size: int = 256) -> np.ndarray:
     """The model's eps prediction for each (x0, t, noise), batched; [N, ...] float32."""
-    from diffusion_jax.diffusion import predict_x0_eps
-
     @jax.jit
     def one_batch(x0_b, t_b, noise_b):
         x_t = q_sample(schedule, x0_b, t_b, noise_b)
-        out = denoise_fn(x_t, schedule.timesteps[t_b])
-        out = out[..., : x_t.shape[-1]]  # the mean channels of a learned-variance model
+        out = mean_channels(denoise_fn(x_t, schedule.timesteps[t_b]), x_t)
         return predict_x0_eps(schedule, out, x_t, t_b, prediction)[1]
 
     preds = []

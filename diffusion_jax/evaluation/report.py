@@ -12,10 +12,12 @@ import numpy as np
 
 from diffusion_jax import viz
 from diffusion_jax.data import load_split
-from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance
+from diffusion_jax.builders import denoise_fn_for
+from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics
+from diffusion_jax.generation import describe_guidance, make_generator
 from diffusion_jax.likelihood import nll_bpd
-from diffusion_jax.runs import denoise_fn_for, load_run, make_generator
+from diffusion_jax.runs import load_run
 
 
 def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_size=64) -> dict:
@@ -43,7 +45,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     run = load_run(workdir, checkpoint)
     c = run.config
     seed = c.eval.seed if seed is None else seed
-    num_samples = num_samples or c.eval.num_samples
+    num_samples = c.eval.num_samples if num_samples is None else num_samples
     out = pathlib.Path(out_dir or pathlib.Path(workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
@@ -58,14 +60,15 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["bpd"] = bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
 
-    method, num_steps = sampler or c.sample.method, steps or c.sample.steps
+    method = c.sample.method if sampler is None else sampler
+    num_steps = c.sample.steps if steps is None else steps
     generate = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256),
-                              method=method, steps=num_steps,
-                              trajectory_every=max(1, (num_steps if method != "ddpm" else
-                                                       min(num_steps, run.schedule.num_timesteps)) // 10))
+                              method=method, steps=num_steps, trajectory_every=max(1, num_steps // 10))
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
     metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": float(c.sample.eta),
-                          "guidance_scale": float(c.sample.guidance_scale), "num_samples": int(num_samples)}
+                          "guidance_scale": float(c.sample.guidance_scale),
+                          "guidance": describe_guidance(c, c.sample.guidance_scale),
+                          "num_samples": int(num_samples)}
     if c.data.name == "digits":
         from diffusion_jax.evaluation.digits_features import digits_features, digits_predict
 
@@ -78,7 +81,6 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
     fid_stats = fid_stats or c.eval.get("fid_stats", "")
     if fid_stats:
-        from diffusion_jax.evaluation.frechet import load_statistics
         from diffusion_jax.evaluation.inception import inception_features, load_inception
 
         ref_mu, ref_sigma = load_statistics(fid_stats)
@@ -122,7 +124,7 @@ def render_report(m: dict) -> str:
                   f"(prior {b['prior_bpd']:.5f}, KL terms {b['kl_bpd']:.4f}, decoder {b['decoder_bpd']:.4f})."]
     lines += ["", "## Samples",
               f"{s['num_samples']} samples, sampler `{s['method']}` with {s['steps']} steps, eta {s['eta']}, "
-              f"guidance scale {s['guidance_scale']}.", ""]
+              f"{s['guidance']}.", ""]
     if "fid" in m:
         lines += [f"FID {m['fid']:.3f} against `{m['fid_reference']}` ({s['num_samples']} samples, "
                   "uint8-rounded, FID Inception pool3).", ""]

@@ -1,7 +1,7 @@
 """The Diffusion Transformer (Peebles & Xie 2022) as a Flax Linen module.
 
 `DiT()(x_t [B, H, W, C], t [B], y [B] or None, train) -> [B, H, W, out]` (out = 2C with
-`learn_sigma`). Patchify (a p x p conv), add the fixed 2-D sin-cos position embedding, run
+`learn_sigma`; `train` is accepted for the backbones' common interface: the DiT has no dropout). Patchify (a p x p conv), add the fixed 2-D sin-cos position embedding, run
 `depth` adaLN-Zero blocks conditioned on c = time embedding + label embedding, a final adaLN
 layer and a linear map to p*p*out per token, unpatchify. Every modulation and the final linear
 are zero-initialised, so the model outputs zeros at initialisation.
@@ -67,8 +67,9 @@ class DiT(nn.Module):
     """Diffusion Transformer on NHWC inputs whose H and W are divisible by `patch_size`.
 
     `num_classes` > 0 adds a label embedding with a null class (index num_classes) used when
-    y is None and, with `train=True`, for a fraction `class_dropout_prob` of the labels
-    (classifier-free guidance training; needs the 'dropout' rng).
+    y is None. The module never drops labels itself: the train step replaces a fraction
+    `train.label_dropout` of them with the null class (classifier-free guidance training), so
+    one setting decides it for every backbone.
     """
 
     patch_size: int = 2
@@ -77,7 +78,6 @@ class DiT(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     num_classes: int = 1000
-    class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
@@ -112,10 +112,6 @@ class DiT(nn.Module):
         c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
         if self.num_classes:
             labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
-            if train and self.class_dropout_prob > 0:
-                drop = nn.Dropout(self.class_dropout_prob, deterministic=False)
-                keep = drop(jnp.ones((B,), jnp.float32)) > 0
-                labels = jnp.where(keep, labels, self.num_classes)
             c = c + nn.Embed(self.num_classes + 1, self.hidden, param_dtype=self.param_dtype,
                              name="y_embedder")(labels).astype(jnp.float32)
         c = c.astype(self.dtype)

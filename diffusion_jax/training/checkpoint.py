@@ -86,10 +86,8 @@ class Checkpointer:
                 raise
             except Exception as e:  # corrupt or partial: report it, keep it aside, fall back
                 aside = self.set_aside(step)
-                log.warning("checkpoint at step %d in %s cannot be restored (%s: %s); moved to %s, "
-                            "trying the previous one", step, self.directory, type(e).__name__, e, aside)
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); moved it to "
-                      f"{aside} and fell back to the previous one", flush=True)
+                log.warning("checkpoint %d is unreadable (%s: %s); moved it to %s and fell back to "
+                            "the previous one", step, type(e).__name__, e, aside)
         return None, None
 
     def set_aside(self, step: int) -> pathlib.Path:

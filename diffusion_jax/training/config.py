@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 800_000
     c.train.ema_decay = 0.9999
     c.train.ema_warmup = True       # decay min(ema_decay, (1 + step) / (10 + step))
-    c.train.label_dropout = 0.0     # null-label probability for classifier-free guidance
+    c.train.label_dropout = 0.0     # null-label probability for classifier-free guidance (the
+                                    # train step's; backbones never drop labels themselves)
     c.train.steps_per_dispatch = 1  # K train steps in one lax.scan per device call
     c.train.log_every = 100
     c.train.ckpt_every = 5000
@@ -70,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = 100
     c.sample.eta = 0.0
     c.sample.clip_x0 = True
-    c.sample.guidance_scale = 0.0
+    c.sample.guidance_scale = 1.0   # classifier-free guidance: 1 = none, > 1 guided, 0 = unconditional
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 512       # held-out (x0, t, noise) triples for the metrics

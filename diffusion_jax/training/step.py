@@ -13,24 +13,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.diffusion import training_loss
+from diffusion_jax.builders import build_model, build_schedule, input_shape, num_model_classes
+from diffusion_jax.losses import training_loss
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
-from diffusion_jax.training.optim import tree_norm
+from diffusion_jax.training.optim import make_optimizer, tree_norm
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
+
+
+def drop_labels(key, labels, probability: float, null_label: int):
+    """labels [B] with each replaced by `null_label` with `probability` (classifier-free
+    guidance training). This is the only place labels are dropped: backbones never do it."""
+    if labels is None or probability <= 0:
+        return labels
+    return jnp.where(jax.random.bernoulli(key, probability, labels.shape), null_label, labels)
 
 
 def make_train_step(model, schedule, config, optimizer):
     """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?}."""
     d, t = config.diffusion, config.train
-    num_classes = int(config.data.num_classes)
+    null_label = num_model_classes(config)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
         key_loss, key_dropout, key_labels = jax.random.split(key, 3)
-        labels = batch.get("label")
-        if labels is not None and t.label_dropout > 0:
-            drop = jax.random.bernoulli(key_labels, t.label_dropout, labels.shape)
-            labels = jnp.where(drop, num_classes, labels)
+        labels = drop_labels(key_labels, batch.get("label"), t.label_dropout, null_label)
 
         def loss_fn(params):
             def denoise_fn(x_t, t_model):
@@ -46,8 +52,7 @@ def make_train_step(model, schedule, config, optimizer):
         decay = ema_decay(state.step, t.ema_decay, t.ema_warmup)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema_update(state.ema_params, params, decay))
-        metrics = {"loss": loss, "mse": jnp.mean(aux["mse"]), "grad_norm": tree_norm(grads),
-                   "finite": jnp.isfinite(loss).astype(jnp.float32)}
+        metrics = {"loss": loss, "mse": jnp.mean(aux["mse"]), "grad_norm": tree_norm(grads)}
         return new_state, metrics
 
     return train_step
@@ -88,9 +93,6 @@ class TrainProgram(NamedTuple):
 
 def build_train_program(config, mesh) -> TrainProgram:
     """The train step of a run's config over `mesh` (config.train.steps_per_dispatch steps a call)."""
-    from diffusion_jax.runs import build_model, build_schedule, input_shape
-    from diffusion_jax.training.optim import make_optimizer
-
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)

@@ -1,0 +1,126 @@
+"""Samples of a run's model: batched, sharded over a mesh, compiled once per sampler setting.
+
+    generate = make_generator(run.model, run.schedule, run.config, batch_size=64)
+    x0 = generate(run.ema_params, num_samples=64, key=jax.random.key(0))
+
+Classifier-free guidance follows diffusers and DiT: out = out_uncond + s (out_cond - out_uncond),
+so s = 1 is the conditional model without guidance (the default), s > 1 is guided and s = 0 is
+the unconditional model (the null label). `guidance_enabled` is the one place that decides it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
+from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
+from diffusion_jax.samplers import sample
+from diffusion_jax.schedules import Schedule
+
+NO_GUIDANCE = 1.0
+
+
+def guidance_enabled(config, guidance_scale: float) -> bool:
+    """Whether sampling at `guidance_scale` runs the guided (conditional + null label) model.
+
+    A class-conditional run is guided at any scale but 1; an unconditional run has nothing to
+    guide, so a scale other than 1 is an error rather than silently ignored.
+    """
+    if not num_model_classes(config):
+        if float(guidance_scale) != NO_GUIDANCE:
+            raise ValueError(
+                f"guidance scale {guidance_scale} given, but this run is unconditional "
+                "(data.use_labels is False): classifier-free guidance needs a class-conditional "
+                "model; drop the guidance scale (1 = no guidance)")
+        return False
+    return float(guidance_scale) != NO_GUIDANCE
+
+
+def describe_guidance(config, guidance_scale: float) -> str:
+    """How samples at `guidance_scale` were conditioned, for reports and logs."""
+    if not num_model_classes(config):
+        return "no guidance (unconditional model)"
+    if not guidance_enabled(config, guidance_scale):
+        return "no guidance (conditional model, scale 1)"
+    return f"classifier-free guidance scale {float(guidance_scale):g}"
+
+
+def sample_labels(config, num_samples: int):
+    """Class labels for samples (0, 1, ..., cycling), or None for an unconditional run."""
+    classes = num_model_classes(config)
+    return None if not classes else np.arange(num_samples, dtype=np.int32) % classes
+
+
+def check_labels(config, labels) -> np.ndarray | None:
+    """labels as int32 [N] after checking they are classes of this run (never the null label)."""
+    if labels is None:
+        return None
+    classes = num_model_classes(config)
+    if not classes:
+        raise ValueError("labels given, but this run is unconditional (data.use_labels is False): "
+                         "drop the labels")
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must be classes in [0, {classes}) for this {classes}-class run, got "
+                         f"values in [{labels.min()}, {labels.max()}] (the null label {classes} is "
+                         "used by guidance itself)")
+    return labels.astype(np.int32)
+
+
+def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
+                   steps=None, trajectory_every=None, mesh=None):
+    """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None)
+    -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over `mesh`; labels
+    (classes of the run, cycled to N) default to 0, 1, 2, ... for a class-conditional run.
+
+    Compiled on first use, once for unguided and once for guided sampling; the key, eta and
+    guidance scale are traced, so calls with other values reuse the program. Sampler settings
+    default to config.sample. With `trajectory_every` it returns (images, trajectory of the first
+    batch).
+    """
+    s = config.sample
+    method = s.method if method is None else method
+    steps = s.steps if steps is None else steps
+    mesh = mesh or make_mesh()
+    batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
+    classes = num_model_classes(config)
+    shape = (batch_size, *input_shape(config))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(guided, params, key, eta, guidance_scale, labels):
+        kw = dict(method=method, num_steps=steps, eta=eta, clip_x0=bool(s.clip_x0),
+                  variance=config.diffusion.variance, prediction=config.diffusion.prediction,
+                  trajectory_every=trajectory_every, sharding=batch_sharding(mesh))
+        if classes:
+            kw.update(cond=labels)
+            if guided:
+                kw.update(guidance_scale=guidance_scale, null_cond=classes)
+        return sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
+
+    def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None):
+        if num_samples < 1:
+            raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
+        eta = s.eta if eta is None else eta
+        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        guided = guidance_enabled(config, guidance_scale)
+        labels = check_labels(config, labels)
+        labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
+        out, trajectory = [], None
+        for i in range(-(-num_samples // batch_size)):
+            batch_labels = np.zeros((batch_size,), np.int32)
+            if labels is not None:
+                batch_labels = np.resize(labels[i * batch_size:(i + 1) * batch_size], (batch_size,))
+            result = run(guided, params, jax.random.fold_in(key, i), jnp.float32(eta),
+                         jnp.float32(guidance_scale), jnp.asarray(batch_labels))
+            if trajectory_every:
+                result, traj = result
+                if trajectory is None:
+                    trajectory = jax.tree_util.tree_map(to_host, traj)
+            out.append(to_host(result))
+        images = np.concatenate(out)[:num_samples]
+        return (images, trajectory) if trajectory_every else images
+
+    return generate
