@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.models import create_model
 from diffusion_jax.schedules import Schedule, make_schedule
@@ -26,8 +27,27 @@ def build_model(config):
     return create_model(config.model.name, **overrides)
 
 
+# The forward process must destroy the signal: sampling starts from N(0, I), which is q(x_T)
+# only when abar_T is close to 0 (linear T = 1000: 4e-5; cosine: 0).
+MAX_TERMINAL_ABAR = 0.01
+
+
 def build_schedule(config) -> Schedule:
-    return make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    """The run's schedule, checked usable: abar at t = T below MAX_TERMINAL_ABAR, and (with
+    eps-prediction, where x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) above 0."""
+    d = config.diffusion
+    schedule = make_schedule(d.schedule, d.num_timesteps)
+    last = float(np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[-1])
+    where = f"the {d.schedule} schedule with T = {d.num_timesteps}"
+    if last > MAX_TERMINAL_ABAR:
+        raise ValueError(f"{where} keeps {100 * np.sqrt(last):.0f}% of the signal's scale at t = T "
+                         f"(abar_T = {last:.3g}), so sampling from pure noise would be wrong: use more "
+                         "timesteps (diffusion.num_timesteps) or another schedule")
+    if last == 0.0 and d.prediction == "eps":
+        raise ValueError(f"{where} reaches beta = 1 (abar_T = 0), where x0 cannot be recovered from a "
+                         "noise prediction: use more timesteps (the linear schedule's betas scale with "
+                         "1000 / T, so T > 20) or diffusion.prediction='v'")
+    return schedule
 
 
 def input_shape(config) -> tuple:

@@ -14,8 +14,10 @@ traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import pathlib
 import sys
 
 from diffusion_jax.samplers import METHODS
@@ -23,42 +25,87 @@ from diffusion_jax.samplers import METHODS
 DEBUG_ENV = "DIFFUSION_JAX_DEBUG"
 
 
-def configure_logging() -> None:
-    """The library's log messages on stdout: INFO as they are, warnings marked."""
+class _Format(logging.Formatter):
+    def format(self, record):
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+@contextlib.contextmanager
+def cli_logging():
+    """While a command runs, the library's log messages go to stdout (INFO as they are,
+    warnings marked) and not on to other handlers; afterwards logging is as it was."""
     logger = logging.getLogger("diffusion_jax")
-    if any(getattr(h, "_diffusion_jax_cli", False) for h in logger.handlers):
-        return
-
-    class Format(logging.Formatter):
-        def format(self, record):
-            text = record.getMessage()
-            return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
-
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(Format())
-    handler._diffusion_jax_cli = True
+    handler.setFormatter(_Format())
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def configure_logging() -> None:
+    """For a script that runs the library itself (a worker of a multi-host job): the same
+    stdout messages as the CLI's, for the life of the process."""
+    cli_logging().__enter__()
 
 
 # ---------------------------------------------------------------------------- train
+MODEL_OVERRIDES = "--config.model.overrides."
+
+
+def _literal(text: str):
+    """A command-line value as a Python literal (16, 0.1, (1, 2), True), else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_model_overrides(argv) -> tuple[list, dict]:
+    """(other arguments, {field: value}) for --config.model.overrides.FIELD=VALUE arguments: the
+    fields of a model are open-ended, so they cannot be keys of the locked config."""
+    rest, overrides = [], {}
+    for arg in argv:
+        if not arg.startswith(MODEL_OVERRIDES):
+            rest.append(arg)
+            continue
+        field, sep, value = arg[len(MODEL_OVERRIDES):].partition("=")
+        if not sep or not field.isidentifier():
+            raise ValueError(f"{arg!r}: write {MODEL_OVERRIDES}FIELD=VALUE (a field of the model, e.g. ch=16)")
+        overrides[field] = _literal(value)
+    return rest, overrides
+
+
 def _parse_train_flags(argv, config_flag) -> tuple:
     """(config, workdir, evaluate) from absl flags: --workdir, --evaluate and the config flag
     `config_flag(flag_values)` defines (with --config.section.key=value overrides)."""
     from absl import flags
 
+    argv, model_overrides = _split_model_overrides(argv)
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, pictures)", flag_values=fv)
     flags.DEFINE_bool("evaluate", None, "evaluate the run when training ends", flag_values=fv)
     config_flag(fv)
     try:
         fv(argv)
-    except flags.Error as e:
-        raise ValueError(str(e)) from None
-    if fv.config is None or not fv.workdir:
+        config = fv.config
+    except (flags.Error, OSError) as e:  # a bad flag or override; a config file that is missing
+        raise ValueError(str(e).strip().splitlines()[-1]) from None
+    if config is None or not fv.workdir:
         raise ValueError("train needs --config FILE and --workdir DIR")
-    return fv.config, fv.workdir, fv.evaluate
+    if model_overrides:
+        with config.unlocked():
+            config.model.overrides.update(model_overrides)
+    return config, fv.workdir, fv.evaluate
 
 
 def train_and_report(config, workdir: str, evaluate: bool) -> None:
@@ -89,7 +136,8 @@ def _train(argv) -> None:
 
     def config_file(fv):
         config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
-                                        flag_values=fv, lock_config=True, sys_argv=["train"] + argv)
+                                        flag_values=fv, lock_config=True,
+                                        sys_argv=["train"] + _split_model_overrides(argv)[0])
 
     config, workdir, evaluate = _parse_train_flags(["train"] + argv, config_file)
     train_and_report(config, workdir, bool(evaluate))
@@ -121,19 +169,49 @@ def _sample(args):
     from diffusion_jax.parallel import maybe_initialize_distributed
     from diffusion_jax.runs import load_run
 
+    out = pathlib.Path(args.out)
+    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    ensure_writable_dir(out.parent, "--out")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ValueError(f"--num_samples and --batch_size must be at least 1, got {args.num_samples} "
+                         f"and {args.batch_size}")
+    labels = parse_labels(args.labels)
     maybe_initialize_distributed()
     run = load_run(args.workdir, args.checkpoint)
     generate = make_generator(run.model, run.schedule, run.config,
                               batch_size=min(args.num_samples, args.batch_size),
                               method=args.method, steps=args.steps)
-    labels = None if not args.labels else [int(v) for v in args.labels.split(",")]
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed), eta=args.eta,
                       guidance_scale=args.guidance_scale, labels=labels)
     if jax.process_index() == 0:
-        np.savez_compressed(args.out, samples=images.astype(np.float32))
-        png = viz.save_grid(images[:256], str(args.out).rsplit(".", 1)[0] + ".png")
-        print(f"wrote {images.shape[0]} samples {images.shape[1:]} to {args.out} and {png} "
+        np.savez_compressed(out, samples=images.astype(np.float32))
+        png = viz.save_grid(images[:256], out.with_suffix(".png"))
+        print(f"wrote {images.shape[0]} samples {images.shape[1:]} to {out} and {png} "
               f"(checkpoint step {run.step}, EMA parameters)")
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """--labels "0,1,2" as a list of ints (the generator checks them against the run)."""
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels {text!r}: give comma-separated class numbers, e.g. --labels 0,1,2") from None
+
+
+def ensure_writable_dir(path, flag: str) -> None:
+    """Creates `path` and checks a file can be written there, before any work is done."""
+    import uuid
+
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{flag}: cannot write to {str(path)!r} ({e.strerror}): choose another place") from None
 
 
 def _evaluate(args):
@@ -141,9 +219,11 @@ def _evaluate(args):
 
     from diffusion_jax.evaluation import evaluate_run
 
+    out_dir = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
+    ensure_writable_dir(out_dir, "--out" if args.out else "the run's eval/ folder (or choose --out DIR)")
     m = evaluate_run(args.workdir, checkpoint=args.checkpoint, num_samples=args.num_samples,
                      sampler=args.sampler, steps=args.steps, seed=args.seed, fid_stats=args.fid_stats,
-                     inception_weights=args.inception_weights)
+                     inception_weights=args.inception_weights, out_dir=out_dir)
     summary = {k: m[k] for k in ("noise_mse", "noise_rmse", "noise_mae", "noise_r2", "checkpoint_step")}
     if "bpd" in m:
         summary["bits_per_dim"] = m["bpd"]["total_bpd"]
@@ -175,10 +255,17 @@ def _fid_stats(args):
           f"{save_statistics(args.out, mu, sigma)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the boundary prints it) instead of usage + exit."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffusion_jax", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m diffusion_jax", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show the traceback of any error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("train", help="train a run: train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
     s = sub.add_parser("sample", help="samples from a run's EMA parameters")
     s.add_argument("--workdir", required=True)
@@ -202,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int)
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
     e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")
+    e.add_argument("--out", help="where to write the report (default: the run's eval/ folder)")
     f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split")
     f.add_argument("--dataset", required=True)
     f.add_argument("--split", default="train")
@@ -224,27 +312,40 @@ def _dispatch(argv) -> None:
 
 # ---------------------------------------------------------------------------- the error boundary
 def _boundary(command, argv) -> None:
-    """Runs command(argv): a user's mistake or a stated stop is one line on stderr and an exit
-    code, never a traceback (unless --debug or DIFFUSION_JAX_DEBUG=1)."""
-    from diffusion_jax.training import NonFiniteLoss, Preempted
-    from diffusion_jax.training.checkpoint import CheckpointMismatch
-
+    """Runs command(argv): a user's mistake (exit 2) or a stated stop or failure (exit 1) is one
+    line on stderr, never a traceback (unless --debug or DIFFUSION_JAX_DEBUG=1); a bug (any
+    other exception) keeps its traceback."""
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    configure_logging()
     try:
-        command(argv)
+        with cli_logging():
+            command(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if debug:
             raise
-        if isinstance(e, Preempted):
-            sys.exit(f"pre-empted: {e}")
-        if isinstance(e, NonFiniteLoss):
-            sys.exit(f"stopped: {e}")
-        if isinstance(e, (CheckpointMismatch, ValueError, FileNotFoundError, PermissionError)):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(code)
+
+
+def exit_code(error: Exception) -> int | None:
+    """2 for a user's mistake, 1 for a stated stop or an operating-system failure (a full disk),
+    None for anything else (a bug: its traceback is shown)."""
+    from diffusion_jax.errors import RunStopped
+
+    if isinstance(error, (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                          IsADirectoryError)):
+        return 2
+    if isinstance(error, (RunStopped, OSError)):
+        return 1
+    return None
 
 
 def main(argv=None) -> None:

@@ -7,8 +7,8 @@ Conventions (the README's "The functional API"):
     on the last axis with `variance="learned_range"`) or as `denoise_fn(x_t, t_model)`, where
     `t_model = schedule.timesteps[t]` is the timestep the model was trained with.
   * `prediction` in {"eps", "x0", "v"} says what the model output means.
-  * Tables are gathered with `jnp.take(mode="fill")`: an out-of-range t under `jit` gives NaN,
-    never a silently clamped neighbour. Concrete (non-traced) t is checked eagerly.
+  * Tables are gathered with `gather`: an out-of-range t under `jit` (negative t included) gives
+    NaN, never a silently clamped or wrapped-around neighbour. Concrete (non-traced) t is checked eagerly.
 """
 from __future__ import annotations
 
@@ -59,9 +59,17 @@ def check_same_shape(**arrays) -> None:
         raise ValueError(f"shape mismatch: {desc} must all have the same shape")
 
 
+def gather(table: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """table[t], NaN wherever t lies outside [0, T) -- negative t included, which plain
+    indexing (and take's fill mode) would wrap around to the end of the table."""
+    t = jnp.asarray(t)
+    outside = (t < 0) | (t >= table.shape[0])
+    return jnp.take(table, jnp.where(outside, table.shape[0], t), axis=0, mode="fill", fill_value=jnp.nan)
+
+
 def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
     """table[t] reshaped to [B, 1, ..., 1] (ndim axes) to broadcast against [B, ...] arrays."""
-    values = jnp.take(table, t, axis=0, mode="fill", fill_value=jnp.nan)
+    values = gather(table, t)
     return values.reshape(values.shape + (1,) * (ndim - 1))
 
 

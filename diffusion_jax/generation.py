@@ -17,7 +17,7 @@ import numpy as np
 
 from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
-from diffusion_jax.samplers import sample
+from diffusion_jax.samplers import sample, sampling_grid
 from diffusion_jax.schedules import Schedule
 
 NO_GUIDANCE = 1.0
@@ -84,6 +84,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     s = config.sample
     method = s.method if method is None else method
     steps = s.steps if steps is None else steps
+    sampling_grid(schedule, method, steps)  # a bad method or step count is an error now, not at first use
     mesh = mesh or make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
     classes = num_model_classes(config)

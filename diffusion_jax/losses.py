@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import (PREDICTIONS, _check_option, mean_flat, q_sample,
+from diffusion_jax.diffusion import (PREDICTIONS, _check_option, gather, mean_flat, q_sample,
                                      split_model_output, v_from_x0_eps)
 from diffusion_jax.likelihood import vlb_terms_bpd
 from diffusion_jax.schedules import Schedule
@@ -19,7 +19,7 @@ WEIGHTINGS = ("none", "min_snr", "p2")
 
 def snr(s: Schedule, t):
     """Signal-to-noise ratio abar_t / (1 - abar_t) at indices t."""
-    return jnp.take(s.alphas_cumprod / (1.0 - s.alphas_cumprod), t, mode="fill", fill_value=jnp.nan)
+    return gather(s.alphas_cumprod / (1.0 - s.alphas_cumprod), t)
 
 
 def loss_weight(s: Schedule, t, prediction: str, weighting: str, *, min_snr_gamma: float = 5.0,

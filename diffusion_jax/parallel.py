@@ -86,6 +86,16 @@ def global_batch(local: dict, mesh: Mesh, leading: int = 0) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def agree_across_processes(value: int, name: str = "") -> int:
+    """The largest of every process's `value`: how the processes of a multi-host job settle on
+    one outcome (each calls it at the same point) before any of them acts on it."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host) global array as one NumPy array on every process."""
     if jax.process_count() == 1:

@@ -39,7 +39,9 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir, step: int | None = None) -> Run:
-    """The config, model, EMA params and schedule of a run (latest good checkpoint, or `step`)."""
+    """The config, model, EMA params and schedule of a run: its newest checkpoint that restores
+    and verifies (a corrupt one is skipped with a warning, never moved: this is read-only), or
+    the checkpoint at `step`, which must be good."""
     config = load_config(workdir)
     model = build_model(config)
     abstract = param_shapes(model, input_shape(config))
@@ -55,25 +57,15 @@ def load_run(workdir, step: int | None = None) -> Run:
             raise ValueError(f"no checkpoint at step {step} in {workdir}; available: {steps}")
         for s in ([step] if step is not None else reversed(steps)):
             try:
-                ckpt.check_params(s, abstract)
-                restored = ckpt.manager.restore(s, args=_ema_only_args(abstract))
-                return Run(config, model, restored["state"]["ema_params"], build_schedule(config), s)
-            except CheckpointMismatch:
+                return Run(config, model, ckpt.restore_ema(s, abstract), build_schedule(config), s)
+            except (CheckpointMismatch, PermissionError, MemoryError):
                 raise
             except Exception as e:
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
                 if step is not None:
-                    raise
-                log.warning("checkpoint %d is unreadable (%s); trying the previous one", s, type(e).__name__)
-        raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
+                    raise ValueError(f"the checkpoint at step {s} in {workdir} cannot be used ({reason}): "
+                                     f"choose another of {steps}") from None
+                log.warning("checkpoint %d cannot be used (%s); trying the previous one", s, reason)
+        raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
     finally:
         ckpt.close()
-
-
-def _ema_only_args(abstract_params):
-    import orbax.checkpoint as ocp
-
-    target = {"ema_params": abstract_params}
-    return ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree_util.tree_map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target),
-        partial_restore=True))

@@ -47,6 +47,11 @@ class Schedule(NamedTuple):
 def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     """The float64 tables of DDPM / improved DDPM from float64 betas [T]."""
     betas = np.asarray(betas, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # beta = 1 (zero terminal SNR) gives infinite 1 / abar
+        return _tables(betas)
+
+
+def _tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])

@@ -86,6 +86,11 @@ def test_t_zero_never_reads_index_minus_one():
     # Under jit, t out of range gives NaN instead of a silently clamped table entry.
     bad = jax.jit(dj.q_sample)(S, x, jnp.array([1000, 5]), x)
     assert np.isnan(np.asarray(bad[0])).all() and np.isfinite(np.asarray(bad[1])).all()
+    # ...and so does a negative t, which indexing would wrap around to t = 999 (or 1000 - k).
+    for negative in (-1, -1000, -1001):
+        bad = jax.jit(dj.q_sample)(S, x, jnp.array([negative, 5]), x)
+        assert np.isnan(np.asarray(bad[0])).all() and np.isfinite(np.asarray(bad[1])).all(), negative
+    assert np.isnan(np.asarray(jax.jit(dj.snr)(S, jnp.array([-1])))).all()
 
 
 def test_variance_choices():

@@ -36,3 +36,21 @@ def state_arrays(state) -> dict:
     leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "ema": state.ema_params,
                                                   "opt": state.opt_state, "step": state.step})
     return {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf)) for path, leaf in leaves}
+
+
+def corrupt_checkpoint_data(workdir, step: int, seed: int = 0) -> list:
+    """Writes 64 random bytes into the middle of every data file of a checkpoint's state (the
+    params, EMA and optimizer arrays): the files stay readable, the arrays they hold do not --
+    the corruption Orbax cannot see. Returns the files changed."""
+    import pathlib
+    state = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    # The array data: one file per group of arrays (params, EMA, optimizer) for this small model.
+    files = sorted(f for f in state.glob("ocdbt.process_*/d/*") if f.stat().st_size > 100_000)
+    assert len(files) >= 3, files
+    rng = np.random.default_rng(seed)
+    for target in files:
+        data = bytearray(target.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        target.write_bytes(bytes(data))
+    return files

@@ -69,18 +69,33 @@ def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData
     return ImageData(to_model_range(images), bunch.target[idx].astype(np.int32))
 
 
-def load_folder(path: str, image_size: int, channels: int) -> ImageData:
+def read_image(path, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels] of an image file; 16-bit and 32-bit integer images are scaled to
+    8 bits (not clipped). ValueError naming the file if it cannot be read."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                values = np.asarray(image)
+                full = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+                gray = values.astype(np.float64) * (255.0 / full)
+                image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8), mode="L")
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated or broken files
+        raise ValueError(f"cannot read the image {str(path)!r} ({e}): remove or replace the file") from None
+    return array.reshape(*array.shape[:2], channels)
+
+
+def load_folder(path: str, image_size: int, channels: int) -> ImageData:
     root = pathlib.Path(path)
     if not root.is_dir():
-        raise ValueError(f"image folder {path!r} does not exist")
+        raise ValueError(f"image folder {path!r} does not exist (data.name='folder:PATH')")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no PNG or JPEG images under {path!r}")
-    mode = "L" if channels == 1 else "RGB"
-    images = np.stack([center_crop_resize(np.asarray(Image.open(f).convert(mode)).reshape(
-        *Image.open(f).size[::-1], channels), image_size) for f in files])
+    images = np.stack([center_crop_resize(read_image(f, channels), image_size) for f in files])
     return ImageData(to_model_range(images), np.zeros(len(files), np.int32))
 
 
@@ -97,7 +112,13 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
                          "tensorflow-datasets builder (see tfds.list_builders())")
     if process_count > 1:
         split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    except Exception as e:  # no network, no prepared copy, a broken optional import inside tfds
+        raise FileNotFoundError(
+            f"cannot load the tfds dataset {name!r} split {split!r} ({type(e).__name__}: {str(e)[:300]}): "
+            "prepare it once where the network is reachable (tfds build, or a first run there) and "
+            "point data.data_dir at that copy") from None
     images, labels = [], []
     for example in tfds.as_numpy(ds):
         images.append(example["image"])

@@ -2,14 +2,7 @@
 from diffusion_jax.evaluation.frechet import (feature_statistics, frechet_distance, load_statistics,
                                               save_statistics)
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics, regression_metrics
-
-
-def evaluate_run(*args, **kwargs):
-    """See diffusion_jax.evaluation.report.evaluate_run."""
-    from diffusion_jax.evaluation.report import evaluate_run as run
-
-    return run(*args, **kwargs)
-
+from diffusion_jax.evaluation.report import evaluate_run
 
 __all__ = ["evaluate_run", "feature_statistics", "frechet_distance", "load_statistics",
            "noise_prediction_metrics", "regression_metrics", "save_statistics"]

@@ -18,6 +18,7 @@ from diffusion_jax.evaluation.metrics import noise_prediction_metrics
 from diffusion_jax.generation import describe_guidance, make_generator
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.runs import load_run
+from diffusion_jax.samplers import sampling_grid
 
 
 def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_size=64) -> dict:
@@ -46,6 +47,17 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     c = run.config
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
+    method = c.sample.method if sampler is None else sampler
+    num_steps = c.sample.steps if steps is None else steps
+    if num_samples < 1:
+        raise ValueError(f"the number of samples to evaluate must be at least 1, got {num_samples}")
+    sampling_grid(run.schedule, method, num_steps)  # checked before the metrics take their time
+    fid_stats = fid_stats or c.eval.get("fid_stats", "")
+    if fid_stats:  # the reference and the network are read first: a missing file fails fast
+        from diffusion_jax.evaluation.inception import inception_features, load_inception
+
+        reference = load_statistics(fid_stats)
+        inception = load_inception(inception_weights)
     out = pathlib.Path(out_dir or pathlib.Path(workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
@@ -60,8 +72,6 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["bpd"] = bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
 
-    method = c.sample.method if sampler is None else sampler
-    num_steps = c.sample.steps if steps is None else steps
     generate = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256),
                               method=method, steps=num_steps, trajectory_every=max(1, num_steps // 10))
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
@@ -79,13 +89,9 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
-    fid_stats = fid_stats or c.eval.get("fid_stats", "")
     if fid_stats:
-        from diffusion_jax.evaluation.inception import inception_features, load_inception
-
-        ref_mu, ref_sigma = load_statistics(fid_stats)
-        features = inception_features(load_inception(inception_weights), samples)
-        metrics["fid"] = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
+        features = inception_features(inception, samples)
+        metrics["fid"] = frechet_distance(*feature_statistics(features), *reference)
         metrics["fid_reference"] = str(fid_stats)
     metrics.update(checkpoint_step=int(run.step), seed=int(seed), workdir=str(workdir),
                    ema=True, seconds=round(time.perf_counter() - started, 1))

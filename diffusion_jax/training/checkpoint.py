@@ -1,28 +1,44 @@
-"""Orbax checkpoints of the train state plus a JSON record (config, data position, versions).
+"""Orbax checkpoints of the train state with a JSON record, verified on every restore.
 
-`Checkpointer(workdir)` keeps the last K under workdir/checkpoints; saves are asynchronous where
-Orbax supports it. `restore_latest` walks back from the newest step: a checkpoint that fails to
-restore (corrupt, or partly written) is reported, set aside and the one before it used. A
-checkpoint whose parameters do not fit the model (the code or the config changed since it was
-written) is never skipped: that raises CheckpointMismatch, naming the parameters that differ. Orbax writes
-into a temporary folder and renames it when complete, so a save cut short never looks finished.
+A save writes the state (asynchronously where Orbax can) and a record: the step, the run's
+config, the layout of the state (the name and shape of every array) and a digest of every
+array's bits. Orbax writes into a temporary folder and renames it when complete, so a save cut
+short never looks finished; the digest catches what Orbax cannot (bytes changed on disk that
+still decompress, which it restores as garbage without complaint).
+
+`restore_latest` walks back from the newest checkpoint and classifies each:
+  * corrupt -- the record or the arrays cannot be read, the digest of what was read differs from
+    the saved one, or the parameters are not finite: set aside in unreadable_checkpoints/ (never
+    deleted) with a warning, and the one before it is tried;
+  * does not fit -- written by another model or diffusion config, or with an optimizer state of
+    another structure (another optimizer, clipping on or off, accumulation, skipping non-finite
+    updates): `CheckpointMismatch`, naming the settings that differ; nothing is moved;
+  * anything else (no permission, out of memory): raised as it is.
+The processes of a multi-host job agree on the outcome before any of them acts on it.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import pathlib
 import shutil
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from diffusion_jax.errors import CheckpointMismatch
+from diffusion_jax.parallel import agree_across_processes
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CheckpointMismatch", "Checkpointer", "abstract_like", "config_differences", "config_fingerprint",
+           "named_shapes", "state_digest"]
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint in a workdir was written by a different model or config."""
+# Outcomes of one restore attempt, in the order processes settle on the worst.
+OK, CORRUPT, MISMATCH, ERROR = 0, 1, 2, 3
 
 
 class Checkpointer:
@@ -35,9 +51,13 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, record: dict, force: bool = True) -> None:
+    def save(self, step: int, state, config) -> None:
+        """Saves `state` (a TrainState) at `step` with its record (config, layout, digest)."""
+        record = {"step": int(step), "config": config.to_dict(), "jax": jax.__version__,
+                  "layout": {name: named_shapes(tree) for name, tree in state_groups(state).items()},
+                  "digest": state_digest(state)}
         self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -45,50 +65,106 @@ class Checkpointer:
     def restore_record(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
-    def restore(self, step: int, abstract_state):
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
-        return out["state"], out["record"]
+    # ------------------------------------------------------------------------ training restore
+    def restore_latest(self, abstract_state, config):
+        """(state, record) of the newest checkpoint that restores and verifies, or (None, None)
+        when none does (`set_aside` then lists the ones moved away). Raises CheckpointMismatch
+        for a checkpoint that does not fit `config` / `abstract_state`."""
+        self.set_aside_steps = []
+        for step in reversed(self.steps()):
+            outcome, detail = self._attempt(step, abstract_state, config)
+            outcome = agree_across_processes(outcome, f"restore_{step}")
+            if outcome == OK:
+                return detail
+            if outcome == CORRUPT:
+                aside = self.set_aside(step)
+                self.set_aside_steps.append(step)
+                log.warning("checkpoint %d is unreadable (%s); moved it to %s and fell back to the "
+                            "previous one", step, detail if isinstance(detail, str) else "on another process",
+                            aside)
+                continue
+            if isinstance(detail, Exception):
+                raise detail
+            raise RuntimeError(f"restoring the checkpoint at step {step} failed on another process")
+        return None, None
+
+    def _attempt(self, step: int, abstract_state, config):
+        """(outcome, (state, record) | reason | exception) of restoring one checkpoint here."""
+        try:
+            record = self.restore_record(step)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("its record is malformed")
+        except (PermissionError, MemoryError) as e:
+            return ERROR, e
+        except Exception as e:
+            return CORRUPT, f"its record cannot be read: {type(e).__name__}"
+        try:
+            self._check_fits(step, record, abstract_state, config)
+        except CheckpointMismatch as e:
+            return MISMATCH, e
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except (PermissionError, MemoryError) as e:
+            return ERROR, e
+        except Exception as e:  # the layout fits, so an array that cannot be read is corrupt
+            return CORRUPT, f"its arrays cannot be read: {type(e).__name__}: {str(e)[:200]}"
+        problem = verify(restored, record)
+        if problem:
+            return CORRUPT, problem
+        return OK, (restored, record)
+
+    def _check_fits(self, step: int, record: dict, abstract_state, config) -> None:
+        saved_config = record.get("config")
+        if saved_config is not None:
+            changed = config_differences(config_fingerprint(saved_config), config_fingerprint(config))
+            if changed:
+                raise CheckpointMismatch(
+                    f"the checkpoint at step {step} in this workdir was written by a different config "
+                    f"({'; '.join(changed)}): use a new --workdir, or the config the run was started with")
+        layout = record.get("layout")
+        if layout is None:  # a record without a layout: the parameters from Orbax's metadata
+            self.check_params(step, abstract_state.params)
+            return
+        expected = {name: named_shapes(tree) for name, tree in state_groups(abstract_state).items()}
+        for name in ("params", "ema_params"):
+            _raise_on_param_difference(step, self.directory, _as_shapes(layout.get(name, {})), expected[name])
+        if _as_shapes(layout.get("opt_state", {})) != expected["opt_state"]:
+            changed = config_differences((saved_config or {}).get("optim", {}), config.optim.to_dict(), "optim.")
+            raise CheckpointMismatch(
+                f"the optimizer state saved at step {step} has another structure than this config's "
+                f"({'; '.join(changed) or 'the optimizer code changed'}): the optimizer, clipping on or off, "
+                "gradient accumulation and skip_nonfinite cannot change on resume; resume with the settings "
+                "the run was written with, or train into a new --workdir")
+
+    # ------------------------------------------------------------------------ read-only restore
+    def restore_ema(self, step: int, abstract_params):
+        """The EMA parameters saved at `step`, verified (digest, finite); ValueError naming the
+        problem if they are corrupt, CheckpointMismatch if they do not fit `abstract_params`."""
+        record = self.restore_record(step)
+        layout = record.get("layout")
+        if layout is None:
+            self.check_params(step, abstract_params)
+        else:
+            _raise_on_param_difference(step, self.directory, _as_shapes(layout.get("ema_params", {})),
+                                       named_shapes(abstract_params))
+        target = {"ema_params": abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree_util.tree_map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target),
+            partial_restore=True)))["state"]["ema_params"]
+        saved = record.get("digest", {}).get("ema_params")
+        if saved is not None and saved != tree_digest(restored):
+            raise ValueError("the digest of its EMA parameters differs from the one saved with them")
+        if not params_finite(restored):
+            raise ValueError("its EMA parameters are not finite")
+        return restored
 
     def check_params(self, step: int, abstract_params) -> None:
-        """Raises CheckpointMismatch if the parameter names or shapes saved at `step` differ
-        from `abstract_params` (a pytree of arrays or ShapeDtypeStructs)."""
+        """Raises CheckpointMismatch if the parameter names or shapes saved at `step` (read from
+        Orbax's metadata) differ from `abstract_params`."""
         saved = saved_param_shapes(self.directory / str(step) / "state")
-        expected = named_shapes(abstract_params)
-        if saved == expected:
-            return
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
-        show = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        parts = [f"{len(missing)} of the model's are not in it ({show(missing)})" if missing else "",
-                 f"{len(unexpected)} in it are not in the model ({show(unexpected)})" if unexpected else "",
-                 f"{len(reshaped)} have another shape ({show(reshaped)})" if reshaped else ""]
-        raise CheckpointMismatch(
-            f"the checkpoint at step {step} in {self.directory} does not fit this model's parameters: "
-            f"{'; '.join(p for p in parts if p)}. The model's code or config changed since it was "
-            "written: resume with the version that wrote it, or train into a new --workdir")
-
-    def restore_latest(self, abstract_state, check_record=None):
-        """(state, record) of the newest checkpoint that restores, or (None, None) if none.
-
-        `check_record(record)` may raise CheckpointMismatch, as does a checkpoint whose
-        parameters do not fit `abstract_state.params`; neither is ever skipped over.
-        """
-        for step in reversed(self.steps()):
-            try:
-                record = self.restore_record(step)
-                if check_record is not None:
-                    check_record(record)
-                self.check_params(step, abstract_state.params)
-                return self.restore(step, abstract_state)
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # corrupt or partial: report it, keep it aside, fall back
-                aside = self.set_aside(step)
-                log.warning("checkpoint %d is unreadable (%s: %s); moved it to %s and fell back to "
-                            "the previous one", step, type(e).__name__, e, aside)
-        return None, None
+        _raise_on_param_difference(step, self.directory, saved, named_shapes(abstract_params))
 
     def set_aside(self, step: int) -> pathlib.Path:
         """Moves an unreadable checkpoint out of the manager's way (nothing is deleted)."""
@@ -107,8 +183,89 @@ class Checkpointer:
         self.manager.close()
 
 
+def _as_shapes(layout: dict) -> dict:
+    return {name: tuple(shape) for name, shape in layout.items()}
+
+
+def _raise_on_param_difference(step: int, directory, saved: dict, expected: dict) -> None:
+    if saved == expected:
+        return
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    show = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    parts = [f"{len(missing)} of the model's are not in it ({show(missing)})" if missing else "",
+             f"{len(unexpected)} in it are not in the model ({show(unexpected)})" if unexpected else "",
+             f"{len(reshaped)} have another shape ({show(reshaped)})" if reshaped else ""]
+    raise CheckpointMismatch(
+        f"the checkpoint at step {step} in {directory} does not fit this model's parameters: "
+        f"{'; '.join(p for p in parts if p)}. The model's code or config changed since it was "
+        "written: resume with the version that wrote it, or train into a new --workdir")
+
+
+# ---------------------------------------------------------------------------- digests
+def _bits(x) -> jnp.ndarray:
+    """The bits of every element of x as uint32 (floats bitcast, narrower types widened)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_digests(leaves):
+    """uint32 [n]: for each array, sum_i bits_i * (2654435761 i + 1) mod 2^32. Every factor is
+    odd, so a change to any one element changes the sum; integer sums are exact, so the value
+    does not depend on the sharding or the order of the reduction."""
+    digests = []
+    for x in leaves:
+        bits = _bits(x).reshape(-1)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        digests.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return jnp.stack(digests) if digests else jnp.zeros((0,), jnp.uint32)
+
+
+def tree_digest(tree) -> int:
+    """One uint32 digest of every array of a pytree, leaves combined in order (FNV-1a)."""
+    combined = 2166136261
+    for value in np.asarray(jax.device_get(_leaf_digests(jax.tree_util.tree_leaves(tree)))):
+        combined = ((combined ^ int(value)) * 16777619) % 2**32
+    return combined
+
+
+def state_groups(state) -> dict:
+    """The top-level fields of a TrainState (step, params, ema_params, opt_state, rng)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def state_digest(state) -> dict:
+    """{field: digest} of a TrainState, saved with it and checked on restore."""
+    return {name: tree_digest(tree) for name, tree in state_groups(state).items()}
+
+
+def params_finite(params) -> bool:
+    """Every entry finite (a norm would overflow for large but finite weights)."""
+    return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def verify(state, record: dict) -> str | None:
+    """Why a restored state cannot be used (digest differs, parameters not finite), or None."""
+    saved = record.get("digest")
+    if saved is not None:
+        found = state_digest(state)
+        bad = [name for name in saved if saved[name] != found.get(name)]
+        if bad:
+            return f"the digest of its {', '.join(bad)} differs from the one saved with them"
+    if not (params_finite(state.params) and params_finite(state.ema_params)):
+        return "its parameters are not finite"
+    return None
+
+
+# ---------------------------------------------------------------------------- layouts and configs
 def named_shapes(tree) -> dict:
-    """{"a.b.c": shape} for the leaves of a nested-dict pytree."""
+    """{"a.b.c": shape} for the leaves of a pytree."""
     name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                                  for k in path)
     return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -136,8 +293,31 @@ def abstract_like(tree, shardings=None):
                                   tree, shardings)
 
 
+def _as_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 def config_fingerprint(config) -> dict:
-    """The parts of a config a checkpoint must agree with to be resumed."""
-    return {"model": json.loads(config.model.to_json()), "image_size": config.data.image_size,
-            "channels": config.data.channels, "num_classes": config.data.num_classes,
-            "diffusion": json.loads(config.diffusion.to_json())}
+    """The parts of a config (a ConfigDict or its dict) a checkpoint must agree with to be resumed."""
+    c = _as_dict(config)
+    return {"model": c["model"], "diffusion": c["diffusion"],
+            "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
+                     if k in c["data"]}}
+
+
+def config_differences(old, new, prefix: str = "") -> list[str]:
+    """["key.path was A, now B", ...] for every leaf where two nested dicts differ."""
+    old, new = _as_dict(old), _as_dict(new)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_differences(a, b, f"{prefix}{key}.")
+        elif _normalise(a) != _normalise(b):
+            changes.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return changes
+
+
+def _normalise(value):
+    """Lists and tuples alike (a config read back from JSON has lists)."""
+    return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "unet_digits"    # a preset of diffusion_jax.models.PRESETS
     c.model.dtype = "float32"       # activations; parameters stay float32
     c.model.remat = False
-    c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout
+    c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
+                                                     # --config.model.overrides.ch=16
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -65,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_sample_images = 64
     c.train.fsdp = 1                # devices on the fsdp mesh axis (1 = replicated params)
     c.train.progress = True
+    c.train.restart = False         # start again from step 0 when checkpoints exist but none restores
+    c.train.divergence_factor = 100.0  # stop when the loss or the parameter norm grows this much (0: off)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.method = "ddim"
@@ -80,3 +83,61 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.seed = 1234
     c.eval.fid_stats = ""           # reference .npz (fid-stats); "" = no FID
     return c
+
+
+def _at_least(config, key: str, minimum, what: str = "") -> None:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or node < minimum:
+        raise ValueError(f"{key} must be {'an integer ' if isinstance(minimum, int) else ''}>= {minimum}"
+                         f"{what}, got {node!r}: set --config.{key}=...")
+
+
+def validate_config(config) -> None:
+    """Checks every training setting a user can pass before anything runs; a ValueError names
+    the setting and what it accepts."""
+    from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
+    from diffusion_jax.losses import WEIGHTINGS
+    from diffusion_jax.samplers import METHODS
+    from diffusion_jax.schedules import SCHEDULE_NAMES
+
+    for key, minimum, what in (
+            ("train.steps", 1, " (the step to train to)"), ("data.batch_size", 1, ""),
+            ("data.image_size", 1, ""), ("data.channels", 1, ""), ("data.num_classes", 0, ""),
+            ("train.log_every", 1, ""), ("train.ckpt_every", 1, ""), ("train.keep_ckpts", 1, ""),
+            ("train.sample_every", 0, " (0: only at the end)"), ("train.num_sample_images", 0, ""),
+            ("train.steps_per_dispatch", 1, ""), ("train.fsdp", 1, ""), ("diffusion.num_timesteps", 1, ""),
+            ("optim.warmup_steps", 0, ""), ("optim.accumulate_steps", 1, ""), ("optim.grad_clip", 0.0, ""),
+            ("optim.learning_rate", 0.0, ""), ("sample.steps", 1, ""), ("eval.num_examples", 1, ""),
+            ("eval.num_samples", 1, ""), ("eval.bpd_examples", 0, ""), ("train.ema_decay", 0.0, ""),
+            ("train.divergence_factor", 0.0, " (0 disables the check)")):
+        _at_least(config, key, minimum, what)
+    if config.optim.learning_rate <= 0:
+        raise ValueError(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if not 0.0 <= config.train.label_dropout < 1.0:
+        raise ValueError(f"train.label_dropout must be in [0, 1), got {config.train.label_dropout}")
+    for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction, PREDICTIONS),
+                                ("diffusion.variance", config.diffusion.variance, VARIANCES),
+                                ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
+                                ("diffusion.schedule", config.diffusion.schedule, SCHEDULE_NAMES),
+                                ("sample.method", config.sample.method, METHODS),
+                                ("optim.optimizer", config.optim.optimizer, ("adam", "adamw")),
+                                ("optim.decay", config.optim.decay, ("constant", "cosine"))):
+        if value not in allowed:
+            raise ValueError(f"unknown {key} {value!r}; choose one of {tuple(allowed)}")
+    if config.data.use_labels and config.data.num_classes < 1:
+        raise ValueError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
+                         "number of classes (or use_labels=False for an unconditional model)")
+    if config.train.label_dropout > 0 and not config.data.use_labels:
+        raise ValueError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
+                         "(data.use_labels is False): label dropout trains classifier-free guidance of a "
+                         "class-conditional model; set it to 0 or use labels")
+    if config.sample.steps > config.diffusion.num_timesteps:
+        raise ValueError(f"sample.steps ({config.sample.steps}) cannot exceed diffusion.num_timesteps "
+                         f"({config.diffusion.num_timesteps})")
+    from diffusion_jax.generation import guidance_enabled
+
+    guidance_enabled(config, config.sample.guidance_scale)

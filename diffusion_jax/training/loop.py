@@ -1,78 +1,41 @@
 """The training loop: restore or start, train, and act every so many steps; never lose a run.
 
 `train(config, workdir)` reads top to bottom:
-  1. check the workdir, build the mesh, the batches and the compiled train step;
-  2. restore the newest good checkpoint (or initialise a fresh state);
+  1. validate the config, check and lock the workdir, build the mesh, batches and train step;
+  2. restore the newest good checkpoint (corrupt ones are set aside; one that does not fit the
+     config stops the run) or start fresh, then write config.json;
   3. run the steps, calling the periodic actions (log, sample, checkpoint) and stopping cleanly
      on SIGTERM / SIGINT (pre-emption: save, then raise `Preempted`);
   4. save the final state and pictures.
-A non-finite loss stops the run and keeps the last good checkpoint. Process 0 alone writes logs
-and pictures. Messages go through `logging` (the CLI shows them).
+Every save first passes the divergence guard (finite loss and parameters, no blow-up), so a
+checkpoint on disk is always one worth resuming. Process 0 alone writes logs, pictures and
+config.json. Messages go through `logging` (the CLI shows them).
 """
 from __future__ import annotations
 
 import logging
 import math
-import pathlib
 import signal
 import time
-import uuid
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from diffusion_jax import parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
+from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
 from diffusion_jax.generation import make_generator
-from diffusion_jax.training.checkpoint import (CheckpointMismatch, Checkpointer, abstract_like,
-                                               config_fingerprint)
+from diffusion_jax.training.checkpoint import Checkpointer, abstract_like, params_finite
+from diffusion_jax.training.config import validate_config
 from diffusion_jax.training.logbook import MetricWriter
+from diffusion_jax.training.optim import tree_norm
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.step import TrainProgram, build_train_program
+from diffusion_jax.training.workdir import WorkdirLock, check_workdir, write_config
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM or SIGINT arrived; the state was saved and the run can resume."""
-
-
-def check_workdir(workdir) -> pathlib.Path:
-    """Creates `workdir` and checks it is writable, with a probe file of the caller's own (the
-    processes of a multi-host run check the shared directory at the same moment)."""
-    path = pathlib.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"workdir {str(path)!r} is not writable ({e.strerror}): "
-                              "choose another --workdir") from None
-    return path
-
-
-def _fingerprint_checker(config):
-    expected = config_fingerprint(config)
-
-    def check(record):
-        found = record.get("fingerprint")
-        if found is not None and found != expected:
-            diff = sorted(k for k in expected if expected[k] != found.get(k))
-            raise CheckpointMismatch(
-                f"the checkpoint in this workdir was written by a different config (differs in "
-                f"{diff}): use a new --workdir, or the config the run was started with")
-    return check
-
-
-def _params_finite(params) -> bool:
-    """Every entry finite (a norm would overflow for large but finite weights)."""
-    return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params))
+__all__ = ["NonFiniteLoss", "Preempted", "train"]
 
 
 def make_batches(config) -> Batches:
@@ -84,14 +47,21 @@ def make_batches(config) -> Batches:
 
 
 def restore_or_init(ckpt: Checkpointer, program: TrainProgram, config, workdir) -> TrainState:
-    """The newest good checkpoint's state, or a fresh one when the workdir has none."""
-    state, _ = ckpt.restore_latest(abstract_like(program.state_shapes, program.shardings),
-                                   _fingerprint_checker(config))
-    if state is None:
-        log.info("starting a new run in %s", workdir)
-        return program.init(jax.random.PRNGKey(config.seed))
-    log.info("resuming from step %d in %s", int(state.step), workdir)
-    return state
+    """The newest good checkpoint's state; a fresh one when the workdir has none, or when every
+    checkpoint was unreadable and config.train.restart says to start again."""
+    had = ckpt.steps()
+    state, _ = ckpt.restore_latest(abstract_like(program.state_shapes, program.shardings), config)
+    if state is not None:
+        log.info("resuming from step %d in %s", int(state.step), workdir)
+        return state
+    if had and not config.train.restart:
+        raise NoUsableCheckpoint(
+            f"none of the {len(had)} checkpoints in {workdir} (steps {had}) could be restored; they were "
+            f"moved to {workdir / 'unreadable_checkpoints'}. Nothing was overwritten. To start this run again "
+            "from step 0, pass --config.train.restart=True")
+    log.info("starting a new run in %s%s", workdir, " (train.restart: the unreadable checkpoints were set "
+             "aside)" if had else "")
+    return program.init(jax.random.PRNGKey(config.seed))
 
 
 class StopSignals:
@@ -125,9 +95,24 @@ class Periodic(NamedTuple):
     action: Callable
 
 
+def _lock_workdir(workdir) -> WorkdirLock | None:
+    """Process 0 takes the workdir's lock; every process learns whether it got it."""
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except WorkdirLocked as e:
+            failure = e
+    if parallel.agree_across_processes(int(failure is not None), "workdir_lock"):
+        raise failure or WorkdirLocked(f"workdir {workdir} is in use by another trainer (see process 0)")
+    return lock
+
+
 def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
     """Trains (or resumes) the run in `workdir`; `stop_after` ends this call early at that step
     (checkpointing it), as a pre-emption would."""
+    validate_config(config)
     workdir = check_workdir(workdir)
     is_main = jax.process_index() == 0
     tc = config.train
@@ -135,37 +120,42 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
     parallel.check_batch_divisible(config.data.batch_size, mesh)
     batches = make_batches(config)
     program = build_train_program(config, mesh)
-    k = max(int(tc.steps_per_dispatch), 1)
+    k = int(tc.steps_per_dispatch)
 
+    lock = _lock_workdir(workdir)
     ckpt = Checkpointer(workdir, keep=tc.keep_ckpts)
-    writer = MetricWriter(workdir, enabled=is_main)
-    progress = None
+    writer = progress = None
     try:
         state = restore_or_init(ckpt, program, config, workdir)
-        if is_main:
-            (workdir / "config.json").write_text(config.to_json(indent=2))
         start = int(state.step)
+        if is_main:
+            changes = write_config(workdir, config, start)
+            if changes:
+                log.info("settings changed since step %d (the previous config is kept as config.%d.json): %s",
+                         start, start, "; ".join(changes))
         end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        writer = MetricWriter(workdir, enabled=is_main)
+        guard = DivergenceGuard(tc.divergence_factor, state.params, ckpt)
 
-        def save(step, state, metrics=None):
-            if not _params_finite(state.params):
-                log.warning("not saving step %d: parameters are not finite", step)
-                return
-            ckpt.save(step, state, {"step": step, "fingerprint": config_fingerprint(config),
-                                    "jax": jax.__version__})
+        def save(step, state, metrics):
+            guard.check(step, state, metrics)
+            ckpt.save(step, state, config)
 
         sampler = SampleWriter(program, config, mesh, workdir, is_main)
-        logger = LossLogger(writer, config.data.batch_size, start)
+        logger = LossLogger(writer, config.data.batch_size, start, guard)
         periodic = [Periodic(tc.log_every, logger), Periodic(tc.sample_every, sampler),
                     Periodic(tc.ckpt_every, save)]
 
         progress = _progress_bar(is_main and tc.progress, start, end)
         make_batch = (lambda s: batches.stacked(s, k)) if k > 1 else batches
         steps = range(start, end - (end - start) % k, k)
+        metrics = None
         with StopSignals() as stop:
             for step, local in zip(steps, prefetch(make_batch, iter(steps))):
                 state, metrics = program.step(state, parallel.global_batch(local, mesh, leading=int(k > 1)))
                 done = step + k
+                if step == start:
+                    guard.observe(done, metrics)  # the loss of the parameters this run started from
                 for p in periodic:
                     if p.every and done % p.every < k and done != end:
                         p.action(done, state, metrics)
@@ -173,21 +163,24 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
                     progress.update(k)
                     progress.set_postfix(logger.postfix, refresh=False)
                 if stop.received:
-                    save(done, state)
+                    save(done, state, metrics)
                     ckpt.wait()
                     raise Preempted(f"{stop.received} at step {done}: saved; run the same command to resume")
-            if int(state.step) > start:
+            if metrics is not None:
                 logger(int(state.step), state, metrics)
-            if int(state.step) > start or not ckpt.steps():
-                save(int(state.step), state)
+            if metrics is not None or not ckpt.steps():
+                save(int(state.step), state, metrics)
             if stop_after is None or end == tc.steps:
                 sampler(int(state.step), state)
         ckpt.wait()
     finally:
         if progress is not None:
             progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
+        if lock is not None:
+            lock.release()
     return state
 
 
@@ -199,20 +192,60 @@ def _progress_bar(enabled: bool, start: int, end: int):
     return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
+_param_norm = jax.jit(tree_norm)
+
+
+class DivergenceGuard:
+    """Decides whether a state may be kept: its loss finite and at most `factor` times the
+    lowest loss seen in this run, its parameters finite and their norm at most `factor` times
+    the norm the run started from. Otherwise the run stops (NonFiniteLoss), saving nothing."""
+
+    def __init__(self, factor: float, start_params, ckpt: Checkpointer):
+        self.factor, self.ckpt = float(factor), ckpt
+        self.start_norm = float(_param_norm(start_params))
+        self.lowest = math.inf
+
+    def observe(self, step: int, metrics) -> float:
+        """The step's loss, after stopping the run if it is not finite."""
+        loss = float(jax.device_get(metrics["loss"]))
+        if not math.isfinite(loss):
+            self._stop(f"the loss at step {step} is {loss}")
+        self.lowest = min(self.lowest, loss)
+        return loss
+
+    def check(self, step: int, state, metrics) -> None:
+        loss = self.observe(step, metrics) if metrics is not None else None
+        if not params_finite(state.params):
+            self._stop(f"the parameters at step {step} are not finite")
+        if not self.factor:
+            return
+        if loss is not None and loss > self.factor * self.lowest:
+            self._stop(f"the run diverged: the loss at step {step} ({loss:.4g}) is over {self.factor:g}x the "
+                       f"lowest of this run ({self.lowest:.4g})")
+        norm = float(_param_norm(state.params))
+        if norm > self.factor * max(self.start_norm, 1e-12):
+            self._stop(f"the run diverged: the parameter norm at step {step} ({norm:.4g}) is over "
+                       f"{self.factor:g}x the one this run started from ({self.start_norm:.4g})")
+
+    def _stop(self, reason: str):
+        self.ckpt.wait()
+        steps = self.ckpt.steps()
+        kept = f"the last good checkpoint (step {steps[-1]}) is kept" if steps else "no checkpoint was saved"
+        raise NonFiniteLoss(f"{reason}: stopping without saving; {kept}. Lower the learning rate or check "
+                            "the data (train.divergence_factor sets the divergence check; 0 turns it off)")
+
+
 class LossLogger:
     """Writes loss, MSE, gradient norm and images/s; a non-finite loss stops the run."""
 
-    def __init__(self, writer: MetricWriter, batch_size: int, start: int):
-        self.writer, self.batch_size = writer, batch_size
+    def __init__(self, writer: MetricWriter, batch_size: int, start: int, guard: DivergenceGuard):
+        self.writer, self.batch_size, self.guard = writer, batch_size, guard
         self.last_time, self.last_step = time.perf_counter(), start
         self.postfix: dict = {}
 
     def __call__(self, step, state, metrics):
+        loss = self.guard.observe(step, metrics)
         m = jax.device_get(metrics)
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
-                                "is kept (lower the learning rate, check the data)")
         now = time.perf_counter()
         rate = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
