@@ -85,21 +85,26 @@ def _split_model_overrides(argv) -> tuple[list, dict]:
     return rest, overrides
 
 
-def _parse_train_flags(argv, config_flag) -> tuple:
+def _parse_train_flags(argv, define_config) -> tuple:
     """(config, workdir, evaluate) from absl flags: --workdir, --evaluate and the config flag
-    `config_flag(flag_values)` defines (with --config.section.key=value overrides)."""
+    that `define_config(flag_values, argv)` defines, with its --config.section.key=value
+    overrides (argv[0] is the program name)."""
     from absl import flags
 
     argv, model_overrides = _split_model_overrides(argv)
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, pictures)", flag_values=fv)
     flags.DEFINE_bool("evaluate", None, "evaluate the run when training ends", flag_values=fv)
-    config_flag(fv)
     try:
+        define_config(fv, argv)  # registers the --config.KEY overrides it finds in argv
         fv(argv)
         config = fv.config
-    except (flags.Error, OSError) as e:  # a bad flag or override; a config file that is missing
-        raise ValueError(str(e).strip().splitlines()[-1]) from None
+        if config is not None:
+            config.to_dict()  # a config file that failed to load raises only when read
+    except (flags.Error, OSError, KeyError, AttributeError, TypeError) as e:
+        # a bad flag, a mistyped key or value in an override, a config file that is missing
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        raise ValueError(lines[-1] if lines else repr(e)) from None
     if config is None or not fv.workdir:
         raise ValueError("train needs --config FILE and --workdir DIR")
     if model_overrides:
@@ -134,10 +139,9 @@ def train_and_report(config, workdir: str, evaluate: bool) -> None:
 def _train(argv) -> None:
     from ml_collections import config_flags
 
-    def config_file(fv):
+    def config_file(fv, args):
         config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
-                                        flag_values=fv, lock_config=True,
-                                        sys_argv=["train"] + _split_model_overrides(argv)[0])
+                                        flag_values=fv, lock_config=True, sys_argv=args)
 
     config, workdir, evaluate = _parse_train_flags(["train"] + argv, config_file)
     train_and_report(config, workdir, bool(evaluate))
@@ -148,9 +152,10 @@ def run_experiment(get_config, argv=None) -> None:
     train the experiment's config, then evaluate it (through the CLI's error boundary)."""
     from ml_collections import config_flags
 
-    def config_dict(fv):
+    def config_dict(fv, args):
         config_flags.DEFINE_config_dict("config", get_config(), "experiment config; override with "
-                                        "--config.section.key=value", flag_values=fv, lock_config=True)
+                                        "--config.section.key=value", flag_values=fv, lock_config=True,
+                                        sys_argv=args)
 
     def command(args):
         config, workdir, evaluate = _parse_train_flags(args, config_dict)
@@ -219,6 +224,9 @@ def _evaluate(args):
 
     from diffusion_jax.evaluation import evaluate_run
 
+    from diffusion_jax.runs import load_config
+
+    load_config(args.workdir)  # a run is there: before any folder is made for its report
     out_dir = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval")
     ensure_writable_dir(out_dir, "--out" if args.out else "the run's eval/ folder (or choose --out DIR)")
     m = evaluate_run(args.workdir, checkpoint=args.checkpoint, num_samples=args.num_samples,

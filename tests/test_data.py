@@ -80,3 +80,16 @@ def test_folder_source(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         c.name = f"folder:{tmp_path}/missing"
         load_split(c, "train")
+
+
+def test_folder_images_of_16_bits_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    gray16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # up to 63,000 of 65,535
+    Image.fromarray(gray16).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    c = base_config().data
+    c.name, c.image_size, c.channels = f"folder:{tmp_path}", 8, 1
+    data = load_split(c, "train")
+    expected = np.round(gray16 / 65535 * 255) / 127.5 - 1  # the same brightness in 8 bits
+    np.testing.assert_allclose(data.images[0, ..., 0], expected, atol=1e-6)
+    assert data.images.max() < 1.0  # not all white, as an 8-bit clip made it

@@ -173,7 +173,8 @@ def test_ema_warmup_and_optimizer_schedule():
 def test_config_overrides_are_validated(capsys):
     from diffusion_jax.cli import run_experiment
     from experiments.digits_unet import get_config
-    for override, words in (("--config.train.no_such_key=3", "no_such_key"), ("--config.train.steps=many", "steps")):
+    for override, words in (("--config.train.no_such_key=3", "no_such_key"), ("--config.train.steps=many", "steps"),
+                            ("--config.train.steps=-2", "train.steps must be")):
         with pytest.raises(SystemExit) as exit_info:
             run_experiment(get_config, ["prog", "--workdir", "/tmp/x", override])
         assert exit_info.value.code == 2
