@@ -31,10 +31,9 @@ class _Format(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
-@contextlib.contextmanager
-def cli_logging():
-    """While a command runs, the library's log messages go to stdout (INFO as they are,
-    warnings marked) and not on to other handlers; afterwards logging is as it was."""
+def configure_logging():
+    """The library's log messages on stdout (INFO as they are, warnings marked) and not on to
+    other handlers. Returns a function that puts logging back as it was."""
     logger = logging.getLogger("diffusion_jax")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_Format())
@@ -42,18 +41,23 @@ def cli_logging():
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    try:
-        yield
-    finally:
+
+    def restore():
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
 
+    return restore
 
-def configure_logging() -> None:
-    """For a script that runs the library itself (a worker of a multi-host job): the same
-    stdout messages as the CLI's, for the life of the process."""
-    cli_logging().__enter__()
+
+@contextlib.contextmanager
+def cli_logging():
+    """`configure_logging` while a command runs; afterwards logging is as it was."""
+    restore = configure_logging()
+    try:
+        yield
+    finally:
+        restore()
 
 
 # ---------------------------------------------------------------------------- train
