@@ -67,10 +67,10 @@ def replace_with_garbage_that_restores(workdir, step: int) -> None:
     from diffusion_jax.training.checkpoint import Checkpointer
     ckpt = Checkpointer(workdir, async_save=False)
     record = ckpt.restore_record(step)
-    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
     ckpt.manager.delete(step)
     garbage = jax.tree_util.tree_map(lambda a: a * 1.001 if np.issubdtype(np.asarray(a).dtype, np.floating) else a, state)
-    ckpt.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(garbage),
+    ckpt.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(garbage),
                                                      record=ocp.args.JsonSave(record)), force=True)
     ckpt.close()
 

@@ -39,18 +39,17 @@ def state_arrays(state) -> dict:
 
 
 def corrupt_checkpoint_data(workdir, step: int, seed: int = 0) -> list:
-    """Writes 64 random bytes into the middle of every data file of a checkpoint's state (the
-    params, EMA and optimizer arrays): the files stay readable, the arrays they hold do not --
-    the corruption Orbax cannot see. Returns the files changed."""
+    """Writes 64 random bytes every 4 KiB into the array data files of a checkpoint's state (its
+    params, EMA and optimizer state): the files are still there and the rest of the checkpoint
+    is intact, but what they hold is not what was saved. Returns the files changed."""
     import pathlib
     state = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-    # The array data: one file per group of arrays (params, EMA, optimizer) for this small model.
-    files = sorted(f for f in state.glob("ocdbt.process_*/d/*") if f.stat().st_size > 100_000)
-    assert len(files) >= 3, files
+    files = sorted(f for f in state.glob("ocdbt.process_*/d/*") if f.stat().st_size > 4096)
+    assert files, f"no array data under {state}"
     rng = np.random.default_rng(seed)
     for target in files:
         data = bytearray(target.read_bytes())
-        middle = len(data) // 2
-        data[middle:middle + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        for start in range(2048, len(data) - 64, 4096):
+            data[start:start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
         target.write_bytes(bytes(data))
     return files

@@ -41,12 +41,33 @@ __all__ = ["CheckpointMismatch", "Checkpointer", "abstract_like", "config_differ
 OK, CORRUPT, MISMATCH, ERROR = 0, 1, 2, 3
 
 
+# Orbax saves a replicated array from all its replicas in parallel, each writing a slice: worth
+# it for large arrays, pure overhead for small ones (every slice of a new shape is an eager op
+# that compiles, 17 s for the first save of the 0.6M-parameter digits U-Net on 8 CPU devices).
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _restore_args(abstract):
+    """Orbax's per-array restore arguments: onto the sharding of each abstract array."""
+    return jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+
+
 class Checkpointer:
     def __init__(self, workdir, keep: int = 3, async_save: bool = True):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": _state_handler(), "record": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -57,7 +78,7 @@ class Checkpointer:
                   "layout": {name: named_shapes(tree) for name, tree in state_groups(state).items()},
                   "digest": state_digest(state)}
         self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
+            state=ocp.args.PyTreeSave(state), record=ocp.args.JsonSave(record)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -103,8 +124,8 @@ class Checkpointer:
         except CheckpointMismatch as e:
             return MISMATCH, e
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                abstract_state, restore_args=_restore_args(abstract_state))))["state"]
         except (PermissionError, MemoryError) as e:
             return ERROR, e
         except Exception as e:  # the layout fits, so an array that cannot be read is corrupt
@@ -150,9 +171,7 @@ class Checkpointer:
                                        named_shapes(abstract_params))
         target = {"ema_params": abstract_params}
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree_util.tree_map(
-                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target),
-            partial_restore=True)))["state"]["ema_params"]
+            item=target, restore_args=_restore_args(target), partial_restore=True)))["state"]["ema_params"]
         saved = record.get("digest", {}).get("ema_params")
         if saved is not None and saved != tree_digest(restored):
             raise ValueError("the digest of its EMA parameters differs from the one saved with them")
