@@ -7,10 +7,10 @@ import pytest
 
 from diffusion_jax import cli
 from diffusion_jax.evaluation.frechet import save_statistics
-from diffusion_jax.training import train
-from tests.train_helpers import tiny_config
+from tests.train_helpers import tiny_config, write_untrained_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("cli_errors")  # one worker: the runs below are made once
 DIGITS = str(REPO / "experiments" / "digits_unet.py")
 
 
@@ -19,9 +19,8 @@ def places(tmp_path_factory):
     """Runs and files the cases point at: an unconditional and a 10-class run, image folders."""
     from PIL import Image
     root = tmp_path_factory.mktemp("cli")
-    train(tiny_config(2, **{"train.ckpt_every": 2}), root / "run")
-    train(tiny_config(2, **{"train.ckpt_every": 2, "data.use_labels": True, "data.num_classes": 10}),
-          root / "labelled")
+    write_untrained_run(root / "run", tiny_config(2))
+    write_untrained_run(root / "labelled", tiny_config(2, **{"data.use_labels": True, "data.num_classes": 10}))
     (root / "empty").mkdir()
     (root / "broken").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "broken" / "good.png")
@@ -122,7 +121,6 @@ CASES = {
 }
 
 
-@pytest.mark.xdist_group("cli_errors")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_with_exit_code_2(case, places, capsys):
     argv, words = CASES[case]
@@ -141,7 +139,6 @@ def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
 
 
-@pytest.mark.xdist_group("cli_errors")
 def test_a_failure_of_the_system_exits_1_and_a_bug_keeps_its_traceback(places, capsys, monkeypatch):
     from diffusion_jax.errors import NonFiniteLoss
     assert cli.exit_code(NonFiniteLoss("x")) == 1 and cli.exit_code(OSError(28, "No space left on device")) == 1
@@ -153,7 +150,6 @@ def test_a_failure_of_the_system_exits_1_and_a_bug_keeps_its_traceback(places, c
         cli.main(["sample", "--workdir", str(places / "run"), "--out", str(places / "s.npz")])
 
 
-@pytest.mark.xdist_group("cli_errors")
 def test_sample_out_paths_stay_where_they_are_asked_for(places, capsys):
     out = places / "run.v2" / "samples"  # a dot in a folder name; no suffix on the file
     cli.main(["sample", "--workdir", str(places / "run"), "--num_samples", "4", "--steps", "2", "--out", str(out)])

@@ -53,3 +53,23 @@ def corrupt_checkpoint_data(workdir, step: int, seed: int = 0) -> list:
             data[start:start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
         target.write_bytes(bytes(data))
     return files
+
+
+def write_untrained_run(workdir, config, step: int = 1):
+    """A run directory as training leaves it -- config.json and a verified checkpoint -- holding
+    the initial parameters (no train step is compiled): for tests of what reads runs."""
+    import pathlib
+
+    from diffusion_jax import parallel
+    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.training.step import build_train_program
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    program = build_train_program(config, parallel.make_mesh())
+    state = program.init(jax.random.PRNGKey(config.seed))
+    state = state.replace(step=state.step + step)
+    ckpt = Checkpointer(workdir)
+    ckpt.save(step, state, config)
+    ckpt.close()
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    return workdir
