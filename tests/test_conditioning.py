@@ -23,7 +23,7 @@ from tests.train_helpers import tiny_config
 def test_the_model_sees_the_configured_fraction_of_null_labels(label_dropout):
     """Labels reach the label embedding of a DiT (intercepted there, inside the module) with
     exactly `train.label_dropout` of them null: dropped once, by the train step."""
-    batch, classes = 4096, 10
+    batch, classes = 2048, 10
     config = tiny_config(1, **{"data.use_labels": True, "data.num_classes": classes,
                                "data.batch_size": batch, "train.label_dropout": label_dropout})
     model, schedule = build_model(config), build_schedule(config)

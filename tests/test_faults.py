@@ -25,6 +25,19 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.fixture(scope="module")
+def run_of_20_steps(tmp_path_factory):
+    """A tiny run trained to step 20 (checkpoints 10 and 20), copied by the tests that damage it."""
+    workdir = tmp_path_factory.mktemp("faults") / "run"
+    train(tiny_config(20), workdir)
+    return workdir
+
+
+def copy_of(run, tmp_path) -> pathlib.Path:
+    import shutil
+    return pathlib.Path(shutil.copytree(run, tmp_path / "run"))
+
+
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of the CLI run in this process."""
     code = 0
@@ -36,8 +49,9 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_resume_with_another_optimizer_or_model_refuses_and_the_run_stays_intact(tmp_path, caplog):
-    train(tiny_config(20), tmp_path)
+@pytest.mark.xdist_group("faults")
+def test_resume_with_another_optimizer_or_model_refuses_and_the_run_stays_intact(run_of_20_steps, tmp_path, caplog):
+    tmp_path = copy_of(run_of_20_steps, tmp_path)
     config_json = (tmp_path / "config.json").read_text()
     for change, words in (({"optim.grad_clip": 0.0}, "optim.grad_clip was 1.0, now 0.0"),
                           ({"optim.accumulate_steps": 2}, "optim.accumulate_steps was 1, now 2"),
@@ -75,9 +89,11 @@ def replace_with_garbage_that_restores(workdir, step: int) -> None:
     ckpt.close()
 
 
+@pytest.mark.xdist_group("faults")
 @pytest.mark.parametrize("damage", ["restorable_garbage", "flipped_bytes"])
-def test_a_corrupted_checkpoint_is_skipped_by_train_sample_and_evaluate(tmp_path, capsys, caplog, damage):
-    train(tiny_config(20), tmp_path)
+def test_a_corrupted_checkpoint_is_skipped_by_train_sample_and_evaluate(run_of_20_steps, tmp_path, capsys, caplog,
+                                                                        damage):
+    tmp_path = copy_of(run_of_20_steps, tmp_path)
     if damage == "restorable_garbage":  # what Orbax restores without complaint: the digest sees it
         replace_with_garbage_that_restores(tmp_path, 20)
     else:  # 64 random bytes in each array file: garbage that decodes, or data that does not
@@ -98,31 +114,35 @@ def test_a_corrupted_checkpoint_is_skipped_by_train_sample_and_evaluate(tmp_path
     assert int(state.step) == 25
     assert "checkpoint 20 is unreadable" in caplog.text
     if damage == "restorable_garbage":
-        assert "the digest of its params, ema_params, opt_state differs" in caplog.text
+        assert "the digest of its ema_params, opt_state, params differs" in caplog.text
     assert checkpoint_steps(tmp_path) == [10, 20, 25]  # 20 saved again by the resumed run
     assert len(list((tmp_path / "unreadable_checkpoints").iterdir())) == 1
 
 
-def test_a_workdir_whose_checkpoints_all_fail_is_never_silently_restarted(tmp_path):
-    train(tiny_config(10), tmp_path)
-    corrupt_checkpoint_data(tmp_path, 10)
+@pytest.mark.xdist_group("faults")
+def test_a_workdir_whose_checkpoints_all_fail_is_never_silently_restarted(run_of_20_steps, tmp_path):
+    tmp_path = copy_of(run_of_20_steps, tmp_path)
+    for step in (10, 20):
+        corrupt_checkpoint_data(tmp_path, step)
     with pytest.raises(NoUsableCheckpoint, match="restart=True"):
-        train(tiny_config(20), tmp_path)
+        train(tiny_config(30), tmp_path)
     assert not (tmp_path / "checkpoints" / "10").exists()  # set aside, not deleted
-    assert len(list((tmp_path / "unreadable_checkpoints").iterdir())) == 1
+    assert len(list((tmp_path / "unreadable_checkpoints").iterdir())) == 2
     state = train(tiny_config(5, **{"train.restart": True}), tmp_path)  # asked for: starts again
     assert int(state.step) == 5
 
 
-def test_divergence_is_never_kept_as_a_good_checkpoint(tmp_path):
+@pytest.mark.xdist_group("faults")
+def test_divergence_is_never_kept_as_a_good_checkpoint(run_of_20_steps, tmp_path):
     # The filer's case: a good run resumed at a learning rate that makes it diverge, logging
     # every 50 steps and saving every 10; the weights stayed finite (2.5e4) and were saved.
-    train(tiny_config(10), tmp_path / "a")
-    with pytest.raises(NonFiniteLoss, match=r"at step 20 .*last good checkpoint \(step 10\) is kept"):
-        train(tiny_config(60, **{"optim.learning_rate": 1e6, "train.log_every": 50}), tmp_path / "a")
-    assert checkpoint_steps(tmp_path / "a") == [10]
-    run = load_run(tmp_path / "a")
-    assert run.step == 10 and all(np.abs(np.asarray(p)).max() < 10 for p in jax.tree_util.tree_leaves(run.ema_params))
+    copy_of(run_of_20_steps, tmp_path / "a")
+    good = tmp_path / "a" / "run"
+    with pytest.raises(NonFiniteLoss, match=r"at step 30 .*last good checkpoint \(step 20\) is kept"):
+        train(tiny_config(70, **{"optim.learning_rate": 1e6, "train.log_every": 50}), good)
+    assert checkpoint_steps(good) == [10, 20]
+    run = load_run(good)
+    assert run.step == 20 and all(np.abs(np.asarray(p)).max() < 10 for p in jax.tree_util.tree_leaves(run.ema_params))
     # A loss that becomes NaN at once: nothing is saved, and the message says so.
     config = tiny_config(40, **{"optim.learning_rate": 1e30, "optim.skip_nonfinite": False,
                                 "optim.grad_clip": 0.0, "optim.warmup_steps": 0,

@@ -181,7 +181,7 @@ def test_config_overrides_are_validated(capsys):
         assert words in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,size,channels", [("mnist", 28, 1), ("cifar10", 32, 3)])
+@pytest.mark.parametrize("name,size,channels", [("mnist", 8, 1), ("cifar10", 8, 3)])  # resized to the tiny model's size
 def test_tfds_path_trains_end_to_end(tmp_path, name, size, channels):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = tiny_config(2, **{"data.name": name, "data.image_size": size, "data.channels": channels,

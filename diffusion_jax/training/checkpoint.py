@@ -19,10 +19,12 @@ The processes of a multi-host job agree on the outcome before any of them acts o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import shutil
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,8 @@ from diffusion_jax.parallel import agree_across_processes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointMismatch", "Checkpointer", "abstract_like", "config_differences", "config_fingerprint",
-           "named_shapes", "state_digest"]
+__all__ = ["CheckpointMismatch", "Checkpointer", "StateSummary", "abstract_like", "config_differences",
+           "config_fingerprint", "named_shapes", "summarize"]
 
 # Outcomes of one restore attempt, in the order processes settle on the worst.
 OK, CORRUPT, MISMATCH, ERROR = 0, 1, 2, 3
@@ -72,11 +74,13 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, config) -> None:
-        """Saves `state` (a TrainState) at `step` with its record (config, layout, digest)."""
+    def save(self, step: int, state, config, summary: StateSummary | None = None) -> None:
+        """Saves `state` (a TrainState) at `step` with its record (config, layout, digest);
+        `summary` is `summarize(state)` when the caller has it already."""
+        summary = summarize(state) if summary is None else summary
         record = {"step": int(step), "config": config.to_dict(), "jax": jax.__version__,
                   "layout": {name: named_shapes(tree) for name, tree in state_groups(state).items()},
-                  "digest": state_digest(state)}
+                  "digest": summary.digest}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), record=ocp.args.JsonSave(record)), force=True)
 
@@ -173,9 +177,10 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=_restore_args(target), partial_restore=True)))["state"]["ema_params"]
         saved = record.get("digest", {}).get("ema_params")
-        if saved is not None and saved != tree_digest(restored):
+        digest, finite = tree_digest_and_finite(restored)
+        if saved is not None and saved != digest:
             raise ValueError("the digest of its EMA parameters differs from the one saved with them")
-        if not params_finite(restored):
+        if not finite:
             raise ValueError("its EMA parameters are not finite")
         return restored
 
@@ -233,25 +238,60 @@ def _bits(x) -> jnp.ndarray:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-@jax.jit
-def _leaf_digests(leaves):
-    """uint32 [n]: for each array, sum_i bits_i * (2654435761 i + 1) mod 2^32. Every factor is
-    odd, so a change to any one element changes the sum; integer sums are exact, so the value
-    does not depend on the sharding or the order of the reduction."""
+def _digests(tree) -> jnp.ndarray:
+    """uint32 [n]: one digest per array of a pytree, sum_i bits_i * (2654435761 i + 1) mod 2^32.
+    Every factor is odd, so a change to any one element changes it; integer sums are exact, so
+    the value does not depend on the sharding or the order of the reduction."""
     digests = []
-    for x in leaves:
+    for x in jax.tree_util.tree_leaves(tree):
         bits = _bits(x).reshape(-1)
         weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
         digests.append(jnp.sum(bits * weights, dtype=jnp.uint32))
     return jnp.stack(digests) if digests else jnp.zeros((0,), jnp.uint32)
 
 
-def tree_digest(tree) -> int:
-    """One uint32 digest of every array of a pytree, leaves combined in order (FNV-1a)."""
+def _sum_of_squares(tree) -> jnp.ndarray:
+    """float32 sum of the squares of every float array: not finite iff an entry is not (or the
+    weights are so large that it overflows, which is divergence too)."""
+    floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in floats), jnp.float32(0))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _facts(groups: dict, squared: tuple):
+    """({name: digests} of every group, {name: sum of squares} of the groups named in `squared`)."""
+    return ({name: _digests(tree) for name, tree in groups.items()},
+            {name: _sum_of_squares(groups[name]) for name in squared})
+
+
+def _combine(digests) -> int:
+    """The leaf digests of a tree as one uint32, in order (FNV-1a)."""
     combined = 2166136261
-    for value in np.asarray(jax.device_get(_leaf_digests(jax.tree_util.tree_leaves(tree)))):
+    for value in np.asarray(digests):
         combined = ((combined ^ int(value)) * 16777619) % 2**32
     return combined
+
+
+class StateSummary(NamedTuple):
+    """What is checked of a train state before it is kept and after it is restored."""
+
+    digest: dict  # {field of the TrainState: uint32 digest of its arrays}
+    finite: bool  # every parameter and EMA parameter finite
+    param_norm: float  # global L2 norm of the parameters
+
+
+def summarize(state) -> StateSummary:
+    """Digests, finiteness and parameter norm of a TrainState, in one compiled program."""
+    digests, squares = jax.device_get(_facts(state_groups(state), ("params", "ema_params")))
+    return StateSummary({name: _combine(d) for name, d in digests.items()},
+                        bool(np.isfinite(squares["params"]) and np.isfinite(squares["ema_params"])),
+                        float(np.sqrt(squares["params"])))
+
+
+def tree_digest_and_finite(tree) -> tuple[int, bool]:
+    """(digest, every float finite) of one pytree, e.g. the EMA parameters alone."""
+    digests, squares = jax.device_get(_facts({"tree": tree}, ("tree",)))
+    return _combine(digests["tree"]), bool(np.isfinite(squares["tree"]))
 
 
 def state_groups(state) -> dict:
@@ -259,25 +299,15 @@ def state_groups(state) -> dict:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def state_digest(state) -> dict:
-    """{field: digest} of a TrainState, saved with it and checked on restore."""
-    return {name: tree_digest(tree) for name, tree in state_groups(state).items()}
-
-
-def params_finite(params) -> bool:
-    """Every entry finite (a norm would overflow for large but finite weights)."""
-    return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params))
-
-
 def verify(state, record: dict) -> str | None:
     """Why a restored state cannot be used (digest differs, parameters not finite), or None."""
+    summary = summarize(state)
     saved = record.get("digest")
     if saved is not None:
-        found = state_digest(state)
-        bad = [name for name in saved if saved[name] != found.get(name)]
+        bad = sorted(name for name in saved if saved[name] != summary.digest.get(name))
         if bad:
             return f"the digest of its {', '.join(bad)} differs from the one saved with them"
-    if not (params_finite(state.params) and params_finite(state.ema_params)):
+    if not summary.finite:
         return "its parameters are not finite"
     return None
 

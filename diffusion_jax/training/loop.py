@@ -25,10 +25,9 @@ from diffusion_jax import parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
 from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
 from diffusion_jax.generation import make_generator
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like, params_finite
+from diffusion_jax.training.checkpoint import Checkpointer, abstract_like, summarize
 from diffusion_jax.training.config import validate_config
 from diffusion_jax.training.logbook import MetricWriter
-from diffusion_jax.training.optim import tree_norm
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.step import TrainProgram, build_train_program
 from diffusion_jax.training.workdir import WorkdirLock, check_workdir, write_config
@@ -135,11 +134,10 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
                          start, start, "; ".join(changes))
         end = tc.steps if stop_after is None else min(tc.steps, stop_after)
         writer = MetricWriter(workdir, enabled=is_main)
-        guard = DivergenceGuard(tc.divergence_factor, state.params, ckpt)
+        guard = DivergenceGuard(tc.divergence_factor, state, ckpt)
 
         def save(step, state, metrics):
-            guard.check(step, state, metrics)
-            ckpt.save(step, state, config)
+            ckpt.save(step, state, config, guard.check(step, state, metrics))
 
         sampler = SampleWriter(program, config, mesh, workdir, is_main)
         logger = LossLogger(writer, config.data.batch_size, start, guard)
@@ -192,17 +190,14 @@ def _progress_bar(enabled: bool, start: int, end: int):
     return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-_param_norm = jax.jit(tree_norm)
-
-
 class DivergenceGuard:
     """Decides whether a state may be kept: its loss finite and at most `factor` times the
     lowest loss seen in this run, its parameters finite and their norm at most `factor` times
     the norm the run started from. Otherwise the run stops (NonFiniteLoss), saving nothing."""
 
-    def __init__(self, factor: float, start_params, ckpt: Checkpointer):
+    def __init__(self, factor: float, start_state, ckpt: Checkpointer):
         self.factor, self.ckpt = float(factor), ckpt
-        self.start_norm = float(_param_norm(start_params))
+        self.start_norm = summarize(start_state).param_norm
         self.lowest = math.inf
 
     def observe(self, step: int, metrics) -> float:
@@ -213,19 +208,21 @@ class DivergenceGuard:
         self.lowest = min(self.lowest, loss)
         return loss
 
-    def check(self, step: int, state, metrics) -> None:
+    def check(self, step: int, state, metrics):
+        """The state's summary (digests for its checkpoint record) once it passes."""
         loss = self.observe(step, metrics) if metrics is not None else None
-        if not params_finite(state.params):
+        summary = summarize(state)
+        if not summary.finite:
             self._stop(f"the parameters at step {step} are not finite")
         if not self.factor:
-            return
+            return summary
         if loss is not None and loss > self.factor * self.lowest:
             self._stop(f"the run diverged: the loss at step {step} ({loss:.4g}) is over {self.factor:g}x the "
                        f"lowest of this run ({self.lowest:.4g})")
-        norm = float(_param_norm(state.params))
-        if norm > self.factor * max(self.start_norm, 1e-12):
-            self._stop(f"the run diverged: the parameter norm at step {step} ({norm:.4g}) is over "
-                       f"{self.factor:g}x the one this run started from ({self.start_norm:.4g})")
+        if summary.param_norm > self.factor * max(self.start_norm, 1e-12):
+            self._stop(f"the run diverged: the parameter norm at step {step} ({summary.param_norm:.4g}) is "
+                       f"over {self.factor:g}x the one this run started from ({self.start_norm:.4g})")
+        return summary
 
     def _stop(self, reason: str):
         self.ckpt.wait()
