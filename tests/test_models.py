@@ -39,12 +39,28 @@ def test_patch_variants_and_exact_ddpm_count():
 def _tiny(name, overrides):
     model = create_model(name, **dict(overrides))
     shape = PRESETS[name].input_shape
-    return model, init_params(model, jax.random.key(0), shape, batch=2), shape
+    if not overrides:  # the preset's own initialisation (zero heads and all), compiled once
+        params = jax.device_get(init_params(model, jax.random.key(0), shape, batch=2))
+    else:  # a variant: random parameters from NumPy, no initialiser to compile (14 s for a U-Net)
+        params = random_params(param_shapes(model, shape))
+    return model, params, shape
 
 
 def tiny(name, **kw):
-    """A small preset and its initial parameters, initialised once per configuration."""
+    """A small preset and its parameters (host arrays), made once per configuration: the
+    preset's initialisation for the preset itself, random normal ones for a variant."""
     return _tiny(name, tuple(sorted(kw.items())))
+
+
+def random_params(shapes, seed: int = 0, scale: float = 0.05):
+    """NumPy normal parameters of the given shapes (ShapeDtypeStructs)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def shifted(params, value):
+    """params + value on the host (eager device ops would compile once per shape)."""
+    return jax.tree_util.tree_map(lambda p: np.asarray(p) + value, params)
 
 
 @pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
@@ -56,14 +72,14 @@ def test_shapes_zero_init_jit_grad_bf16(name):
     assert out.shape == x.shape and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, 0.0)  # zero-initialised head / adaLN-Zero
     # Learned sigma doubles the channels; class labels are accepted.
-    model2, params2, _ = tiny(name, learn_sigma=True, num_classes=10)
-    out2 = jax.jit(model2.apply)({"params": params2}, x, t, jnp.array([1, 2, 3]))
+    model2 = create_model(name, learn_sigma=True, num_classes=10)
+    out2 = jax.eval_shape(model2.apply, {"params": param_shapes(model2, shape)}, x, t, jnp.array([1, 2, 3]))
     assert out2.shape == (*x.shape[:-1], 2 * shape[-1])
     # Gradients flow (after a perturbation of the zero-initialised heads) and bf16 is finite.
-    grads = perturbed_gradients(name, remat=False)
-    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
-    assert sum(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(grads)) > 0.8 * len(
+    grads = jax.device_get(perturbed_gradients(name, remat=False))
+    params = shifted(params, 0.01)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    assert sum(np.abs(g).sum() > 0 for g in jax.tree_util.tree_leaves(grads)) > 0.8 * len(
         jax.tree_util.tree_leaves(grads))
     bf16 = create_model(name, dtype=jnp.bfloat16)
     out_bf16 = jax.jit(bf16.apply)({"params": params}, x, t)
@@ -78,7 +94,7 @@ def perturbed_gradients(name, remat: bool):
     perturbed), one program shared by the tests that need them."""
     _, params, shape = tiny(name)
     model = create_model(name, remat=remat)
-    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
+    params = shifted(params, 0.01)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 500])
     return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2)))(params)
@@ -94,7 +110,7 @@ def test_remat_gives_the_same_gradients(name):
 def test_dropout_needs_and_uses_rng():
     _, params, shape = tiny("unet_tiny")
     model = create_model("unet_tiny", dropout=0.5)
-    params = jax.tree_util.tree_map(lambda p: p + 0.01, params)
+    params = shifted(params, 0.01)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 4])
     apply = jax.jit(model.apply, static_argnames="train")
@@ -247,7 +263,7 @@ def test_hand_written_gradients_equal_autodiff_in_the_whole_model(name):
     parameter's gradient agree (ADM's scale-shift norm included for the U-Net)."""
     extra = {"scale_shift_norm": True} if name == "unet_tiny" else {}
     model, params, shape = tiny(name, **extra)
-    params = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), params)
+    params = jax.tree_util.tree_map(lambda a: a + 0.05 * np.cos(np.arange(a.size).reshape(a.shape)), params)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 700])
 
@@ -276,8 +292,8 @@ def test_separate_qkv_projections_compute_the_fused_function():
         for i, name in enumerate("qkv"):
             attn[name] = {"kernel": qkv["kernel"][:, i * C:(i + 1) * C], "bias": qkv["bias"][i * C:(i + 1) * C]}
         split[block] = {**params[block], "attn": attn}
-    perturbed = jax.tree_util.tree_map(lambda a: a + 0.05, split)  # zero-initialised heads would hide errors
-    fused_params = jax.tree_util.tree_map(lambda a: a + 0.05, params)
+    perturbed = shifted(split, 0.05)  # zero-initialised heads would hide errors
+    fused_params = shifted(params, 0.05)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
     t, y = jnp.array([3, 70]), jnp.array([1, 4])
     np.testing.assert_allclose(separate.apply({"params": perturbed}, x, t, y),
@@ -347,7 +363,7 @@ def test_adm_options_scale_shift_and_resblock_updown():
     base = count_params(param_shapes(create_model("unet_tiny"), (8, 8, 1)))
     model = create_model("unet_tiny", scale_shift_norm=True, resblock_updown=True, num_heads=2)
     assert count_params(param_shapes(model, (8, 8, 1))) > base
-    params = jax.tree_util.tree_map(lambda p: p + 0.02, init_params(model, jax.random.key(0), (8, 8, 1)))
+    params = random_params(param_shapes(model, (8, 8, 1)), seed=2)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     apply = jax.jit(model.apply)
     out_a = apply({"params": params}, x, jnp.array([1, 1]))
