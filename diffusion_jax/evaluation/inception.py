@@ -207,13 +207,25 @@ def load_inception(path=None):
     return unflatten_dict({tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in found.items()})
 
 
+_network = jax.jit(lambda variables, x: InceptionV3FID().apply(variables, x))
+_preprocess = jax.jit(preprocess)
+MIN_BATCH = 16
+
+
 def inception_features(variables, images, batch_size: int = 200) -> np.ndarray:
-    """pool3 features [N, 2048] (float64) of images [N, H, W, C] in [-1, 1], batched."""
-    net = InceptionV3FID()
-    fn = jax.jit(lambda v, x: net.apply(v, preprocess(x)))
+    """pool3 features [N, 2048] (float64) of images [N, H, W, C] in [-1, 1], batched.
+
+    The network is compiled for 299x299 batches of a few sizes only (a power of two from 16 up
+    to `batch_size`; a short batch is padded), whatever the images' size and count.
+    """
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(np.asarray(fn(variables, jnp.asarray(images[start:start + batch_size])), np.float64))
+        chunk = _preprocess(jnp.asarray(images[start:start + batch_size]))
+        n = chunk.shape[0]
+        padded = min(batch_size, max(MIN_BATCH, 1 << (n - 1).bit_length()))
+        if padded > n:
+            chunk = jnp.concatenate([chunk, jnp.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(_network(variables, chunk), np.float64)[:n])
     return np.concatenate(out)
 
 
