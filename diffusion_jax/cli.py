@@ -89,6 +89,29 @@ def _split_model_overrides(argv) -> tuple[list, dict]:
     return rest, overrides
 
 
+def _chain(error):
+    """`error` and the exceptions it was raised while handling, outermost first."""
+    while error is not None:
+        yield error
+        error = error.__context__ or error.__cause__
+
+
+def _unknown_config_key(error, argv):
+    """'--config.KEY: ...' when `error` says the config has no such key (ml_collections raises
+    a KeyError naming one part of the dotted name, wrapped, with a suggestion if it has one)."""
+    messages = [str(c.args[0]) for c in _chain(error) if isinstance(c, KeyError) and c.args]
+    if not messages:
+        return None
+    key = messages[-1].strip("'\"")
+    hints = [line for m in messages for line in m.splitlines() if line.startswith("Did you mean")]
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--config.") and key in name.split(".")[1:]:
+            return (f"{name}: the config has no setting '{key}'"
+                    + (f" ({hints[0]})" if hints else " (check the spelling against the experiment file)"))
+    return None
+
+
 def _parse_train_flags(argv, define_config) -> tuple:
     """(config, workdir, evaluate) from absl flags: --workdir, --evaluate and the config flag
     that `define_config(flag_values, argv)` defines, with its --config.section.key=value
@@ -107,6 +130,9 @@ def _parse_train_flags(argv, define_config) -> tuple:
             config.to_dict()  # a config file that failed to load raises only when read
     except (flags.Error, OSError, KeyError, AttributeError, TypeError) as e:
         # a bad flag, a mistyped key or value in an override, a config file that is missing
+        unknown = _unknown_config_key(e, argv)
+        if unknown:
+            raise ValueError(unknown) from None
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         raise ValueError(lines[-1] if lines else repr(e)) from None
     if config is None or not fv.workdir:
@@ -142,6 +168,12 @@ def train_and_report(config, workdir: str, evaluate: bool) -> None:
 
 def _train(argv) -> None:
     from ml_collections import config_flags
+
+    for i, arg in enumerate(argv):  # the config file itself, before ml_collections wraps its absence
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("--config=")[2]
+        if path and not os.path.isfile(path.split(":")[0]):
+            raise ValueError(f"--config: no such file {path!r} (give the path of an experiment file, "
+                             "e.g. experiments/digits_unet.py)")
 
     def config_file(fv, args):
         config_flags.DEFINE_config_file("config", None, "experiment file with get_config()",
