@@ -36,13 +36,17 @@ def build_schedule(config) -> Schedule:
     """The run's schedule, checked usable: abar at t = T below MAX_TERMINAL_ABAR, and (with
     eps-prediction, where x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) above 0."""
     d = config.diffusion
-    schedule = make_schedule(d.schedule, d.num_timesteps)
+    schedule = make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=bool(d.get("zero_terminal_snr", False)))
     last = float(np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[-1])
     where = f"the {d.schedule} schedule with T = {d.num_timesteps}"
     if last > MAX_TERMINAL_ABAR:
         raise ValueError(f"{where} keeps {100 * np.sqrt(last):.0f}% of the signal's scale at t = T "
                          f"(abar_T = {last:.3g}), so sampling from pure noise would be wrong: use more "
                          "timesteps (diffusion.num_timesteps) or another schedule")
+    if last == 0.0 and d.get("zero_terminal_snr", False) and d.prediction == "eps":
+        raise ValueError(f"{where} is rescaled to zero terminal SNR (abar_T = 0): the model sees pure "
+                         "noise at t = T, where a noise prediction says nothing about x0; use "
+                         "diffusion.prediction='v' (Lin et al. 2023) or zero_terminal_snr=False")
     if last == 0.0 and d.prediction == "eps":
         raise ValueError(f"{where} reaches beta = 1 (abar_T = 0), where x0 cannot be recovered from a "
                          "noise prediction: use more timesteps (the linear schedule's betas scale with "

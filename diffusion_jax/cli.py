@@ -4,10 +4,12 @@ is one line `error: ...` (exit 2), a run that stops for a reason it states exits
 traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
 
   train     --config experiments/digits_unet.py --workdir DIR [--config.train.steps=N ...] [--evaluate]
-  sample    --workdir DIR --num_samples N [--method ddpm|ddim|dpm_solver++ --steps K --seed S
+  sample    --workdir DIR --num_samples N [--method NAME --steps K --option KEY=VALUE --seed S
             --guidance_scale G --labels 0,1,2 --eta E --checkpoint STEP] --out FILE.npz
-  evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler M --steps K --seed S
-            --fid_stats REF.npz --inception_weights FILE]
+  evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler NAME --steps K
+            --option KEY=VALUE --seed S --fid_stats REF.npz --inception_weights FILE]
+
+The samplers (NAME) are the registry's (`samplers.sampler_names()`; `sample --help` lists them).
   fid-stats --dataset NAME --split train --out FILE.npz [--features digits|inception
             --inception_weights FILE --image_size S --channels C --max_images N]
 """
@@ -20,7 +22,7 @@ import os
 import pathlib
 import sys
 
-from diffusion_jax.samplers import METHODS
+from diffusion_jax.samplers import sampler_names
 
 DEBUG_ENV = "DIFFUSION_JAX_DEBUG"
 
@@ -61,7 +63,9 @@ def cli_logging():
 
 
 # ---------------------------------------------------------------------------- train
-MODEL_OVERRIDES = "--config.model.overrides."
+# Open-ended parts of the locked config: their keys cannot be flags, so they are parsed here.
+OPEN_ENDED = {"--config.model.overrides.": ("model", "overrides", "a field of the model, e.g. ch=16"),
+              "--config.sample.options.": ("sample", "options", "a sampler option, e.g. sigmas='karras'")}
 
 
 def _literal(text: str):
@@ -74,19 +78,20 @@ def _literal(text: str):
         return text
 
 
-def _split_model_overrides(argv) -> tuple[list, dict]:
-    """(other arguments, {field: value}) for --config.model.overrides.FIELD=VALUE arguments: the
-    fields of a model are open-ended, so they cannot be keys of the locked config."""
-    rest, overrides = [], {}
+def _split_open_ended(argv) -> tuple[list, dict]:
+    """(other arguments, {(section, name): {field: value}}) for the OPEN_ENDED arguments."""
+    rest, found = [], {}
     for arg in argv:
-        if not arg.startswith(MODEL_OVERRIDES):
+        prefix = next((p for p in OPEN_ENDED if arg.startswith(p)), None)
+        if prefix is None:
             rest.append(arg)
             continue
-        field, sep, value = arg[len(MODEL_OVERRIDES):].partition("=")
+        section, name, example = OPEN_ENDED[prefix]
+        field, sep, value = arg[len(prefix):].partition("=")
         if not sep or not field.isidentifier():
-            raise ValueError(f"{arg!r}: write {MODEL_OVERRIDES}FIELD=VALUE (a field of the model, e.g. ch=16)")
-        overrides[field] = _literal(value)
-    return rest, overrides
+            raise ValueError(f"{arg!r}: write {prefix}FIELD=VALUE ({example})")
+        found.setdefault((section, name), {})[field] = _literal(value)
+    return rest, found
 
 
 def _chain(error):
@@ -118,7 +123,7 @@ def _parse_train_flags(argv, define_config) -> tuple:
     overrides (argv[0] is the program name)."""
     from absl import flags
 
-    argv, model_overrides = _split_model_overrides(argv)
+    argv, open_ended = _split_open_ended(argv)
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, pictures)", flag_values=fv)
     flags.DEFINE_bool("evaluate", None, "evaluate the run when training ends", flag_values=fv)
@@ -137,9 +142,11 @@ def _parse_train_flags(argv, define_config) -> tuple:
         raise ValueError(lines[-1] if lines else repr(e)) from None
     if config is None or not fv.workdir:
         raise ValueError("train needs --config FILE and --workdir DIR")
-    if model_overrides:
-        with config.unlocked():
-            config.model.overrides.update(model_overrides)
+    with config.unlocked():
+        for (section, name), values in open_ended.items():
+            if name not in config[section]:
+                config[section][name] = {}
+            config[section][name].update(values)
     return config, fv.workdir, fv.evaluate
 
 
@@ -221,7 +228,8 @@ def _sample(args):
     run = load_run(args.workdir, args.checkpoint)
     generate = make_generator(run.model, run.schedule, run.config,
                               batch_size=min(args.num_samples, args.batch_size),
-                              method=args.method, steps=args.steps)
+                              method=args.method, steps=args.steps,
+                              options=parse_options(args.option))
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed), eta=args.eta,
                       guidance_scale=args.guidance_scale, labels=labels)
     if jax.process_index() == 0:
@@ -229,6 +237,21 @@ def _sample(args):
         png = viz.save_grid(images[:256], out.with_suffix(".png"))
         print(f"wrote {images.shape[0]} samples {images.shape[1:]} to {out} and {png} "
               f"(checkpoint step {run.step}, EMA parameters)")
+
+
+OPTION_HELP = ("a sampler option, repeatable: sigmas=karras|exponential|model, "
+               "spacing=linspace|leading|trailing, rho=7, s_churn=..., s_tmin, s_tmax, s_noise")
+
+
+def parse_options(items: list[str]) -> dict:
+    """--option KEY=VALUE ... as a dict (the sampler checks the keys)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option {item!r}: write --option KEY=VALUE, e.g. --option sigmas=karras")
+        options[key] = _literal(value)
+    return options
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -267,7 +290,8 @@ def _evaluate(args):
     ensure_writable_dir(out_dir, "--out" if args.out else "the run's eval/ folder (or choose --out DIR)")
     m = evaluate_run(args.workdir, checkpoint=args.checkpoint, num_samples=args.num_samples,
                      sampler=args.sampler, steps=args.steps, seed=args.seed, fid_stats=args.fid_stats,
-                     inception_weights=args.inception_weights, out_dir=out_dir)
+                     inception_weights=args.inception_weights, out_dir=out_dir,
+                     sampler_options=parse_options(args.option))
     summary = {k: m[k] for k in ("noise_mse", "noise_rmse", "noise_mae", "noise_r2", "checkpoint_step")}
     if "bpd" in m:
         summary["bits_per_dim"] = m["bpd"]["total_bpd"]
@@ -314,10 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="samples from a run's EMA parameters")
     s.add_argument("--workdir", required=True)
     s.add_argument("--num_samples", type=int, default=64)
-    s.add_argument("--method", choices=METHODS)
+    s.add_argument("--method", choices=sampler_names())
     s.add_argument("--steps", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eta", type=float)
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     s.add_argument("--guidance_scale", type=float,
                    help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
     s.add_argument("--labels", help="comma-separated class labels, cycled")
@@ -328,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--checkpoint", type=int)
     e.add_argument("--num_samples", type=int)
-    e.add_argument("--sampler", choices=METHODS)
+    e.add_argument("--sampler", choices=sampler_names())
     e.add_argument("--steps", type=int)
+    e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     e.add_argument("--seed", type=int)
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
     e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")

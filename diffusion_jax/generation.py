@@ -70,21 +70,34 @@ def check_labels(config, labels) -> np.ndarray | None:
     return labels.astype(np.int32)
 
 
+def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None):
+    """(method, steps, options) to sample a run with: the arguments, else config.sample. The
+    config's `sample.options` (grid and step options of its sampler) apply to its own method
+    only; `options` are added on top. Checked here, before any work is done."""
+    s = config.sample
+    own = method is None or method == s.method
+    method = s.method if method is None else method
+    steps = s.steps if steps is None else steps
+    merged = {**(dict(s.get("options", {})) if own else {}), **(options or {})}
+    sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
+    return method, steps, merged
+
+
 def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
-                   steps=None, trajectory_every=None, mesh=None):
+                   steps=None, options=None, trajectory_every=None, mesh=None):
     """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None)
     -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over `mesh`; labels
     (classes of the run, cycled to N) default to 0, 1, 2, ... for a class-conditional run.
 
     Compiled on first use, once for unguided and once for guided sampling; the key, eta and
     guidance scale are traced, so calls with other values reuse the program. Sampler settings
-    default to config.sample. With `trajectory_every` it returns (images, trajectory of the first
+    default to config.sample (see `sampler_settings`); guidance rescale is
+    config.sample.guidance_rescale. With `trajectory_every` it returns (images, trajectory of the first
     batch).
     """
     s = config.sample
-    method = s.method if method is None else method
-    steps = s.steps if steps is None else steps
-    sampling_grid(schedule, method, steps)  # a bad method or step count is an error now, not at first use
+    method, steps, options = sampler_settings(config, schedule, method, steps, options)
+    rescale = float(s.get("guidance_rescale", 0.0)) or None
     mesh = mesh or make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
     classes = num_model_classes(config)
@@ -94,11 +107,11 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     def run(guided, params, key, eta, guidance_scale, labels):
         kw = dict(method=method, num_steps=steps, eta=eta, clip_x0=bool(s.clip_x0),
                   variance=config.diffusion.variance, prediction=config.diffusion.prediction,
-                  trajectory_every=trajectory_every, sharding=batch_sharding(mesh))
+                  trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
         if classes:
             kw.update(cond=labels)
             if guided:
-                kw.update(guidance_scale=guidance_scale, null_cond=classes)
+                kw.update(guidance_scale=guidance_scale, null_cond=classes, guidance_rescale=rescale)
         return sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None):

@@ -126,8 +126,22 @@ def sigmoid_betas(num_timesteps: int, start: float = -3.0, end: float = 3.0, tau
 _BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
 
 
-def make_schedule(name: str, num_timesteps: int = 1000, **kwargs) -> Schedule:
-    """The named schedule ("linear", "cosine" or "sigmoid") with T = num_timesteps steps.
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose abar_T is 0 (Lin et al. 2023, Algorithm 1), in float64.
+
+    sqrt(abar) is shifted so its last value is 0 and scaled so its first is unchanged; the
+    model then sees pure noise at t = T, which only v (or x0) prediction can denoise.
+    """
+    root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = root[0], root[-1]
+    abar = ((root - last) * first / (first - last)) ** 2
+    return 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
+
+
+def make_schedule(name: str, num_timesteps: int = 1000, *, zero_terminal_snr: bool = False,
+                  **kwargs) -> Schedule:
+    """The named schedule ("linear", "cosine" or "sigmoid") with T = num_timesteps steps,
+    rescaled to zero terminal SNR when asked (see `rescale_zero_terminal_snr`).
 
     Keyword arguments go to the beta function (e.g. `beta_start`, `s`, `tau`).
     """
@@ -135,7 +149,28 @@ def make_schedule(name: str, num_timesteps: int = 1000, **kwargs) -> Schedule:
         raise ValueError(f"unknown schedule name {name!r}; choose one of {SCHEDULE_NAMES}")
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
-    return schedule_from_betas(_BETAS[name](int(num_timesteps), **kwargs))
+    betas = _BETAS[name](int(num_timesteps), **kwargs)
+    return schedule_from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+    """`num_steps` indices in [0, T), ascending, chosen as diffusers' `timestep_spacing` does
+    (Lin et al. 2023, Table 2): "linspace" rounds linspace(0, T - 1, n) (first 0, last T - 1),
+    "leading" takes multiples of T // n from 0, "trailing" counts down from T - 1 in steps of
+    T / n (so the noisiest step is always t = T - 1)."""
+    T, n = num_timesteps, num_steps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {n}")
+    if spacing == "linspace":
+        return evenly_spaced_timesteps(T, n)
+    if spacing == "leading":
+        return np.arange(n, dtype=np.int64) * (T // n)
+    return (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[::-1].copy()
 
 
 def evenly_spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:

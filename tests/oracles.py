@@ -113,3 +113,24 @@ def flow_map(abar_T, mu, sigma):
     becomes the standardised x0, x0 = mu + sigma (x_T - sqrt(a) mu) / sqrt(a s^2 + 1 - a)."""
     scale = sigma / np.sqrt(abar_T * sigma**2 + 1 - abar_T)
     return scale, mu - scale * np.sqrt(abar_T) * mu
+
+
+def gaussian_optimal_continuous(alphas_cumprod, mu, sigma, prediction="eps"):
+    """E[eps | x_t] (or E[v | x_t]) of data N(mu, sigma^2 I) at a fractional model timestep t:
+    the noise level sigma(t) = exp(interp(t, log sigma_k)), linear in log sigma between the
+    integer timesteps as the sigma-space samplers assume, abar(t) = 1 / (1 + sigma(t)^2).
+    abar = 0 (zero terminal SNR) is held at 2^-24, as the samplers do."""
+    a = np.maximum(np.asarray(alphas_cumprod, np.float64), 2.0 ** -24)
+    log_sigmas = jnp.asarray(0.5 * (np.log1p(-a) - np.log(a)), jnp.float32)
+    steps = jnp.arange(len(a), dtype=jnp.float32)
+
+    def denoise_fn(x_t, t_model, *unused):
+        log_s = jnp.interp(jnp.asarray(t_model, jnp.float32), steps, log_sigmas)
+        ab = (1.0 / (1.0 + jnp.exp(2 * log_s))).reshape((-1,) + (1,) * (x_t.ndim - 1))
+        eps = jnp.sqrt(1 - ab) / (ab * sigma**2 + 1 - ab) * (x_t - jnp.sqrt(ab) * mu)
+        if prediction == "eps":
+            return eps
+        x0 = (ab * sigma**2 * x_t / jnp.sqrt(ab) + (1 - ab) * mu) / (ab * sigma**2 + 1 - ab)
+        return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+
+    return denoise_fn

@@ -36,8 +36,7 @@ ABAR64 = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
 
 def grid_abars(method, num_steps):
     """abar (float64) at the model timesteps the sampler visits, noisiest first."""
-    steps, t, _ = sampling_grid(S, method, num_steps)
-    return ABAR64[np.asarray(steps.timesteps)[t]]
+    return ABAR64[sampling_grid(S, method, num_steps).model_t]
 
 
 def test_ddpm_reproduces_gaussian_data_and_the_exact_chain():
@@ -231,8 +230,12 @@ def test_sharded_sampling_equals_unsharded_with_per_device_noise():
 
 
 def test_bad_sampler_inputs():
-    with pytest.raises(ValueError, match="unknown method 'euler'"):
-        sample(ORACLE, S, (2, 2, 2, 1), jax.random.key(0), method="euler")
+    with pytest.raises(ValueError, match="unknown method 'bogus'; choose one of .*'dpm\+\+_2m'"):
+        sample(ORACLE, S, (2, 2, 2, 1), jax.random.key(0), method="bogus")
+    with pytest.raises(ValueError, match=r"sampler 'ddim' has no option\(s\) \['sigmas'\]"):
+        sample(ORACLE, S, (2, 2, 2, 1), jax.random.key(0), method="ddim", sigmas="karras")
+    with pytest.raises(ValueError, match="repaint_resamples > 1 needs known"):
+        sample(ORACLE, S, (2, 2, 2, 1), jax.random.key(0), method="euler", repaint_resamples=2)
     with pytest.raises(ValueError, match="num_steps must be in"):
         sample(ORACLE, S, (2, 2, 2, 1), jax.random.key(0), method="ddim", num_steps=2000)
     with pytest.raises(ValueError, match="null_cond"):

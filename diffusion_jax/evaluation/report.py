@@ -15,10 +15,9 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics
-from diffusion_jax.generation import describe_guidance, make_generator
+from diffusion_jax.generation import describe_guidance, make_generator, sampler_settings
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.runs import load_run
-from diffusion_jax.samplers import sampling_grid
 
 
 def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_size=64) -> dict:
@@ -36,7 +35,7 @@ def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_s
 def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None,
-                 out_dir=None) -> dict:
+                 out_dir=None, sampler_options: dict | None = None) -> dict:
     """Evaluates the run in `workdir`; returns the metrics dict it writes to eval/metrics.json.
 
     With `fid_stats` (a reference .npz from `fid-stats`) the FID of the samples is computed with
@@ -47,11 +46,10 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     c = run.config
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
-    method = c.sample.method if sampler is None else sampler
-    num_steps = c.sample.steps if steps is None else steps
     if num_samples < 1:
         raise ValueError(f"the number of samples to evaluate must be at least 1, got {num_samples}")
-    sampling_grid(run.schedule, method, num_steps)  # checked before the metrics take their time
+    # checked before the metrics take their time
+    method, num_steps, options = sampler_settings(c, run.schedule, sampler, steps, sampler_options)
     fid_stats = fid_stats or c.eval.get("fid_stats", "")
     if fid_stats:  # the reference and the network are read first: a missing file fails fast
         from diffusion_jax.evaluation.inception import inception_features, load_inception
@@ -73,9 +71,11 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
 
     generate = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256),
-                              method=method, steps=num_steps, trajectory_every=max(1, num_steps // 10))
+                              method=method, steps=num_steps, options=options,
+                              trajectory_every=max(1, num_steps // 10))
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
     metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": float(c.sample.eta),
+                          "options": options,
                           "guidance_scale": float(c.sample.guidance_scale),
                           "guidance": describe_guidance(c, c.sample.guidance_scale),
                           "num_samples": int(num_samples)}

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.variance = "fixed_small"
     c.diffusion.weighting = "none"
     c.diffusion.vlb_weight = 0.001
+    c.diffusion.zero_terminal_snr = False  # rescale the betas to abar_T = 0 (needs prediction "v")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adam"      # adam | adamw
@@ -75,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.eta = 0.0
     c.sample.clip_x0 = True
     c.sample.guidance_scale = 1.0   # classifier-free guidance: 1 = none, > 1 guided, 0 = unconditional
+    c.sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (0 = plain guidance, 0.7 theirs)
+    c.sample.options = ml_collections.ConfigDict()  # the method's own options, e.g.
+                                                    # --config.sample.options.sigmas=karras
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 512       # held-out (x0, t, noise) triples for the metrics
@@ -99,7 +103,7 @@ def validate_config(config) -> None:
     the setting and what it accepts."""
     from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
     from diffusion_jax.losses import WEIGHTINGS
-    from diffusion_jax.samplers import METHODS
+    from diffusion_jax.samplers import sampler_names
     from diffusion_jax.schedules import SCHEDULE_NAMES
 
     for key, minimum, what in (
@@ -123,7 +127,7 @@ def validate_config(config) -> None:
                                 ("diffusion.variance", config.diffusion.variance, VARIANCES),
                                 ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
                                 ("diffusion.schedule", config.diffusion.schedule, SCHEDULE_NAMES),
-                                ("sample.method", config.sample.method, METHODS),
+                                ("sample.method", config.sample.method, sampler_names()),
                                 ("optim.optimizer", config.optim.optimizer, ("adam", "adamw")),
                                 ("optim.decay", config.optim.decay, ("constant", "cosine"))):
         if value not in allowed:
@@ -138,6 +142,8 @@ def validate_config(config) -> None:
     if config.sample.steps > config.diffusion.num_timesteps:
         raise ValueError(f"sample.steps ({config.sample.steps}) cannot exceed diffusion.num_timesteps "
                          f"({config.diffusion.num_timesteps})")
-    from diffusion_jax.generation import guidance_enabled
+    from diffusion_jax.builders import build_schedule
+    from diffusion_jax.generation import guidance_enabled, sampler_settings
 
     guidance_enabled(config, config.sample.guidance_scale)
+    sampler_settings(config, build_schedule(config))

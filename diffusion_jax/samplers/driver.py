@@ -1,0 +1,241 @@
+"""The reverse process from noise to data: any registered sampler, run in one `lax.scan`.
+
+`sample(denoise_fn, schedule, shape, key, ...)` is pure; jit it with the model, schedule and
+shape closed over (they fix the program) and everything users sweep as traced arguments:
+
+    sampler = jax.jit(functools.partial(sample, denoise_fn, schedule, shape, method="ddim",
+                                        num_steps=50))
+    x0 = sampler(key, eta=0.5)           # a new key or eta: same compiled program
+
+Static (change the program): `denoise_fn`, `schedule`, `shape`, `method`, `num_steps`, the
+sampler's grid options (`spacing`, `sigmas`, `rho`), `prediction`, `variance`, `clip_x0`,
+`start_step`, `trajectory_every`, `repaint_resamples`, `sharding`, and whether
+`cond`/`known`/`start_x`/`x_T`/`guidance_rescale` are given. Traced: `key`, `eta`, the
+sampler's step options (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`), `guidance_scale`,
+`guidance_rescale`, `cond`, `null_cond`, `known`, `mask`, `start_x`, `x_T`.
+
+The samplers (`sampler_names()`) live in `discrete.py` and `sigma.py`; guidance, inpainting
+(RePaint), SDEdit and the trajectory buffer wrap any of them here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
+from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
+from diffusion_jax.schedules import Schedule
+
+
+def sampling_grid(schedule: Schedule, method: str, num_steps: int | None = None,
+                  start_step: int | None = None, **options) -> Grid:
+    """The grid `sample` walks for these settings (checks the method, step count and options)."""
+    sampler = get_sampler(method)
+    grid_options, _ = sampler.split_options(options)
+    if num_steps is None:
+        num_steps = sampler.default_steps(schedule.num_timesteps)
+    with jax.ensure_compile_time_eval():  # host values even when called under jit
+        grid = sampler.make_grid(schedule, num_steps, **grid_options)
+    return grid if start_step is None else grid.starting_at(start_step)
+
+
+def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_scale=None,
+                      variance: str = "fixed_small", guidance_rescale=None) -> Callable:
+    """denoise_fn(x, t[, cond]) as a function of (x, t) with classifier-free guidance.
+
+    With `guidance_scale` s the conditional and the null-label batches go through the model in
+    one call and out = out_uncond + s (out_cond - out_uncond) on the mean channels (for eps, x0
+    or v alike, each linear in eps at fixed x_t); a learned variance is the conditional one.
+    `guidance_rescale` phi (Lin et al. 2023, eq. 15-16) mixes in the guided output rescaled to
+    the conditional output's standard deviation per example: phi = 0 is plain guidance.
+    """
+    if guidance_scale is None:
+        if cond is None:
+            return denoise_fn
+        return lambda x, t: denoise_fn(x, t, cond)
+    if cond is None or null_cond is None:
+        raise ValueError("guidance_scale needs both cond (labels) and null_cond (the null label)")
+
+    def guided(x, t):
+        batch = x.shape[0]
+        null = jnp.broadcast_to(jnp.asarray(null_cond, jnp.asarray(cond).dtype), jnp.shape(cond))
+        out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                         jnp.concatenate([cond, null]))
+        out_c, out_u = out[:batch], out[batch:]
+        mean_c, var_c = split_model_output(out_c, x, variance)
+        mean_u, _ = split_model_output(out_u, x, variance)
+        mean = mean_u + guidance_scale * (mean_c - mean_u)
+        if guidance_rescale is not None:
+            axes = tuple(range(1, x.ndim))
+            rescaled = mean * (jnp.std(mean_c, axis=axes, keepdims=True)
+                               / jnp.std(mean, axis=axes, keepdims=True))
+            mean = guidance_rescale * rescaled + (1.0 - guidance_rescale) * mean
+        return mean if var_c is None else jnp.concatenate([mean, var_c], axis=-1)
+
+    return guided
+
+
+def _check_wrappers(known, mask, repaint_resamples, start_x, start_step):
+    if (known is None) != (mask is None):
+        raise ValueError("inpainting needs both known (the image) and mask (1 = keep)")
+    if repaint_resamples > 1 and known is None:
+        raise ValueError("repaint_resamples > 1 needs known and mask (RePaint inpainting)")
+    if start_x is not None and start_step is None:
+        raise ValueError("start_x (SDEdit) needs start_step, the timestep to noise it to")
+
+
+def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
+           num_steps: int | None = None, eta=0.0, prediction: str = "eps",
+           variance: str = "fixed_small", clip_x0: bool = True, guidance_scale=None,
+           guidance_rescale=None, cond=None, null_cond=None, known=None, mask=None,
+           repaint_resamples: int = 1, start_x=None, start_step: int | None = None, x_T=None,
+           trajectory_every: int | None = None, sharding=None, **options):
+    """Generates a batch x0 of `shape` ([B, H, W, C]) with the sampler named `method`.
+
+    Args:
+      denoise_fn: (x_t, t_model) -> model output, or (x_t, t_model, cond) when `cond` is given.
+      num_steps: the sampler's steps (its default when None); `options` are its grid and step
+        options (see `get_sampler(method)`); `eta` goes to the samplers that take it.
+      known, mask: inpainting; after every step the pixels with mask = 1 are replaced by `known`
+        noised to the level of the new state (by `known` itself at the end).
+        `repaint_resamples` r > 1 re-noises each step's result back to the step's level r - 1
+        times (RePaint, jump length 1).
+      start_x, start_step: image-to-image (SDEdit): start_x noised to the grid's first step at
+        or below model timestep `start_step`, then the chain from there.
+      x_T: the starting noise (default: drawn from `key`); the DDIM decoder of `encode`.
+      trajectory_every: also return {"x_t", "pred_x0": [N, *shape], "t": [N]}, the state before
+        every k-th step and the final sample (N = ceil(K / k) + 1 for K steps).
+      sharding: a `jax.sharding.Sharding` for [B, ...] arrays (batch on a data axis); the noise
+        is drawn as one global array, so every device gets its own noise and the result equals
+        the unsharded one for the same key.
+    Returns:
+      x0 [B, ...] float32 (and the trajectory dict when `trajectory_every` is set).
+    """
+    shape, sampler = tuple(shape), get_sampler(method)
+    _, step_options = sampler.split_options(dict(options, eta=eta))
+    grid = sampling_grid(concrete_schedule(schedule), method, num_steps, start_step, **options)
+    _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
+    constrain = (lambda a: a) if sharding is None else (
+        lambda a: jax.lax.with_sharding_constraint(a, sharding))
+    normal = lambda k: constrain(jax.random.normal(k, shape, jnp.float32))
+    model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
+    ctx = StepContext(model, grid.schedule, prediction, variance, clip_x0, grid.num_steps, normal,
+                      {k: jnp.asarray(v, jnp.float32) for k, v in step_options.items()})
+    key_init, key_steps = jax.random.split(key)
+    if x_T is not None:
+        x = constrain(jnp.asarray(x_T, jnp.float32).reshape(shape))
+    elif start_x is not None:
+        x = grid.signal[0] * constrain(start_x.astype(jnp.float32)) + grid.noise[0] * normal(key_init)
+    else:
+        x = normal(key_init)
+    step = _with_known(sampler.step, known, mask, normal)
+    if known is not None and x_T is None and start_x is None:
+        x = _merge_known(x, known, mask, grid.signal[0], grid.noise[0], normal(jax.random.fold_in(key_init, 1)))
+    if repaint_resamples > 1:
+        step = _with_repaint(step, repaint_resamples, normal)
+    return _run(step, ctx, x, sampler.init_state(x), grid, key_steps, trajectory_every)
+
+
+def _merge_known(x, known, mask, signal, noise, fresh):
+    noised = signal * known.astype(jnp.float32) + noise * fresh
+    return mask * noised + (1.0 - mask) * x
+
+
+def _with_known(step, known, mask, normal):
+    """The step, then (when inpainting) the known pixels noised to the new state's level."""
+
+    def known_step(ctx, x, state, inputs, key):
+        k_step, k_known = jax.random.split(key)
+        x_next, state, x0 = step(ctx, x, state, inputs, k_step)
+        if known is not None:
+            x_next = _merge_known(x_next, known, mask, inputs["signal_next"], inputs["noise_next"],
+                                  normal(k_known))
+        return x_next, state, x0
+
+    return known_step
+
+
+def _with_repaint(step, resamples, normal):
+    """RePaint (Lugmayr et al. 2022): r - 1 times, take the step and re-noise its result back
+    to the step's level with the forward kernel between the two levels, then take it for good."""
+
+    def repaint_step(ctx, x, state, inputs, key):
+        ratio = (inputs["signal"] / inputs["signal_next"]) ** 2  # abar_now / abar_next
+
+        def resample(j, x_cur):
+            k = jax.random.fold_in(key, j)
+            x_next, _, _ = step(ctx, x_cur, state, inputs, k)
+            return jnp.sqrt(ratio) * x_next + jnp.sqrt(1.0 - ratio) * normal(jax.random.fold_in(k, 7))
+
+        x = jax.lax.fori_loop(0, resamples - 1, resample, x)
+        return step(ctx, x, state, inputs, jax.random.fold_in(key, resamples))
+
+    return repaint_step
+
+
+def _run(step, ctx, x, state, grid: Grid, key, trajectory_every):
+    """The chain in one lax.scan, keeping every k-th state in a buffer when asked (never all)."""
+    K = grid.num_steps
+    inputs = {k: jnp.asarray(v) for k, v in grid.steps.items()}
+    inputs.update(i=jnp.arange(K), signal=jnp.asarray(grid.signal[:-1]),
+                  signal_next=jnp.asarray(grid.signal[1:]), noise_next=jnp.asarray(grid.noise[1:]))
+
+    def body(carry, inp):
+        x, state = carry
+        x_next, state, x0 = step(ctx, x, state, inp, jax.random.fold_in(key, inp["i"]))
+        return (x_next, state), (x, x0)
+
+    if trajectory_every is None:
+        (x, _), _ = jax.lax.scan(lambda c, inp: (body(c, inp)[0], None), (x, state), inputs)
+        return x
+    every = int(trajectory_every)
+    saved = -(-K // every)
+    buffers = (jnp.zeros((saved + 1,) + x.shape, jnp.float32),) * 2
+
+    def body_traj(carry, inp):
+        carry, (buf_x, buf_x0) = carry
+        carry, (x_before, x0) = body(carry, inp)
+        write, slot = inp["i"] % every == 0, inp["i"] // every
+        buf_x = buf_x.at[slot].set(jnp.where(write, x_before, buf_x[slot]))
+        buf_x0 = buf_x0.at[slot].set(jnp.where(write, x0, buf_x0[slot]))
+        return (carry, (buf_x, buf_x0)), None
+
+    ((x, _), (buf_x, buf_x0)), _ = jax.lax.scan(body_traj, ((x, state), buffers), inputs)
+    model_t = jnp.append(jnp.asarray(grid.model_t[::every]), -1)
+    return x, {"x_t": buf_x.at[saved].set(x), "pred_x0": buf_x0.at[saved].set(x), "t": model_t}
+
+
+def encode(denoise_fn: Callable, schedule: Schedule, x0, num_steps: int = 50, *,
+           prediction: str = "eps", cond=None):
+    """DDIM inversion: runs the deterministic DDIM update forward from x0 to x_{T-1}.
+
+    The grid is the one `sample(method="ddim", num_steps=num_steps)` walks down, so
+    `decode(denoise_fn, schedule, encode(...), num_steps)` returns x0 up to the discretisation
+    error, which falls as `num_steps` grows. x0 [B, ...] -> x_T [B, ...].
+    """
+    grid = np.asarray(sampling_grid(schedule, "ddim", num_steps).steps["t"])[::-1]
+    model = guided_denoise_fn(denoise_fn, cond)
+    B = x0.shape[0]
+
+    def body(x, inputs):
+        t, t_next = inputs
+        tt = jnp.full((B,), t, jnp.int32)
+        out = model(x, schedule.timesteps[tt])
+        x0_hat, eps = predict_x0_eps(schedule, mean_channels(out, x), x, tt, prediction, clip_x0=False)
+        return q_sample(schedule, x0_hat, jnp.full((B,), t_next, jnp.int32), eps), None
+
+    x = x0.astype(jnp.float32)
+    if len(grid) > 1:
+        x, _ = jax.lax.scan(body, x, (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])))
+    return x
+
+
+def decode(denoise_fn: Callable, schedule: Schedule, x_T, num_steps: int = 50, *,
+           prediction: str = "eps", cond=None):
+    """Deterministic DDIM (eta = 0, no clipping) from a given x_T: the inverse of `encode`."""
+    return sample(denoise_fn, schedule, x_T.shape, jax.random.key(0), method="ddim",
+                  num_steps=num_steps, eta=0.0, prediction=prediction, clip_x0=False, cond=cond,
+                  x_T=x_T)
