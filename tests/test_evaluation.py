@@ -121,8 +121,8 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
 def test_sample_command_writes_npz_and_png(digits_run, tmp_path):
     from diffusion_jax import cli
     out = tmp_path / "samples.npz"
-    cli.main(["sample", "--workdir", str(digits_run), "--num_samples", "10", "--method", "dpm_solver++",
-              "--steps", "10", "--seed", "3", "--out", str(out)])
+    cli.main(["sample", "--workdir", str(digits_run), "--num_samples", "10", "--method", "dpm++_2m",
+              "--steps", "10", "--option", "sigmas=karras", "--seed", "3", "--out", str(out)])  # README
     samples = np.load(out)["samples"]
     assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.float32
     assert -1.0 <= samples.min() and samples.max() <= 1.0 and samples.std() > 0.1

@@ -87,6 +87,12 @@ def test_shapes_zero_init_jit_grad_bf16(name):
     np.testing.assert_allclose(out_bf16, jax.jit(model.apply)({"params": params}, x, t), atol=0.1, rtol=0.1)
     bf16_params = jax.eval_shape(bf16.init, jax.random.key(0), x, t)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(bf16_params))
+    # Fractional timesteps (the sigma-space samplers' interpolated ones) are embedded as they
+    # are, not rounded or truncated: t = 10.5 gives an output of its own.
+    same_x = jnp.broadcast_to(x[:1], x.shape)
+    f10, f105, f11 = np.asarray(jax.jit(model.apply)({"params": params}, same_x, jnp.array([10.0, 10.5, 11.0])))
+    gap = np.abs(f11 - f10).max()
+    assert gap > 0 and np.abs(f105 - f10).max() > 0.2 * gap and np.abs(f105 - f11).max() > 0.2 * gap
 
 
 def perturbed_gradients(name, remat: bool):
