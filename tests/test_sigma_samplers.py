@@ -19,7 +19,7 @@ T = 1000
 S = dj.make_schedule("linear", T)
 MU, SIGMA = 0.3, 0.5
 ORACLE = gaussian_optimal_continuous(S.alphas_cumprod, MU, SIGMA)
-SIGMA_SAMPLERS = ("euler", "heun", "euler_ancestral", "dpm++_2m")
+SIGMA_SAMPLERS = ("euler", "heun", "euler_ancestral", "dpm++_2m", "dpm++_2m_sde")
 
 
 ZERO_SNR = dj.make_schedule("linear", T, zero_terminal_snr=True)
@@ -45,7 +45,7 @@ def test_the_registry_lists_every_sampler_once():
 
 
 @pytest.mark.parametrize("method,steps", [("euler", 200), ("heun", 50), ("euler_ancestral", 200),
-                                          ("dpm++_2m", 50)])
+                                          ("dpm++_2m", 50), ("dpm++_2m_sde", 100)])
 def test_each_sampler_reproduces_gaussian_data(method, steps):
     # (First-order samplers shrink the variance by O(1 / steps): 0.44 for 0.5 at 25 Euler steps,
     # as DDIM; 0.486 at 100.)
@@ -152,6 +152,8 @@ SCHEDULERS = {
     "euler_ancestral": lambda: diffusers.EulerAncestralDiscreteScheduler(**LINEAR),
     "dpm++_2m": lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
                                                               use_karras_sigmas=True, **LINEAR),
+    "dpm++_2m_sde": lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                                                  use_karras_sigmas=True, **LINEAR),
 }
 OPTIONS = {"euler_ancestral": {"sigmas": "model"}}
 
@@ -173,17 +175,19 @@ def test_every_step_agrees_with_diffusers(method, monkeypatch):
     np.testing.assert_allclose(np.append(grid.steps["sigma"], 0.0), their_sigmas, rtol=1e-4)
     their_t = sched.timesteps.numpy()[:: 2 if method == "heun" else 1]
     # diffusers' DPM-Solver rounds its timesteps to integers; the others keep them fractional.
-    np.testing.assert_allclose(grid.model_t, their_t, atol=0.5 if method == "dpm++_2m" else 1e-2)
-    time_dependent = method != "dpm++_2m"  # so the rounding above cannot matter
+    dpm = method.startswith("dpm++")
+    np.testing.assert_allclose(grid.model_t, their_t, atol=0.5 if dpm else 1e-2)
+    time_dependent = not dpm  # so the rounding above cannot matter
 
     rng = np.random.default_rng(0)
     noises = rng.standard_normal((K, *shape)).astype(np.float32)
     latents = rng.standard_normal(shape).astype(np.float32) * float(sched.init_noise_sigma)
     # diffusers' state is x = x0 + sigma eps (DPM-Solver: the variance-preserving x_t).
-    ve = method != "dpm++_2m"
+    ve = not dpm
     calls = iter(noises)
-    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor",
-                        lambda *a, **k: torch.from_numpy(next(calls)).permute(0, 3, 1, 2))
+    for module in (diffusers.schedulers.scheduling_euler_ancestral_discrete,
+                   diffusers.schedulers.scheduling_dpmsolver_multistep):
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(calls)).permute(0, 3, 1, 2))
     x, theirs = torch.from_numpy(latents).permute(0, 3, 1, 2), []
     for t in sched.timesteps:
         if getattr(sched, "state_in_first_order", True):

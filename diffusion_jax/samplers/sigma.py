@@ -1,5 +1,5 @@
 """Samplers in sigma space (Karras et al. 2022, k-diffusion) for any discrete-time model:
-"euler", "heun", "euler_ancestral" and "dpm++_2m".
+"euler", "heun", "euler_ancestral", "dpm++_2m" and "dpm++_2m_sde".
 
 The model is seen as a denoiser D(x; sigma) of the variance-exploding state x = x0 + sigma eps,
 with sigma_t = sqrt((1 - abar_t) / abar_t): the model gets the input x / sqrt(sigma^2 + 1) (the
@@ -16,6 +16,7 @@ The driver carries the variance-preserving x_t between steps; each step converts
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -168,10 +169,12 @@ def dpmpp_2m_init(x):
     return {"x0": jnp.zeros(x.shape, jnp.float32), "h": jnp.ones((), jnp.float32)}
 
 
-def dpmpp_2m_step(ctx, x, state, inputs, key):
+def dpmpp_2m_step(ctx, x, state, inputs, key, sde: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022) on the sigma grid, in lambda = log(alpha / sigma):
     first order at the first step and at the last (to sigma = 0, where it returns D), second
-    order in between from the current and previous D."""
+    order in between from the current and previous D. With `sde`, the SDE variant
+    (DPM-Solver++(2M) SDE): the deterministic part shrinks by exp(-h) and fresh noise of
+    variance sigma_next^2 (1 - exp(-2h)) comes in (in variance-preserving terms)."""
     sigma, sigma_next = inputs["sigma"], inputs["sigma_next"]
     x0 = denoised(ctx, x, sigma, inputs["t"])
     alpha_s = jax.lax.rsqrt(sigma * sigma + 1.0)
@@ -180,7 +183,12 @@ def dpmpp_2m_step(ctx, x, state, inputs, key):
     r = state["h"] / h
     first = (inputs["i"] == 0) | (sigma_next == 0)
     d = jnp.where(first, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * state["x0"])
-    x_next = (sigma_next * alpha_t) / (sigma * alpha_s) * x - alpha_t * jnp.expm1(-h) * d
+    ratio = (sigma_next * alpha_t) / (sigma * alpha_s)
+    if not sde:
+        x_next = ratio * x - alpha_t * jnp.expm1(-h) * d
+    else:
+        x_next = (ratio * jnp.exp(-h) * x - alpha_t * jnp.expm1(-2.0 * h) * d
+                  + sigma_next * alpha_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * ctx.normal(key))
     return x_next, {"x0": x0, "h": h}, x0
 
 
@@ -196,3 +204,6 @@ register(Sampler("euler_ancestral", sigma_grid, euler_ancestral_step, default_st
                  grid_options=SIGMA_GRID_OPTIONS, stochastic=True))
 register(Sampler("dpm++_2m", sigma_grid, dpmpp_2m_step, default_steps=lambda T: 20,
                  init_state=dpmpp_2m_init, grid_options=SIGMA_GRID_OPTIONS))
+register(Sampler("dpm++_2m_sde", sigma_grid, functools.partial(dpmpp_2m_step, sde=True),
+                 default_steps=lambda T: 20, init_state=dpmpp_2m_init, grid_options=SIGMA_GRID_OPTIONS,
+                 stochastic=True))
