@@ -44,6 +44,16 @@ def test_the_registry_lists_every_sampler_once():
     assert get_sampler("heun").model_calls(18) == 35
 
 
+def test_grid_options_that_would_do_nothing_are_errors():
+    with pytest.raises(ValueError, match="needs sigmas='model'"):
+        sampling_grid(S, "euler", 10, spacing="trailing")
+    with pytest.raises(ValueError, match="needs sigmas='karras'"):
+        sampling_grid(S, "dpm++_2m", 10, sigmas="exponential", rho=3.0)
+    trailing = sampling_grid(S, "euler", 10, sigmas="model", spacing="trailing")
+    np.testing.assert_array_equal(trailing.model_t, spaced_timesteps(T, 10, "trailing")[::-1])
+    assert trailing.model_t[0] == T - 1 and trailing.steps["sigma_next"][-1] == 0.0
+
+
 @pytest.mark.parametrize("method,steps", [("euler", 200), ("heun", 50), ("euler_ancestral", 200),
                                           ("dpm++_2m", 50), ("dpm++_2m_sde", 100)])
 def test_each_sampler_reproduces_gaussian_data(method, steps):

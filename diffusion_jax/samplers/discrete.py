@@ -126,9 +126,9 @@ def dpm_step(ctx, x, state, inputs, key):
     return x_next, {"x0": x0, "h": h}, x0
 
 
-register(Sampler("ddpm", ddpm_grid, ddpm_step, default_steps=lambda T: T, stochastic=True,
+register(Sampler("ddpm", ddpm_grid, ddpm_step, default_steps=lambda T: T,
                  grid_options={"spacing": "linspace"}))
 register(Sampler("ddim", ddim_grid, ddim_step, default_steps=lambda T: min(T, 50),
-                 grid_options={"spacing": "linspace"}, step_options={"eta": 0.0}, stochastic=True))
+                 grid_options={"spacing": "linspace"}, step_options={"eta": 0.0}))
 register(Sampler("dpm_solver++", dpm_grid, dpm_step, default_steps=lambda T: min(T, 20),
                  init_state=dpm_init, grid_options={"spacing": "logsnr"}))

@@ -86,7 +86,6 @@ class Sampler:
     grid_options: dict = dataclasses.field(default_factory=dict)
     step_options: dict = dataclasses.field(default_factory=dict)
     model_calls: Callable = lambda k: k
-    stochastic: bool = False
 
     def split_options(self, options: dict) -> tuple[dict, dict]:
         """(grid options, step options) from user options, defaults filled in; an option this

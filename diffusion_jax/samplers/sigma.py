@@ -62,6 +62,11 @@ def sigma_grid(schedule: Schedule, num_steps, sigmas: str = "karras", spacing: s
     """The grid of K = num_steps sigmas (and their model timesteps), then sigma = 0."""
     if sigmas not in SIGMA_GRIDS:
         raise ValueError(f"unknown sigmas {sigmas!r}; choose one of {SIGMA_GRIDS}")
+    if spacing != "linspace" and sigmas != "model":
+        raise ValueError(f"spacing {spacing!r} chooses the model's timesteps: it needs sigmas='model' "
+                         f"(got sigmas={sigmas!r})")
+    if rho != 7.0 and sigmas != "karras":
+        raise ValueError(f"rho shapes the Karras grid: it needs sigmas='karras' (got sigmas={sigmas!r})")
     T = schedule.num_timesteps
     K = check_num_steps(num_steps, T, f"a {T}-step schedule")
     table = schedule_sigmas(concrete_schedule(schedule))
@@ -201,9 +206,8 @@ register(Sampler("heun", sigma_grid, heun_step, default_steps=lambda T: 18,
                  grid_options=SIGMA_GRID_OPTIONS, step_options=CHURN_OPTIONS,
                  model_calls=lambda k: 2 * k - 1))
 register(Sampler("euler_ancestral", sigma_grid, euler_ancestral_step, default_steps=lambda T: 50,
-                 grid_options=SIGMA_GRID_OPTIONS, stochastic=True))
+                 grid_options=SIGMA_GRID_OPTIONS))
 register(Sampler("dpm++_2m", sigma_grid, dpmpp_2m_step, default_steps=lambda T: 20,
                  init_state=dpmpp_2m_init, grid_options=SIGMA_GRID_OPTIONS))
 register(Sampler("dpm++_2m_sde", sigma_grid, functools.partial(dpmpp_2m_step, sde=True),
-                 default_steps=lambda T: 20, init_state=dpmpp_2m_init, grid_options=SIGMA_GRID_OPTIONS,
-                 stochastic=True))
+                 default_steps=lambda T: 20, init_state=dpmpp_2m_init, grid_options=SIGMA_GRID_OPTIONS))
