@@ -6,6 +6,8 @@ traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
   train     --config experiments/digits_unet.py --workdir DIR [--config.train.steps=N ...] [--evaluate]
   sample    --workdir DIR --num_samples N [--method NAME --steps K --option KEY=VALUE --seed S
             --guidance_scale G --labels 0,1,2 --eta E --checkpoint STEP] --out FILE.npz
+  generate  --workdir DIR --num_samples N --out DIR [--shard_size 1000 --batch_size B and sample's
+            options]: a resumable batch job of uint8 shards whose images do not depend on B
   evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler NAME --steps K
             --option KEY=VALUE --seed S --fid_stats REF.npz --inception_weights FILE]
 
@@ -254,6 +256,27 @@ def parse_options(items: list[str]) -> dict:
     return options
 
 
+def _generate(args):
+    from diffusion_jax.generate_job import generate_samples
+    from diffusion_jax.parallel import maybe_initialize_distributed
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+    ensure_writable_dir(args.out, "--out")
+    maybe_initialize_distributed()
+    manifest = generate_samples(args.workdir, args.out, args.num_samples, seed=args.seed, method=args.method,
+                                steps=args.steps, options=parse_options(args.option), eta=args.eta,
+                                guidance_scale=args.guidance_scale, labels=parse_labels(args.labels),
+                                checkpoint=args.checkpoint, batch_size=args.batch_size,
+                                shard_size=args.shard_size)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"{args.num_samples} samples in {len(manifest['shards'])} verified shards in {args.out} "
+              f"({manifest['method']}, {manifest['steps']} steps, checkpoint {manifest['checkpoint']}); "
+              f"manifest: {pathlib.Path(args.out) / 'manifest.json'}")
+
+
 def parse_labels(text: str | None) -> list[int] | None:
     """--labels "0,1,2" as a list of ints (the generator checks them against the run)."""
     if not text:
@@ -349,6 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=int)
     s.add_argument("--batch_size", type=int, default=256)
     s.add_argument("--out", required=True)
+    g = sub.add_parser("generate", help="a batch job: N samples as verified, resumable shards (uint8)")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--num_samples", type=int, required=True)
+    g.add_argument("--out", required=True, help="a directory every process can write")
+    g.add_argument("--method", choices=sampler_names())
+    g.add_argument("--steps", type=int)
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
+    g.add_argument("--eta", type=float)
+    g.add_argument("--guidance_scale", type=float)
+    g.add_argument("--labels", help="comma-separated class labels: sample i gets labels[i % len]")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint", type=int)
+    g.add_argument("--batch_size", type=int, default=256, help="per call; the images do not depend on it")
+    g.add_argument("--shard_size", type=int, default=1000)
     e = sub.add_parser("evaluate", help="metrics, bits/dim, samples and report of a run")
     e.add_argument("--workdir", required=True)
     e.add_argument("--checkpoint", type=int)
@@ -377,7 +414,7 @@ def _dispatch(argv) -> None:
     if argv and argv[0] == "train":
         return _train(argv[1:])
     args = build_parser().parse_args(argv)
-    {"sample": _sample, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
+    {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
 
 
 # ---------------------------------------------------------------------------- the error boundary

@@ -54,6 +54,16 @@ def sample_labels(config, num_samples: int):
     return None if not classes else np.arange(num_samples, dtype=np.int32) % classes
 
 
+def labels_by_index(config, labels, index: np.ndarray):
+    """The labels of samples `index` [N]: labels[i % len(labels)], by default i % classes (None
+    for an unconditional run)."""
+    classes = num_model_classes(config)
+    if not classes:
+        return None
+    cycle = np.arange(classes, dtype=np.int32) if labels is None else np.asarray(labels, np.int32)
+    return cycle[index % len(cycle)]
+
+
 def check_labels(config, labels) -> np.ndarray | None:
     """labels as int32 [N] after checking they are classes of this run (never the null label)."""
     if labels is None:
@@ -83,11 +93,20 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     return method, steps, merged
 
 
+_keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+
 def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
-                   steps=None, options=None, trajectory_every=None, mesh=None):
-    """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None)
-    -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over `mesh`; labels
-    (classes of the run, cycled to N) default to 0, 1, 2, ... for a class-conditional run.
+                   steps=None, options=None, trajectory_every=None, mesh=None,
+                   per_sample_keys: bool = False):
+    """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None,
+    first_index=0) -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over
+    `mesh`; labels (classes of the run, cycled to N) default to 0, 1, 2, ... for a
+    class-conditional run.
+
+    With `per_sample_keys`, sample i (counted from `first_index`) draws all its noise from
+    fold_in(key, i) and gets label labels[i % len(labels)] (default i % classes): a pure function
+    of (parameters, settings, key, i), whatever the batch size, devices or split into calls.
 
     Compiled on first use, once for unguided and once for guided sampling; the key, eta and
     guidance scale are traced, so calls with other values reuse the program. Sampler settings
@@ -114,20 +133,29 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
                 kw.update(guidance_scale=guidance_scale, null_cond=classes, guidance_rescale=rescale)
         return sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
 
-    def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None):
+    def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
+                 first_index: int = 0):
         if num_samples < 1:
             raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
         eta = s.eta if eta is None else eta
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_enabled(config, guidance_scale)
         labels = check_labels(config, labels)
-        labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
+        index = first_index + np.arange(num_samples)
+        if per_sample_keys:
+            labels = labels_by_index(config, labels, index)
+        else:
+            labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
             batch_labels = np.zeros((batch_size,), np.int32)
             if labels is not None:
                 batch_labels = np.resize(labels[i * batch_size:(i + 1) * batch_size], (batch_size,))
-            result = run(guided, params, jax.random.fold_in(key, i), jnp.float32(eta),
+            batch_key = jax.random.fold_in(key, i)
+            if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
+                chunk = index[i * batch_size:(i + 1) * batch_size]
+                batch_key = _keys_for(key, jnp.asarray(chunk[0] + np.arange(batch_size), jnp.int32))
+            result = run(guided, params, batch_key, jnp.float32(eta),
                          jnp.float32(guidance_scale), jnp.asarray(batch_labels))
             if trajectory_every:
                 result, traj = result

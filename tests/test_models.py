@@ -67,7 +67,7 @@ def shifted(params, value):
 def test_shapes_zero_init_jit_grad_bf16(name):
     model, params, shape = tiny(name)
     x = jax.random.normal(jax.random.key(1), (3, *shape))
-    t = jnp.array([0, 10, 999])
+    t = jnp.array([0.0, 10.0, 999.0])  # float timesteps: the fractional ones below reuse the program
     out = jax.jit(model.apply)({"params": params}, x, t)
     assert out.shape == x.shape and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, 0.0)  # zero-initialised head / adaLN-Zero

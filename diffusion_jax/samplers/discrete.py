@@ -32,15 +32,15 @@ def index_grid(schedule: Schedule, t: np.ndarray) -> Grid:
 
 
 def _indices(schedule: Schedule, num_steps, spacing: str) -> np.ndarray:
+    """`num_steps` indices of the schedule chosen by `spacing`, ascending."""
     T = schedule.num_timesteps
-    num_steps = check_num_steps(num_steps, T, f"a {T}-step schedule")
-    return spaced_timesteps(T, num_steps, spacing)[::-1]
+    return spaced_timesteps(T, check_num_steps(num_steps, T, f"a {T}-step schedule"), spacing)
 
 
 def ddpm_grid(schedule, num_steps, spacing="linspace"):
     steps = schedule
     if num_steps != schedule.num_timesteps:
-        steps = respace(concrete_schedule(schedule), _indices(schedule, num_steps, spacing)[::-1])
+        steps = respace(concrete_schedule(schedule), _indices(schedule, num_steps, spacing))
     return index_grid(steps, np.arange(steps.num_timesteps)[::-1])
 
 
@@ -60,7 +60,7 @@ def ddpm_step(ctx, x, state, inputs, key):
 
 
 def ddim_grid(schedule, num_steps, spacing="linspace"):
-    return index_grid(schedule, _indices(schedule, num_steps, spacing))
+    return index_grid(schedule, _indices(schedule, num_steps, spacing)[::-1])
 
 
 def ddim_step(ctx, x, state, inputs, key):

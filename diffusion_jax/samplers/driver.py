@@ -19,7 +19,7 @@ The samplers (`sampler_names()`) live in `discrete.py` and `sigma.py`; guidance,
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
         times (RePaint, jump length 1).
       start_x, start_step: image-to-image (SDEdit): start_x noised to the grid's first step at
         or below model timestep `start_step`, then the chain from there.
+      key: one key for the batch, or one key per sample ([B] typed keys): then image i is a
+        function of its own key alone (see `key_ops`).
       x_T: the starting noise (default: drawn from `key`); the DDIM decoder of `encode`.
       trajectory_every: also return {"x_t", "pred_x0": [N, *shape], "t": [N]}, the state before
         every k-th step and the final sample (N = ceil(K / k) + 1 for K steps).
@@ -120,23 +122,53 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
     _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
     constrain = (lambda a: a) if sharding is None else (
         lambda a: jax.lax.with_sharding_constraint(a, sharding))
-    normal = lambda k: constrain(jax.random.normal(k, shape, jnp.float32))
+    keys = key_ops(key, shape, constrain)
+    normal = keys.normal
     model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
     ctx = StepContext(model, grid.schedule, prediction, variance, clip_x0, grid.num_steps, normal,
                       {k: jnp.asarray(v, jnp.float32) for k, v in step_options.items()})
-    key_init, key_steps = jax.random.split(key)
+    key_init, key_steps = keys.split(key)
     if x_T is not None:
         x = constrain(jnp.asarray(x_T, jnp.float32).reshape(shape))
     elif start_x is not None:
         x = grid.signal[0] * constrain(start_x.astype(jnp.float32)) + grid.noise[0] * normal(key_init)
     else:
         x = normal(key_init)
-    step = _with_known(sampler.step, known, mask, normal)
+    step = _with_known(sampler.step, known, mask, keys)
     if known is not None and x_T is None and start_x is None:
-        x = _merge_known(x, known, mask, grid.signal[0], grid.noise[0], normal(jax.random.fold_in(key_init, 1)))
+        x = _merge_known(x, known, mask, grid.signal[0], grid.noise[0], normal(keys.fold_in(key_init, 1)))
     if repaint_resamples > 1:
-        step = _with_repaint(step, repaint_resamples, normal)
-    return _run(step, ctx, x, sampler.init_state(x), grid, key_steps, trajectory_every)
+        step = _with_repaint(step, repaint_resamples, keys)
+    return _run(step, ctx, x, sampler.init_state(x), grid, key_steps, keys, trajectory_every)
+
+
+class KeyOps(NamedTuple):
+    """How the chain derives its noise: from one key for the batch, or from one key per sample."""
+
+    split: Callable    # key -> (key, key)
+    fold_in: Callable  # (key, int) -> key
+    normal: Callable   # key -> standard normal noise [B, ...] of the batch's shape (and sharding)
+
+
+def key_ops(key, shape, constrain) -> KeyOps:
+    """KeyOps for `key`: a single key (a typed key of shape (), or a raw uint32 [2]) draws the
+    batch's noise as one array; a key per sample (typed [B], or raw uint32 [B, 2]) draws sample
+    i's noise, at every step, from its own key alone, so an image does not depend on the batch
+    it was sampled in (its size, its other members, the devices it was split over)."""
+    typed = jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+    if jnp.ndim(key) == (0 if typed else 1):
+        return KeyOps(lambda k: tuple(jax.random.split(k)), jax.random.fold_in,
+                      lambda k: constrain(jax.random.normal(k, shape, jnp.float32)))
+    if jnp.shape(key)[0] != shape[0]:
+        raise ValueError(f"{jnp.shape(key)[0]} keys for a batch of {shape[0]}: give one key, or one per sample")
+
+    def split(k):
+        both = jax.vmap(jax.random.split)(k)
+        return both[:, 0], both[:, 1]
+
+    fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    normal = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))
+    return KeyOps(split, fold_in, lambda k: constrain(normal(k)))
 
 
 def _merge_known(x, known, mask, signal, noise, fresh):
@@ -144,21 +176,21 @@ def _merge_known(x, known, mask, signal, noise, fresh):
     return mask * noised + (1.0 - mask) * x
 
 
-def _with_known(step, known, mask, normal):
+def _with_known(step, known, mask, keys):
     """The step, then (when inpainting) the known pixels noised to the new state's level."""
 
     def known_step(ctx, x, state, inputs, key):
-        k_step, k_known = jax.random.split(key)
+        k_step, k_known = keys.split(key)  # split even without inpainting: one key scheme
         x_next, state, x0 = step(ctx, x, state, inputs, k_step)
         if known is not None:
             x_next = _merge_known(x_next, known, mask, inputs["signal_next"], inputs["noise_next"],
-                                  normal(k_known))
+                                  keys.normal(k_known))
         return x_next, state, x0
 
     return known_step
 
 
-def _with_repaint(step, resamples, normal):
+def _with_repaint(step, resamples, keys):
     """RePaint (Lugmayr et al. 2022): r - 1 times, take the step and re-noise its result back
     to the step's level with the forward kernel between the two levels, then take it for good."""
 
@@ -166,17 +198,17 @@ def _with_repaint(step, resamples, normal):
         ratio = (inputs["signal"] / inputs["signal_next"]) ** 2  # abar_now / abar_next
 
         def resample(j, x_cur):
-            k = jax.random.fold_in(key, j)
+            k = keys.fold_in(key, j)
             x_next, _, _ = step(ctx, x_cur, state, inputs, k)
-            return jnp.sqrt(ratio) * x_next + jnp.sqrt(1.0 - ratio) * normal(jax.random.fold_in(k, 7))
+            return jnp.sqrt(ratio) * x_next + jnp.sqrt(1.0 - ratio) * keys.normal(keys.fold_in(k, 7))
 
         x = jax.lax.fori_loop(0, resamples - 1, resample, x)
-        return step(ctx, x, state, inputs, jax.random.fold_in(key, resamples))
+        return step(ctx, x, state, inputs, keys.fold_in(key, resamples))
 
     return repaint_step
 
 
-def _run(step, ctx, x, state, grid: Grid, key, trajectory_every):
+def _run(step, ctx, x, state, grid: Grid, key, keys, trajectory_every):
     """The chain in one lax.scan, keeping every k-th state in a buffer when asked (never all)."""
     K = grid.num_steps
     inputs = {k: jnp.asarray(v) for k, v in grid.steps.items()}
@@ -185,7 +217,7 @@ def _run(step, ctx, x, state, grid: Grid, key, trajectory_every):
 
     def body(carry, inp):
         x, state = carry
-        x_next, state, x0 = step(ctx, x, state, inp, jax.random.fold_in(key, inp["i"]))
+        x_next, state, x0 = step(ctx, x, state, inp, keys.fold_in(key, inp["i"]))
         return (x_next, state), (x, x0)
 
     if trajectory_every is None:

@@ -1,0 +1,121 @@
+"""A batch job: N samples of a trained run as verified shards of uint8 images, resumable.
+
+    python -m diffusion_jax generate --workdir RUN --num_samples 50000 --out DIR [--method ...]
+
+Image i is a pure function of (run, checkpoint, sampler settings, seed, i): all its noise comes
+from fold_in(key(seed), i) and its label is labels[i % len(labels)] (default i % classes), so
+the output does not depend on the batch size, the devices or the processes. Each process makes
+the shards j with j % process_count == process_index (`DIR/samples_{first:08d}_{last:08d}.npz`,
+`images` uint8 [n, H, W, C] and `labels` int32 [n]) on its own devices; memory is bounded by
+one shard. A restarted job keeps the shards that verify and makes the others; one started with
+other settings into the same DIR refuses. At the end `DIR/manifest.json` lists everything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from diffusion_jax import viz
+from diffusion_jax.generation import (check_labels, guidance_enabled, labels_by_index, make_generator,
+                                      sampler_settings)
+from diffusion_jax.parallel import make_mesh, replicated
+from diffusion_jax.runs import load_run
+from diffusion_jax.shards import ShardDir, shard_ranges
+
+log = logging.getLogger(__name__)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def claim_directory(store: ShardDir, settings: dict) -> None:
+    """Writes DIR/job.json with the job's settings, or checks that the one there is the same."""
+    path = store.directory / "job.json"
+    if path.exists():
+        differences = _differences(json.loads(path.read_text()), settings)
+        if differences:
+            raise ValueError(f"{store.directory} holds a job with other settings ({'; '.join(differences)}): "
+                             "give the same arguments to resume it, or another --out")
+    elif jax.process_index() == 0:
+        path.write_text(json.dumps(settings, indent=1))
+
+
+def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, method=None, steps=None,
+                     options=None, eta=None, guidance_scale=None, labels=None, checkpoint=None,
+                     batch_size: int = 256, shard_size: int = 1000, progress: bool = True) -> dict:
+    """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module)."""
+    if num_samples < 1 or shard_size < 1 or batch_size < 1:
+        raise ValueError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
+                         f"{num_samples}, {shard_size} and {batch_size}")
+    run = load_run(workdir, checkpoint)
+    c = run.config
+    method, steps, options = sampler_settings(c, run.schedule, method, steps, options)
+    eta = float(c.sample.eta if eta is None else eta)
+    guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
+    guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
+    check_labels(c, labels)
+    settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
+                "steps": steps, "options": dict(options), "eta": eta, "guidance_scale": guidance_scale,
+                "guidance_rescale": float(c.sample.get("guidance_rescale", 0.0)),
+                "labels": None if labels is None else [int(v) for v in labels], "seed": seed,
+                "num_samples": num_samples, "shard_size": shard_size}
+    store = ShardDir(out_dir)
+    claim_directory(store, settings)
+    shards = shard_ranges(num_samples, shard_size)
+    mine = shards[jax.process_index()::jax.process_count()]
+    mesh = make_mesh(devices=jax.local_devices())  # each process samples on its own devices
+    params = jax.device_put(run.ema_params, replicated(mesh))
+    generate = make_generator(run.model, run.schedule, c, batch_size=min(batch_size, shard_size),
+                              method=method, steps=steps, options=options, mesh=mesh, per_sample_keys=True)
+    key = jax.random.key(seed)
+    total = sum(last - first + 1 for first, last in mine)
+    bar = _progress(total, progress and jax.process_index() == 0)
+    made, started = 0, time.perf_counter()
+    for first, last in mine:
+        n = last - first + 1
+        if store.verified(first, last) is None:
+            images = generate(params, n, key, eta=eta, guidance_scale=guidance_scale,
+                              labels=labels, first_index=first)
+            index = np.arange(first, last + 1)
+            shard_labels = labels_by_index(c, labels, index)
+            store.write(first, last, images=viz.to_uint8(images),
+                        labels=np.full(n, -1, np.int32) if shard_labels is None else shard_labels)
+            made += n
+        bar.update(n)
+        bar.set_postfix(made=made, img_s=f"{made / max(time.perf_counter() - started, 1e-9):.1f}")
+    bar.close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("generate_samples: every shard written")
+    return write_manifest(store, settings, shards)
+
+
+def write_manifest(store: ShardDir, settings: dict, shards) -> dict:
+    """DIR/manifest.json (process 0): the settings, every shard verified with its sha256, and
+    where it ran; an unverifiable shard is an error (run the job again to make it)."""
+    records = []
+    for first, last in shards:
+        record = store.verified(first, last)
+        if record is None:
+            raise RuntimeError(f"shard {store.path(first, last).name} is missing or damaged after the job: "
+                               "run the same command again to make it")
+        records.append({"file": store.path(first, last).name, **record})
+    device = jax.devices()[0]
+    manifest = {**settings, "shards": records, "jax": jax.__version__, "device_kind": device.device_kind,
+                "device_count": jax.device_count(), "process_count": jax.process_count()}
+    if jax.process_index() == 0:
+        (store.directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, unit="img", disable=not enabled, desc="generate")

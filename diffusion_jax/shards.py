@@ -1,0 +1,91 @@
+"""A directory of numbered shards that a batch job writes and a restarted job trusts only after
+checking: `DIR/samples_{first:08d}_{last:08d}.npz` (items first..last, inclusive), each written
+under a temporary name and renamed, then recorded in `DIR/samples_{first:08d}_{last:08d}.json`
+(byte size and sha256). A shard whose record is missing or does not match is made again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(first, last)] inclusive ranges covering 0..num_items-1, `shard_size` items each."""
+    return [(a, min(a + shard_size, num_items) - 1) for a in range(0, num_items, shard_size)]
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardDir:
+    """The shards of one job in `directory` (created if needed)."""
+
+    def __init__(self, directory, prefix: str = "samples"):
+        self.directory = pathlib.Path(directory)
+        self.prefix = prefix
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, first: int, last: int) -> pathlib.Path:
+        return self.directory / f"{self.prefix}_{first:08d}_{last:08d}.npz"
+
+    def record_path(self, first: int, last: int) -> pathlib.Path:
+        return self.path(first, last).with_suffix(".json")
+
+    def write(self, first: int, last: int, **arrays) -> dict:
+        """Writes the shard atomically (temporary file, fsync, rename), then its record."""
+        path = self.path(first, last)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        record = {"first": first, "last": last, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        record_tmp = self.record_path(first, last).with_suffix(".json.tmp")
+        record_tmp.write_text(json.dumps(record))
+        os.replace(record_tmp, self.record_path(first, last))
+        return record
+
+    def verified(self, first: int, last: int) -> dict | None:
+        """The shard's record if the shard on disk matches it (size, then sha256), else None;
+        a shard that exists but does not match is reported."""
+        path, record_path = self.path(first, last), self.record_path(first, last)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+            if path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]:
+                return record
+            reason = "its size or checksum does not match its record"
+        except (OSError, ValueError, KeyError):
+            reason = "it has no readable record"
+        log.warning("shard %s is incomplete or damaged (%s): making it again", path.name, reason)
+        return None
+
+    def load(self, first: int, last: int) -> dict:
+        with np.load(self.path(first, last)) as data:
+            return {k: data[k] for k in data.files}
+
+    def complete(self) -> list[tuple[int, int]]:
+        """(first, last) of every shard file present, in order."""
+        found = []
+        for p in self.directory.glob(f"{self.prefix}_*_*.npz"):
+            parts = p.stem.split("_")
+            found.append((int(parts[-2]), int(parts[-1])))
+        return sorted(found)

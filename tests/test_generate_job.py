@@ -1,0 +1,113 @@
+"""The `generate` batch job: images independent of batch size and devices, verified shards, a
+restart that keeps what is good and remakes what is not, and clear refusals."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import cli, parallel
+from diffusion_jax.generate_job import generate_samples
+from diffusion_jax.shards import ShardDir
+from tests.train_helpers import tiny_config
+
+pytestmark = pytest.mark.xdist_group("generate_job")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A labelled tiny DiT whose (EMA) parameters are random, so the model does real work."""
+    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.training.step import build_train_program
+
+    workdir = tmp_path_factory.mktemp("generate") / "run"
+    workdir.mkdir()
+    config = tiny_config(2, **{"data.use_labels": True, "data.num_classes": 10, "sample.method": "ddim",
+                               "sample.steps": 4})
+    program = build_train_program(config, parallel.make_mesh())
+    state = program.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    noisy = jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+                                   jax.device_get(state.ema_params))
+    state = state.replace(step=state.step + 1, ema_params=jax.device_put(noisy, program.shardings.ema_params))
+    ckpt = Checkpointer(workdir)
+    ckpt.save(1, state, config)
+    ckpt.close()
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    return workdir
+
+
+def images_of(directory):
+    store = ShardDir(directory)
+    shards = [store.load(a, b) for a, b in store.complete()]
+    return np.concatenate([s["images"] for s in shards]), np.concatenate([s["labels"] for s in shards])
+
+
+def test_images_do_not_depend_on_batch_size_or_devices(run, tmp_path):
+    first = generate_samples(run, tmp_path / "b16", 50, seed=3, batch_size=16, shard_size=20, progress=False)
+    generate_samples(run, tmp_path / "b40", 50, seed=3, batch_size=40, shard_size=20, progress=False)
+    a, labels = images_of(tmp_path / "b16")
+    b, _ = images_of(tmp_path / "b40")
+    assert a.shape == (50, 8, 8, 1) and a.dtype == np.uint8 and a.std() > 10
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # within one quantisation level
+    np.testing.assert_array_equal(labels, np.arange(50) % 10)
+    assert [s["file"] for s in first["shards"]] == [
+        "samples_00000000_00000019.npz", "samples_00000020_00000039.npz", "samples_00000040_00000049.npz"]
+    # One device instead of 8, sample by sample.
+    import diffusion_jax.generate_job as job
+    from unittest import mock
+    one = [jax.devices()[0]]
+    with mock.patch.object(job, "make_mesh", lambda devices: parallel.make_mesh(devices=one)):
+        generate_samples(run, tmp_path / "one_device", 50, seed=3, batch_size=16, shard_size=20, progress=False)
+    c, _ = images_of(tmp_path / "one_device")
+    assert np.abs(a.astype(int) - c.astype(int)).max() <= 1
+    # Another seed gives other images.
+    generate_samples(run, tmp_path / "seed4", 20, seed=4, batch_size=16, shard_size=20, progress=False)
+    assert not np.array_equal(images_of(tmp_path / "seed4")[0], a[:20])
+
+
+def test_a_restart_keeps_good_shards_and_remakes_damaged_ones(run, tmp_path, caplog):
+    out = tmp_path / "job"
+    manifest = generate_samples(run, out, 45, seed=1, batch_size=16, shard_size=15, progress=False)
+    reference, _ = images_of(out)
+    store = ShardDir(out)
+    kept = store.path(0, 14).stat().st_mtime_ns
+    # A shard truncated by hand, one deleted, one whose record is gone (as a kill between the two
+    # renames leaves it), and a temporary file of a write that never finished.
+    data = store.path(15, 29).read_bytes()
+    store.path(15, 29).write_bytes(data[: len(data) // 2])
+    store.path(30, 44).unlink()
+    (out / ".samples_00000030_00000044.npz.123.tmp").write_bytes(b"partial")
+    caplog.clear()
+    again = generate_samples(run, out, 45, seed=1, batch_size=16, shard_size=15, progress=False)
+    assert "samples_00000015_00000029.npz is incomplete or damaged" in caplog.text
+    assert store.path(0, 14).stat().st_mtime_ns == kept  # the good shard was not made again
+    np.testing.assert_array_equal(images_of(out)[0], reference)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["num_samples"] == 45 and saved["seed"] == 1 and len(saved["shards"]) == 3
+    assert saved["method"] == "ddim" and saved["checkpoint"] == 1 and saved["device_count"] == jax.device_count()
+
+
+def test_bad_requests_are_refused_with_the_reason(run, tmp_path, capsys):
+    out = tmp_path / "job"
+    generate_samples(run, out, 10, seed=1, batch_size=16, shard_size=10, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(seed was 1, now 2\)"):
+        generate_samples(run, out, 10, seed=2, batch_size=16, shard_size=10, progress=False)
+    with pytest.raises(ValueError, match="num_samples was 10, now 20"):
+        generate_samples(run, out, 20, seed=1, batch_size=16, shard_size=10, progress=False)
+    (tmp_path / "a_file").write_text("x")
+    for argv, words in ((["--num_samples", "0", "--out", str(tmp_path / "x")], "--num_samples must be at least 1"),
+                        (["--num_samples", "4", "--out", str(tmp_path / "a_file" / "x")], "--out: cannot write"),
+                        (["--num_samples", "4", "--out", str(out), "--seed", "5"], "seed was 1, now 5"),
+                        (["--num_samples", "4", "--out", str(tmp_path / "y"), "--labels", "12"],
+                         "labels must be classes in [0, 10)")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["generate", "--workdir", str(run), *argv])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # The CLI runs the job and says where it is.
+    cli.main(["generate", "--workdir", str(run), "--num_samples", "10", "--out", str(out), "--seed", "1",
+              "--batch_size", "8", "--shard_size", "10"])
+    assert "10 samples in 1 verified shards" in capsys.readouterr().out
