@@ -1,4 +1,4 @@
-"""`python -m diffusion_jax train|sample|evaluate|fid-stats`, and `run_experiment`, the entry
+"""`python -m diffusion_jax train|sample|generate|evaluate|fid|fid-stats`, and `run_experiment`, the entry
 point of the experiment modules. Both go through one error boundary (`main`): a user's mistake
 is one line `error: ...` (exit 2), a run that stops for a reason it states exits 1; the
 traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
@@ -12,7 +12,8 @@ traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
             --option KEY=VALUE --seed S --fid_stats REF.npz --inception_weights FILE]
 
 The samplers (NAME) are the registry's (`samplers.sampler_names()`; `sample --help` lists them).
-  fid-stats --dataset NAME --split train --out FILE.npz [--features digits|inception
+  fid       --samples DIR --ref REF.npz [--features digits|inception --inception_weights FILE]
+  fid-stats --dataset NAME --split train --out FILE.npz [--samples DIR --features digits|inception
             --inception_weights FILE --image_size S --channels C --max_images N]
 """
 from __future__ import annotations
@@ -324,12 +325,31 @@ def _evaluate(args):
     print(json.dumps(summary, indent=2))
 
 
+def _fid(args):
+    from diffusion_jax.evaluation.shard_fid import fid_of_shards
+
+    result = fid_of_shards(args.samples, args.ref, args.features, args.inception_weights, args.out)
+    print(f"FID {result['fid']:.4f} of {result['n']} samples in {args.samples} against {args.ref} "
+          f"({result['features']}); written to {args.out or pathlib.Path(args.samples) / 'fid.json'}")
+
+
 def _fid_stats(args):
     import ml_collections
 
     from diffusion_jax.data import load_split
     from diffusion_jax.evaluation.frechet import feature_statistics, save_statistics
 
+    if args.samples:  # statistics of a directory of shards, pooled exactly
+        from diffusion_jax.evaluation.frechet import statistics_from_sums
+        from diffusion_jax.evaluation.shard_fid import feature_extractor, shard_feature_sums
+
+        sums = shard_feature_sums(args.samples, feature_extractor(args.features, args.inception_weights)[0])
+        mu, sigma = statistics_from_sums(sums)
+        print(f"wrote statistics of {sums.count} images ({len(mu)} features) to "
+              f"{save_statistics(args.out, mu, sigma)}")
+        return
+    if not args.dataset:
+        raise ValueError("fid-stats needs --dataset NAME (or --samples DIR)")
     data_config = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size,
                                                  channels=args.channels, data_dir=args.data_dir))
     images = load_split(data_config, args.split).images[: args.max_images or None]
@@ -397,8 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
     e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")
     e.add_argument("--out", help="where to write the report (default: the run's eval/ folder)")
-    f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split")
-    f.add_argument("--dataset", required=True)
+    q = sub.add_parser("fid", help="FID of a directory of generated shards against reference statistics")
+    q.add_argument("--samples", required=True, help="the --out directory of generate")
+    q.add_argument("--ref", required=True, help="reference statistics .npz (from fid-stats)")
+    q.add_argument("--features", choices=["inception", "digits"], default="inception")
+    q.add_argument("--inception_weights", default=None)
+    q.add_argument("--out", help="where to write the JSON result (default SAMPLES/fid.json)")
+    f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split or of shards")
+    f.add_argument("--dataset")
+    f.add_argument("--samples", help="a directory of shards (generate's --out) instead of a dataset")
     f.add_argument("--split", default="train")
     f.add_argument("--out", required=True)
     f.add_argument("--features", choices=["inception", "digits"], default="inception")
@@ -414,7 +441,8 @@ def _dispatch(argv) -> None:
     if argv and argv[0] == "train":
         return _train(argv[1:])
     args = build_parser().parse_args(argv)
-    {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid-stats": _fid_stats}[args.command](args)
+    {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid": _fid,
+     "fid-stats": _fid_stats}[args.command](args)
 
 
 # ---------------------------------------------------------------------------- the error boundary

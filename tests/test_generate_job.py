@@ -111,3 +111,48 @@ def test_bad_requests_are_refused_with_the_reason(run, tmp_path, capsys):
     cli.main(["generate", "--workdir", str(run), "--num_samples", "10", "--out", str(out), "--seed", "1",
               "--batch_size", "8", "--shard_size", "10"])
     assert "10 samples in 1 verified shards" in capsys.readouterr().out
+
+
+def test_fid_pools_shards_exactly_and_real_digits_score_zero(tmp_path, capsys):
+    from diffusion_jax.data.sources import load_digits
+    from diffusion_jax.evaluation.digits_features import digits_features
+    from diffusion_jax.evaluation.frechet import feature_statistics, load_statistics, statistics_from_sums
+    from diffusion_jax.evaluation.shard_fid import shard_feature_sums
+    from diffusion_jax.viz import to_uint8
+
+    real = to_uint8(load_digits("train").images)
+    store = ShardDir(tmp_path / "real")
+    for first in range(0, len(real), 400):
+        chunk = real[first:first + 400]
+        store.write(first, first + len(chunk) - 1, images=chunk, labels=np.zeros(len(chunk), np.int32))
+    as_float = real.astype(np.float32) / 127.5 - 1.0
+    mu, sigma = feature_statistics(digits_features(as_float))
+    sums = shard_feature_sums(tmp_path / "real", digits_features)
+    pooled_mu, pooled_sigma = statistics_from_sums(sums)
+    assert sums.count == len(real)
+    np.testing.assert_allclose(pooled_mu, mu, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(pooled_sigma, sigma, rtol=1e-10, atol=1e-12)
+    # Two halves (as two processes hold them) pool to the same.
+    half = len(real) // 2
+    from diffusion_jax.evaluation.frechet import feature_sums
+    both = feature_sums(digits_features(as_float[:half])) + feature_sums(digits_features(as_float[half:]))
+    np.testing.assert_allclose(statistics_from_sums(both)[1], sigma, rtol=1e-10, atol=1e-12)
+    # The commands: statistics of the shards, then the FID of the shards against them, ~0; against
+    # the dataset's own statistics (float images, not uint8) nearly 0.
+    ref = tmp_path / "ref.npz"
+    cli.main(["fid-stats", "--samples", str(tmp_path / "real"), "--features", "digits", "--out", str(ref)])
+    np.testing.assert_allclose(load_statistics(ref)[1], sigma, rtol=1e-10, atol=1e-12)
+    cli.main(["fid", "--samples", str(tmp_path / "real"), "--ref", str(ref), "--features", "digits"])
+    result = json.loads((tmp_path / "real" / "fid.json").read_text())
+    assert abs(result["fid"]) < 1e-6 and result["n"] == len(real) and len(result["ref_sha256"]) == 64
+    dataset = tmp_path / "dataset.npz"
+    cli.main(["fid-stats", "--dataset", "digits", "--split", "train", "--features", "digits", "--image_size", "8",
+              "--channels", "1", "--out", str(dataset)])
+    cli.main(["fid", "--samples", str(tmp_path / "real"), "--ref", str(dataset), "--features", "digits",
+              "--out", str(tmp_path / "f.json")])
+    assert json.loads((tmp_path / "f.json").read_text())["fid"] < 0.05
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fid", "--samples", str(tmp_path / "empty"), "--ref", str(ref), "--features", "digits"])
+    assert stop.value.code == 2 and "no shards" in capsys.readouterr().err

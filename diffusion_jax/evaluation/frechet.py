@@ -3,6 +3,7 @@ files (`.npz` with `mu` and `sigma`, as pytorch-fid writes them)."""
 from __future__ import annotations
 
 import pathlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,6 +14,33 @@ def feature_statistics(features: np.ndarray):
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"features must be [N >= 2, D], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class FeatureSums(NamedTuple):
+    """What feature statistics pool from, in float64: the count, the sum [D] and the sum of outer
+    products [D, D]. These add exactly across shards and processes; means and covariances of
+    parts do not."""
+
+    count: int
+    total: np.ndarray
+    outer: np.ndarray
+
+    def __add__(self, other: "FeatureSums") -> "FeatureSums":
+        return FeatureSums(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+
+def feature_sums(features: np.ndarray) -> FeatureSums:
+    features = np.asarray(features, np.float64)
+    return FeatureSums(len(features), features.sum(axis=0), features.T @ features)
+
+
+def statistics_from_sums(sums: FeatureSums):
+    """(mu, sigma) as `feature_statistics` gives them, from pooled sums (unbiased covariance)."""
+    n = sums.count
+    if n < 2:
+        raise ValueError(f"statistics need at least 2 images, got {n}")
+    mu = sums.total / n
+    return mu, (sums.outer - n * np.outer(mu, mu)) / (n - 1)
 
 
 def _square_root_factor(sigma: np.ndarray) -> np.ndarray:

@@ -1,0 +1,73 @@
+"""FID of a directory of sample shards (`generate`'s output): the features of every shard, pooled
+exactly as sums over shards and processes (`FeatureSums`), never as averages of per-part means
+and covariances.
+
+    python -m diffusion_jax fid --samples DIR --ref REF.npz [--features inception|digits]
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from diffusion_jax.evaluation.frechet import (FeatureSums, feature_sums, frechet_distance, load_statistics,
+                                              statistics_from_sums)
+from diffusion_jax.shards import ShardDir, sha256_file
+
+
+def feature_extractor(features: str, inception_weights=None):
+    """(images [N, H, W, C] in [-1, 1] -> features [N, D], a description with the weights' sha256)."""
+    if features == "digits":
+        from diffusion_jax.evaluation.digits_features import digits_features
+
+        return digits_features, "digits classifier (scikit-learn MLP on the digits train split, seed 0)"
+    from diffusion_jax.evaluation.inception import DEFAULT_WEIGHTS, inception_features, load_inception
+
+    variables = load_inception(inception_weights)
+    path = pathlib.Path(inception_weights or DEFAULT_WEIGHTS).expanduser()
+    return (lambda images: inception_features(variables, images)), f"inception {path.name} sha256 {sha256_file(path)}"
+
+
+def shard_feature_sums(directory, extract) -> FeatureSums:
+    """Pooled feature sums of every shard in `directory` (each process reads its share)."""
+    store = ShardDir(directory)
+    shards = store.complete()
+    if not shards:
+        raise ValueError(f"no shards (samples_*.npz) in {directory}: make them with `python -m diffusion_jax "
+                         "generate ... --out DIR`")
+    sums = None
+    for first, last in shards[jax.process_index()::jax.process_count()]:
+        if store.verified(first, last) is None:
+            raise ValueError(f"shard {store.path(first, last).name} does not verify: run the generate "
+                             "command again to remake it")
+        images = store.load(first, last)["images"].astype(np.float32) / 127.5 - 1.0
+        part = feature_sums(extract(images))
+        sums = part if sums is None else sums + part
+    return pool_across_processes(sums)
+
+
+def pool_across_processes(sums: FeatureSums | None) -> FeatureSums:
+    if jax.process_count() == 1:
+        return sums
+    from jax.experimental import multihost_utils
+
+    dim = int(multihost_utils.process_allgather(np.asarray(0 if sums is None else len(sums.total))).max())
+    sums = sums or FeatureSums(0, np.zeros(dim), np.zeros((dim, dim)))
+    gathered = [multihost_utils.process_allgather(np.asarray(a)) for a in sums]
+    return FeatureSums(int(np.sum(gathered[0])), np.sum(gathered[1], 0), np.sum(gathered[2], 0))
+
+
+def fid_of_shards(directory, ref, features: str = "inception", inception_weights=None, out=None) -> dict:
+    """FID of the shards against reference statistics `ref` (.npz with mu, sigma); written as JSON
+    to `out` (default DIR/fid.json) with n and the sha256 of the reference and of the weights."""
+    mu_ref, sigma_ref = load_statistics(ref)
+    extract, extractor = feature_extractor(features, inception_weights)
+    sums = shard_feature_sums(directory, extract)
+    mu, sigma = statistics_from_sums(sums)
+    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": sums.count,
+              "samples": str(directory), "ref": str(ref), "ref_sha256": sha256_file(ref), "features": extractor}
+    if jax.process_index() == 0:
+        pathlib.Path(out or pathlib.Path(directory) / "fid.json").write_text(json.dumps(result, indent=1))
+    return result
