@@ -72,7 +72,9 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     shards = shard_ranges(num_samples, shard_size)
     mine = shards[jax.process_index()::jax.process_count()]
     mesh = make_mesh(devices=jax.local_devices())  # each process samples on its own devices
-    params = jax.device_put(run.ema_params, replicated(mesh))
+    # This process's copy of the replicated parameters, onto its own devices.
+    params = jax.tree_util.tree_map(lambda a: jax.device_put(a.addressable_data(0), replicated(mesh)),
+                                    run.ema_params)
     generate = make_generator(run.model, run.schedule, c, batch_size=min(batch_size, shard_size),
                               method=method, steps=steps, options=options, mesh=mesh, per_sample_keys=True)
     key = jax.random.key(seed)

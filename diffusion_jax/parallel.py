@@ -97,8 +97,9 @@ def agree_across_processes(value: int, name: str = "") -> int:
 
 
 def to_host(x) -> np.ndarray:
-    """A (possibly multi-host) global array as one NumPy array on every process."""
-    if jax.process_count() == 1:
+    """A (possibly multi-host) global array as one NumPy array on every process (an array on
+    this process's devices alone is simply fetched: no collective)."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
 

@@ -156,3 +156,33 @@ def test_fid_pools_shards_exactly_and_real_digits_score_zero(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["fid", "--samples", str(tmp_path / "empty"), "--ref", str(ref), "--features", "digits"])
     assert stop.value.code == 2 and "no shards" in capsys.readouterr().err
+
+
+def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
+    """Two processes on localhost (2 CPU devices each) split the shards between them; the
+    directory equals one process's, shard for shard."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
+    base = {k: v for k, v in os.environ.items() if k not in launch}
+    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "diffusion_jax", "generate", "--workdir", str(run), "--num_samples", "50",
+               "--out", str(tmp_path / "two"), "--seed", "3", "--batch_size", "8", "--shard_size", "10"]
+    procs = [subprocess.Popen(command, env=dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    generate_samples(run, tmp_path / "one", 50, seed=3, batch_size=16, shard_size=10, progress=False)
+    two, labels_two = images_of(tmp_path / "two")
+    one, labels_one = images_of(tmp_path / "one")
+    assert np.abs(two.astype(int) - one.astype(int)).max() <= 1
+    np.testing.assert_array_equal(labels_two, labels_one)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["process_count"] == 2 and len(manifest["shards"]) == 5
