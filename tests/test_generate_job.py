@@ -162,13 +162,10 @@ def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
     """Two processes on localhost (2 CPU devices each) split the shards between them; the
     directory equals one process's, shard for shard."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
     base = {k: v for k, v in os.environ.items() if k not in launch}
     base.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -186,3 +183,68 @@ def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
     np.testing.assert_array_equal(labels_two, labels_one)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["process_count"] == 2 and len(manifest["shards"]) == 5
+    # FID statistics of the shards, each process reading its share and the sums pooled across
+    # the two, equal those of all the images at once.
+    from diffusion_jax.evaluation.digits_features import digits_features
+    from diffusion_jax.evaluation.frechet import feature_statistics, load_statistics
+
+    port = _free_port()
+    stats = ["-m", "diffusion_jax", "fid-stats", "--samples", str(tmp_path / "two"), "--features", "digits",
+             "--out", str(tmp_path / "pooled.npz")]
+    procs = [subprocess.Popen([sys.executable, *stats], env=dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    mu, sigma = load_statistics(tmp_path / "pooled.npz")
+    expected = feature_statistics(digits_features(two.astype(np.float32) / 127.5 - 1.0))
+    np.testing.assert_allclose(mu, expected[0], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(sigma, expected[1], rtol=1e-10, atol=1e-12)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+KILLER = """
+import os, signal, sys
+from diffusion_jax import generate_job, shards
+calls, original, when = [0], shards.ShardDir.write, sys.argv[3]
+def write(self, first, last, **arrays):
+    calls[0] += 1
+    if calls[0] == 2 and when == "sampling":  # the second shard sampled, nothing of it written
+        os.kill(os.getpid(), signal.SIGKILL)
+    if calls[0] == 2 and when == "mid_write":  # a temporary file half written
+        self.path(first, last).with_name("." + self.path(first, last).name + ".1.tmp").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    record = original(self, first, last, **arrays)
+    if calls[0] == 2 and when == "before_record":  # the shard renamed into place, its record not yet
+        self.record_path(first, last).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+shards.ShardDir.write = write
+generate_job.generate_samples(sys.argv[1], sys.argv[2], 30, seed=5, batch_size=16, shard_size=10, progress=False)
+"""
+
+
+@pytest.mark.parametrize("when", ["sampling", "mid_write", "before_record"])
+def test_a_job_killed_during_a_shard_write_completes_on_restart(run, tmp_path, when):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(run), str(out), when], env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    store = ShardDir(out)
+    assert store.verified(0, 9) is not None and not (out / "manifest.json").exists()
+    generate_samples(run, out, 30, seed=5, batch_size=16, shard_size=10, progress=False)
+    generate_samples(run, tmp_path / "whole", 30, seed=5, batch_size=16, shard_size=10, progress=False)
+    np.testing.assert_array_equal(images_of(out)[0], images_of(tmp_path / "whole")[0])
+    assert all(store.verified(a, b) for a, b in store.complete()) and len(store.complete()) == 3
