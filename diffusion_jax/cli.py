@@ -326,11 +326,16 @@ def _evaluate(args):
 
 
 def _fid(args):
-    from diffusion_jax.evaluation.shard_fid import fid_of_shards
+    import jax
 
+    from diffusion_jax.evaluation.shard_fid import fid_of_shards
+    from diffusion_jax.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     result = fid_of_shards(args.samples, args.ref, args.features, args.inception_weights, args.out)
-    print(f"FID {result['fid']:.4f} of {result['n']} samples in {args.samples} against {args.ref} "
-          f"({result['features']}); written to {args.out or pathlib.Path(args.samples) / 'fid.json'}")
+    if jax.process_index() == 0:
+        print(f"FID {result['fid']:.4f} of {result['n']} samples in {args.samples} against {args.ref} "
+              f"({result['features']}); written to {args.out or pathlib.Path(args.samples) / 'fid.json'}")
 
 
 def _fid_stats(args):
@@ -339,14 +344,19 @@ def _fid_stats(args):
     from diffusion_jax.data import load_split
     from diffusion_jax.evaluation.frechet import feature_statistics, save_statistics
 
-    if args.samples:  # statistics of a directory of shards, pooled exactly
+    if args.samples:  # statistics of a directory of shards, pooled exactly over the processes
+        import jax
+
         from diffusion_jax.evaluation.frechet import statistics_from_sums
         from diffusion_jax.evaluation.shard_fid import feature_extractor, shard_feature_sums
+        from diffusion_jax.parallel import maybe_initialize_distributed
 
+        maybe_initialize_distributed()
         sums = shard_feature_sums(args.samples, feature_extractor(args.features, args.inception_weights)[0])
         mu, sigma = statistics_from_sums(sums)
-        print(f"wrote statistics of {sums.count} images ({len(mu)} features) to "
-              f"{save_statistics(args.out, mu, sigma)}")
+        if jax.process_index() == 0:
+            print(f"wrote statistics of {sums.count} images ({len(mu)} features, {jax.process_count()} "
+                  f"process(es)) to {save_statistics(args.out, mu, sigma)}")
         return
     if not args.dataset:
         raise ValueError("fid-stats needs --dataset NAME (or --samples DIR)")

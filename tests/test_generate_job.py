@@ -196,6 +196,7 @@ def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    assert "wrote statistics of 50 images (64 features, 2 process(es))" in outputs[0], outputs[0][-2000:]
     mu, sigma = load_statistics(tmp_path / "pooled.npz")
     expected = feature_statistics(digits_features(two.astype(np.float32) / 127.5 - 1.0))
     np.testing.assert_allclose(mu, expected[0], rtol=1e-10, atol=1e-13)

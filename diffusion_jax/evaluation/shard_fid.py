@@ -55,8 +55,11 @@ def pool_across_processes(sums: FeatureSums | None) -> FeatureSums:
 
     dim = int(multihost_utils.process_allgather(np.asarray(0 if sums is None else len(sums.total))).max())
     sums = sums or FeatureSums(0, np.zeros(dim), np.zeros((dim, dim)))
-    gathered = [multihost_utils.process_allgather(np.asarray(a)) for a in sums]
-    return FeatureSums(int(np.sum(gathered[0])), np.sum(gathered[1], 0), np.sum(gathered[2], 0))
+    # float64 travels as its bytes (uint32 pairs): JAX without x64 would round it to float32.
+    exact = lambda a: multihost_utils.process_allgather(np.ascontiguousarray(a, np.float64).view(np.uint32))
+    totals, outers = (np.asarray(exact(a)).view(np.float64) for a in (sums.total, sums.outer))
+    count = int(np.sum(multihost_utils.process_allgather(np.asarray(sums.count, np.int32))))
+    return FeatureSums(count, totals.sum(0), outers.sum(0))
 
 
 def fid_of_shards(directory, ref, features: str = "inception", inception_weights=None, out=None) -> dict:
