@@ -11,9 +11,6 @@ from diffusion_jax.generate_job import generate_samples
 from diffusion_jax.shards import ShardDir
 from tests.train_helpers import tiny_config
 
-pytestmark = pytest.mark.xdist_group("generate_job")
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A labelled tiny DiT whose (EMA) parameters are random, so the model does real work."""
