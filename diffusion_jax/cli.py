@@ -343,12 +343,13 @@ def _fid_stats(args):
 
     from diffusion_jax.data import load_split
     from diffusion_jax.evaluation.frechet import feature_statistics, save_statistics
+    from diffusion_jax.evaluation.shard_fid import feature_extractor
 
     if args.samples:  # statistics of a directory of shards, pooled exactly over the processes
         import jax
 
         from diffusion_jax.evaluation.frechet import statistics_from_sums
-        from diffusion_jax.evaluation.shard_fid import feature_extractor, shard_feature_sums
+        from diffusion_jax.evaluation.shard_fid import shard_feature_sums
         from diffusion_jax.parallel import maybe_initialize_distributed
 
         maybe_initialize_distributed()
@@ -363,14 +364,7 @@ def _fid_stats(args):
     data_config = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size,
                                                  channels=args.channels, data_dir=args.data_dir))
     images = load_split(data_config, args.split).images[: args.max_images or None]
-    if args.features == "digits":
-        from diffusion_jax.evaluation.digits_features import digits_features
-
-        features = digits_features(images)
-    else:
-        from diffusion_jax.evaluation.inception import inception_features, load_inception
-
-        features = inception_features(load_inception(args.inception_weights), images)
+    features = feature_extractor(args.features, args.inception_weights)[0](images)
     mu, sigma = feature_statistics(features)
     print(f"wrote statistics of {len(features)} images ({features.shape[1]} features) to "
           f"{save_statistics(args.out, mu, sigma)}")
