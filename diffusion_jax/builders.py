@@ -36,7 +36,8 @@ def build_schedule(config) -> Schedule:
     """The run's schedule, checked usable: abar at t = T below MAX_TERMINAL_ABAR, and (with
     eps-prediction, where x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) above 0."""
     d = config.diffusion
-    schedule = make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=bool(d.get("zero_terminal_snr", False)))
+    schedule = make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=bool(d.get("zero_terminal_snr", False)),
+                             **dict(d.get("schedule_options", {})))
     last = float(np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[-1])
     where = f"the {d.schedule} schedule with T = {d.num_timesteps}"
     if last > MAX_TERMINAL_ABAR:

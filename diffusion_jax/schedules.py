@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import jax.numpy as jnp
 
-SCHEDULE_NAMES = ("linear", "cosine", "sigmoid")
+SCHEDULE_NAMES = ("linear", "cosine", "sigmoid", "scaled_linear")
 
 
 class Schedule(NamedTuple):
@@ -123,7 +123,13 @@ def sigmoid_betas(num_timesteps: int, start: float = -3.0, end: float = 3.0, tau
     return np.clip(1.0 - abar[1:] / abar[:-1], 1e-12, max_beta)
 
 
-_BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+def scaled_linear_betas(num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
+    """Latent diffusion's (Stable Diffusion's) betas: linear in sqrt(beta), not rescaled with T."""
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+_BETAS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas,
+          "scaled_linear": scaled_linear_betas}
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -140,7 +146,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 def make_schedule(name: str, num_timesteps: int = 1000, *, zero_terminal_snr: bool = False,
                   **kwargs) -> Schedule:
-    """The named schedule ("linear", "cosine" or "sigmoid") with T = num_timesteps steps,
+    """The named schedule (one of SCHEDULE_NAMES) with T = num_timesteps steps,
     rescaled to zero terminal SNR when asked (see `rescale_zero_terminal_snr`).
 
     Keyword arguments go to the beta function (e.g. `beta_start`, `s`, `tau`).

@@ -46,6 +46,7 @@ class DiTBlock(nn.Module):
     attention_impl: Optional[str] = None
     fused_qkv: bool = True
     autodiff_ops: bool = False
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, c):
@@ -57,7 +58,7 @@ class DiTBlock(nn.Module):
         h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl,
                                    fused_qkv=self.fused_qkv, name="attn", **kw)(h)
         x = x + gate_msa[:, None, :] * h
-        h = adaptive_layer_norm(x, shift_mlp, scale_mlp, autodiff=self.autodiff_ops)
+        h = adaptive_layer_norm(x, shift_mlp, scale_mlp, self.mlp_norm_eps, autodiff=self.autodiff_ops)
         h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
         h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(gelu_tanh(h, autodiff=self.autodiff_ops))
         return x + gate_mlp[:, None, :] * h
@@ -70,6 +71,10 @@ class DiT(nn.Module):
     y is None. The module never drops labels itself: the train step replaces a fraction
     `train.label_dropout` of them with the null class (classifier-free guidance training), so
     one setting decides it for every backbone.
+
+    `freq_shift` (see `timestep_embedding`) and `mlp_norm_eps` (the MLP branch's LayerNorm
+    epsilon) are 0 and 1e-6 in the DiT paper's code and 1 and 1e-5 in diffusers'
+    `DiTTransformer2DModel`, whose checkpoints load with diffusers' values.
     """
 
     patch_size: int = 2
@@ -87,6 +92,8 @@ class DiT(nn.Module):
     fused_qkv: bool = True  # see MultiHeadSelfAttention
     autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
     freq_dim: int = 256
+    freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
@@ -107,7 +114,7 @@ class DiT(nn.Module):
         h = h.reshape(B, gh * gw, self.hidden)
         h = h + jnp.asarray(sincos_pos_embed_2d(self.hidden, gh, gw), self.dtype)[None]
 
-        temb = timestep_embedding(t, self.freq_dim)
+        temb = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
         temb = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")(temb)
         c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
         if self.num_classes:
@@ -119,7 +126,8 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
             h = block_cls(self.hidden, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                          fused_qkv=self.fused_qkv, autodiff_ops=self.autodiff_ops, name=f"block{i}",
+                          fused_qkv=self.fused_qkv, autodiff_ops=self.autodiff_ops,
+                          mlp_norm_eps=self.mlp_norm_eps, name=f"block{i}",
                           **kw)(h, c)
 
         shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,

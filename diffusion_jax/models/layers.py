@@ -13,16 +13,21 @@ from diffusion_jax.models.ops import group_norm
 Dtype = Any
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> jnp.ndarray:
     """Sinusoidal embedding [B, dim] of (integer or real) timesteps t [B], in float32.
 
-    Frequencies exp(-log(max_period) * i / half) for i < half, as [cos, sin] (improved-diffusion
-    and DiT order); an odd `dim` gets one zero column.
+    Frequencies exp(-log(max_period) * i / (half - freq_shift)) for i < half, as [cos, sin]
+    (`flip_sin_to_cos`, the improved-diffusion and DiT order) or [sin, cos]; an odd `dim` gets
+    one zero column. The defaults are this library's presets; DDPM's original embedding (and
+    diffusers' `google/ddpm-*` configs) is flip_sin_to_cos=False, freq_shift=1, diffusers' DiT
+    flip_sin_to_cos=True, freq_shift=1.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    pair = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(pair, axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb

@@ -31,13 +31,15 @@ def _resample(x, up: bool):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + time embedding (added, or scale-shift), GroupNorm-SiLU-dropout-
     zero-initialised conv, with a 1x1 (NIN) shortcut when the width changes; `resample` = "up"
-    or "down" resamples both paths inside the block (ADM's resblock_updown)."""
+    or "down" resamples both paths inside the block (ADM's resblock_updown). `temb` None (an
+    autoencoder's block) has no time embedding and no `temb_proj`."""
 
     out_ch: int
     dropout: float = 0.0
     scale_shift_norm: bool = False
     resample: Optional[str] = None
     num_groups: int = 32
+    epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     autodiff_ops: bool = False
@@ -47,30 +49,44 @@ class ResBlock(nn.Module):
         conv = lambda feats, name, init=nn.linear.default_kernel_init, k=3: nn.Conv(
             feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=init, name=name)
-        norm_silu = lambda name: GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype,
+        norm_silu = lambda name: GroupNorm32(self.num_groups, self.epsilon, silu=True, param_dtype=self.param_dtype,
                                              autodiff=self.autodiff_ops, name=name)
         h = norm_silu("norm1")(x)
         if self.resample:
             h, x = _resample(h, self.resample == "up"), _resample(x, self.resample == "up")
         h = conv(self.out_ch, "conv1")(h)
-        emb = nn.Dense((2 if self.scale_shift_norm else 1) * self.out_ch, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="temb_proj")(nn.silu(temb))
-        if self.scale_shift_norm:
-            h = norm_silu("norm2")(h, scale_shift=jnp.split(emb, 2, axis=-1))
+        if temb is None:
+            h = norm_silu("norm2")(h)
         else:
-            h = norm_silu("norm2")(h + emb[:, None, None, :])
+            h = self._add_time(h, temb, norm_silu)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.out_ch, "conv2", nn.initializers.zeros)(h)
         if x.shape[-1] != self.out_ch:
             x = conv(self.out_ch, "nin_shortcut", k=1)(x)
         return x + h
 
+    def _add_time(self, h, temb, norm_silu):
+        """norm2 + SiLU of h with the time embedding added before it, or as scale and shift."""
+        emb = nn.Dense((2 if self.scale_shift_norm else 1) * self.out_ch, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="temb_proj")(nn.silu(temb))
+        if self.scale_shift_norm:
+            return norm_silu("norm2")(h, scale_shift=jnp.split(emb, 2, axis=-1))
+        return norm_silu("norm2")(h + emb[:, None, None, :])
+
 
 class AttnBlock(nn.Module):
-    """GroupNorm then self-attention over the H*W positions, zero-initialised output, residual."""
+    """GroupNorm then self-attention over the H*W positions, zero-initialised output, residual.
+
+    `head_dim` set: C // head_dim heads (diffusers' `attention_head_dim`), else `num_heads`.
+    `normalize=False` drops the GroupNorm (diffusers' mid-block attention with scale-shift
+    resnets and no `attn_norm_num_groups`).
+    """
 
     num_heads: int = 1
     num_groups: int = 32
+    epsilon: float = 1e-6
+    head_dim: Optional[int] = None
+    normalize: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
@@ -79,8 +95,12 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = GroupNorm32(self.num_groups, param_dtype=self.param_dtype, autodiff=self.autodiff_ops, name="norm")(x)
-        h = MultiHeadSelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
+        h = x
+        if self.normalize:
+            h = GroupNorm32(self.num_groups, self.epsilon, param_dtype=self.param_dtype, autodiff=self.autodiff_ops,
+                            name="norm")(x)
+        heads = C // self.head_dim if self.head_dim else self.num_heads
+        h = MultiHeadSelfAttention(heads, zero_init_out=True, dtype=self.dtype,
                                    param_dtype=self.param_dtype,
                                    attention_impl=self.attention_impl, name="attn")(h.reshape(B, H * W, C))
         return x + h.reshape(B, H, W, C)
@@ -93,6 +113,13 @@ class UNet(nn.Module):
     each entry of `attn_resolutions` must be one of the resolutions the net visits.
     `num_classes` > 0 adds a label embedding (index num_classes is the null label, used when
     y is None) to the time embedding. `remat` rematerialises each block in the backward pass.
+
+    Fields for published (diffusers `UNet2DModel`) checkpoints, whose defaults are the presets':
+    `norm_eps` (GroupNorm epsilon), `head_dim` (attention heads of head_dim channels instead of
+    `num_heads`), `flip_sin_to_cos` and `freq_shift` (see `timestep_embedding`),
+    `downsample_padding` (0: pad the stride-2 conv's input by one row and column at the end, as
+    DDPM's TensorFlow "SAME"; 1: one on each side), `mid_attn` and `mid_attn_norm` (the middle
+    block's attention, and its GroupNorm).
     """
 
     ch: int = 128
@@ -113,6 +140,13 @@ class UNet(nn.Module):
     remat: bool = False
     attention_impl: Optional[str] = None
     autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
+    norm_eps: float = 1e-6
+    head_dim: Optional[int] = None
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    downsample_padding: int = 0
+    mid_attn: bool = True
+    mid_attn_norm: bool = True
 
     def check_input(self, x):
         if x.ndim != 4:
@@ -139,7 +173,7 @@ class UNet(nn.Module):
         out_ch = self.out_channels or C
         out_ch = 2 * out_ch if self.learn_sigma else out_ch
         dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
-        temb = timestep_embedding(t, self.ch)
+        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         temb = dense(4 * self.ch, "temb_dense0")(temb)
         temb = dense(4 * self.ch, "temb_dense1")(nn.silu(temb))
         if self.num_classes:
@@ -151,11 +185,13 @@ class UNet(nn.Module):
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, autodiff_ops=self.autodiff_ops)
         res = lambda ch, name, resample=None: block_cls(
-            ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, name=name, **common)
-        attn = lambda name: AttnBlock(self.num_heads, self.num_groups, attention_impl=self.attention_impl,
-                                      name=name, **common)
-        conv = lambda ch, name, **kw: nn.Conv(ch, (3, 3), padding="SAME", name=name, dtype=self.dtype,
-                                              param_dtype=self.param_dtype, **kw)
+            ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, self.norm_eps, name=name, **common)
+        attn = lambda name, normalize=True: AttnBlock(
+            self.num_heads, self.num_groups, self.norm_eps, self.head_dim, normalize,
+            attention_impl=self.attention_impl, name=name, **common)
+        down_padding = "SAME" if self.downsample_padding == 0 else [(self.downsample_padding,) * 2] * 2
+        conv = lambda ch, name, padding="SAME", **kw: nn.Conv(ch, (3, 3), padding=padding, name=name,
+                                                              dtype=self.dtype, param_dtype=self.param_dtype, **kw)
 
         hs = [conv(self.ch, "conv_in")(x.astype(self.dtype))]
         levels = len(self.ch_mult)
@@ -169,13 +205,15 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     hs.append(res(hs[-1].shape[-1], f"down{level}_resample", "down")(hs[-1], temb, train))
                 elif self.resamp_with_conv:
-                    hs.append(conv(hs[-1].shape[-1], f"down{level}_resample", strides=(2, 2))(hs[-1]))
+                    hs.append(conv(hs[-1].shape[-1], f"down{level}_resample", down_padding,
+                                   strides=(2, 2))(hs[-1]))
                 else:
                     hs.append(_resample(hs[-1], up=False))
 
         h = hs[-1]
         h = res(h.shape[-1], "mid_res0")(h, temb, train)
-        h = attn("mid_attn")(h)
+        if self.mid_attn:
+            h = attn("mid_attn", self.mid_attn_norm)(h)
         h = res(h.shape[-1], "mid_res1")(h, temb, train)
 
         for level in reversed(range(levels)):
@@ -191,7 +229,7 @@ class UNet(nn.Module):
                     h = _resample(h, up=True)
                     if self.resamp_with_conv:
                         h = conv(h.shape[-1], f"up{level}_resample")(h)
-        h = GroupNorm32(self.num_groups, silu=True, param_dtype=self.param_dtype, autodiff=self.autodiff_ops,
-                        name="norm_out")(h)
+        h = GroupNorm32(self.num_groups, self.norm_eps, silu=True, param_dtype=self.param_dtype,
+                        autodiff=self.autodiff_ops, name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)

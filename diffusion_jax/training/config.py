@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
+    c.diffusion.schedule_options = ml_collections.ConfigDict()  # the beta function's, e.g. beta_start
     c.diffusion.num_timesteps = 1000
     c.diffusion.prediction = "eps"
     c.diffusion.variance = "fixed_small"

@@ -1,0 +1,106 @@
+"""diffusers' on-disk format: a directory (or a subfolder of one) holding `config.json` and
+`diffusion_pytorch_model.safetensors` (or the older `.bin`, a pickled PyTorch state dict), and a
+pipeline's `scheduler/scheduler_config.json`. Read and written with `safetensors` and NumPy:
+torch is needed only for a `.bin` file, huggingface_hub only for a repository id."""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_BIN = "diffusion_pytorch_model.bin"
+SCHEDULER = "scheduler/scheduler_config.json"
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """'owner/name' that is not an existing path: a Hugging Face Hub repository id."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def resolve(source: str) -> pathlib.Path:
+    """The local directory of `source`: a path, or a Hub repository id downloaded (and cached)
+    through `huggingface_hub.snapshot_download`."""
+    path = pathlib.Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{source} is a file: give the directory that holds {CONFIG}")
+        return path
+    if not looks_like_repo_id(source):
+        raise FileNotFoundError(f"no directory {source}: give a diffusers model directory or a Hugging Face "
+                                "repository id such as google/ddpm-cifar10-32")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError(f"{source} is not a local directory, and downloading it as a Hugging Face repository "
+                         "needs huggingface_hub: pip install huggingface_hub (or download it elsewhere and "
+                         "give the directory)") from None
+    try:
+        return pathlib.Path(huggingface_hub.snapshot_download(
+            source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as error:  # offline, unknown repository, no permission: all the user's to fix
+        raise ValueError(f"could not download {source} from the Hugging Face Hub ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'}): check the repository "
+                         "id and the network, or download it elsewhere and give the directory") from None
+
+
+def read_config(directory: pathlib.Path) -> dict:
+    path = directory / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} has no {CONFIG}: is it a diffusers model directory? (a pipeline "
+                                "keeps each model in a subfolder: pass subfolder='unet', 'transformer' or 'vae')")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def read_tensors(directory: pathlib.Path) -> dict:
+    """{name: float32 NumPy array} of the model's weights file."""
+    path = directory / WEIGHTS
+    if path.exists():
+        from safetensors.numpy import load_file
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:
+            raise ValueError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
+                             "incomplete; download it again") from None
+        return {name: _float32(name, value) for name, value in tensors.items()}
+    bin_path = directory / WEIGHTS_BIN
+    if bin_path.exists():
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{bin_path} is a PyTorch pickle, which only torch can read: pip install torch, or "
+                             "convert it to safetensors once (diffusers' save_pretrained writes safetensors)") from None
+        state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+        return {name: _float32(name, value.float().numpy()) for name, value in state.items()}
+    raise FileNotFoundError(f"{directory} has a {CONFIG} but no weights file ({WEIGHTS} or {WEIGHTS_BIN})")
+
+
+def _float32(name, value) -> np.ndarray:
+    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+        raise ValueError(f"tensor {name} has dtype {value.dtype}, not floating point")
+    return np.asarray(value, np.float32)
+
+
+def write_model(directory: pathlib.Path, config: dict, tensors: dict) -> None:
+    """config.json and diffusion_pytorch_model.safetensors of one model."""
+    from safetensors.numpy import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+
+
+def read_scheduler(directory: pathlib.Path) -> dict | None:
+    """The scheduler config next to a model (../scheduler or ./scheduler), or None."""
+    for candidate in (directory / SCHEDULER, directory.parent / SCHEDULER, directory / "scheduler_config.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return None

@@ -1,0 +1,89 @@
+"""diffusers scheduler configs (`DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler`,
+...) <-> a run's `diffusion` settings and its sampler's `clip_x0`."""
+from __future__ import annotations
+
+import numpy as np
+
+from diffusion_jax.schedules import Schedule, cosine_betas, rescale_zero_terminal_snr, scaled_linear_betas
+
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+              "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+
+
+def _unsupported(field, value, why):
+    return ValueError(f"scheduler config field {field} = {value!r} is not supported: {why}")
+
+
+def betas_from_scheduler(config: dict) -> np.ndarray:
+    """The float64 betas [T] a scheduler config describes (as diffusers computes them)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    beta_schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], np.float64)
+    elif beta_schedule == "linear":
+        betas = np.linspace(start, end, T, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = scaled_linear_betas(T, start, end)
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = cosine_betas(T)
+    else:
+        raise _unsupported("beta_schedule", beta_schedule, "linear, scaled_linear, squaredcos_cap_v2 or trained_betas")
+    return rescale_zero_terminal_snr(betas) if config.get("rescale_betas_zero_snr") else betas
+
+
+def settings_from_scheduler(config: dict, learn_sigma: bool) -> dict:
+    """{"diffusion": {...}, "sample": {"clip_x0": ...}} of a scheduler_config.json dict.
+
+    A model that predicts its variance (learn_sigma) is "learned_range" whatever the scheduler
+    says: the variance is the model's output, not the scheduler's choice.
+    """
+    T = int(config.get("num_train_timesteps", 1000))
+    beta_schedule = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        raise _unsupported("trained_betas", "[...]", "a run's config names its schedule: give it by beta_schedule")
+    if beta_schedule == "linear":  # this library's linear betas scale with 1000 / T; diffusers' do not
+        schedule, options = "linear", {"beta_start": start * T / 1000, "beta_end": end * T / 1000}
+    elif beta_schedule == "scaled_linear":
+        schedule, options = "scaled_linear", {"beta_start": start, "beta_end": end}
+    elif beta_schedule == "squaredcos_cap_v2":
+        schedule, options = "cosine", {}
+    else:
+        raise _unsupported("beta_schedule", beta_schedule, "linear, scaled_linear or squaredcos_cap_v2")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise _unsupported("prediction_type", prediction, f"one of {sorted(_PREDICTIONS)}")
+    variance = config.get("variance_type") or "fixed_small"
+    if variance not in _VARIANCES:
+        raise _unsupported("variance_type", variance, f"one of {sorted(_VARIANCES)}")
+    if config.get("thresholding"):
+        raise _unsupported("thresholding", True, "dynamic thresholding is not implemented; clip_sample is")
+    clip = bool(config.get("clip_sample", False))
+    if clip and float(config.get("clip_sample_range", 1.0)) != 1.0:
+        raise _unsupported("clip_sample_range", config["clip_sample_range"], "x0 is clipped to [-1, 1]")
+    diffusion = {"schedule": schedule, "num_timesteps": T, "schedule_options": options,
+                 "prediction": _PREDICTIONS[prediction],
+                 "variance": "learned_range" if learn_sigma else _VARIANCES[variance],
+                 "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False))}
+    return {"diffusion": diffusion, "sample": {"clip_x0": clip}}
+
+
+def scheduler_config(schedule: Schedule, prediction: str = "eps", variance: str = "fixed_small",
+                     clip_x0: bool = True) -> dict:
+    """A DDPMScheduler config.json dict of `schedule`: by its diffusers name when its betas are
+    one of diffusers' named schedules (linear, scaled_linear, squaredcos_cap_v2), else the betas
+    themselves (trained_betas)."""
+    betas = np.asarray(schedule.betas, np.float64)
+    endpoint = lambda b: float(str(np.float32(b)))  # 1e-4, not the float32 value's 9.99999975e-05
+    inverse = {v: k for k, v in _PREDICTIONS.items()}
+    config = {"_class_name": "DDPMScheduler", "num_train_timesteps": int(betas.shape[0]),
+              "prediction_type": inverse[prediction], "variance_type": variance, "clip_sample": bool(clip_x0),
+              "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0}
+    for name in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        candidate = {**config, "beta_schedule": name, "beta_start": endpoint(betas[0]),
+                     "beta_end": endpoint(betas[-1])}
+        if np.allclose(betas_from_scheduler(candidate), betas, rtol=1e-6, atol=0):
+            return candidate
+    return {**config, "beta_schedule": "linear", "trained_betas": betas.tolist()}
