@@ -13,6 +13,7 @@ Neither torch nor diffusers is needed (torch only to read a legacy `.bin` weight
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -50,15 +51,21 @@ class Imported:
 
     def apply(self, x, t, y=None):
         """The backbone's output [B, H, W, C_out] for x [B, H, W, C], timesteps t [B], labels y."""
-        return self.model.apply({"params": self.params}, x, t, y)
+        return _compiled(self.model, "__call__")({"params": self.params}, x, t, y)
 
     def encode(self, x):
         """(mean, logvar) of the VAE's latent for images x [B, H, W, C] in [-1, 1]."""
-        return self.model.apply({"params": self.params}, x, method=self.model.encode)
+        return _compiled(self.model, "encode")({"params": self.params}, x)
 
     def decode(self, z):
         """Images [B, H, W, C] of latents z (unscaled: divide a backbone's latents by scaling_factor)."""
-        return self.model.apply({"params": self.params}, z, method=self.model.decode)
+        return _compiled(self.model, "decode")({"params": self.params}, z)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model, method: str):
+    """model.apply(variables, *args, method=method), jit-compiled once per module and method."""
+    return jax.jit(functools.partial(model.apply, method=method))
 
 
 def architecture(config: dict, where):
@@ -78,17 +85,24 @@ def load_diffusers(source: str, subfolder: Optional[str] = None) -> Imported:
         if not directory.is_dir():
             raise FileNotFoundError(f"{source} has no subfolder {subfolder!r}")
     config = files.read_config(directory)
-    arch = architecture(config, directory / files.CONFIG)
-    model, input_shape = arch.module_from_config(config)
-    tensors = unet2d.rename_deprecated_attention(files.read_tensors(directory))
-    table, copies = arch.entries(model, input_shape)
-    params = params_from_tensors(table, tensors, expected_params(model, input_shape), f"{config['_class_name']} "
-                                 f"({directory})", copies)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    scheduler_cfg = files.read_scheduler(directory) if arch is not vae else None
-    schedule = schedule_from_betas(scheduler.betas_from_scheduler(scheduler_cfg)) if scheduler_cfg else None
+    architecture(config, directory / files.CONFIG)  # an unsupported class is named before the weights are read
+    imported = from_state_dict(config, files.read_tensors(directory), where=str(directory))
+    scheduler_cfg = files.read_scheduler(directory) if not isinstance(imported.model, AutoencoderKL) else None
+    if scheduler_cfg:
+        imported = dataclasses.replace(imported, scheduler_config=scheduler_cfg,
+                                       schedule=schedule_from_betas(scheduler.betas_from_scheduler(scheduler_cfg)))
     log.info("loaded %s from %s", config["_class_name"], directory)
-    return Imported(model, params, config, input_shape, schedule, scheduler_cfg)
+    return imported
+
+
+def from_state_dict(config: dict, tensors: dict, where: str = "state dict") -> Imported:
+    """The Flax module and params of a diffusers config dict and its state dict {name: array}."""
+    arch = architecture(config, where)
+    model, input_shape = arch.module_from_config(config)
+    table, copies = arch.entries(model, input_shape)
+    params = params_from_tensors(table, unet2d.rename_deprecated_attention(tensors),
+                                 expected_params(model, input_shape), f"{config['_class_name']} ({where})", copies)
+    return Imported(model, jax.tree_util.tree_map(jnp.asarray, params), config, input_shape)
 
 
 def expected_params(model, input_shape):
@@ -122,4 +136,4 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     return path
 
 
-__all__ = ["ARCHITECTURES", "Imported", "load_diffusers", "save_diffusers"]
+__all__ = ["ARCHITECTURES", "Imported", "from_state_dict", "load_diffusers", "save_diffusers"]
