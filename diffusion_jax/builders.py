@@ -56,7 +56,11 @@ def build_schedule(config) -> Schedule:
 
 
 def input_shape(config) -> tuple:
-    """(H, W, C) of one model input."""
+    """(H, W, C) of one model input: the images', or with a VAE (config.model.vae) their latents'."""
+    from diffusion_jax import latents
+
+    if latents.vae_source(config):
+        return latents.latent_shape(config)
     return (config.data.image_size, config.data.image_size, config.data.channels)
 
 

@@ -10,6 +10,9 @@ traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
             options]: a resumable batch job of uint8 shards whose images do not depend on B
   evaluate  --workdir DIR [--checkpoint STEP --num_samples N --sampler NAME --steps K
             --option KEY=VALUE --seed S --fid_stats REF.npz --inception_weights FILE]
+  import    --from DIR_OR_REPO --workdir RUN [--subfolder transformer --vae DIR_OR_REPO --config.KEY=VALUE]: a
+            diffusers model as a run (its step-0 checkpoint); `train --workdir RUN` fine-tunes it
+  export    --workdir RUN --out DIR [--checkpoint STEP]: the run's EMA model in diffusers' format
 
 The samplers (NAME) are the registry's (`samplers.sampler_names()`; `sample --help` lists them).
   fid       --samples DIR --ref REF.npz [--features digits|inception --inception_weights FILE]
@@ -144,7 +147,8 @@ def _parse_train_flags(argv, define_config) -> tuple:
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         raise ValueError(lines[-1] if lines else repr(e)) from None
     if config is None or not fv.workdir:
-        raise ValueError("train needs --config FILE and --workdir DIR")
+        raise ValueError("train needs --config FILE and --workdir DIR" if argv[0] == "train"
+                         else f"{argv[0]} needs --workdir DIR")
     with config.unlocked():
         for (section, name), values in open_ended.items():
             if name not in config[section]:
@@ -179,6 +183,8 @@ def train_and_report(config, workdir: str, evaluate: bool) -> None:
 def _train(argv) -> None:
     from ml_collections import config_flags
 
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return _train_existing_run(argv)
     for i, arg in enumerate(argv):  # the config file itself, before ml_collections wraps its absence
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("--config=")[2]
         if path and not os.path.isfile(path.split(":")[0]):
@@ -191,6 +197,65 @@ def _train(argv) -> None:
 
     config, workdir, evaluate = _parse_train_flags(["train"] + argv, config_file)
     train_and_report(config, workdir, bool(evaluate))
+
+
+def _flag_value(argv, name: str):
+    """The value of --name VALUE or --name=VALUE in argv, else None."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _config_dict_flag(config):
+    """A `define_config` for _parse_train_flags of a ready config (overridable by --config.KEY=VALUE)."""
+    from ml_collections import config_flags
+
+    def define(fv, args):
+        config_flags.DEFINE_config_dict("config", config, "the run's config; override with --config.KEY=VALUE",
+                                        flag_values=fv, lock_config=True, sys_argv=args)
+
+    return define
+
+
+def _train_existing_run(argv) -> None:
+    """`train --workdir RUN [--config.KEY=VALUE ...]`: continue the run with its own config.json."""
+    from diffusion_jax.runs import load_config
+
+    workdir = _flag_value(argv, "workdir")
+    if not workdir:
+        raise ValueError("train needs --config FILE and --workdir DIR (or only --workdir DIR of an existing run)")
+    config, workdir, evaluate = _parse_train_flags(["train"] + argv, _config_dict_flag(load_config(workdir)))
+    train_and_report(config, workdir, bool(evaluate))
+
+
+def _import(argv) -> None:
+    from diffusion_jax.interop import load_diffusers
+    from diffusion_jax.interop.runs import run_config, write_imported_run
+    from diffusion_jax.models import count_params
+    from diffusion_jax.training.config import base_config
+
+    p = _Parser(prog="python -m diffusion_jax import")
+    p.add_argument("--from", dest="source", required=True, help="a diffusers model directory or Hub repository id")
+    p.add_argument("--subfolder", help="the model's subfolder in a pipeline: unet, transformer")
+    p.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
+                                             "or a pipeline with a vae/ folder)")
+    args, rest = p.parse_known_args(argv)
+    imported = load_diffusers(args.source, args.subfolder)
+    config, workdir, _ = _parse_train_flags(["import"] + rest,
+                                            _config_dict_flag(run_config(imported, base_config(), args.vae)))
+    write_imported_run(imported, config, workdir)
+    print(f"imported {imported.config['_class_name']} ({count_params(imported.params):,} parameters) into "
+          f"{workdir}: sample, evaluate or train it (train --workdir {workdir} --config.train.steps=N)")
+
+
+def _export(args) -> None:
+    from diffusion_jax.interop.runs import export_run
+
+    out = export_run(args.workdir, args.out, args.checkpoint)
+    print(f"wrote {out} (diffusers format: config.json, diffusion_pytorch_model.safetensors, scheduler/)")
 
 
 def run_experiment(get_config, argv=None) -> None:
@@ -427,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--features", choices=["inception", "digits"], default="inception")
     q.add_argument("--inception_weights", default=None)
     q.add_argument("--out", help="where to write the JSON result (default SAMPLES/fid.json)")
+    sub.add_parser("import", help="a diffusers model as a run: import --from DIR_OR_REPO --workdir RUN")
+    x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--checkpoint", type=int)
     f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split or of shards")
     f.add_argument("--dataset")
     f.add_argument("--samples", help="a directory of shards (generate's --out) instead of a dataset")
@@ -444,9 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(argv) -> None:
     if argv and argv[0] == "train":
         return _train(argv[1:])
+    if argv and argv[0] == "import":
+        return _import(argv[1:])
     args = build_parser().parse_args(argv)
     {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid": _fid,
-     "fid-stats": _fid_stats}[args.command](args)
+     "fid-stats": _fid_stats, "export": _export}[args.command](args)
 
 
 # ---------------------------------------------------------------------------- the error boundary

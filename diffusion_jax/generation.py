@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import latents
 from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
 from diffusion_jax.samplers import sample, sampling_grid
@@ -112,7 +113,8 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     guidance scale are traced, so calls with other values reuse the program. Sampler settings
     default to config.sample (see `sampler_settings`); guidance rescale is
     config.sample.guidance_rescale. With `trajectory_every` it returns (images, trajectory of the first
-    batch).
+    batch). A latent run (config.model.vae) samples latents and returns the decoded images (and
+    trajectory).
     """
     s = config.sample
     method, steps, options = sampler_settings(config, schedule, method, steps, options)
@@ -121,9 +123,10 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
     classes = num_model_classes(config)
     shape = (batch_size, *input_shape(config))
+    vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(guided, params, key, eta, guidance_scale, labels):
+    def run(guided, params, vae_params, key, eta, guidance_scale, labels):
         kw = dict(method=method, num_steps=steps, eta=eta, clip_x0=bool(s.clip_x0),
                   variance=config.diffusion.variance, prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
@@ -131,7 +134,15 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             kw.update(cond=labels)
             if guided:
                 kw.update(guidance_scale=guidance_scale, null_cond=classes, guidance_rescale=rescale)
-        return sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
+        out = sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
+        if vae is None:
+            return out
+        decode = functools.partial(latents.decode_latents, vae.model, vae_params)
+        if trajectory_every:
+            images, trajectory = out
+            return decode(images), {**trajectory, "x_t": jax.lax.map(decode, trajectory["x_t"]),
+                                    "pred_x0": jax.lax.map(decode, trajectory["pred_x0"])}
+        return decode(out)
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
                  first_index: int = 0):
@@ -155,7 +166,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
                 chunk = index[i * batch_size:(i + 1) * batch_size]
                 batch_key = _keys_for(key, jnp.asarray(chunk[0] + np.arange(batch_size), jnp.int32))
-            result = run(guided, params, batch_key, jnp.float32(eta),
+            result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(eta),
                          jnp.float32(guidance_scale), jnp.asarray(batch_labels))
             if trajectory_every:
                 result, traj = result

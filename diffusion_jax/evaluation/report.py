@@ -3,6 +3,7 @@ metrics.json, per_timestep.png, samples.png, reverse_process.png and report.md."
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import time
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import viz
+from diffusion_jax import latents, viz
 from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
@@ -18,6 +19,8 @@ from diffusion_jax.evaluation.metrics import noise_prediction_metrics
 from diffusion_jax.generation import describe_guidance, make_generator, sampler_settings
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.runs import load_run
+
+log = logging.getLogger(__name__)
 
 
 def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_size=64) -> dict:
@@ -62,11 +65,17 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     # Without labels a class-conditional model uses its null label: the unconditional model.
     denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False)
 
-    metrics = noise_prediction_metrics(denoise, run.schedule, held_out.images,
+    model_inputs = held_out.images
+    if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
+        vae = latents.load_vae(latents.vae_source(c))
+        model_inputs = latents.encode(vae, held_out.images[: c.eval.num_examples], jax.random.PRNGKey(seed))
+    metrics = noise_prediction_metrics(denoise, run.schedule, model_inputs,
                                        num_examples=c.eval.num_examples, seed=seed,
                                        prediction=c.diffusion.prediction)
     bpd_images = held_out.images[: c.eval.bpd_examples]
-    if len(bpd_images):
+    if len(bpd_images) and latents.vae_source(c):
+        log.info("bits/dim skipped: the VLB of a latent model bounds the latents' likelihood, not the images'")
+    elif len(bpd_images):
         metrics["bpd"] = bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
 

@@ -114,10 +114,12 @@ def expected_params(model, input_shape):
 
 
 def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, input_shape,
-                   prediction: str = "eps", clip_x0: bool = True) -> pathlib.Path:
+                   prediction: str = "eps", variance: Optional[str] = None, clip_x0: bool = True) -> pathlib.Path:
     """Write `model` with `params` as a diffusers model directory (config.json and
     diffusion_pytorch_model.safetensors), and `schedule` as scheduler/scheduler_config.json (a
-    DDPMScheduler). `input_shape` (H, W, C) is the size the model is for (diffusers' sample_size)."""
+    DDPMScheduler with `prediction`, `variance` (default: learned_range for a model that
+    learns sigma, else fixed_small) and `clip_x0`). `input_shape` (H, W, C) is the size the
+    model is for (diffusers' sample_size)."""
     arch = _BY_MODULE.get(type(model))
     if arch is None:
         raise ValueError(f"cannot export a {type(model).__name__}: supported are {sorted(c.__name__ for c in _BY_MODULE)}")
@@ -128,7 +130,7 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     path = pathlib.Path(path)
     files.write_model(path, config, tensors)
     if schedule is not None:
-        variance = "learned_range" if getattr(model, "learn_sigma", False) else "fixed_small"
+        variance = variance or ("learned_range" if getattr(model, "learn_sigma", False) else "fixed_small")
         sched = scheduler.scheduler_config(schedule, prediction, variance, clip_x0)
         (path / "scheduler").mkdir(exist_ok=True)
         (path / files.SCHEDULER).write_text(json.dumps(sched, indent=2) + "\n")

@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "unet_digits"    # a preset of diffusion_jax.models.PRESETS
     c.model.dtype = "float32"       # activations; parameters stay float32
     c.model.remat = False
+    c.model.vae = ""                # latent diffusion: a diffusers AutoencoderKL directory or repository
+                                    # id; the backbone trains on its scaled latents (see latents.py)
     c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
                                                      # --config.model.overrides.ch=16
 

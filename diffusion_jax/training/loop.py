@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from diffusion_jax import parallel, viz
+from diffusion_jax import latents, parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
 from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
 from diffusion_jax.generation import make_generator
@@ -40,9 +40,12 @@ __all__ = ["NonFiniteLoss", "Preempted", "train"]
 def make_batches(config) -> Batches:
     """This process's batches of the training split (batch i a pure function of seed and i)."""
     data = load_split(config.data, config.data.train_split, jax.process_index(), jax.process_count())
-    return Batches(data, config.data.batch_size, config.seed, process_index=jax.process_index(),
-                   process_count=jax.process_count(), random_flip=config.data.random_flip,
-                   with_labels=config.data.use_labels)
+    batches = Batches(data, config.data.batch_size, config.seed, process_index=jax.process_index(),
+                      process_count=jax.process_count(), random_flip=config.data.random_flip,
+                      with_labels=config.data.use_labels)
+    if latents.vae_source(config):
+        return latents.LatentBatches(batches, config, jax.process_index())
+    return batches
 
 
 def restore_or_init(ckpt: Checkpointer, program: TrainProgram, config, workdir) -> TrainState:

@@ -1,0 +1,104 @@
+"""A diffusers model as a run directory, and a run as a diffusers model directory.
+
+`import`: the run's config describes the imported module (`model.name` a preset of its class,
+`model.overrides` every field of the module), its data shape, and the scheduler's settings; its
+step-0 checkpoint holds the imported weights as params and EMA params, so `sample`, `evaluate`
+and `train` (fine-tuning, with more steps) work on it as on any run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import jax
+import ml_collections
+
+from diffusion_jax.builders import build_model, input_shape
+from diffusion_jax.interop import Imported, save_diffusers, scheduler
+from diffusion_jax.models import DiT, UNet
+
+log = logging.getLogger(__name__)
+
+# The preset each class's imports are based on; model.overrides replaces all of its fields.
+_BASE_PRESET = {UNet: "ddpm_cifar10", DiT: "dit_xl2"}
+# Fields a run's config decides elsewhere (build_model sets them), not in model.overrides.
+_DECIDED_BY_THE_RUN = {"parent", "name", "dtype", "param_dtype", "remat", "learn_sigma", "num_classes",
+                       "attention_impl", "autodiff_ops"}
+
+
+def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str = "") -> ml_collections.ConfigDict:
+    """`config` (a base config) set up for the imported backbone: model, data shape, labels, and
+    the diffusion and sampling settings of its scheduler config (defaults without one). With
+    `vae` (a diffusers AutoencoderKL directory or repository id) the backbone is a latent one:
+    the data are images of the size whose latents it takes."""
+    model = imported.model
+    if type(model) not in _BASE_PRESET:
+        raise ValueError(f"a run needs a denoising backbone (UNet2DModel or DiTTransformer2DModel), got "
+                         f"{imported.config.get('_class_name')}: give the backbone's directory (or --subfolder)")
+    config = ml_collections.ConfigDict(config.to_dict())
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.name not in _DECIDED_BY_THE_RUN}
+    config.model.name = _BASE_PRESET[type(model)]
+    config.model.overrides = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in fields.items()})
+    config.data.image_size, _, config.data.channels = imported.input_shape
+    if vae:
+        from diffusion_jax import latents
+        autoencoder = latents.load_vae(vae).model
+        if autoencoder.latent_channels != imported.input_shape[2]:
+            raise ValueError(f"the VAE {vae} makes {autoencoder.latent_channels}-channel latents but the backbone "
+                             f"takes {imported.input_shape[2]} channels: give the VAE it was trained with")
+        config.model.vae = vae
+        config.data.image_size = imported.input_shape[0] * autoencoder.downsample_factor
+        config.data.channels = autoencoder.in_channels
+    config.data.num_classes = int(getattr(model, "num_classes", 0) or 0)
+    config.data.use_labels = config.data.num_classes > 0
+    learn_sigma = bool(getattr(model, "learn_sigma", False))
+    settings = scheduler.settings_from_scheduler(imported.scheduler_config or {}, learn_sigma)
+    for key, value in settings["diffusion"].items():
+        config.diffusion[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    config.sample.clip_x0 = settings["sample"]["clip_x0"] if imported.scheduler_config else config.sample.clip_x0
+    return config
+
+
+def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
+    """config.json and a step-0 checkpoint whose params and EMA params are the imported ones."""
+    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.training.config import validate_config
+    from diffusion_jax.training.optim import make_optimizer
+    from diffusion_jax.training.state import create_train_state
+    from diffusion_jax.training.workdir import check_workdir, write_config
+
+    validate_config(config)
+    workdir = check_workdir(workdir)
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        raise ValueError(f"{workdir} already holds a run's checkpoints: import into a new directory")
+    model = build_model(config)
+    from diffusion_jax.models import param_shapes
+    expected = param_shapes(model, input_shape(config))
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(imported.params):
+        raise ValueError("the run's config builds a model whose parameters differ from the imported ones; "
+                         "do not override model settings on import")
+    state = create_train_state(imported.params, make_optimizer(config.optim, config.train.steps), config.seed)
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        ckpt.save(0, state, config)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    write_config(workdir, config, None)
+    log.info("imported %s into %s (step 0)", imported.config.get("_class_name"), workdir)
+    return workdir
+
+
+def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
+    """The run's EMA parameters (newest good checkpoint, or `step`) as a diffusers model
+    directory with its schedule as scheduler/scheduler_config.json."""
+    from diffusion_jax.runs import load_run
+
+    run = load_run(workdir, step)
+    d = run.config.diffusion
+    return save_diffusers(out, run.model, run.ema_params, run.schedule, input_shape=input_shape(run.config),
+                          prediction=d.prediction, variance=d.variance, clip_x0=bool(run.config.sample.clip_x0))

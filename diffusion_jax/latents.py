@@ -1,0 +1,110 @@
+"""Latent diffusion: a run with `config.model.vae` (a diffusers AutoencoderKL directory or Hub
+repository id) trains its backbone on the VAE's scaled latents and samples images through the
+decoder.
+
+    latents = scaling_factor * (z - shift_factor),  z ~ N(mean, exp(logvar)) of the encoder
+    images  = decode(latents / scaling_factor + shift_factor)
+
+Training encodes each batch on the fly (`encode_batches`: one posterior draw per image and step,
+a pure function of (seed, step, process)), so the data pipeline, its shuffling and resuming are
+those of pixel runs. The VAE is frozen: it is loaded from its directory, never checkpointed.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def vae_source(config) -> str:
+    """The run's VAE directory or repository id ("" for a pixel-space run)."""
+    return str(config.model.get("vae", "") or "")
+
+
+@functools.lru_cache(maxsize=4)
+def load_vae(source: str):
+    """The `Imported` VAE of a directory or repository id; a pipeline (a folder with vae/) is
+    looked into. Cached: every user of a run's VAE shares one copy."""
+    from diffusion_jax.interop import files, load_diffusers
+
+    directory = files.resolve(source)
+    subfolder = "vae" if not (directory / files.CONFIG).exists() and (directory / "vae" / files.CONFIG).exists() else None
+    vae = load_diffusers(str(directory), subfolder)
+    if type(vae.model).__name__ != "AutoencoderKL":
+        raise ValueError(f"model.vae = {source!r} is a {vae.config.get('_class_name')}, not an AutoencoderKL")
+    return vae
+
+
+def latent_shape(config) -> tuple:
+    """(h, w, latent_channels) the backbone of a latent run sees, for images of the run's data size."""
+    vae = load_vae(vae_source(config))
+    factor = vae.model.downsample_factor
+    size = int(config.data.image_size)
+    if size % factor:
+        raise ValueError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor {factor}: "
+                         f"use a multiple of {factor}")
+    if int(config.data.channels) != vae.model.in_channels:
+        raise ValueError(f"data.channels is {config.data.channels} but the VAE encodes {vae.model.in_channels}-channel "
+                         "images: set data.channels to match")
+    return (size // factor, size // factor, vae.model.latent_channels)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, params, images, key):
+    mean, logvar = model.apply({"params": params}, images, method=model.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return model.scaling_factor * (z - model.shift_factor)
+
+
+def decode_latents(model, params, latents):
+    """Images [B, H, W, C] of scaled latents [B, h, w, c] by the VAE `model` (traceable)."""
+    return model.apply({"params": params}, latents / model.scaling_factor + model.shift_factor,
+                       method=model.decode)
+
+
+_decode = jax.jit(decode_latents, static_argnums=0)
+
+
+def encode(vae, images, key) -> np.ndarray:
+    """Scaled latents [B, h, w, c] (NumPy) of images [B, H, W, C] in [-1, 1], one posterior draw each."""
+    return np.asarray(_encode(vae.model, vae.params, jnp.asarray(images, jnp.float32), key))
+
+
+def decode(vae, latents):
+    """Images [B, H, W, C] of scaled latents [B, h, w, c]."""
+    return _decode(vae.model, vae.params, latents)
+
+
+class LatentBatches:
+    """Batch i of a `data.pipeline.Batches` with its images encoded to scaled latents; the
+    posterior noise is a function of (seed, step, process), so batch i stays a pure function of
+    the seed and i."""
+
+    def __init__(self, batches, config, process_index: int = 0):
+        self.batches, self.process_index = batches, process_index
+        self.vae = load_vae(vae_source(config))
+        self.root = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x7AE)
+
+    def __call__(self, step: int) -> dict:
+        batch = dict(self.batches(step))
+        key = jax.random.fold_in(jax.random.fold_in(self.root, int(step)), self.process_index)
+        batch["image"] = encode(self.vae, batch["image"], key)
+        return batch
+
+    def stacked(self, step: int, k: int) -> dict:
+        parts = [self(step + j) for j in range(k)]
+        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+
+def describe(config) -> str:
+    vae = load_vae(vae_source(config))
+    return (f"latent diffusion on {latent_shape(config)} latents of {vae_source(config)} "
+            f"(scaling factor {vae.model.scaling_factor})")
+
+
+__all__ = ["LatentBatches", "decode", "decode_latents", "describe", "encode", "latent_shape", "load_vae", "vae_source"]
