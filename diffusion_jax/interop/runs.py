@@ -81,7 +81,8 @@ def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
     if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(imported.params):
         raise ValueError("the run's config builds a model whose parameters differ from the imported ones; "
                          "do not override model settings on import")
-    state = create_train_state(imported.params, make_optimizer(config.optim, config.train.steps), config.seed)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    state = jax.jit(lambda params: create_train_state(params, optimizer, config.seed))(imported.params)
     ckpt = Checkpointer(workdir, async_save=False)
     try:
         ckpt.save(0, state, config)
