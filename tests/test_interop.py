@@ -185,12 +185,13 @@ PUBLISHED = {
                       "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
                       "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
                       "up_block_types": ["UpDecoderBlock2D"] * 4},
-    # facebook/DiT-XL-2-256/transformer/config.json
-    "DiT-XL-2-256": {"_class_name": "DiTTransformer2DModel", "activation_fn": "gelu-approximate",
-                     "attention_bias": True, "attention_head_dim": 72, "in_channels": 4,
-                     "norm_elementwise_affine": False, "norm_type": "ada_norm_zero", "num_attention_heads": 16,
-                     "num_embeds_ada_norm": 1000, "num_layers": 28, "out_channels": 8, "patch_size": 2,
-                     "sample_size": 32},
+    # facebook/DiT-XL-2-256/transformer/config.json (written before DiTTransformer2DModel existed)
+    "DiT-XL-2-256": {"_class_name": "Transformer2DModel", "activation_fn": "gelu-approximate",
+                     "attention_bias": True, "attention_head_dim": 72, "cross_attention_dim": None, "dropout": 0.0,
+                     "in_channels": 4, "norm_elementwise_affine": False, "norm_num_groups": 32,
+                     "norm_type": "ada_norm_zero", "num_attention_heads": 16, "num_embeds_ada_norm": 1000,
+                     "num_layers": 28, "num_vector_embeds": None, "only_cross_attention": False, "out_channels": 8,
+                     "patch_size": 2, "sample_size": 32, "upcast_attention": False, "use_linear_projection": False},
 }
 
 
@@ -209,9 +210,11 @@ def test_dit_xl_2_256_maps_every_tensor_and_counts_diffusers_parameters_less_its
     """DiT-XL/2 (750M tensors in diffusers' layout) is built on torch's meta device, and its
     tensors stand in as zero-stride arrays, so nothing the size of the model is allocated."""
     from diffusion_jax.interop import dit, expected_params
+    import inspect
     config = PUBLISHED["DiT-XL-2-256"]
-    with torch.device("meta"):
-        model = diffusers.DiTTransformer2DModel(**{k: v for k, v in config.items() if k != "_class_name"})
+    accepted = inspect.signature(diffusers.DiTTransformer2DModel.__init__).parameters
+    with torch.device("meta"):  # the class diffusers loads this config as
+        model = diffusers.DiTTransformer2DModel(**{k: v for k, v in config.items() if k in accepted})
     expected = sum(p.numel() for p in model.parameters())
     tensors = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
     module, shape = dit.module_from_config(config)
@@ -219,6 +222,21 @@ def test_dit_xl_2_256_maps_every_tensor_and_counts_diffusers_parameters_less_its
     params = params_from_tensors(table, tensors, expected_params(module, shape), "DiT-XL/2", copies)
     copied = sum(int(np.prod(tensors[c].shape)) for c, _ in copies)
     assert count_params(params) == expected - copied == 674_834_720  # the DiT paper's 675M
+
+
+def test_a_dit_saved_as_transformer2dmodel_loads_as_the_same_dit(tmp_path, saved):
+    """The class name and fields of facebook/DiT-XL-2-*'s config.json."""
+    directory = _copy(saved["dit"][1], tmp_path / "dit")
+    config = json.loads((directory / "config.json").read_text())
+    legacy = {k: v for k, v in PUBLISHED["DiT-XL-2-256"].items() if k not in config or k == "_class_name"}
+    (directory / "config.json").write_text(json.dumps({**config, **legacy}))
+    assert config["_class_name"] != legacy["_class_name"]
+    a, b = load_diffusers(str(saved["dit"][1])), load_diffusers(str(directory))
+    assert a.model == b.model
+    config.update(_class_name="Transformer2DModel", cross_attention_dim=8)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="cross_attention_dim = 8 is not supported"):
+        load_diffusers(str(directory))
 
 
 # --- errors a user meets, each naming the problem and the fix -------------------------------------

@@ -32,7 +32,7 @@ from diffusion_jax.schedules import Schedule, schedule_from_betas
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {unet2d.CLASS_NAME: unet2d, dit.CLASS_NAME: dit, vae.CLASS_NAME: vae}
+ARCHITECTURES = {unet2d.CLASS_NAME: unet2d, dit.CLASS_NAME: dit, dit.LEGACY_CLASS_NAME: dit, vae.CLASS_NAME: vae}
 _BY_MODULE = {UNet: unet2d, DiT: dit, AutoencoderKL: vae}
 
 

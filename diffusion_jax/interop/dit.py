@@ -10,6 +10,9 @@ from diffusion_jax.interop.tensors import Entry
 from diffusion_jax.models.dit import DiT
 
 CLASS_NAME = "DiTTransformer2DModel"
+# facebook/DiT-XL-2-256 and -512 predate that class: their config says Transformer2DModel with
+# norm_type "ada_norm_zero" and a patch size, which diffusers loads as a DiTTransformer2DModel.
+LEGACY_CLASS_NAME = "Transformer2DModel"
 
 DEFAULTS = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None, num_layers=28,
                 dropout=0.0, norm_num_groups=32, attention_bias=True, sample_size=32, patch_size=2,
@@ -25,6 +28,14 @@ _EMBEDDER = "norm1.emb"
 def module_from_config(config: dict):
     """(DiT module, input shape (H, W, C)) of a DiTTransformer2DModel config.json dict."""
     c = {**DEFAULTS, **config}
+    if config.get("_class_name") == LEGACY_CLASS_NAME:
+        for field in ("cross_attention_dim", "num_vector_embeds", "caption_channels"):
+            if config.get(field) is not None:
+                raise ValueError(f"Transformer2DModel config field {field} = {config[field]!r} is not supported: "
+                                 "only its DiT form (ada_norm_zero, patch_size, no cross-attention) loads")
+        if config.get("norm_type") != "ada_norm_zero" or not config.get("patch_size"):
+            raise ValueError(f"Transformer2DModel config field norm_type = {config.get('norm_type')!r} is not "
+                             "supported: only its DiT form (norm_type 'ada_norm_zero' with a patch_size) loads")
     for field, value in _FIXED.items():
         if c[field] != value and not (field == "dropout" and float(c[field]) == 0.0):
             raise ValueError(f"DiTTransformer2DModel config field {field} = {c[field]!r} is not supported: "

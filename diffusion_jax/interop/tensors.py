@@ -24,21 +24,21 @@ class Entry(NamedTuple):
     name: str
 
 
+def _to_torch_axes(kind: str, leaf: str):
+    """The transpose taking a Flax parameter to diffusers' layout (None: the same layout)."""
+    if leaf != "kernel":
+        return None
+    return (3, 2, 0, 1) if kind == "conv" else (1, 0)
+
+
 def _torch_layout(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
-    """A Flax parameter in the layout diffusers stores it."""
-    if leaf == "kernel" and kind == "conv":
-        return array.transpose(3, 2, 0, 1)
-    if leaf == "kernel":
-        return array.T
-    return array
+    axes = _to_torch_axes(kind, leaf)
+    return array if axes is None else array.transpose(axes)
 
 
 def _flax_layout(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and kind == "conv":
-        return array.transpose(2, 3, 1, 0)
-    if leaf == "kernel":
-        return array.T
-    return array
+    axes = _to_torch_axes(kind, leaf)
+    return array if axes is None else array.transpose(np.argsort(axes))
 
 
 _LEAVES = {"conv": (("kernel", "weight"), ("bias", "bias")),

@@ -42,16 +42,21 @@ def _middle(h, num_groups, epsilon, attention, kw):
     return ResBlock(ch, num_groups=num_groups, epsilon=epsilon, name="mid_res1", **kw)(h, None, False)
 
 
-class Encoder(nn.Module):
-    """x [B, H, W, C] -> moments [B, H/f, W/f, 2 * latent_channels] (before quant_conv)."""
+class _Coder(nn.Module):
+    """The fields the encoder and decoder share."""
 
     block_out_channels: Sequence[int]
     layers_per_block: int
-    latent_channels: int
     num_groups: int = 32
     epsilon: float = 1e-6
     mid_attention: bool = True
     dtype: Dtype = jnp.float32
+
+
+class Encoder(_Coder):
+    """x [B, H, W, C] -> moments [B, H/f, W/f, 2 * latent_channels] (before quant_conv)."""
+
+    latent_channels: int = 4
 
     @nn.compact
     def __call__(self, x):
@@ -69,16 +74,10 @@ class Encoder(nn.Module):
         return _conv(2 * self.latent_channels, "conv_out", **kw)(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """z [B, h, w, latent_channels] (after post_quant_conv) -> images [B, h f, w f, out_channels]."""
 
-    block_out_channels: Sequence[int]
-    layers_per_block: int
-    out_channels: int
-    num_groups: int = 32
-    epsilon: float = 1e-6
-    mid_attention: bool = True
-    dtype: Dtype = jnp.float32
+    out_channels: int = 3
 
     @nn.compact
     def __call__(self, z):
