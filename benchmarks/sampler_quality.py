@@ -17,7 +17,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 
 from benchmarks.common import device_facts, emit
 from diffusion_jax.data import load_split
