@@ -81,7 +81,7 @@ def main():
     if args.replot:
         return write(out, [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()], budgets)
     run = load_run(args.workdir)
-    real = feature_statistics(digits_features(load_split(run.config.data, run.config.data.eval_split).images))
+    real = feature_statistics(digits_features(load_split(run.config.data, run.config.data.eval_split).model_range()))
     rows = []
     for method in args.methods.split(","):
         for budget in budgets:

@@ -13,6 +13,8 @@ traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
   import    --from DIR_OR_REPO --workdir RUN [--subfolder transformer --vae DIR_OR_REPO --config.KEY=VALUE]: a
             diffusers model as a run (its step-0 checkpoint); `train --workdir RUN` fine-tunes it
   export    --workdir RUN --out DIR [--checkpoint STEP]: the run's EMA model in diffusers' format
+  prepare   --dataset NAME|folder:PATH --split S --image_size N --channels C --out DIR [--shard_size K]:
+            the split as uint8 ArrayRecord shards in DIR/S, for data.name=array_record:DIR (resumable)
 
 The samplers (NAME) are the registry's (`samplers.sampler_names()`; `sample --help` lists them).
   fid       --samples DIR --ref REF.npz [--features digits|inception --inception_weights FILE]
@@ -251,6 +253,27 @@ def _import(argv) -> None:
           f"{workdir}: sample, evaluate or train it (train --workdir {workdir} --config.train.steps=N)")
 
 
+def _prepare(args) -> None:
+    import ml_collections
+
+    from diffusion_jax.data.prepared import prepare
+    from diffusion_jax.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    import jax
+
+    data = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size, channels=args.channels,
+                                          data_dir=args.data_dir))
+    done = prepare(data, args.split, args.out, shard_size=args.shard_size, process_index=jax.process_index(),
+                   process_count=jax.process_count(), progress=jax.process_index() == 0)
+    if "shards" in done:
+        print(f"prepared {done['count']} images ({args.image_size}x{args.image_size}x{args.channels}, "
+              f"{len(done['shards'])} shards) in {args.out}/{args.split}: train with "
+              f"--config.data.name=array_record:{args.out}")
+    else:
+        print(f"this process's shards of {args.out}/{args.split} are done; the others are still being written")
+
+
 def _export(args) -> None:
     from diffusion_jax.interop.runs import export_run
 
@@ -428,7 +451,7 @@ def _fid_stats(args):
         raise ValueError("fid-stats needs --dataset NAME (or --samples DIR)")
     data_config = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size,
                                                  channels=args.channels, data_dir=args.data_dir))
-    images = load_split(data_config, args.split).images[: args.max_images or None]
+    images = load_split(data_config, args.split).model_range(slice(0, args.max_images or None))
     features = feature_extractor(args.features, args.inception_weights)[0](images)
     mu, sigma = feature_statistics(features)
     print(f"wrote statistics of {len(features)} images ({features.shape[1]} features) to "
@@ -493,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--inception_weights", default=None)
     q.add_argument("--out", help="where to write the JSON result (default SAMPLES/fid.json)")
     sub.add_parser("import", help="a diffusers model as a run: import --from DIR_OR_REPO --workdir RUN")
+    r = sub.add_parser("prepare", help="a data set split as ArrayRecord shards (data.name=array_record:DIR)")
+    r.add_argument("--dataset", required=True, help="digits, folder:PATH or a tfds name")
+    r.add_argument("--split", default="train")
+    r.add_argument("--image_size", type=int, required=True)
+    r.add_argument("--channels", type=int, default=3)
+    r.add_argument("--out", required=True)
+    r.add_argument("--shard_size", type=int, default=10_000)
+    r.add_argument("--data_dir", default="")
     x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
     x.add_argument("--workdir", required=True)
     x.add_argument("--out", required=True)
@@ -518,7 +549,7 @@ def _dispatch(argv) -> None:
         return _import(argv[1:])
     args = build_parser().parse_args(argv)
     {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid": _fid,
-     "fid-stats": _fid_stats, "export": _export}[args.command](args)
+     "fid-stats": _fid_stats, "export": _export, "prepare": _prepare}[args.command](args)
 
 
 # ---------------------------------------------------------------------------- the error boundary

@@ -1,7 +1,8 @@
 """A directory of numbered shards that a batch job writes and a restarted job trusts only after
-checking: `DIR/samples_{first:08d}_{last:08d}.npz` (items first..last, inclusive), each written
-under a temporary name and renamed, then recorded in `DIR/samples_{first:08d}_{last:08d}.json`
-(byte size and sha256). A shard whose record is missing or does not match is made again.
+checking: `DIR/samples_{first:08d}_{last:08d}.npz` (items first..last, inclusive; the prefix and
+the suffix are the job's), each written under a temporary name and renamed, then recorded in
+`DIR/samples_{first:08d}_{last:08d}.json` (byte size, sha256 and what the job adds). A shard
+whose record is missing or does not match is made again.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+from typing import Callable
 
 import numpy as np
 
@@ -33,30 +35,34 @@ def sha256_file(path) -> str:
 class ShardDir:
     """The shards of one job in `directory` (created if needed)."""
 
-    def __init__(self, directory, prefix: str = "samples"):
+    def __init__(self, directory, prefix: str = "samples", suffix: str = ".npz"):
         self.directory = pathlib.Path(directory)
-        self.prefix = prefix
+        self.prefix, self.suffix = prefix, suffix
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, first: int, last: int) -> pathlib.Path:
-        return self.directory / f"{self.prefix}_{first:08d}_{last:08d}.npz"
+        return self.directory / f"{self.prefix}_{first:08d}_{last:08d}{self.suffix}"
 
     def record_path(self, first: int, last: int) -> pathlib.Path:
-        return self.path(first, last).with_suffix(".json")
+        return self.directory / f"{self.prefix}_{first:08d}_{last:08d}.json"
 
     def write(self, first: int, last: int, **arrays) -> dict:
-        """Writes the shard atomically (temporary file, fsync, rename), then its record."""
-        path = self.path(first, last)
+        """Writes the arrays as an .npz shard atomically (temporary file, fsync, rename), then its record."""
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        data = buffer.getvalue()
+        return self.write_file(first, last, lambda path: path.write_bytes(buffer.getvalue()))
+
+    def write_file(self, first: int, last: int, fill: Callable[[pathlib.Path], None], **extra) -> dict:
+        """fill(path) writes the shard's file under a temporary name; it is synced and renamed into
+        place, then recorded (size, sha256 and `extra`, JSON values)."""
+        path = self.path(first, last)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
+        fill(temporary)
+        with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
+        record = {"first": first, "last": last, "bytes": temporary.stat().st_size,
+                  "sha256": sha256_file(temporary), **extra}
         os.replace(temporary, path)
-        record = {"first": first, "last": last, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         record_tmp = self.record_path(first, last).with_suffix(".json.tmp")
         record_tmp.write_text(json.dumps(record))
         os.replace(record_tmp, self.record_path(first, last))
@@ -85,7 +91,7 @@ class ShardDir:
     def complete(self) -> list[tuple[int, int]]:
         """(first, last) of every shard file present, in order."""
         found = []
-        for p in self.directory.glob(f"{self.prefix}_*_*.npz"):
+        for p in self.directory.glob(f"{self.prefix}_*_*{self.suffix}"):
             parts = p.stem.split("_")
             found.append((int(parts[-2]), int(parts[-1])))
         return sorted(found)

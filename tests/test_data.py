@@ -10,7 +10,9 @@ from diffusion_jax.training.config import base_config
 def test_digits_split_is_fixed_and_disjoint():
     train, val = load_digits("train"), load_digits("validation")
     assert train.images.shape == (1497, 8, 8, 1) and val.images.shape == (300, 8, 8, 1)
-    assert train.images.dtype == np.float32 and train.images.min() == -1.0 and train.images.max() == 1.0
+    assert train.images.dtype == np.uint8  # held as uint8, converted a batch at a time (4x less memory)
+    floats = train.model_range()
+    assert floats.dtype == np.float32 and floats.min() == -1.0 and floats.max() == 1.0
     rows = lambda d: {r.tobytes() for r in d.images}
     assert len(rows(train) & rows(val)) < 10  # a few digits are pixel-identical duplicates
     np.testing.assert_array_equal(load_digits("validation").labels, val.labels)
@@ -63,7 +65,7 @@ def test_tfds_under_mock_data(name, shape, size):
         data = load_split(c, "train")
         half = load_split(c, "train", process_index=1, process_count=2)
     assert data.images.shape == (24, size, size, shape[-1]) and data.labels.shape == (24,)
-    assert data.images.dtype == np.float32 and -1.0 <= data.images.min() and data.images.max() <= 1.0
+    assert data.images.dtype == np.uint8 and data.model_range().dtype == np.float32
     # mock_data serves num_examples for any split, so only the shard's shape can be checked.
     assert half.images.shape[1:] == (size, size, shape[-1])
 
@@ -91,5 +93,5 @@ def test_folder_images_of_16_bits_are_scaled_not_clipped(tmp_path):
     c.name, c.image_size, c.channels = f"folder:{tmp_path}", 8, 1
     data = load_split(c, "train")
     expected = np.round(gray16 / 65535 * 255) / 127.5 - 1  # the same brightness in 8 bits
-    np.testing.assert_allclose(data.images[0, ..., 0], expected, atol=1e-6)
-    assert data.images.max() < 1.0  # not all white, as an 8-bit clip made it
+    np.testing.assert_allclose(data.model_range()[0, ..., 0], expected, atol=1e-6)
+    assert data.model_range().max() < 1.0  # not all white, as an 8-bit clip made it

@@ -94,7 +94,7 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     from diffusion_jax.data import load_digits
 
     run = load_run(digits_run)
-    held_out = load_digits("validation").images
+    held_out = load_digits("validation").model_range()
     zero_params = jax.tree_util.tree_map(np.zeros_like, run.ema_params)
     denoise = lambda p: (lambda x, t: run.model.apply({"params": p}, x, t))
     initial = noise_prediction_metrics(denoise(zero_params), run.schedule, held_out, num_examples=300)

@@ -115,9 +115,8 @@ def test_fid_pools_shards_exactly_and_real_digits_score_zero(tmp_path, capsys):
     from diffusion_jax.evaluation.digits_features import digits_features
     from diffusion_jax.evaluation.frechet import feature_statistics, load_statistics, statistics_from_sums
     from diffusion_jax.evaluation.shard_fid import shard_feature_sums
-    from diffusion_jax.viz import to_uint8
 
-    real = to_uint8(load_digits("train").images)
+    real = load_digits("train").images
     store = ShardDir(tmp_path / "real")
     for first in range(0, len(real), 400):
         chunk = real[first:first + 400]

@@ -61,7 +61,7 @@ def test_fid_stats_command_and_fid_of_a_set_against_itself(tmp_path):
               "--out", str(stats)])
     mu, sigma = load_statistics(stats)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
-    images = load_digits("train").images[:12]
+    images = load_digits("train").model_range(slice(0, 12))
     features = inception_features(load_inception(weights), images)
     np.testing.assert_allclose(features.mean(0), mu, rtol=1e-5, atol=1e-7)  # the same pipeline
     same = frechet_distance(*feature_statistics(features), mu, sigma)

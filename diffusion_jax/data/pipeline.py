@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from diffusion_jax.data.sources import ImageData
+from diffusion_jax.data.sources import ImageData, to_model_range
 
 
 class Batches:
@@ -50,7 +50,7 @@ class Batches:
         return self._perm
 
     def __call__(self, step: int) -> dict:
-        """{"image": float32 [b, H, W, C], "label": int32 [b]} for train step `step` (b local)."""
+        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]} for train step `step` (b local)."""
         epoch, i = divmod(int(step), self.batches_per_epoch)
         perm = self._permutation(epoch)
         b = self.local_batch_size
@@ -61,10 +61,10 @@ class Batches:
             rows = perm[i * self.global_batch:(i + 1) * self.global_batch]
             flips = np.random.default_rng([self.seed, int(step), 1]).random(self.global_batch) < 0.5
             idx, flips = rows[self.p * b:(self.p + 1) * b], flips[self.p * b:(self.p + 1) * b]
-        images = self.data.images[idx]
+        images = self.data.images[idx]  # uint8: converted a batch at a time
         if self.random_flip:
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-        batch = {"image": np.ascontiguousarray(images, np.float32)}
+        batch = {"image": np.ascontiguousarray(to_model_range(images))}
         if self.with_labels:
             batch["label"] = self.data.labels[idx].astype(np.int32)
         return batch

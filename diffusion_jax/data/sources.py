@@ -1,11 +1,15 @@
-"""Image sources, each returning the whole split in memory as NumPy arrays:
-images float32 [N, H, W, C] in [-1, 1] and labels int32 [N].
+"""Image sources, each returning a split as NumPy arrays: images uint8 [N, H, W, C] (4x less host
+memory than float32; batches are converted to float32 [-1, 1] one at a time, `to_model_range`)
+and labels int32 [N].
 
   * "digits": scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), with
     a fixed seeded split: 1,497 "train" and 300 "validation".
   * "folder:/path": every PNG/JPEG under a folder, center-cropped and resized; label 0.
   * any other name: a tensorflow-datasets image dataset (mnist, fashion_mnist, cifar10,
     celeb_a, oxford_flowers102, ...), imported lazily: the core never needs TensorFlow.
+  * "array_record:DIR": a split prepared once (`prepare`, data/prepared.py), read a batch at a
+    time from its ArrayRecord shards: datasets larger than host memory.
+All but the last hold the split in memory.
 """
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ DIGITS_VALIDATION = 300
 
 
 class ImageData(NamedTuple):
-    images: np.ndarray  # float32 [N, H, W, C] in [-1, 1]
+    images: np.ndarray  # uint8 [N, H, W, C] (or an array-like of them: data/prepared.py)
     labels: np.ndarray  # int32 [N]
     process_shard: bool = False  # True: only this process's shard of the split (see Batches)
+
+    def model_range(self, index=slice(None)) -> np.ndarray:
+        """images[index] as float32 in [-1, 1]."""
+        return to_model_range(self.images[index])
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -66,7 +74,7 @@ def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData
         raise ValueError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
     idx = np.sort(parts[split])
     images = _match_shape(images[idx], image_size, channels, "digits")
-    return ImageData(to_model_range(images), bunch.target[idx].astype(np.int32))
+    return ImageData(images, bunch.target[idx].astype(np.int32))
 
 
 def read_image(path, channels: int) -> np.ndarray:
@@ -88,28 +96,59 @@ def read_image(path, channels: int) -> np.ndarray:
     return array.reshape(*array.shape[:2], channels)
 
 
-def load_folder(path: str, image_size: int, channels: int) -> ImageData:
+def folder_files(path: str) -> list:
+    """Every PNG / JPEG under `path`, sorted (the order of a folder data set)."""
     root = pathlib.Path(path)
     if not root.is_dir():
         raise ValueError(f"image folder {path!r} does not exist (data.name='folder:PATH')")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no PNG or JPEG images under {path!r}")
-    images = np.stack([center_crop_resize(read_image(f, channels), image_size) for f in files])
-    return ImageData(to_model_range(images), np.zeros(len(files), np.int32))
+    return files
 
 
-def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: str = "",
-              process_index: int = 0, process_count: int = 1) -> ImageData:
-    """A tfds split, this process's shard of it only (tfds.even_splits) when several run."""
+def read_folder_images(files, image_size: int, channels: int) -> np.ndarray:
+    """uint8 [n, size, size, channels] of image files, center-cropped and resized."""
+    return np.stack([center_crop_resize(read_image(f, channels), image_size) for f in files])
+
+
+def load_folder(path: str, image_size: int, channels: int) -> ImageData:
+    files = folder_files(path)
+    return ImageData(read_folder_images(files, image_size, channels), np.zeros(len(files), np.int32))
+
+
+def _tfds(name: str):
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("tfds datasets need tensorflow-datasets and tensorflow-cpu: "
                           "pip install 'diffusion_jax[data]'") from e
     if name not in tfds.list_builders():
-        raise ValueError(f"unknown dataset {name!r}: not 'digits', 'folder:/path' or a "
+        raise ValueError(f"unknown dataset {name!r}: not 'digits', 'folder:/path', 'array_record:DIR' or a "
                          "tensorflow-datasets builder (see tfds.list_builders())")
+    return tfds
+
+
+def tfds_split_size(name: str, split: str, data_dir: str = "") -> int:
+    """Number of examples of a tfds split: its metadata's count, else counted by reading it once."""
+    tfds = _tfds(name)
+    try:
+        return int(tfds.builder(name, data_dir=data_dir or None).info.splits[split].num_examples)
+    except Exception:  # no metadata (a generated copy without it, or tfds.testing.mock_data)
+        pass
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+    except Exception as e:
+        raise FileNotFoundError(f"cannot load the tfds dataset {name!r} split {split!r} ({type(e).__name__}: "
+                                f"{str(e)[:200]}): prepare it once where the network is reachable") from None
+    count = int(ds.cardinality())
+    return count if count >= 0 else sum(1 for _ in ds)
+
+
+def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: str = "",
+              process_index: int = 0, process_count: int = 1) -> ImageData:
+    """A tfds split, this process's shard of it only (tfds.even_splits) when several run."""
+    tfds = _tfds(name)
     if process_count > 1:
         split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     try:
@@ -131,7 +170,7 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
         array = _match_shape(array, image_size, channels, name)
     else:  # variable-size images (celeb_a, flowers): crop and resize one by one
         array = np.stack([_match_shape(im[None], image_size, channels, name)[0] for im in images])
-    return ImageData(to_model_range(array), np.asarray(labels, np.int32), process_shard=process_count > 1)
+    return ImageData(array, np.asarray(labels, np.int32), process_shard=process_count > 1)
 
 
 def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:
@@ -142,4 +181,7 @@ def load_split(data_config, split: str, process_index: int = 0, process_count: i
         return load_digits(split, size, channels)
     if name.startswith("folder:"):
         return load_folder(name[len("folder:"):], size, channels)
+    if name.startswith("array_record:"):
+        from diffusion_jax.data.prepared import load_prepared
+        return ImageData(*load_prepared(name[len("array_record:"):], split, size, channels))
     return load_tfds(name, split, size, channels, data_config.data_dir, process_index, process_count)

@@ -16,7 +16,7 @@ def digits_classifier():
 
     train = load_digits("train")
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0)
-    clf.fit(train.images.reshape(len(train.images), -1), train.labels)
+    clf.fit(train.model_range().reshape(len(train.images), -1), train.labels)
     return clf
 
 

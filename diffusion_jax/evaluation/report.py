@@ -62,17 +62,18 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     out = pathlib.Path(out_dir or pathlib.Path(workdir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
+    held_out_images = held_out.model_range()
     # Without labels a class-conditional model uses its null label: the unconditional model.
     denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False)
 
-    model_inputs = held_out.images
+    model_inputs = held_out_images
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
         vae = latents.load_vae(latents.vae_source(c))
-        model_inputs = latents.encode(vae, held_out.images[: c.eval.num_examples], jax.random.PRNGKey(seed))
+        model_inputs = latents.encode(vae, held_out_images[: c.eval.num_examples], jax.random.PRNGKey(seed))
     metrics = noise_prediction_metrics(denoise, run.schedule, model_inputs,
                                        num_examples=c.eval.num_examples, seed=seed,
                                        prediction=c.diffusion.prediction)
-    bpd_images = held_out.images[: c.eval.bpd_examples]
+    bpd_images = held_out_images[: c.eval.bpd_examples]
     if len(bpd_images) and latents.vae_source(c):
         log.info("bits/dim skipped: the VLB of a latent model bounds the latents' likelihood, not the images'")
     elif len(bpd_images):
@@ -91,7 +92,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     if c.data.name == "digits":
         from diffusion_jax.evaluation.digits_features import digits_features, digits_predict
 
-        real = held_out.images
+        real = held_out_images
         fd = frechet_distance(*feature_statistics(digits_features(samples)),
                               *feature_statistics(digits_features(real)))
         classes, confidence = digits_predict(samples)
