@@ -96,6 +96,20 @@ def test_a_run_trains_from_prepared_data_and_resumes_bitwise_as_the_in_memory_ru
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_the_readme_commands_prepare_and_train_from_prepared_digits(tmp_path, capsys):
+    from diffusion_jax import cli
+    out = tmp_path / "data" / "digits"
+    for split in ("train", "validation"):
+        cli.main(["prepare", "--dataset", "digits", "--split", split, "--image_size", "8", "--channels", "1",
+                  "--out", str(out)])
+    assert "prepared 1497 images (8x8x1, 1 shards)" in capsys.readouterr().out
+    cli.main(["train", "--config", "experiments/digits_unet.py", "--workdir", str(tmp_path / "run"),
+              f"--config.data.name=array_record:{out}", "--config.train.steps=2",  # the README's, 2 steps
+              "--config.train.num_sample_images=0", "--config.train.progress=False"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"])
+
+
 def test_a_tfds_split_is_prepared_from_its_own_reader(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     c = base_config().data

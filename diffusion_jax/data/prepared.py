@@ -83,12 +83,13 @@ def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, lab
 
 
 def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_index: int = 0,
-            process_count: int = 1, progress: bool = True) -> dict:
+            process_count: int = 1, progress: bool = True, rows=None) -> dict:
     """Writes (or completes) OUT/<split>/ for the data config's source; returns prepared.json's dict
-    (None-free) once every shard verifies, else the settings (other processes still writing)."""
+    once every shard verifies, else the settings (other processes still writing). `rows` =
+    (count, read(first, last)) replaces the source's (`source_rows`), e.g. for synthetic data."""
     if shard_size < 1:
         raise ValueError(f"--shard_size must be at least 1, got {shard_size}")
-    count, read = source_rows(data_config, split)
+    count, read = rows or source_rows(data_config, split)
     if count == 0:
         raise ValueError(f"split {split!r} of {data_config.name!r} is empty: nothing to prepare")
     settings = Settings(data_config.name, split, int(data_config.image_size), int(data_config.channels),
