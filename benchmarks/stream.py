@@ -91,7 +91,7 @@ def main(argv=None):
     import ml_collections
 
     from benchmarks.common import device_facts, emit
-    from diffusion_jax.data.prepared import prepare
+    from diffusion_jax.data.prepare import prepare
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)

@@ -256,7 +256,7 @@ def _import(argv) -> None:
 def _prepare(args) -> None:
     import ml_collections
 
-    from diffusion_jax.data.prepared import prepare
+    from diffusion_jax.data.prepare import prepare
     from diffusion_jax.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()

@@ -12,7 +12,7 @@ pytest.importorskip("grain")
 pytest.importorskip("array_record")
 
 from diffusion_jax.data import Batches, load_split  # noqa: E402
-from diffusion_jax.data.prepared import prepare  # noqa: E402
+from diffusion_jax.data.prepare import prepare  # noqa: E402
 from diffusion_jax.training.config import base_config  # noqa: E402
 from tests.train_helpers import state_arrays, tiny_config  # noqa: E402
 
@@ -126,7 +126,7 @@ def test_a_tfds_split_is_prepared_from_its_own_reader(tmp_path):
 KILLER = """
 import os, signal, sys
 from diffusion_jax import shards
-from diffusion_jax.data.prepared import prepare
+from diffusion_jax.data.prepare import prepare
 from diffusion_jax.training.config import base_config
 calls, original = [0], shards.ShardDir.write_file
 def write_file(self, first, last, fill, **extra):

@@ -7,7 +7,7 @@ and labels int32 [N].
   * "folder:/path": every PNG/JPEG under a folder, center-cropped and resized; label 0.
   * any other name: a tensorflow-datasets image dataset (mnist, fashion_mnist, cifar10,
     celeb_a, oxford_flowers102, ...), imported lazily: the core never needs TensorFlow.
-  * "array_record:DIR": a split prepared once (`prepare`, data/prepared.py), read a batch at a
+  * "array_record:DIR": a split prepared once (`prepare`, data/prepare.py), read a batch at a
     time from its ArrayRecord shards: datasets larger than host memory.
 All but the last hold the split in memory.
 """
