@@ -11,12 +11,13 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LE
 # pip byte-compiles the 17k modules of the dependencies (TensorFlow, torch) on one core (~105 s
 # here); compileall does it on every core (~65 s on 2). They must be compiled ahead: with
 # PYTHONDONTWRITEBYTECODE set, every test process would otherwise compile what it imports again.
-# (A few files written for newer Pythons do not compile, as in pip's own pass: not an error.)
+# The dependencies' own tests are left out; a few files written for newer Pythons do not compile,
+# as in pip's own pass: not an error.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
-	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
+	$(PY) -m compileall -q -j 0 -x '/tests?/|/testing/' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.vae import sample_latent
+
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +59,7 @@ def latent_shape(config) -> tuple:
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(model, params, images, key):
     mean, logvar = model.apply({"params": params}, images, method=model.encode)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    return model.scaling_factor * (z - model.shift_factor)
+    return model.scaling_factor * (sample_latent(key, mean, logvar) - model.shift_factor)
 
 
 def decode_latents(model, params, latents):
@@ -101,10 +102,4 @@ class LatentBatches:
         return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
-def describe(config) -> str:
-    vae = load_vae(vae_source(config))
-    return (f"latent diffusion on {latent_shape(config)} latents of {vae_source(config)} "
-            f"(scaling factor {vae.model.scaling_factor})")
-
-
-__all__ = ["LatentBatches", "decode", "decode_latents", "describe", "encode", "latent_shape", "load_vae", "vae_source"]
+__all__ = ["LatentBatches", "decode", "decode_latents", "encode", "latent_shape", "load_vae", "vae_source"]

@@ -16,7 +16,7 @@ import ml_collections
 
 from diffusion_jax.builders import build_model, input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
-from diffusion_jax.models import DiT, UNet
+from diffusion_jax.models import DiT, UNet, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
     if checkpoints.exists() and any(checkpoints.iterdir()):
         raise ValueError(f"{workdir} already holds a run's checkpoints: import into a new directory")
     model = build_model(config)
-    from diffusion_jax.models import param_shapes
     expected = param_shapes(model, input_shape(config))
     if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(imported.params):
         raise ValueError("the run's config builds a model whose parameters differ from the imported ones; "
