@@ -68,17 +68,9 @@ def decode_latents(model, params, latents):
                        method=model.decode)
 
 
-_decode = jax.jit(decode_latents, static_argnums=0)
-
-
 def encode(vae, images, key) -> np.ndarray:
     """Scaled latents [B, h, w, c] (NumPy) of images [B, H, W, C] in [-1, 1], one posterior draw each."""
     return np.asarray(_encode(vae.model, vae.params, jnp.asarray(images, jnp.float32), key))
-
-
-def decode(vae, latents):
-    """Images [B, H, W, C] of scaled latents [B, h, w, c]."""
-    return _decode(vae.model, vae.params, latents)
 
 
 class LatentBatches:
@@ -102,4 +94,4 @@ class LatentBatches:
         return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
-__all__ = ["LatentBatches", "decode", "decode_latents", "encode", "latent_shape", "load_vae", "vae_source"]
+__all__ = ["LatentBatches", "decode_latents", "encode", "latent_shape", "load_vae", "vae_source"]

@@ -82,7 +82,7 @@ def module_from_config(config: dict):
 def config_from_module(model: UNet, input_shape) -> dict:
     """The UNet2DModel config.json dict of a U-Net used at input shape (H, W, C)."""
     problems = {"num_classes": model.num_classes, "resblock_updown": model.resblock_updown,
-                "resamp_with_conv": not model.resamp_with_conv, "remat": False}
+                "resamp_with_conv": not model.resamp_with_conv}
     bad = [k for k, v in problems.items() if v]
     if bad:
         raise ValueError(f"UNet2DModel cannot represent this U-Net's {bad}: export supports unconditional "
