@@ -8,28 +8,38 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LE
 
 .PHONY: install test demo bench bench-gpu lint clean
 
-# pip byte-compiles the 17k modules of the dependencies (TensorFlow, torch) on one core (~105 s
-# here); compileall does it on every core (~65 s on 2). They must be compiled ahead: with
-# PYTHONDONTWRITEBYTECODE set, every test process would otherwise compile what it imports again.
-# The dependencies' own tests are left out; a few files written for newer Pythons do not compile,
-# as in pip's own pass: not an error.
+# Two installs: the package alone (CORE, what `make demo` and `make bench` need: no TensorFlow,
+# no torch) and with its dev extra (STAMP, for the tests). pip byte-compiles the dependencies'
+# modules on one core (~105 s for the dev extra's 17k here); compileall does it on every core
+# (~65 s on 2). They must be compiled ahead: with PYTHONDONTWRITEBYTECODE set, every process would
+# otherwise compile what it imports again. The dependencies' own tests are left out; a few files
+# written for newer Pythons do not compile, as in pip's own pass: not an error.
+CORE     := $(VENV)/.installed-core
+NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && $(PY) -m pip install --quiet --upgrade pip
+COMPILE   = $(PY) -m compileall -q -j 0 -x '/tests?/|/testing/' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
+
+$(CORE): pyproject.toml
+	$(NEW_VENV)
+	$(PY) -m pip install --quiet --no-compile -e .
+	$(COMPILE)
+	touch $(CORE)
+
 $(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(NEW_VENV)
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
-	$(PY) -m compileall -q -j 0 -x '/tests?/|/testing/' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
-	touch $(STAMP)
+	$(COMPILE)
+	touch $(STAMP) $(CORE)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) -m experiments.digits_unet --workdir runs/digits
 
 # CPU-sized benchmarks (the quickstart model); bench-gpu runs the published-size ones.
-bench: $(STAMP)
+bench: $(CORE)
 	$(PY) -m benchmarks.flops --model ddpm_cifar10 --model dit_b2 --model unet_digits
 	$(PY) -m benchmarks.train --model unet_digits --batch 128 --dtype float32 --steps 40
 	$(PY) -m benchmarks.sample --model unet_digits --batch 256 --dtype float32 --methods ddpm:1000,ddim:50

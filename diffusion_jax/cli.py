@@ -554,13 +554,17 @@ def _dispatch(argv) -> None:
 
 # ---------------------------------------------------------------------------- the error boundary
 def _boundary(command, argv) -> None:
-    """Runs command(argv): a user's mistake (exit 2) or a stated stop or failure (exit 1) is one
-    line on stderr, never a traceback (unless --debug or DIFFUSION_JAX_DEBUG=1); a bug (any
-    other exception) keeps its traceback."""
+    """Runs command(argv) with the persistent compilation cache on (`compilation_cache`). A
+    user's mistake (exit 2) or a stated stop or failure (exit 1) is one line on stderr, never a
+    traceback (unless --debug or DIFFUSION_JAX_DEBUG=1); a bug (any other exception) keeps its
+    traceback."""
+    from diffusion_jax.compilation_cache import enable_compilation_cache
+
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
         with cli_logging():
+            enable_compilation_cache()
             command(argv)
     except KeyboardInterrupt:
         if debug:
