@@ -29,8 +29,9 @@ MIN_COMPILE_TIME_SECS = 0.5
 
 def default_cache_dir() -> pathlib.Path:
     """$XDG_CACHE_HOME/diffusion_jax/xla, else ~/.cache/diffusion_jax/xla."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "diffusion_jax" / "xla"
+    from diffusion_jax.user_cache import user_cache_dir
+
+    return user_cache_dir() / "xla"
 
 
 def cache_dir_setting(path: str | os.PathLike | None = None) -> str | None:

@@ -88,6 +88,45 @@ def digits_run(tmp_path_factory):
 
 
 @pytest.mark.xdist_group("digits_run")
+def test_the_digits_classifier_is_scikit_learns_and_is_kept_in_the_user_cache(tmp_path, monkeypatch):
+    """The classifier's features and probabilities are scikit-learn's (a small MLP fitted here,
+    converted); the fitted weights are written to the user's cache directory, read back by the
+    next process instead of fitting again, and fitted again when the file is unreadable."""
+    from sklearn.neural_network import MLPClassifier
+
+    from diffusion_jax.data.sources import load_digits
+    from diffusion_jax.evaluation import digits_features as df
+
+    train = load_digits("train")
+    x = train.model_range()[:300]
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=30, random_state=0)
+    clf.fit(x.reshape(300, -1), train.labels[:300])
+    small = df.from_sklearn(clf)
+    # scikit-learn computes in the float32 of its inputs and weights, ours in float64
+    np.testing.assert_allclose(df.class_probabilities(small, x), clf.predict_proba(x.reshape(300, -1)),
+                               rtol=1e-5, atol=1e-7)
+
+    fits = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(df, "fit_digits_classifier", lambda: fits.append(1) or small)
+    try:
+        df.digits_classifier.cache_clear()
+        df.digits_features(x)
+        path = df.cache_path()
+        assert len(fits) == 1 and path.parent == tmp_path / "diffusion_jax" and path.exists()
+        df.digits_classifier.cache_clear()  # a new process
+        loaded = df.digits_classifier()
+        assert len(fits) == 1
+        for a, b in zip(loaded, small):
+            np.testing.assert_array_equal(a, b)
+        path.write_bytes(b"not an npz")
+        df.digits_classifier.cache_clear()
+        df.digits_classifier()
+        assert len(fits) == 2
+    finally:
+        df.digits_classifier.cache_clear()
+
+
 def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     from diffusion_jax.evaluation import evaluate_run
     from diffusion_jax.runs import load_run
