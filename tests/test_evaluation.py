@@ -87,7 +87,6 @@ def digits_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.xdist_group("digits_run")
 def test_the_digits_classifier_is_scikit_learns_and_is_kept_in_the_user_cache(tmp_path, monkeypatch):
     """The classifier's features and probabilities are scikit-learn's (a small MLP fitted here,
     converted); the fitted weights are written to the user's cache directory, read back by the
@@ -127,6 +126,7 @@ def test_the_digits_classifier_is_scikit_learns_and_is_kept_in_the_user_cache(tm
         df.digits_classifier.cache_clear()
 
 
+@pytest.mark.xdist_group("digits_run")
 def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     from diffusion_jax.evaluation import evaluate_run
     from diffusion_jax.runs import load_run
