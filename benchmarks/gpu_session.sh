@@ -12,6 +12,10 @@
 #   ONLY="dit_b256 dit_trace dit_separate_qkv dit_cublaslt peer_dit unet_b512 sample"          # <= 570
 #   ONLY="peer_unet peer_sample unet_compile_cold unet_compile_warm sample_compile_cold \
 #         sample_compile_warm unet_autotune0"                                                     # <= 535
+# The device image has jax, flax, optax, orbax, torch; diffusers, ml_collections and tensorboardX
+# travel as wheels in .whl (pip download --no-deps ... diffusers==0.42.1 ml_collections tensorboardX
+# importlib_metadata==8.7.0), installed first:
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
 OUT=${OUT:-/tmp/diffusion_jax_bench}
 mkdir -p "$OUT"

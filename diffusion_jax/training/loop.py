@@ -151,12 +151,15 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
         make_batch = (lambda s: batches.stacked(s, k)) if k > 1 else batches
         steps = range(start, end - (end - start) % k, k)
         metrics = None
+        started = time.perf_counter()
         with StopSignals() as stop:
             for step, local in zip(steps, prefetch(make_batch, iter(steps))):
                 state, metrics = program.step(state, parallel.global_batch(local, mesh, leading=int(k > 1)))
                 done = step + k
                 if step == start:
                     guard.observe(done, metrics)  # the loss of the parameters this run started from
+                    log.info("first step in %.1f s (compilation, or loading it from the cache, included)",
+                             time.perf_counter() - started)
                 for p in periodic:
                     if p.every and done % p.every < k and done != end:
                         p.action(done, state, metrics)
