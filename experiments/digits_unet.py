@@ -14,7 +14,7 @@ def get_config():
     c.model.name = "unet_digits"
     c.diffusion.schedule = "cosine"
     c.diffusion.num_timesteps = 1000
-    # 1,400 steps at 3e-3 reach the held-out noise MSE of 2,000 at 2e-3 within 0.002, in 70% of the time
+    # 1,400 steps at 3e-3: held-out noise MSE 0.144 (2,000 at 2e-3: 0.141) in 70% of the steps
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 100
     c.optim.decay = "cosine"
