@@ -8,3 +8,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402  (after the environment above, as JAX must see it)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`, every test marked xdist_group must carry its group in its node
+    id (xdist adds it), else the groups are silently split across workers."""
+    result = yield
+    if getattr(config.option, "loadgroup", False):
+        ungrouped = [item.nodeid for item in items
+                     if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(ungrouped)} tests marked xdist_group "
+                                    f"(e.g. {ungrouped[0]}): this pytest and pytest-xdist do not work together; "
+                                    "install the versions pyproject.toml's dev extra names")
+    return result
