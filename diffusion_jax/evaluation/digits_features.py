@@ -54,11 +54,11 @@ def fit_digits_classifier() -> DigitsClassifier:
 def cache_path():
     """Where the fitted weights are kept: named by a digest of the fit's settings and
     scikit-learn's version (another version may fit other weights)."""
-    import sklearn
+    from importlib.metadata import version
 
     from diffusion_jax.user_cache import user_cache_dir
 
-    key = hashlib.sha256(repr((sorted(FIT.items()), sklearn.__version__)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((sorted(FIT.items()), version("scikit-learn"))).encode()).hexdigest()[:16]
     return user_cache_dir() / f"digits_classifier_{key}.npz"
 
 
