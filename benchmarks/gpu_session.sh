@@ -7,11 +7,12 @@
 # Needs jax with CUDA, flax, optax, ml_collections; torch and diffusers for the peer stages.
 # Every JSON line in results.jsonl starts with the stage that wrote it.
 #
-# Issue #17's open questions in order of value (limits in s): the first call answers the speed
-# targets; the second, in the next session if 15 minutes of device time do not reach it, the rest:
-#   ONLY="dit_b256 dit_trace dit_separate_qkv dit_cublaslt peer_dit unet_b512 sample"          # <= 570
-#   ONLY="peer_unet peer_sample unet_compile_cold unet_compile_warm sample_compile_cold \
-#         sample_compile_warm unet_autotune0"                                                     # <= 535
+# Limits: an H200 with jax 0.11.2 (2026-11-29) compiled the U-Net train step in 80 s at batch 512
+# (51.5 s on an H100 with jax 0.11.2 before) and needed more than 80 s for separate q/k/v; the
+# U-Net stages allow 150 s. What issue #17 still needs after the 2026-11-29 H200 session
+# (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value:
+#   ONLY="unet_b128 peer_unet unet_compile_cold unet_compile_warm"                # <= 540
+#   ONLY="dit_separate_qkv dit_cublaslt peer_sample unet_autotune0"              # <= 425
 # The device image has jax, flax, optax, orbax, torch; diffusers, ml_collections and tensorboardX
 # travel as wheels in .whl (pip download --no-deps ... diffusers==0.42.1 ml_collections tensorboardX
 # importlib_metadata==8.7.0), installed first:
@@ -58,16 +59,16 @@ stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bflo
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
 keep_trace dit
 stage 80 dit_autodiff_ops $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override autodiff_ops=True
-stage 80 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
+stage 120 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
 stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
-stage 80 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype bfloat16 --steps 30
+stage 150 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype bfloat16 --steps 30
 stage 120 digits_bf16 $PY -m experiments.digits_unet --workdir /tmp/digits_gpu --config.model.dtype=bfloat16
 cp /tmp/digits_gpu/eval/metrics.json "$OUT/digits_bf16_metrics.json" 2>/dev/null
 cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
-stage 120 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
+stage 150 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
 stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
 keep_trace unet
-stage 80 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
+stage 150 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
 stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
 stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
 stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
@@ -75,14 +76,14 @@ stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $P
 stage 80 dit_cublaslt env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30
 stage 80 dit_no_triton_gemm env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30
 # Where the U-Net's cold compile goes: without autotuning (compile_s and the speed it costs).
-stage 80 unet_autotune0 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 30
+stage 150 unet_autotune0 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 30
 # The persistent compilation cache: the same command twice in fresh processes, sharing a new
 # cache directory (compile_s of the second is what a user's second run waits).
 CACHE=$OUT/compilation_cache
-stage 90 unet_compile_cold env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
-stage 40 unet_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
+stage 150 unet_compile_cold env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
+stage 90 unet_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
 stage 60 sample_compile_cold env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:50 --repeats 1
-stage 40 sample_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:50 --repeats 1
+stage 60 sample_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:50 --repeats 1
 stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override attention_impl=xla
 
 echo "=== summary (+$(( $(date +%s) - START ))s)"
