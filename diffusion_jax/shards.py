@@ -32,6 +32,15 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def write_atomically(path, data: bytes) -> None:
+    """Writes `data` to `path` under a temporary name in the same directory, then renames it into
+    place: a reader sees the old file or the whole new one, never a part."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 class ShardDir:
     """The shards of one job in `directory` (created if needed)."""
 

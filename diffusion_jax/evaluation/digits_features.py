@@ -12,10 +12,11 @@ import functools
 import hashlib
 import io
 import logging
-import os
 from typing import NamedTuple
 
 import numpy as np
+
+from diffusion_jax.shards import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def digits_classifier() -> DigitsClassifier:
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **clf._asdict())
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(buffer.getvalue())
-        os.replace(temporary, path)
+        write_atomically(path, buffer.getvalue())
     except OSError as e:
         log.debug("digits classifier not cached at %s: %s", path, e)
     return clf

@@ -18,6 +18,7 @@ import time
 import uuid
 
 from diffusion_jax.errors import WorkdirLocked
+from diffusion_jax.shards import write_atomically
 from diffusion_jax.training.checkpoint import config_differences
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,5 @@ def write_config(workdir, config, resumed_step: int | None) -> list[str]:
         kept = workdir / f"config.{resumed_step or 0}.json"
         if changes and not kept.exists():
             kept.write_text(path.read_text())
-    temporary = workdir / f".config.json.{uuid.uuid4().hex[:8]}"
-    temporary.write_text(config.to_json(indent=2))
-    os.replace(temporary, path)
+    write_atomically(path, config.to_json(indent=2).encode())
     return changes
