@@ -17,11 +17,19 @@ All compute in float32 and return the input's dtype.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+NORM_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+# Whether "auto" picks the Pallas kernels on a GPU: off until a device run of
+# `benchmarks/gpu_session.sh` (stage dit_pallas_norms against dit_b256) measures them faster.
+PALLAS_NORMS_BY_DEFAULT = False
 
 
 def _broadcast_over_tokens(v, x):
@@ -38,16 +46,51 @@ def _normalize(x, epsilon):
     return (xf - mean) * rstd, mean, rstd
 
 
-def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool = False):
+def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
+    """The implementation of the adaLN LayerNorm to use: "xla", "pallas" or "pallas_interpret".
+
+    "xla" (this module) and "pallas_interpret" (the Pallas kernels run by Pallas' interpreter:
+    any backend, slow, for tests) are used as given. "pallas" (`pallas_norms`, Triton kernels)
+    runs where it can, on a GPU with a jax whose Pallas has the Triton API, and falls back to
+    "xla" elsewhere (CPU, TPU) with a log line. None or "auto" is "pallas" where it can run
+    if `PALLAS_NORMS_BY_DEFAULT`, else "xla".
+    """
+    if impl not in (None,) + NORM_IMPLS:
+        raise ValueError(f"unknown norm implementation {impl!r}; choose one of {', '.join(NORM_IMPLS)}")
+    if impl in ("xla", "pallas_interpret"):
+        return impl
+    if impl in (None, "auto") and not PALLAS_NORMS_BY_DEFAULT:
+        return "xla"
+    from diffusion_jax.models import pallas_norms
+    if (backend or jax.default_backend()) == "gpu" and pallas_norms.available():
+        return "pallas"
+    if impl == "pallas":
+        _log_pallas_fallback(backend or jax.default_backend())
+    return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_pallas_fallback(backend: str) -> None:
+    log.info("the Pallas norm kernels need a GPU (and jax >= 0.7): using XLA's on %s", backend)
+
+
+def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool = False,
+                        impl: str | None = None):
     """DiT's adaLN: LayerNorm(x) * (1 + scale) + shift, without a learned affine.
 
     x [B, ..., C]; shift, scale [B, C] (one per example, broadcast over the token axes).
     Normalises over C in float32 (variance as E[x^2] - E[x]^2, as flax's fast variance) and
     returns x.dtype. The backward pass saves x and the per-row mean and 1/std only;
-    `autodiff=True` differentiates the same forward with JAX's autodiff instead.
+    `autodiff=True` differentiates the same forward with JAX's autodiff instead (XLA only).
+    `impl` chooses XLA or the Pallas kernels of `pallas_norms` (`resolve_norm_impl`); every
+    choice computes the same function and gradient.
     """
     if autodiff:
         return _adaptive_layer_norm_fwd(x, shift, scale, epsilon)[0]
+    chosen = resolve_norm_impl(impl)
+    if chosen != "xla":
+        from diffusion_jax.models import pallas_norms
+        return pallas_norms.adaptive_layer_norm(x, shift, scale, epsilon, interpret=chosen == "pallas_interpret")
     return _adaptive_layer_norm(x, shift, scale, epsilon)
 
 
