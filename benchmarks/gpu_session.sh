@@ -10,9 +10,13 @@
 # Limits: an H200 with jax 0.11.2 (2026-11-29) compiled the U-Net train step in 80 s at batch 512
 # (51.5 s on an H100 with jax 0.11.2 before) and needed more than 80 s for separate q/k/v; the
 # U-Net stages allow 150 s. What issue #17 still needs after the 2026-11-29 H200 session
-# (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value:
-#   ONLY="unet_b128 peer_unet unet_compile_cold unet_compile_warm"                # <= 540
-#   ONLY="dit_separate_qkv dit_cublaslt peer_sample unet_autotune0"              # <= 425
+# (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value (a session has about
+# 800 s of stages after the machine starts):
+#   ONLY="dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # <= 590
+#   ONLY="dit_cublaslt dit_separate_qkv peer_dit"                                  # <= 320
+# (unet_b128 compiles cold into $CACHE, unet_compile_warm is the same program from it; dit_b256 and
+# unet_b128 write their optimised HLO next to the profile, so each kernel in the *_trace lines
+# names the JAX operations it computes.)
 # The device image has jax, flax, optax, orbax, torch; diffusers, ml_collections and tensorboardX
 # travel as wheels in .whl (pip download --no-deps ... diffusers==0.42.1 ml_collections tensorboardX
 # importlib_metadata==8.7.0), installed first:
@@ -55,9 +59,11 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 # Most informative first (a run cut by its limit loses the end): the DiT target with a kernel
 # profile, the same with autodiff instead of ops.py's gradients, its q/k/v variant and its
 # peer; then what was never measured; then the rest.
-stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit
-stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 25
+stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit --hlo $OUT/dit_hlo.txt.gz
+stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 40 --hlo $OUT/dit_hlo.txt.gz
 keep_trace dit
+# The Pallas adaLN LayerNorm kernels (models/pallas_norms.py) against dit_b256's XLA fusions.
+stage 80 dit_pallas_norms $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override norm_impl=pallas
 stage 80 dit_autodiff_ops $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override autodiff_ops=True
 stage 120 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
 stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
@@ -65,8 +71,11 @@ stage 150 unet_b512 $PY -m benchmarks.train --model $UNET --batch $BU2 --dtype b
 stage 120 digits_bf16 $PY -m experiments.digits_unet --workdir /tmp/digits_gpu --config.model.dtype=bfloat16
 cp /tmp/digits_gpu/eval/metrics.json "$OUT/digits_bf16_metrics.json" 2>/dev/null
 cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
-stage 150 unet_b128 $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet
-stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 25
+# The persistent compilation cache: unet_b128 compiles cold into a new $CACHE; unet_compile_warm
+# (below) compiles the same program in a fresh process from it.
+CACHE=/tmp/diffusion_jax_compilation_cache_$$
+stage 150 unet_b128 env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet --hlo $OUT/unet_hlo.txt.gz
+stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 40 --hlo $OUT/unet_hlo.txt.gz
 keep_trace unet
 stage 150 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
 stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
@@ -77,10 +86,9 @@ stage 80 dit_cublaslt env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=tr
 stage 80 dit_no_triton_gemm env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30
 # Where the U-Net's cold compile goes: without autotuning (compile_s and the speed it costs).
 stage 150 unet_autotune0 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 30
-# The persistent compilation cache: the same command twice in fresh processes, sharing a new
-# cache directory (compile_s of the second is what a user's second run waits).
-CACHE=$OUT/compilation_cache
-stage 150 unet_compile_cold env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
+# The persistent compilation cache: the same command again in a fresh process, with the cache
+# unet_b128 (the cold compile) wrote; compile_s is what a user's second run waits. The same for
+# sampling.
 stage 90 unet_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 5
 stage 60 sample_compile_cold env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:50 --repeats 1
 stage 60 sample_compile_warm env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:50 --repeats 1

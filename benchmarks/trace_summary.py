@@ -6,6 +6,9 @@
 Prints one JSON line: for the busiest device track group (the GPU on a GPU machine), the
 total kernel time per step, the number of kernels per step, the time per kernel category
 (convolution, matrix product, attention, fusion, reduction, copy, other) and the top kernels.
+With `--hlo` (the step's optimised HLO, `benchmarks.train --hlo`) each top kernel that is an
+XLA fusion also gets its output shape and the JAX operation it came from (the HLO metadata's
+op_name, e.g. `.../block0/mlp_fc1/dot_general`), which says what a fusion computes.
 """
 from __future__ import annotations
 
@@ -44,7 +47,53 @@ def latest_trace(directory: str) -> str:
     return found[-1]
 
 
-def summarise(path: str, steps: int = 1, top: int = 20) -> dict:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) (\w[\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+
+
+def _op_name(rest: str) -> str:
+    """An instruction's metadata op_name without the leading jit(...)/ ('' without one)."""
+    op = re.search(r'op_name="([^"]*)"', rest)
+    return re.sub(r"^jit\([^)]*\)/", "", op.group(1)) if op else ""
+
+
+def hlo_origins(text: str) -> dict:
+    """{instruction name: [output shape, op_name, the op_names it calls]} for the text of an
+    optimised HLO module (every computation).
+
+    The output shape is the text between `=` and the opcode (a tuple for multi-output fusions,
+    cut at 160 characters); op_name is the metadata's; a fusion (or any instruction with
+    `calls=`) also lists the distinct op_names of the computation it calls, which say what the
+    fused kernel computes.
+    """
+    origins, called, inside, current = {}, {}, collections.defaultdict(list), None
+    for line in text.splitlines():
+        computation = _COMPUTATION.match(line)
+        if computation:
+            current = computation.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, _, rest = match.groups()
+        op = _op_name(rest)
+        origins[name] = [re.sub(r"\{[\d,]*\}", "", shape)[:160], op]
+        if op and current and op not in inside[current]:
+            inside[current].append(op)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        if calls:
+            called[name] = calls.group(1)
+    for name, computation in called.items():
+        origins[name].append(inside.get(computation, [])[:12])
+    return origins
+
+
+def read_text(path: str) -> str:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+        return f.read()
+
+
+def summarise(path: str, steps: int = 1, top: int = 20, hlo: str | None = None) -> dict:
     """Kernel time by category and name for the process group with the most busy time."""
     with gzip.open(path, "rt") as f:
         trace = json.load(f)
@@ -67,11 +116,15 @@ def summarise(path: str, steps: int = 1, top: int = 20) -> dict:
     start = min(float(e["ts"]) for e in kernels)
     end = max(float(e["ts"]) + float(e["dur"]) for e in kernels)
     ms = lambda us: round(us / 1e3 / steps, 3)
+    # A GPU kernel is named after its HLO instruction with '.' and '-' made '_'.
+    origins = {re.sub(r"[.\-]", "_", k): v for k, v in hlo_origins(read_text(hlo)).items()} if hlo else {}
+    top_kernels = [[n[:90], ms(v), counts[n] // steps] + origins.get(re.sub(r"[.\-]", "_", n), [])
+                   for n, v in by_name.most_common(top)]
     return {"trace": path, "track": names.get(pid, str(pid)), "steps": steps,
             "wall_ms_per_step": ms(end - start), "kernel_ms_per_step": ms(sum(by_cat.values())),
             "kernels_per_step": round(len(kernels) / steps, 1),
             "by_category_ms": {k: ms(v) for k, v in by_cat.most_common()},
-            "top_kernels_ms": [[n[:90], ms(v), counts[n] // steps] for n, v in by_name.most_common(top)]}
+            "top_kernels_ms": top_kernels}
 
 
 def main(argv=None):
@@ -79,8 +132,9 @@ def main(argv=None):
     p.add_argument("directory")
     p.add_argument("--steps", type=int, default=3, help="steps the trace holds")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--hlo", default=None, help="the step's optimised HLO (benchmarks.train --hlo)")
     args = p.parse_args(argv)
-    print(json.dumps(summarise(latest_trace(args.directory), args.steps, args.top)), flush=True)
+    print(json.dumps(summarise(latest_trace(args.directory), args.steps, args.top, args.hlo)), flush=True)
 
 
 if __name__ == "__main__":

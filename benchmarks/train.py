@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import time
 
 import jax
@@ -56,8 +57,10 @@ def parse_override(text: str) -> tuple:
 
 
 def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int,
-            overrides: dict | None = None):
-    """(record, run_more): the measurement, and run_more(n) to run n more steps (for a profile)."""
+            overrides: dict | None = None, hlo_path: str | None = None):
+    """(record, run_more): the measurement, and run_more(n) to run n more steps (for a profile).
+    `hlo_path` (.gz: compressed) gets the compiled step's optimised HLO, whose fusion names are
+    the kernel names of a GPU profile."""
     config = bench_config(model_name, batch, dtype, k, num_classes, overrides)
     mesh = parallel.make_mesh()
     program = build_train_program(config, mesh)
@@ -73,6 +76,9 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
+    if hlo_path:
+        with (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "wt") as f:
+            f.write(compiled.as_text())
     temp = compiled_temp_bytes(compiled)
     state, metrics = compiled(state, batch_arrays)  # warm-up
     block(metrics)
@@ -120,11 +126,12 @@ def main(argv=None):
     p.add_argument("--override", type=parse_override, action="append", default=[],
                    help="model field=value (repeatable), e.g. attention_impl=xla")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps here")
+    p.add_argument("--hlo", default=None, help="write the compiled step's optimised HLO here (.gz: compressed)")
     args = p.parse_args(argv)
     for model in args.model or ["ddpm_cifar10"]:
         for batch in args.batch or [128]:
             record, run_more = measure(model, batch, args.dtype, args.steps, args.steps_per_dispatch,
-                                       args.num_classes, dict(args.override))
+                                       args.num_classes, dict(args.override), args.hlo)
             emit(record)
             if args.profile:
                 with jax.profiler.trace(args.profile, create_perfetto_trace=True):

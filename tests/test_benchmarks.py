@@ -1,0 +1,22 @@
+"""The benchmark tools' own logic (the measurements themselves run on a device)."""
+import jax
+import jax.numpy as jnp
+
+from benchmarks.trace_summary import hlo_origins
+
+
+def test_hlo_origins_names_each_fusion_s_shape_and_jax_operation():
+    """A GPU profile names kernels after the optimised HLO's fusions: `hlo_origins` maps each
+    instruction of that HLO to its output shape and the JAX operation it came from."""
+    def step(x, w):
+        with jax.named_scope("mlp_fc1"):
+            h = jnp.tanh(x @ w) * 2.0 + 1.0
+        return jnp.sum(h * h, axis=-1)
+
+    text = jax.jit(step).lower(jnp.ones((8, 16)), jnp.ones((16, 32))).compile().as_text()
+    origins = hlo_origins(text)
+    fusions = {name: v for name, v in origins.items() if name.endswith("fusion") or "fusion." in name}
+    # The elementwise work and the sum fuse into one kernel: [8] out, named after its root (the
+    # sum), holding the scope's tanh, multiply and add.
+    (shape, op, fused), = [v for v in fusions.values() if v[0] == "f32[8]"]
+    assert op == "reduce_sum" and {"mlp_fc1/tanh", "mlp_fc1/add", "reduce_sum"} <= set(fused), fused
