@@ -1,6 +1,8 @@
 """Helpers shared by the benchmarks: timing, FLOP counts, device facts, one JSON line each."""
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime
 import json
 import time
@@ -10,6 +12,17 @@ import numpy as np
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12}
+
+
+def parse_override(text: str) -> tuple:
+    """"field=value" -> (field, value), the value read as a Python literal or else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--override wants field=value, got {text!r}")
+    field, value = text.split("=", 1)
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value
 
 
 def device_facts() -> dict:

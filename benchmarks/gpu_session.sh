@@ -12,8 +12,9 @@
 # U-Net stages allow 150 s. What issue #17 still needs after the 2026-11-29 H200 session
 # (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value (a session has about
 # 800 s of stages after the machine starts):
-#   ONLY="dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # <= 590
-#   ONLY="dit_cublaslt dit_separate_qkv peer_dit"                                  # <= 320
+#   ONLY="dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # ~380 s
+#   ONLY="unet_pallas_norms sample sample_pallas_norms dit_cublaslt"                 # ~250 s
+#   then, with what is left: dit_separate_qkv, peer_dit (if a DiT variant wins), unet_autotune0.
 # (unet_b128 compiles cold into $CACHE, unet_compile_warm is the same program from it; dit_b256 and
 # unet_b128 write their optimised HLO next to the profile, so each kernel in the *_trace lines
 # names the JAX operations it computes.)
@@ -76,10 +77,13 @@ cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
 CACHE=/tmp/diffusion_jax_compilation_cache_$$
 stage 150 unet_b128 env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet --hlo $OUT/unet_hlo.txt.gz
 stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 40 --hlo $OUT/unet_hlo.txt.gz
+# The Pallas GroupNorm (+ SiLU) kernels (models/pallas_norms.py) against unet_b128's XLA fusions.
+stage 150 unet_pallas_norms $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override norm_impl=pallas
 keep_trace unet
 stage 150 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
 stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
 stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
+stage 120 sample_pallas_norms $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS --repeats 1 --override norm_impl=pallas
 stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
 # XLA options worth a try on Hopper, each against dit_b256 (keep what wins, record what loses).
 stage 80 dit_cublaslt env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30

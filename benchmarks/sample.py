@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import block, emit, peak_memory_bytes
+from benchmarks.common import block, emit, parse_override, peak_memory_bytes
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS, create_model, init_params
 from diffusion_jax.builders import DTYPES
@@ -22,8 +22,8 @@ from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import make_schedule
 
 
-def measure(model_name, batch, dtype, method, steps, repeats=2):
-    model = create_model(model_name, dtype=DTYPES[dtype])
+def measure(model_name, batch, dtype, method, steps, repeats=2, overrides=None):
+    model = create_model(model_name, dtype=DTYPES[dtype], **(overrides or {}))
     shape = PRESETS[model_name].input_shape
     params = init_params(model, jax.random.PRNGKey(0), shape)
     # A zero-initialised head outputs zeros; perturb it so the chain does real arithmetic.
@@ -59,7 +59,7 @@ def measure(model_name, batch, dtype, method, steps, repeats=2):
     forward_s = (time.perf_counter() - t0) / n
     per_step = chain_s / steps
     return {"bench": "sample", "model": model_name, "batch": batch, "dtype": dtype, "method": method,
-            "steps": steps, "seconds": round(chain_s, 3), "samples_per_sec": round(batch / chain_s, 2),
+            "overrides": overrides or {}, "steps": steps, "seconds": round(chain_s, 3), "samples_per_sec": round(batch / chain_s, 2),
             "compile_s": round(compile_s, 2), "step_ms": round(1e3 * per_step, 3),
             "forward_ms": round(1e3 * forward_s, 3), "overhead": round(per_step / forward_s - 1, 4),
             "peak_memory_gb": None if peak_memory_bytes() is None else round(peak_memory_bytes() / 2**30, 2)}
@@ -72,10 +72,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--methods", default="ddpm:1000,ddim:50", help="method:steps, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="timed chains per method (after one warm-up)")
+    p.add_argument("--override", type=parse_override, action="append", default=[],
+                   help="model field=value (repeatable), e.g. norm_impl=pallas")
     args = p.parse_args(argv)
     for item in args.methods.split(","):
         method, steps = item.split(":")
-        emit(measure(args.model, args.batch, args.dtype, method, int(steps), args.repeats))
+        emit(measure(args.model, args.batch, args.dtype, method, int(steps), args.repeats, dict(args.override)))
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ number is the step itself. `--override attention_impl=xla` changes a model field
 from __future__ import annotations
 
 import argparse
-import ast
 import gzip
 import time
 
 import jax
 import numpy as np
 
-from benchmarks.common import (analytic_forward_flops, block, compiled_temp_bytes, emit, peak_flops,
+from benchmarks.common import (analytic_forward_flops, block, compiled_temp_bytes, emit, parse_override, peak_flops,
                                peak_memory_bytes)
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS
@@ -43,17 +42,6 @@ def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, nu
     if PRESETS[model].kwargs.get("learn_sigma", PRESETS[model].cls.learn_sigma):
         c.diffusion.variance = "learned_range"
     return c
-
-
-def parse_override(text: str) -> tuple:
-    """"field=value" -> (field, value), the value read as a Python literal or else a string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--override wants field=value, got {text!r}")
-    field, value = text.split("=", 1)
-    try:
-        return field, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return field, value
 
 
 def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_classes: int,

@@ -1,6 +1,7 @@
-"""The Pallas adaLN LayerNorm kernels (models/pallas_norms.py): run by Pallas' interpreter on
-the CPU against the float64 formula and its numerical derivative, lowered to Triton for a GPU
-(the lowering is JAX's and runs without one), and chosen by `ops.resolve_norm_impl`."""
+"""The Pallas norm kernels (models/pallas_norms.py: adaLN LayerNorm, GroupNorm + SiLU): run by
+Pallas' interpreter on the CPU against float64 formulas and their numerical derivatives and
+against the XLA versions (whole models too), lowered to Triton for a GPU (the lowering is JAX's
+and runs without one), and chosen by `ops.resolve_norm_impl`."""
 import functools
 import re
 
@@ -9,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import create_model, ops, pallas_norms
-from diffusion_jax.models.ops import adaptive_layer_norm, resolve_norm_impl
+from diffusion_jax.models import ops, pallas_norms
+from diffusion_jax.models.ops import adaptive_layer_norm, group_norm, resolve_norm_impl
 from tests.test_models import _numerical_grad, tiny
 
 pytestmark = pytest.mark.skipif(not pallas_norms.available(), reason="this jax has no Pallas Triton API")
@@ -23,7 +24,17 @@ def adaln64(x, shift, scale, epsilon=1e-6):
     return xhat * (1 + per_example(scale)) + per_example(shift)
 
 
-def test_the_kernels_match_the_float64_formula_and_its_gradient():
+def group_norm64(x, num_groups, scale, bias, silu, epsilon=1e-6):
+    """GroupNorm (+ SiLU) in float64, x [B, ..., C], scale and bias [B, C]."""
+    B, C = x.shape[0], x.shape[-1]
+    groups = x.reshape(B, -1, num_groups, C // num_groups)
+    xhat = ((groups - groups.mean(axis=(1, 3), keepdims=True))
+            / np.sqrt(groups.var(axis=(1, 3), keepdims=True) + epsilon)).reshape(B, -1, C)
+    z = xhat * scale[:, None] + bias[:, None]
+    return (z / (1 + np.exp(-z)) if silu else z).reshape(x.shape)
+
+
+def test_the_adaln_kernels_match_the_float64_formula_and_its_gradient():
     """C = 12 (tiles padded to 16 columns, masked), two examples of three tokens."""
     rng = np.random.default_rng(0)
     x, w = rng.normal(0.3, 1.5, (2, 3, 12)), rng.normal(size=(2, 3, 12))
@@ -40,44 +51,93 @@ def test_the_kernels_match_the_float64_formula_and_its_gradient():
         np.testing.assert_allclose(got, want, atol=2e-4)
 
 
-@pytest.mark.parametrize("shape, tile_elements, min_programs", [
-    ((2, 9, 12), 32, 4),      # 2-row tiles, 2 programs an example each walking 3 tiles (the last ragged)
-    ((3, 2, 2, 20), 64, 1),   # [B, H, W, C]; 2 tiles of 2 rows in one program per example
+@pytest.mark.parametrize("silu", [False, True])
+def test_the_group_norm_kernels_match_the_float64_formula_and_its_gradient(silu):
+    """C = 12 in 2 groups of 6 (one program's 12 channels padded to 16, masked), per-example affine."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(0.3, 1.5, (2, 3, 2, 12)), rng.normal(size=(2, 3, 2, 12))
+    scale, bias = rng.normal(size=(2, 12)), rng.normal(size=(2, 12))
+    loss64 = lambda x, scale, bias: np.sum(w * group_norm64(x, 2, scale, bias, silu))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    ours = lambda *a: jnp.sum(f32(w) * pallas_norms.group_norm(a[0], 2, *a[1:], silu=silu, interpret=True))
+    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(f32(x), f32(scale), f32(bias))
+    np.testing.assert_allclose(value, loss64(x, scale, bias), rtol=1e-5)
+    expected = (_numerical_grad(lambda v: loss64(v, scale, bias), x),
+                _numerical_grad(lambda v: loss64(x, v, bias), scale),
+                _numerical_grad(lambda v: loss64(x, scale, v), bias))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape, tile_elements, min_programs, dtype, tolerance", [
+    ((2, 9, 12), 32, 4, jnp.float32, 2e-5),     # 2-row tiles, 2 programs an example walking 3 (the last ragged)
+    ((3, 2, 2, 20), 64, 1, jnp.bfloat16, 2e-2),  # [B, H, W, C]; 2 tiles of 2 rows in one program an example
 ])
-def test_the_kernels_tile_rows_and_split_examples_like_one_pass(monkeypatch, shape, tile_elements, min_programs):
+def test_the_adaln_kernels_tile_rows_and_split_examples_like_one_pass(monkeypatch, shape, tile_elements, min_programs,
+                                                                      dtype, tolerance):
     """With small tiles (several per program, rows past the end masked) the kernels compute
-    the XLA version's value and gradients, in float32 and in bfloat16."""
+    the XLA version's value and gradients."""
     monkeypatch.setattr(pallas_norms, "_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(pallas_norms, "_MIN_PROGRAMS", min_programs)
     B, C = shape[0], shape[-1]
     keys = jax.random.split(jax.random.key(3), 4)
     w = jax.random.normal(keys[3], shape)
-    for dtype, tolerance in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
-        x = (jax.random.normal(keys[0], shape) * 2 + 0.5).astype(dtype)
-        shift, scale = (jax.random.normal(k, (B, C)).astype(dtype) for k in keys[1:3])
+    x = (jax.random.normal(keys[0], shape) * 2 + 0.5).astype(dtype)
+    shift, scale = (jax.random.normal(k, (B, C)).astype(dtype) for k in keys[1:3])
 
-        def loss(impl, *args):
-            return jnp.sum(w * adaptive_layer_norm(*args, 1e-5, impl=impl).astype(jnp.float32))
+    def loss(impl, *args):
+        return jnp.sum(w * adaptive_layer_norm(*args, 1e-5, impl=impl).astype(jnp.float32))
 
-        ours = jax.value_and_grad(functools.partial(loss, "pallas_interpret"), argnums=(0, 1, 2))(x, shift, scale)
-        xla = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(x, shift, scale)
-        for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(xla)):
-            assert got.dtype == want.dtype
-            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                       rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(want))))
+    assert_same_value_and_gradients(loss, (x, shift, scale), tolerance)
+
+
+def assert_same_value_and_gradients(loss, args, tolerance):
+    """loss(impl, *args)'s value and gradients with the interpreted kernels and with XLA agree."""
+    ours = jax.value_and_grad(functools.partial(loss, "pallas_interpret"), argnums=(0, 1, 2))(*args)
+    xla = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(*args)
+    for got, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(xla)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("shape, groups, tile_elements, dtype, tolerance, per_example", [
+    # groups of 6: 4 in a program (24 of 32 channels), 15 positions in 8 tiles of 2; shared affine
+    ((2, 5, 3, 24), 4, 64, jnp.float32, 2e-5, False),
+    # groups of 8: 2 programs of 4 groups an example, 33 positions in 5 tiles of 8; per-example affine
+    ((3, 33, 64), 8, 256, jnp.bfloat16, 2e-2, True),
+])
+def test_the_group_norm_kernels_tile_positions_and_split_channels_like_one_pass(monkeypatch, shape, groups,
+                                                                               tile_elements, dtype, tolerance,
+                                                                               per_example):
+    """Several tiles a program (the last one ragged), several programs an example: the XLA
+    version's value and gradients, with SiLU."""
+    monkeypatch.setattr(pallas_norms, "_TILE_ELEMENTS", tile_elements)
+    B, C = shape[0], shape[-1]
+    keys = jax.random.split(jax.random.key(4), 4)
+    w = jax.random.normal(keys[3], shape)
+    x = (jax.random.normal(keys[0], shape) * 2 + 0.5).astype(dtype)
+    scale, bias = (jax.random.normal(k, (B, C) if per_example else (C,)) for k in keys[1:3])
+
+    def loss(impl, *args):
+        return jnp.sum(w * group_norm(args[0], groups, *args[1:], silu=True, impl=impl).astype(jnp.float32))
+
+    assert_same_value_and_gradients(loss, (x, scale, bias), tolerance)
 
 
 def test_the_dit_with_the_kernels_computes_the_xla_dits_loss_and_gradients():
+    """Every norm of the DiT through the kernels (interpreted): the same loss and the same
+    gradient for every parameter."""
     model, params, shape = tiny("dit_tiny")
-    # zero-initialised modulations would hide the norms' gradients
+    # zero-initialised modulations and output layers would hide the norms' gradients
     params = jax.tree_util.tree_map(lambda a: a + 0.05 * np.cos(np.arange(a.size).reshape(a.shape)), params)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
-    t, y = jnp.array([3, 700]), jnp.array([1, 4])
+    t = jnp.array([3, 700])
 
     def loss(model, p):
-        return jnp.sum(jnp.sin(model.apply({"params": p}, x, t, y)))
+        return jnp.sum(jnp.sin(model.apply({"params": p}, x, t)))
 
-    kernels = create_model("dit_tiny", norm_impl="pallas_interpret")
+    kernels = model.clone(norm_impl="pallas_interpret")
     value, ours = jax.jit(jax.value_and_grad(functools.partial(loss, kernels)))(params)
     ref_value, theirs = jax.jit(jax.value_and_grad(functools.partial(loss, model)))(params)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -86,17 +146,44 @@ def test_the_dit_with_the_kernels_computes_the_xla_dits_loss_and_gradients():
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_the_kernels_lower_to_triton_for_a_gpu_at_dit_b2_size():
-    """JAX's Pallas-to-Triton lowering (power-of-two tiles, masked loads, the loop) runs on
-    this CPU: the DiT-B/2 adaLN's forward and backward become two Triton kernels."""
-    B, T, C = 256, 256, 768
-    x, mod = jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16), jax.ShapeDtypeStruct((B, C), jnp.bfloat16)
-    loss = lambda *a: jnp.sum(pallas_norms.adaptive_layer_norm(*a).astype(jnp.float32))
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, mod, mod).lower(lowering_platforms=("cuda",))
-    kernels = re.findall(r'@__gpu\$xla\.gpu\.triton.*?grid_x = (\d+) : i32, grid_y = (\d+) : i32.*?name = "(\w+)"',
-                         lowered.as_text())
-    assert sorted(kernels) == [("256", "4", "adaptive_layer_norm_backward"),
-                               ("256", "64", "adaptive_layer_norm_forward")], kernels
+@pytest.mark.parametrize("name, norms, extra", [("dit_tiny", 5, {}), ("unet_tiny", None, {"scale_shift_norm": True})])
+def test_norm_impl_sends_every_norm_of_a_model_through_the_kernels(name, norms, extra):
+    """`norm_impl="pallas_interpret"` (the model field) reaches every adaLN LayerNorm (2 a DiT
+    block and the final layer) and every GroupNorm of the U-Net (ADM's scale-shift ones too):
+    one forward and one backward kernel each in the training gradient's program."""
+    model, params, shape = tiny(name, **extra)
+    x, t = jnp.zeros((2, *shape)), jnp.array([3, 700])
+    loss = lambda model: lambda p: jnp.sum(model.apply({"params": p}, x, t))
+    if norms is None:  # the U-Net's GroupNorms: every "scale" leaf is one
+        norms = sum(jax.tree_util.keystr(path).endswith("['scale']")
+                    for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(model.clone(norm_impl="pallas_interpret"))))(params))
+    assert jaxpr.count("pallas_call[") == 2 * norms > 0
+    assert "pallas_call[" not in str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+
+
+def triton_kernels(loss, *shapes):
+    """(grid x, grid y, name) of each Triton kernel in loss's gradient lowered for a GPU."""
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(len(shapes))))).trace(*shapes).lower(
+        lowering_platforms=("cuda",))
+    return sorted(re.findall(r'@__gpu\$xla\.gpu\.triton.*?grid_x = (\d+) : i32, grid_y = (\d+) : i32.*?name = "(\w+)"',
+                             lowered.as_text()))
+
+
+def test_the_kernels_lower_to_triton_for_a_gpu_at_dit_b2_and_ddpm_unet_sizes():
+    """JAX's Pallas-to-Triton lowering (power-of-two tiles, masked loads, the loops) runs on
+    this CPU: DiT-B/2's adaLN and the DDPM U-Net's GroupNorms (128 channels at 32x32, 192 in
+    groups of 6) become one forward and one backward Triton kernel each."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    adaln = lambda *a: jnp.sum(pallas_norms.adaptive_layer_norm(*a).astype(f32))
+    assert triton_kernels(adaln, jax.ShapeDtypeStruct((256, 256, 768), bf16),
+                          *[jax.ShapeDtypeStruct((256, 768), bf16)] * 2) == [
+        ("256", "4", "adaptive_layer_norm_backward"), ("256", "64", "adaptive_layer_norm_forward")]
+    for shape, programs in (((128, 32, 32, 128), "4"), ((4, 16, 16, 192), "7")):
+        B, C = shape[0], shape[-1]
+        norm = lambda x, a, b: jnp.sum(pallas_norms.group_norm(x, 32, a, b, silu=True).astype(f32))
+        assert triton_kernels(norm, jax.ShapeDtypeStruct(shape, bf16), *[jax.ShapeDtypeStruct((B, C), f32)] * 2) == [
+            (str(B), programs, "group_norm_backward"), (str(B), programs, "group_norm_forward")]
 
 
 def test_the_implementation_choice(monkeypatch, caplog):
@@ -114,3 +201,5 @@ def test_the_implementation_choice(monkeypatch, caplog):
         resolve_norm_impl("triton")
     with pytest.raises(ValueError, match=r"must be \[B, C\] = \(2, 4\)"):
         pallas_norms.adaptive_layer_norm(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"must be \[B, C\] = \(2, 4\)"):
+        pallas_norms.group_norm(jnp.zeros((2, 3, 4)), 2, jnp.zeros((4,)), jnp.zeros((2, 4)))

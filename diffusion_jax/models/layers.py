@@ -46,6 +46,7 @@ class GroupNorm32(nn.Module):
     silu: bool = False
     param_dtype: Dtype = jnp.float32
     autodiff: bool = False  # True: JAX's autodiff instead of the hand-written gradient
+    impl: Optional[str] = None  # "auto", "xla" or "pallas" (ops.resolve_norm_impl)
 
     @nn.compact
     def __call__(self, x, scale_shift=None):
@@ -54,7 +55,8 @@ class GroupNorm32(nn.Module):
         if scale_shift is not None:
             s, b = (v.astype(jnp.float32) for v in scale_shift)
             scale, bias = scale * (1 + s), bias * (1 + s) + b
-        return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu, autodiff=self.autodiff)
+        return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu, autodiff=self.autodiff,
+                          impl=self.impl)
 
 
 def resolve_attention_impl(implementation: Optional[str], dtype, head_dim: int,

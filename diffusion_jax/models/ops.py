@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 NORM_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 # Whether "auto" picks the Pallas kernels on a GPU: off until a device run of
-# `benchmarks/gpu_session.sh` (stage dit_pallas_norms against dit_b256) measures them faster.
+# `benchmarks/gpu_session.sh` (dit_pallas_norms against dit_b256, unet_pallas_norms against
+# unet_b128) measures them faster.
 PALLAS_NORMS_BY_DEFAULT = False
 
 
@@ -47,7 +48,8 @@ def _normalize(x, epsilon):
 
 
 def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
-    """The implementation of the adaLN LayerNorm to use: "xla", "pallas" or "pallas_interpret".
+    """The implementation of the norms (adaLN LayerNorm, GroupNorm) to use: "xla", "pallas" or
+    "pallas_interpret".
 
     "xla" (this module) and "pallas_interpret" (the Pallas kernels run by Pallas' interpreter:
     any backend, slow, for tests) are used as given. "pallas" (`pallas_norms`, Triton kernels)
@@ -235,16 +237,17 @@ _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6, silu: bool = False,
-               autodiff: bool = False):
+               autodiff: bool = False, impl: str | None = None):
     """GroupNorm of x [B, ..., C] in float32, optionally followed by SiLU; returns x.dtype.
 
     Each example's C channels are split into `num_groups` groups and normalised over the
     group's channels and all spatial positions, then scaled and shifted per channel: scale,
     bias [C] (learned) or [B, C] (per example, as ADM's scale-shift norm folds in), None for
     1 and 0. The backward pass saves x and the per-group statistics only (autodiff of the
-    composite keeps about 14 bytes an element in bfloat16; `autodiff=True` uses it).
+    composite keeps about 14 bytes an element in bfloat16; `autodiff=True` uses it, XLA only).
+    `impl` chooses XLA or the Pallas kernels of `pallas_norms` (`resolve_norm_impl`).
     """
-    C = x.shape[-1]
+    B, C = x.shape[0], x.shape[-1]
     if C % num_groups:
         raise ValueError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}: "
                          "change the channel width or num_groups")
@@ -252,4 +255,10 @@ def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6,
     bias = jnp.zeros((C,), jnp.float32) if bias is None else bias
     if autodiff:
         return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
+    chosen = resolve_norm_impl(impl)
+    if chosen != "xla":
+        from diffusion_jax.models import pallas_norms
+        per_example = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (B, C))
+        return pallas_norms.group_norm(x, num_groups, per_example(scale), per_example(bias), epsilon, silu,
+                                       interpret=chosen == "pallas_interpret")
     return _group_norm(x, scale, bias, num_groups, epsilon, silu)

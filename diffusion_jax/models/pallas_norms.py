@@ -1,5 +1,5 @@
-"""DiT's adaLN LayerNorm as Pallas (Triton) kernels: one pass over the activations forward, one
-backward.
+"""Normalisations as Pallas (Triton) kernels: DiT's adaLN LayerNorm and the U-Net's GroupNorm
+(+ SiLU), each forward and backward reading the activations from memory once.
 
 `adaptive_layer_norm(x, shift, scale, epsilon, interpret)` computes what
 `ops.adaptive_layer_norm` computes (LayerNorm over the last axis in float32 with the variance
@@ -17,9 +17,20 @@ rows of example b from s * rows_per_program, and walks them `block_rows` at a ti
 needs power-of-two tiles, so a tile is [block_rows, next_pow2(C)] with the columns past C
 masked (loaded as 0, never stored).
 
+`group_norm(x, num_groups, scale, bias, epsilon, silu)` computes `ops.group_norm` (statistics
+over each group's channels and all positions, variance as E[x^2] - E[x]^2, per-example affine,
+optional SiLU) with its residuals (x and the per-channel copies of the group statistics).
+Program (b, p) of the grid (B, P) owns a block of whole groups of example b, a slab
+[S, channels of the block] of x [B, S, C], and makes two passes over it: the statistics
+(forward) or the gradient sums (backward) per channel, pooled per group in registers, then the
+output. The slab is a few tens of kilobytes, so the second pass reads it from L2 rather than
+memory, where XLA's reduction and elementwise fusions read x (and g) from memory twice. No
+cross-program sums: a block holds whole groups, and d_scale, d_bias are per channel.
+
 The kernels run on NVIDIA GPUs through Pallas' Triton backend; `interpret=True` runs the same
 kernel body with Pallas' interpreter on any backend (the tests compare it with float64
-formulas on the CPU). `ops.adaptive_layer_norm(..., impl=...)` chooses between this and XLA.
+formulas on the CPU). `ops.adaptive_layer_norm` and `ops.group_norm` choose between these and
+XLA's (`impl=`, `ops.resolve_norm_impl`).
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import jax.numpy as jnp
 
 _TILE_ELEMENTS = 4096       # elements of a [block_rows, C_pad] tile: 32 float32 a thread at 4 warps
 _MIN_PROGRAMS = 1024        # backward grid size to aim for (an H100 has 132 SMs)
+_GROUP_BLOCK_CHANNELS = 32  # channels a GroupNorm program aims for (64 bytes of a bfloat16 row)
 
 
 def available() -> bool:
@@ -129,7 +141,7 @@ def _call(kernel, grid, out_shape, interpret, name, padded):
     from jax.experimental.pallas import triton as plgpu
     warps = 4 if padded <= 1024 else 8
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret, name=name,
-                          compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1))
+                          compiler_params=plgpu.CompilerParams(num_warps=warps))
 
 
 def _forward(x, shift, scale, epsilon, interpret):
@@ -191,4 +203,186 @@ def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, interpret: bool 
     if shift.shape != (B, C) or scale.shape != (B, C):
         raise ValueError(f"shift {shift.shape} and scale {scale.shape} must be [B, C] = {(B, C)} for x {x.shape}")
     y = _adaptive_layer_norm(x.reshape(B, -1, C), shift, scale, float(epsilon), bool(interpret))
+    return y.reshape(x.shape)
+
+
+def _group_tiling(positions: int, channels: int, num_groups: int) -> tuple[int, int, int, int]:
+    """(groups a program, its padded channels, rows a tile, programs per example)."""
+    group_size = channels // num_groups
+    groups = max(1, min(num_groups, _GROUP_BLOCK_CHANNELS // group_size))
+    padded = _next_pow2(groups * group_size)
+    block_rows = min(max(1, _TILE_ELEMENTS // padded), _next_pow2(positions))
+    return groups, padded, block_rows, math.ceil(num_groups / groups)
+
+
+def _group_slab(example, program, positions, channels, group_size, groups, padded):
+    """The block's channel indices (global, [C_pad]), their validity and the group-pooling
+    matrix [C_pad, C_pad] (1 where two valid channels share a group)."""
+    local = jnp.arange(padded)
+    cols = program * groups * group_size + local
+    valid = (local < groups * group_size) & (cols < channels)
+    same = jax.lax.div(local[:, None], group_size) == jax.lax.div(local[None, :], group_size)
+    pool = same & valid[:, None] & valid[None, :]
+    return cols, valid, pool
+
+
+def _pool(pool, per_channel, count):
+    """Per-channel sums [C_pad] -> each channel's group mean (sum over the group / count)."""
+    return jnp.sum(jnp.where(pool, per_channel[None, :], 0.0), axis=1) / count
+
+
+def _rows(i, block_rows, example, positions, cols, valid):
+    rows = i * block_rows + jnp.arange(block_rows)
+    row_ok = rows < positions
+    mask = row_ok[:, None] & valid[None, :]
+    return (example * positions + rows)[:, None], cols[None, :], mask
+
+
+def _silu_and_slope(z):
+    """SiLU(z) and its derivative sigmoid(z) (1 + z (1 - sigmoid(z)))."""
+    sig = 1.0 / (1.0 + jnp.exp(-z))
+    return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+
+def _group_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, positions, channels,
+                          group_size, groups, padded, block_rows, epsilon, silu):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    example, program = pl.program_id(0), pl.program_id(1)
+    cols, valid, pool = _group_slab(example, program, positions, channels, group_size, groups, padded)
+    tiles = pl.cdiv(positions, block_rows)
+
+    def moments(i, sums):
+        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
+        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
+        return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
+
+    zeros = jnp.zeros((padded,), jnp.float32)
+    total, total_sq = jax.lax.fori_loop(0, tiles, moments, (zeros, zeros))
+    count = positions * group_size
+    mean = _pool(pool, total, count)
+    rstd = jax.lax.rsqrt(jnp.maximum(_pool(pool, total_sq, count) - mean * mean, 0.0) + epsilon)
+    flat = example * channels + cols
+    a = plgpu.load(scale_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
+    b = plgpu.load(bias_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
+
+    @pl.loop(0, tiles)
+    def _(i):
+        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
+        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
+        z = (x - mean[None, :]) * (rstd * a)[None, :] + b[None, :]
+        y = _silu_and_slope(z)[0] if silu else z
+        plgpu.store(y_ref.at[rows, cs], y.astype(y_ref.dtype), mask=mask)
+
+    plgpu.store(mean_ref.at[flat], mean, mask=valid)
+    plgpu.store(rstd_ref.at[flat], rstd, mask=valid)
+
+
+def _group_backward_kernel(x_ref, g_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dx_ref, d_scale_ref, d_bias_ref, *,
+                           positions, channels, group_size, groups, padded, block_rows, silu):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    example, program = pl.program_id(0), pl.program_id(1)
+    cols, valid, pool = _group_slab(example, program, positions, channels, group_size, groups, padded)
+    tiles = pl.cdiv(positions, block_rows)
+    flat = example * channels + cols
+    a = plgpu.load(scale_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
+    b = plgpu.load(bias_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref.at[flat], mask=valid, other=0.0)
+    rstd = plgpu.load(rstd_ref.at[flat], mask=valid, other=0.0)
+
+    def xhat_and_dz(i):
+        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
+        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
+        dz = plgpu.load(g_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        if silu:
+            dz = dz * _silu_and_slope(xhat * a[None, :] + b[None, :])[1]
+        return rows, cs, mask, xhat, dz
+
+    def sums(i, acc):
+        _, _, _, xhat, dz = xhat_and_dz(i)
+        return acc[0] + jnp.sum(dz * xhat, axis=0), acc[1] + jnp.sum(dz, axis=0)
+
+    zeros = jnp.zeros((padded,), jnp.float32)
+    d_a, d_b = jax.lax.fori_loop(0, tiles, sums, (zeros, zeros))
+    # dx = rstd (dz a - mean_g(dz a) - xhat mean_g(dz a xhat)), means over the group's channels
+    # and positions: the per-channel sums a d_b and a d_a pooled (ops.py).
+    count = positions * group_size
+    mean_dxhat, mean_dxhat_xhat = _pool(pool, a * d_b, count), _pool(pool, a * d_a, count)
+
+    @pl.loop(0, tiles)
+    def _(i):
+        rows, cs, mask, xhat, dz = xhat_and_dz(i)
+        dx = rstd[None, :] * (dz * a[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :])
+        plgpu.store(dx_ref.at[rows, cs], dx.astype(dx_ref.dtype), mask=mask)
+
+    plgpu.store(d_scale_ref.at[flat], d_a, mask=valid)
+    plgpu.store(d_bias_ref.at[flat], d_b, mask=valid)
+
+
+def _group_call(kernel, x, num_groups, out_shape, interpret, name, **static):
+    B, S, C = x.shape
+    groups, padded, block_rows, programs = _group_tiling(S, C, num_groups)
+    kernel = functools.partial(kernel, positions=S, channels=C, group_size=C // num_groups, groups=groups,
+                               padded=padded, block_rows=block_rows, **static)
+    return _call(kernel, (B, programs), out_shape, interpret, name, padded)
+
+
+def _group_forward(x, scale, bias, num_groups, epsilon, silu, interpret):
+    """x [B, S, C], scale/bias [B, C] float32 -> y (x.dtype), mean and rstd [B, C] float32 (each
+    channel's group statistics)."""
+    B, S, C = x.shape
+    per_channel = jax.ShapeDtypeStruct((B * C,), jnp.float32)
+    y, mean, rstd = _group_call(_group_forward_kernel, x, num_groups,
+                                (jax.ShapeDtypeStruct((B * S, C), x.dtype), per_channel, per_channel),
+                                interpret, "group_norm_forward", epsilon=epsilon, silu=silu)(
+        x.reshape(B * S, C), scale.reshape(B * C), bias.reshape(B * C))
+    return y.reshape(B, S, C), mean.reshape(B, C), rstd.reshape(B, C)
+
+
+def _group_backward(x, g, scale, bias, mean, rstd, num_groups, silu, interpret):
+    """-> dx [B, S, C] (x.dtype), d_scale and d_bias [B, C] float32."""
+    B, S, C = x.shape
+    per_channel = jax.ShapeDtypeStruct((B * C,), jnp.float32)
+    dx, d_scale, d_bias = _group_call(_group_backward_kernel, x, num_groups,
+                                      (jax.ShapeDtypeStruct((B * S, C), x.dtype), per_channel, per_channel),
+                                      interpret, "group_norm_backward", silu=silu)(
+        x.reshape(B * S, C), g.reshape(B * S, C), scale.reshape(B * C), bias.reshape(B * C),
+        mean.reshape(B * C), rstd.reshape(B * C))
+    return dx.reshape(B, S, C), d_scale.reshape(B, C), d_bias.reshape(B, C)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm(x, scale, bias, num_groups, epsilon, silu, interpret):
+    return _group_forward(x, scale, bias, num_groups, epsilon, silu, interpret)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu, interpret):
+    y, mean, rstd = _group_forward(x, scale, bias, num_groups, epsilon, silu, interpret)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, silu, interpret, residuals, g):
+    x, scale, bias, mean, rstd = residuals
+    dx, d_scale, d_bias = _group_backward(x, g, scale, bias, mean, rstd, num_groups, silu, interpret)
+    return dx, d_scale, d_bias
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, num_groups: int, scale, bias, epsilon: float = 1e-6, silu: bool = False,
+               interpret: bool = False):
+    """GroupNorm (+ SiLU) of x [B, ..., C] with per-example affine scale, bias [B, C] (float32);
+    returns x.dtype. The Pallas version of `ops.group_norm` (same value and gradient; the
+    caller broadcasts a [C] affine and reduces its gradient): runs on an NVIDIA GPU, or anywhere
+    with `interpret=True` (slow: for tests)."""
+    B, C = x.shape[0], x.shape[-1]
+    if C % num_groups:
+        raise ValueError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}")
+    if scale.shape != (B, C) or bias.shape != (B, C):
+        raise ValueError(f"scale {scale.shape} and bias {bias.shape} must be [B, C] = {(B, C)} for x {x.shape}")
+    y = _group_norm(x.reshape(B, -1, C), scale.astype(jnp.float32), bias.astype(jnp.float32), int(num_groups),
+                    float(epsilon), bool(silu), bool(interpret))
     return y.reshape(x.shape)
