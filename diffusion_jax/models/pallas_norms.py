@@ -48,11 +48,11 @@ _GROUP_BLOCK_CHANNELS = 32  # channels a GroupNorm program aims for (64 bytes of
 def available() -> bool:
     """Whether this jax ships Pallas' Triton API with masked loads (jax >= 0.7)."""
     try:
-        from jax.experimental import pallas as pl  # noqa: F401
+        from jax.experimental import pallas as pl
         from jax.experimental.pallas import triton as plgpu
     except ImportError:
         return False
-    return hasattr(plgpu, "load") and hasattr(plgpu, "store") and hasattr(plgpu, "CompilerParams")
+    return all(hasattr(plgpu, name) for name in ("load", "store", "CompilerParams")) and hasattr(pl, "loop")
 
 
 def _next_pow2(n: int) -> int:
