@@ -54,8 +54,8 @@ def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
     "xla" (this module) and "pallas_interpret" (the Pallas kernels run by Pallas' interpreter:
     any backend, slow, for tests) are used as given. "pallas" (`pallas_norms`, Triton kernels)
     runs where it can, on a GPU with a jax whose Pallas has the Triton API, and falls back to
-    "xla" elsewhere (CPU, TPU) with a log line. None or "auto" is "pallas" where it can run
-    if `PALLAS_NORMS_BY_DEFAULT`, else "xla".
+    "xla" elsewhere (CPU, TPU, a jax without it) with a log line. None or "auto" is "pallas"
+    where it can run if `PALLAS_NORMS_BY_DEFAULT`, else "xla".
     """
     if impl not in (None,) + NORM_IMPLS:
         raise ValueError(f"unknown norm implementation {impl!r}; choose one of {', '.join(NORM_IMPLS)}")
@@ -73,7 +73,7 @@ def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _log_pallas_fallback(backend: str) -> None:
-    log.info("the Pallas norm kernels need a GPU (and jax >= 0.7): using XLA's on %s", backend)
+    log.info("the Pallas norm kernels need a GPU and a jax with Pallas' Triton API: using XLA's norms on %s", backend)
 
 
 def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool = False,

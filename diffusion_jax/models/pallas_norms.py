@@ -46,7 +46,7 @@ _GROUP_BLOCK_CHANNELS = 32  # channels a GroupNorm program aims for (64 bytes of
 
 
 def available() -> bool:
-    """Whether this jax ships Pallas' Triton API with masked loads (jax >= 0.7)."""
+    """Whether this jax ships the Pallas Triton API the kernels use (masked loads, pl.loop)."""
     try:
         from jax.experimental import pallas as pl
         from jax.experimental.pallas import triton as plgpu
