@@ -88,6 +88,16 @@ def hlo_origins(text: str) -> dict:
     return origins
 
 
+def operation(op_name: str) -> str:
+    """An op_name as a per-layer operation: the differentiated module's path made
+    forward/ or backward/, the transformer's block indices dropped (identical layers add up:
+    "transpose(jvp(DiT))/block3/mlp_fc1/dot_general" -> "backward/block*/mlp_fc1/dot_general");
+    the U-Net's levels keep their names (their shapes differ)."""
+    op = re.sub(r"^transpose\(jvp\([^)]*\)\)", "backward", op_name)
+    op = re.sub(r"^jvp\([^)]*\)", "forward", op)
+    return re.sub(r"(?<=/)block\d+(?=/)", "block*", op)
+
+
 def read_text(path: str) -> str:
     with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
         return f.read()
@@ -118,13 +128,20 @@ def summarise(path: str, steps: int = 1, top: int = 20, hlo: str | None = None) 
     ms = lambda us: round(us / 1e3 / steps, 3)
     # A GPU kernel is named after its HLO instruction with '.' and '-' made '_'.
     origins = {re.sub(r"[.\-]", "_", k): v for k, v in hlo_origins(read_text(hlo)).items()} if hlo else {}
-    top_kernels = [[n[:90], ms(v), counts[n] // steps] + origins.get(re.sub(r"[.\-]", "_", n), [])
-                   for n, v in by_name.most_common(top)]
-    return {"trace": path, "track": names.get(pid, str(pid)), "steps": steps,
-            "wall_ms_per_step": ms(end - start), "kernel_ms_per_step": ms(sum(by_cat.values())),
-            "kernels_per_step": round(len(kernels) / steps, 1),
-            "by_category_ms": {k: ms(v) for k, v in by_cat.most_common()},
-            "top_kernels_ms": top_kernels}
+    origin = lambda n: origins.get(re.sub(r"[.\-]", "_", n), [])
+    top_kernels = [[n[:90], ms(v), counts[n] // steps] + origin(n) for n, v in by_name.most_common(top)]
+    summary = {"trace": path, "track": names.get(pid, str(pid)), "steps": steps,
+               "wall_ms_per_step": ms(end - start), "kernel_ms_per_step": ms(sum(by_cat.values())),
+               "kernels_per_step": round(len(kernels) / steps, 1),
+               "by_category_ms": {k: ms(v) for k, v in by_cat.most_common()},
+               "top_kernels_ms": top_kernels}
+    if origins:  # kernel time by the operation of its HLO instruction (library calls by category)
+        by_op = collections.Counter()
+        for name, us in by_name.items():
+            found = origin(name)
+            by_op[operation(found[1]) if found and found[1] else f"[{category(name)}]"] += us
+        summary["by_operation_ms"] = [[op, ms(us)] for op, us in by_op.most_common(top)]
+    return summary
 
 
 def main(argv=None):

@@ -2,7 +2,7 @@
 import jax
 import jax.numpy as jnp
 
-from benchmarks.trace_summary import hlo_origins
+from benchmarks.trace_summary import hlo_origins, operation
 
 
 def test_hlo_origins_names_each_fusion_s_shape_and_jax_operation():
@@ -20,3 +20,9 @@ def test_hlo_origins_names_each_fusion_s_shape_and_jax_operation():
     # sum), holding the scope's tanh, multiply and add.
     (shape, op, fused), = [v for v in fusions.values() if v[0] == "f32[8]"]
     assert op == "reduce_sum" and {"mlp_fc1/tanh", "mlp_fc1/add", "reduce_sum"} <= set(fused), fused
+
+
+def test_operations_name_the_layer_s_op_forward_or_backward_without_block_indices():
+    assert operation("transpose(jvp(DiT))/block11/mlp_fc1/dot_general") == "backward/block*/mlp_fc1/dot_general"
+    assert operation("jvp(UNet)/down2_res0/norm1/reduce_sum") == "forward/down2_res0/norm1/reduce_sum"
+    assert operation("reduce_sum") == "reduce_sum"
