@@ -12,7 +12,7 @@
 # U-Net stages allow 150 s. What issue #17 still needs after the 2026-11-29 H200 session
 # (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value (a session has about
 # 800 s of stages after the machine starts):
-#   ONLY="dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # ~380 s
+#   ONLY="kernels dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # ~440 s
 #   ONLY="unet_pallas_norms sample sample_pallas_norms dit_cublaslt"                 # ~250 s
 #   then, with what is left: dit_separate_qkv, peer_dit (if a DiT variant wins), unet_autotune0.
 # (unet_b128 compiles cold into $CACHE, unet_compile_warm is the same program from it; dit_b256 and
@@ -60,6 +60,9 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 # Most informative first (a run cut by its limit loses the end): the DiT target with a kernel
 # profile, the same with autodiff instead of ops.py's gradients, its q/k/v variant and its
 # peer; then what was never measured; then the rest.
+# The norms alone, XLA against the Pallas kernels at three tile sizes (cheap: small programs).
+if [ "${SMOKE:-0}" = 1 ]; then KERNELS="--smoke"; else KERNELS="--tile_elements 2048,4096,8192 --group_channels 32,64"; fi
+stage 120 kernels $PY -m benchmarks.kernels $KERNELS
 stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit --hlo $OUT/dit_hlo.txt.gz
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 40 --hlo $OUT/dit_hlo.txt.gz
 keep_trace dit
@@ -102,9 +105,9 @@ echo "=== summary (+$(( $(date +%s) - START ))s)"
 $PY - "$RESULTS" <<'EOF'
 import json, sys
 keep = ("stage", "bench", "peer", "model", "batch", "method", "steps", "compiled", "overrides", "images_per_sec",
-        "step_ms", "mfu", "seconds", "samples_per_sec", "compile_s", "warmup_s", "overhead",
-        "forward_ms", "peak_memory_gb", "compiled_temp_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
-        "by_category_ms")
+        "step_ms", "mfu", "seconds", "samples_per_sec", "compile_s", "warmup_s", "overhead", "peak_memory_gb", "compiled_temp_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
+        "by_category_ms", "op", "shape", "impl", "tile_elements", "group_channels", "forward_ms", "forward_gb_s",
+        "forward_backward_ms", "forward_backward_gb_s")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print({k: r[k] for k in keep if k in r})

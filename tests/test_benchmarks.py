@@ -26,3 +26,21 @@ def test_operations_name_the_layer_s_op_forward_or_backward_without_block_indice
     assert operation("transpose(jvp(DiT))/block11/mlp_fc1/dot_general") == "backward/block*/mlp_fc1/dot_general"
     assert operation("jvp(UNet)/down2_res0/norm1/reduce_sum") == "forward/down2_res0/norm1/reduce_sum"
     assert operation("reduce_sum") == "reduce_sum"
+
+
+def test_the_kernel_benchmark_times_xla_and_the_kernels_at_each_tiling(capsys, monkeypatch):
+    """`benchmarks.kernels --smoke` (the Pallas kernels interpreted): a line for XLA and one per
+    tiling for each op, with both timings."""
+    import json
+
+    from benchmarks import kernels
+    from diffusion_jax.models import pallas_norms
+    monkeypatch.setattr(pallas_norms, "_TILE_ELEMENTS", pallas_norms._TILE_ELEMENTS)
+    monkeypatch.setattr(pallas_norms, "_GROUP_BLOCK_CHANNELS", pallas_norms._GROUP_BLOCK_CHANNELS)
+    kernels.main(["--smoke", "--tile_elements", "512,4096"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    seen = sorted((r["op"], r["impl"], r.get("tile_elements", 0)) for r in records)
+    assert seen == [("adaptive_layer_norm", "pallas_interpret", 512), ("adaptive_layer_norm", "pallas_interpret", 4096),
+                    ("adaptive_layer_norm", "xla", 0), ("group_norm_silu", "pallas_interpret", 512),
+                    ("group_norm_silu", "pallas_interpret", 4096), ("group_norm_silu", "xla", 0)], seen
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in records)
