@@ -12,7 +12,7 @@ import pytest
 
 from diffusion_jax.models import ops, pallas_norms
 from diffusion_jax.models.ops import adaptive_layer_norm, group_norm, resolve_norm_impl
-from tests.test_models import _numerical_grad, tiny
+from tests.test_models import _numerical_grad, assert_same_loss_and_gradients, tiny
 
 pytestmark = pytest.mark.skipif(not pallas_norms.available(), reason="this jax has no Pallas Triton API")
 
@@ -34,21 +34,24 @@ def group_norm64(x, num_groups, scale, bias, silu, epsilon=1e-6):
     return (z / (1 + np.exp(-z)) if silu else z).reshape(x.shape)
 
 
+def assert_matches_float64(ours, loss64, args):
+    """ours(*float32 args) and its gradient for every argument against loss64(*float64 args)
+    and its central differences."""
+    f32 = [jnp.asarray(a, jnp.float32) for a in args]
+    value, grads = jax.value_and_grad(ours, argnums=tuple(range(len(args))))(*f32)
+    np.testing.assert_allclose(value, loss64(*args), rtol=1e-5)
+    for i, got in enumerate(grads):
+        want = _numerical_grad(lambda v: loss64(*args[:i], v, *args[i + 1:]), args[i])
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
 def test_the_adaln_kernels_match_the_float64_formula_and_its_gradient():
     """C = 12 (tiles padded to 16 columns, masked), two examples of three tokens."""
     rng = np.random.default_rng(0)
     x, w = rng.normal(0.3, 1.5, (2, 3, 12)), rng.normal(size=(2, 3, 12))
     shift, scale = rng.normal(size=(2, 12)), rng.normal(size=(2, 12))
-    loss64 = lambda x, shift, scale: np.sum(w * adaln64(x, shift, scale))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    ours = lambda *a: jnp.sum(f32(w) * pallas_norms.adaptive_layer_norm(*a, interpret=True))
-    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(f32(x), f32(shift), f32(scale))
-    np.testing.assert_allclose(value, loss64(x, shift, scale), rtol=1e-5)
-    expected = (_numerical_grad(lambda v: loss64(v, shift, scale), x),
-                _numerical_grad(lambda v: loss64(x, v, scale), shift),
-                _numerical_grad(lambda v: loss64(x, shift, v), scale))
-    for got, want in zip(grads, expected):
-        np.testing.assert_allclose(got, want, atol=2e-4)
+    ours = lambda *a: jnp.sum(jnp.asarray(w, jnp.float32) * pallas_norms.adaptive_layer_norm(*a, interpret=True))
+    assert_matches_float64(ours, lambda *a: np.sum(w * adaln64(*a)), (x, shift, scale))
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -57,16 +60,9 @@ def test_the_group_norm_kernels_match_the_float64_formula_and_its_gradient(silu)
     rng = np.random.default_rng(1)
     x, w = rng.normal(0.3, 1.5, (2, 3, 2, 12)), rng.normal(size=(2, 3, 2, 12))
     scale, bias = rng.normal(size=(2, 12)), rng.normal(size=(2, 12))
-    loss64 = lambda x, scale, bias: np.sum(w * group_norm64(x, 2, scale, bias, silu))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    ours = lambda *a: jnp.sum(f32(w) * pallas_norms.group_norm(a[0], 2, *a[1:], silu=silu, interpret=True))
-    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(f32(x), f32(scale), f32(bias))
-    np.testing.assert_allclose(value, loss64(x, scale, bias), rtol=1e-5)
-    expected = (_numerical_grad(lambda v: loss64(v, scale, bias), x),
-                _numerical_grad(lambda v: loss64(x, v, bias), scale),
-                _numerical_grad(lambda v: loss64(x, scale, v), bias))
-    for got, want in zip(grads, expected):
-        np.testing.assert_allclose(got, want, atol=2e-4)
+    ours = lambda x, *affine: jnp.sum(jnp.asarray(w, jnp.float32)
+                                      * pallas_norms.group_norm(x, 2, *affine, silu=silu, interpret=True))
+    assert_matches_float64(ours, lambda x, *affine: np.sum(w * group_norm64(x, 2, *affine, silu)), (x, scale, bias))
 
 
 @pytest.mark.parametrize("shape, tile_elements, min_programs, dtype, tolerance", [
@@ -129,21 +125,7 @@ def test_the_dit_with_the_kernels_computes_the_xla_dits_loss_and_gradients():
     """Every norm of the DiT through the kernels (interpreted): the same loss and the same
     gradient for every parameter."""
     model, params, shape = tiny("dit_tiny")
-    # zero-initialised modulations and output layers would hide the norms' gradients
-    params = jax.tree_util.tree_map(lambda a: a + 0.05 * np.cos(np.arange(a.size).reshape(a.shape)), params)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
-    t = jnp.array([3, 700])
-
-    def loss(model, p):
-        return jnp.sum(jnp.sin(model.apply({"params": p}, x, t)))
-
-    kernels = model.clone(norm_impl="pallas_interpret")
-    value, ours = jax.jit(jax.value_and_grad(functools.partial(loss, kernels)))(params)
-    ref_value, theirs = jax.jit(jax.value_and_grad(functools.partial(loss, model)))(params)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(theirs)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(b))),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_same_loss_and_gradients(model.clone(norm_impl="pallas_interpret"), model, params, shape, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, norms, extra", [("dit_tiny", 5, {}), ("unet_tiny", None, {"scale_shift_norm": True})])
