@@ -12,8 +12,8 @@
 # U-Net stages allow 150 s. What issue #17 still needs after the 2026-11-29 H200 session
 # (benchmarks/results/h200_2026-11-29.jsonl has the rest), in order of value (a session has about
 # 800 s of stages after the machine starts):
-#   ONLY="kernels dit_b256 dit_trace dit_pallas_norms unet_b128 unet_trace peer_unet unet_compile_warm"  # ~440 s
-#   ONLY="unet_pallas_norms sample sample_pallas_norms dit_cublaslt"                 # ~250 s
+#   ONLY="kernels dit_b256 dit_trace dit_pallas_ops unet_b128 unet_trace peer_unet unet_compile_warm"  # ~440 s
+#   ONLY="unet_pallas_ops sample sample_pallas_ops dit_cublaslt"                 # ~250 s
 #   then, with what is left: dit_separate_qkv, peer_dit (if a DiT variant wins), unet_autotune0.
 # (unet_b128 compiles cold into $CACHE, unet_compile_warm is the same program from it; dit_b256 and
 # unet_b128 write their optimised HLO next to the profile, so each kernel in the *_trace lines
@@ -60,14 +60,14 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 # Most informative first (a run cut by its limit loses the end): the DiT target with a kernel
 # profile, the same with autodiff instead of ops.py's gradients, its q/k/v variant and its
 # peer; then what was never measured; then the rest.
-# The norms alone, XLA against the Pallas kernels at three tile sizes (cheap: small programs).
+# The ops with Pallas kernels alone, XLA against the kernels at three tile sizes (cheap: small programs).
 if [ "${SMOKE:-0}" = 1 ]; then KERNELS="--smoke"; else KERNELS="--tile_elements 2048,4096,8192 --group_channels 32,64"; fi
 stage 120 kernels $PY -m benchmarks.kernels $KERNELS
 stage 100 dit_b256 $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 40 --profile /tmp/prof_dit --hlo $OUT/dit_hlo.txt.gz
 stage 30 dit_trace $PY -m benchmarks.trace_summary /tmp/prof_dit --steps 3 --top 40 --hlo $OUT/dit_hlo.txt.gz
 keep_trace dit
-# The Pallas adaLN LayerNorm kernels (models/pallas_norms.py) against dit_b256's XLA fusions.
-stage 80 dit_pallas_norms $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override norm_impl=pallas
+# The Pallas kernels (models/pallas_ops.py: adaLN LayerNorm, bias + GELU) against dit_b256's XLA fusions.
+stage 80 dit_pallas_ops $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override ops_impl=pallas
 stage 80 dit_autodiff_ops $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override autodiff_ops=True
 stage 120 dit_separate_qkv $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30 --override fused_qkv=False
 stage 120 peer_dit $PEER_PY -m benchmarks.peer_diffusers --what dit_train --compile --compiled_only --steps 20 $PEER
@@ -80,13 +80,13 @@ cp /tmp/digits_gpu/eval/samples.png "$OUT/digits_bf16_samples.png" 2>/dev/null
 CACHE=/tmp/diffusion_jax_compilation_cache_$$
 stage 150 unet_b128 env JAX_COMPILATION_CACHE_DIR=$CACHE $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --profile /tmp/prof_unet --hlo $OUT/unet_hlo.txt.gz
 stage 30 unet_trace $PY -m benchmarks.trace_summary /tmp/prof_unet --steps 3 --top 40 --hlo $OUT/unet_hlo.txt.gz
-# The Pallas GroupNorm (+ SiLU) kernels (models/pallas_norms.py) against unet_b128's XLA fusions.
-stage 150 unet_pallas_norms $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override norm_impl=pallas
+# The Pallas GroupNorm (+ SiLU) kernels (models/pallas_ops.py) against unet_b128's XLA fusions.
+stage 150 unet_pallas_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override ops_impl=pallas
 keep_trace unet
 stage 150 unet_autodiff_ops $PY -m benchmarks.train --model $UNET --batch $BU --dtype bfloat16 --steps 60 --override autodiff_ops=True
 stage 150 peer_unet $PEER_PY -m benchmarks.peer_diffusers --what unet_train --compile --compiled_only --steps 20 $PEER
 stage 120 sample $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS,ddim:50 --repeats 1
-stage 120 sample_pallas_norms $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS --repeats 1 --override norm_impl=pallas
+stage 120 sample_pallas_ops $PY -m benchmarks.sample --model $UNET --batch $BS --dtype bfloat16 --methods ddpm:$STEPS --repeats 1 --override ops_impl=pallas
 stage 75 peer_sample $PEER_PY -m benchmarks.peer_diffusers --what ddpm_sample $PEER
 # XLA options worth a try on Hopper, each against dit_b256 (keep what wins, record what loses).
 stage 80 dit_cublaslt env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" $PY -m benchmarks.train --model $DIT --batch $BD --dtype bfloat16 --num_classes $CLASSES --steps 30

@@ -1,6 +1,7 @@
-"""The norms alone: XLA's fusions against the Pallas kernels (diffusion_jax/models/pallas_norms.py)
-at the shapes of DiT-B/2 and the DDPM U-Net, forward and forward + backward, one JSON line each
-with the time and the memory bandwidth it reaches.
+"""The ops with Pallas kernels alone (adaLN LayerNorm, GroupNorm + SiLU, the MLP's bias + GELU):
+XLA against the kernels (diffusion_jax/models/pallas_ops.py) at the shapes of DiT-B/2 and the
+DDPM U-Net, forward and forward + backward, one JSON line each with the time and the memory
+bandwidth it reaches.
 
     python -m benchmarks.kernels                                    # on a GPU
     python -m benchmarks.kernels --tile_elements 2048,4096,8192 --group_channels 16,32,64
@@ -20,21 +21,23 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import block, emit, timed
-from diffusion_jax.models import ops, pallas_norms
+from diffusion_jax.models import ops, pallas_ops
 
 # (op, x shape) at the published models' sizes: DiT-B/2 at batch 256 (256 tokens of 768), the
 # DDPM CIFAR-10 U-Net's GroupNorms at batch 128 (training) and 256 (sampling) by resolution.
-CASES = [("adaptive_layer_norm", (256, 256, 768)),
+CASES = [("adaptive_layer_norm", (256, 256, 768)), ("bias_gelu_tanh", (256, 256, 3072)),
          ("group_norm_silu", (128, 32, 32, 128)), ("group_norm_silu", (128, 16, 16, 256)),
          ("group_norm_silu", (128, 8, 8, 256)), ("group_norm_silu", (256, 32, 32, 128))]
-SMOKE_CASES = [("adaptive_layer_norm", (2, 16, 96)), ("group_norm_silu", (2, 8, 8, 64))]
+SMOKE_CASES = [("adaptive_layer_norm", (2, 16, 96)), ("bias_gelu_tanh", (2, 16, 96)), ("group_norm_silu", (2, 8, 8, 64))]
 
 
 def make_op(op: str, impl: str):
-    """(x, a, b) -> y for the op with `impl`; a, b: shift and scale [B, C] or GroupNorm's
-    scale and bias [C]."""
+    """(x, a, b) -> y for the op with `impl`; a, b: shift and scale [B, C], GroupNorm's scale
+    and bias [C], or the bias [N] and an unused b for the bias + GELU."""
     if op == "adaptive_layer_norm":
         return lambda x, a, b: ops.adaptive_layer_norm(x, a, b, impl=impl)
+    if op == "bias_gelu_tanh":
+        return lambda x, a, b: ops.bias_gelu_tanh(x, a, impl=impl)
     return lambda x, a, b: ops.group_norm(x, 32, a, b, silu=True, impl=impl)
 
 
@@ -42,7 +45,8 @@ def inputs(op: str, shape, dtype):
     keys = jax.random.split(jax.random.key(0), 4)
     C = shape[-1]
     x, g = (jax.random.normal(k, shape, dtype) for k in keys[:2])
-    param_shape, param_dtype = ((shape[0], C), dtype) if op == "adaptive_layer_norm" else ((C,), jnp.float32)
+    param_shape, param_dtype = {"adaptive_layer_norm": ((shape[0], C), dtype), "bias_gelu_tanh": ((C,), dtype),
+                                "group_norm_silu": ((C,), jnp.float32)}[op]
     a, b = (0.1 * jax.random.normal(k, param_shape, param_dtype) for k in keys[2:])
     return x, a, b, g
 
@@ -71,9 +75,9 @@ def measure(op: str, shape, impl: str, dtype=jnp.bfloat16, repeats: int = 20) ->
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, the Pallas kernels interpreted (a CPU)")
-    p.add_argument("--tile_elements", default=str(pallas_norms._TILE_ELEMENTS),
+    p.add_argument("--tile_elements", default=str(pallas_ops._TILE_ELEMENTS),
                    help="comma-separated tile sizes (elements) for the Pallas kernels")
-    p.add_argument("--group_channels", default=str(pallas_norms._GROUP_BLOCK_CHANNELS),
+    p.add_argument("--group_channels", default=str(pallas_ops._GROUP_BLOCK_CHANNELS),
                    help="comma-separated channels a GroupNorm program aims for")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
@@ -83,9 +87,9 @@ def main(argv=None):
         emit(measure(op, shape, "xla", repeats=repeats))
         tilings = itertools.product(map(int, args.tile_elements.split(",")), map(int, args.group_channels.split(",")))
         for tile_elements, group_channels in tilings:
-            if op == "adaptive_layer_norm" and group_channels != int(args.group_channels.split(",")[0]):
-                continue  # the adaLN kernels do not use the GroupNorm setting
-            pallas_norms._TILE_ELEMENTS, pallas_norms._GROUP_BLOCK_CHANNELS = tile_elements, group_channels
+            if op != "group_norm_silu" and group_channels != int(args.group_channels.split(",")[0]):
+                continue  # only the GroupNorm kernels use this setting
+            pallas_ops._TILE_ELEMENTS, pallas_ops._GROUP_BLOCK_CHANNELS = tile_elements, group_channels
             record = measure(op, shape, kernels, repeats=repeats)
             emit({**record, "tile_elements": tile_elements, "group_channels": group_channels})
 

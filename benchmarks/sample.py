@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--methods", default="ddpm:1000,ddim:50", help="method:steps, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="timed chains per method (after one warm-up)")
     p.add_argument("--override", type=parse_override, action="append", default=[],
-                   help="model field=value (repeatable), e.g. norm_impl=pallas")
+                   help="model field=value (repeatable), e.g. ops_impl=pallas")
     args = p.parse_args(argv)
     for item in args.methods.split(","):
         method, steps = item.split(":")

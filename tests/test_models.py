@@ -1,6 +1,7 @@
 """Backbones: published parameter counts, shapes, zero init, bf16, remat, attention, learning."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
                                   sincos_pos_embed_2d, timestep_embedding)
-from diffusion_jax.models.layers import GroupNorm32, dot_product_attention, resolve_attention_impl
+from diffusion_jax.models.layers import DenseGELU, GroupNorm32, dot_product_attention, resolve_attention_impl
 from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh, group_norm
 from diffusion_jax.models.unet import _resample
 
@@ -246,6 +247,34 @@ def test_gelu_tanh_matches_float64_formula_and_its_gradient():
     assert gelu_tanh(xb).dtype == jnp.bfloat16
     assert _residual_bytes(gelu_tanh, xb) == xb.nbytes          # x only
     assert _residual_bytes(lambda v: jax.nn.gelu(v, approximate=True), xb) > 4 * xb.nbytes
+
+
+def test_dense_gelu_is_a_dense_layer_and_its_gelu():
+    """DenseGELU: nn.Dense's parameters (the same initial values), the same output, bitwise,
+    and the same gradients as gelu_tanh after nn.Dense, in float32 and bfloat16; its bias
+    gradient is the GELU gradient's sum (checked against the float64 formula)."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        ours, dense = DenseGELU(16, dtype=dtype), nn.Dense(16, dtype=dtype)
+        params, dense_params = ours.init(jax.random.key(1), x), dense.init(jax.random.key(1), x)
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(dense_params)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(dense_params)):
+            np.testing.assert_array_equal(a, b)
+        params = jax.tree_util.tree_map(lambda a: a + 0.1 * np.cos(np.arange(a.size).reshape(a.shape)), params)
+        reference = lambda p, x: gelu_tanh(dense.apply(p, x))
+        np.testing.assert_array_equal(ours.apply(params, x), reference(params, x))
+        loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x).astype(jnp.float32)))
+        got, want = (jax.grad(loss(f), argnums=(0, 1))(params, x) for f in (ours.apply, reference))
+        tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(b))))
+    p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
+    g = np.cos(np.arange(48.0)).reshape(2, 3, 8) @ np.ones((8, 16)) / 8
+    u = np.asarray(x, np.float64) @ p64["kernel"] + p64["bias"]
+    slope = _numerical_grad(lambda v: np.sum(0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))), u)
+    d_bias = jax.grad(lambda p: jnp.sum(jnp.asarray(g, jnp.float32) * DenseGELU(16).apply({"params": p}, x)))(
+        params["params"])["bias"]
+    np.testing.assert_allclose(d_bias, np.sum(g * slope, axis=(0, 1)), rtol=1e-4, atol=1e-5)
 
 
 def test_resample_and_attention_kernel_choice():

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _BASE_PRESET = {UNet: "ddpm_cifar10", DiT: "dit_xl2"}
 # Fields a run's config decides elsewhere (build_model sets them), not in model.overrides.
 _DECIDED_BY_THE_RUN = {"parent", "name", "dtype", "param_dtype", "remat", "learn_sigma", "num_classes",
-                       "attention_impl", "autodiff_ops", "norm_impl"}
+                       "attention_impl", "autodiff_ops", "ops_impl"}
 
 
 def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str = "") -> ml_collections.ConfigDict:

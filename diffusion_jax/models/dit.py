@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import MultiHeadSelfAttention, timestep_embedding
-from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh
+from diffusion_jax.models.layers import DenseGELU, MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.ops import adaptive_layer_norm
 
 Dtype = Any
 
@@ -47,7 +47,7 @@ class DiTBlock(nn.Module):
     fused_qkv: bool = True
     autodiff_ops: bool = False
     mlp_norm_eps: float = 1e-6
-    norm_impl: Optional[str] = None
+    ops_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, c):
@@ -55,14 +55,15 @@ class DiTBlock(nn.Module):
         mod = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros, name="adaLN_modulation",
                        **kw)(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = adaptive_layer_norm(x, shift_msa, scale_msa, autodiff=self.autodiff_ops, impl=self.norm_impl)
+        h = adaptive_layer_norm(x, shift_msa, scale_msa, autodiff=self.autodiff_ops, impl=self.ops_impl)
         h = MultiHeadSelfAttention(self.num_heads, attention_impl=self.attention_impl,
                                    fused_qkv=self.fused_qkv, name="attn", **kw)(h)
         x = x + gate_msa[:, None, :] * h
         h = adaptive_layer_norm(x, shift_mlp, scale_mlp, self.mlp_norm_eps, autodiff=self.autodiff_ops,
-                                 impl=self.norm_impl)
-        h = nn.Dense(int(self.hidden * self.mlp_ratio), name="mlp_fc1", **kw)(h)
-        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(gelu_tanh(h, autodiff=self.autodiff_ops))
+                                 impl=self.ops_impl)
+        h = DenseGELU(int(self.hidden * self.mlp_ratio), autodiff=self.autodiff_ops, impl=self.ops_impl,
+                      name="mlp_fc1", **kw)(h)
+        h = nn.Dense(self.hidden, name="mlp_fc2", **kw)(h)
         return x + gate_mlp[:, None, :] * h
 
 
@@ -93,7 +94,7 @@ class DiT(nn.Module):
     attention_impl: Optional[str] = None
     fused_qkv: bool = True  # see MultiHeadSelfAttention
     autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
-    norm_impl: Optional[str] = None  # the adaLN LayerNorm's: "auto", "xla", "pallas" (ops.resolve_norm_impl)
+    ops_impl: Optional[str] = None  # adaLN LayerNorm's and bias + GELU's: "auto", "xla", "pallas" (ops.resolve_ops_impl)
     freq_dim: int = 256
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
@@ -130,12 +131,12 @@ class DiT(nn.Module):
         for i in range(self.depth):
             h = block_cls(self.hidden, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
                           fused_qkv=self.fused_qkv, autodiff_ops=self.autodiff_ops,
-                          mlp_norm_eps=self.mlp_norm_eps, norm_impl=self.norm_impl, name=f"block{i}",
+                          mlp_norm_eps=self.mlp_norm_eps, ops_impl=self.ops_impl, name=f"block{i}",
                           **kw)(h, c)
 
         shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
                                           name="final_adaLN_modulation", **kw)(nn.silu(c)), 2, axis=-1)
-        h = adaptive_layer_norm(h, shift, scale, autodiff=self.autodiff_ops, impl=self.norm_impl)
+        h = adaptive_layer_norm(h, shift, scale, autodiff=self.autodiff_ops, impl=self.ops_impl)
         h = nn.Dense(p * p * out_ch, kernel_init=nn.initializers.zeros, name="final_linear", **kw)(h)
         h = h.reshape(B, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         return h.reshape(B, H, W, out_ch).astype(jnp.float32)

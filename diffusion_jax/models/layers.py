@@ -1,4 +1,5 @@
-"""Layers shared by the backbones: timestep embeddings, attention, float32 GroupNorm."""
+"""Layers shared by the backbones: timestep embeddings, attention, float32 GroupNorm, a Dense
+layer with its GELU."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.ops import group_norm
+from diffusion_jax.models.ops import bias_gelu_tanh, group_norm
 
 Dtype = Any
 
@@ -46,7 +47,7 @@ class GroupNorm32(nn.Module):
     silu: bool = False
     param_dtype: Dtype = jnp.float32
     autodiff: bool = False  # True: JAX's autodiff instead of the hand-written gradient
-    impl: Optional[str] = None  # "auto", "xla" or "pallas" (ops.resolve_norm_impl)
+    impl: Optional[str] = None  # "auto", "xla" or "pallas" (ops.resolve_ops_impl)
 
     @nn.compact
     def __call__(self, x, scale_shift=None):
@@ -57,6 +58,24 @@ class GroupNorm32(nn.Module):
             scale, bias = scale * (1 + s), bias * (1 + s) + b
         return group_norm(x, self.num_groups, scale, bias, self.epsilon, silu=self.silu, autodiff=self.autodiff,
                           impl=self.impl)
+
+
+class DenseGELU(nn.Dense):
+    """gelu_tanh(x kernel + bias): nn.Dense (its fields, parameters, initialisation and matrix
+    product) followed by the tanh-GELU, with the bias add and the GELU one op
+    (`ops.bias_gelu_tanh`, which keeps the product rather than product + bias for the
+    backward pass and sums the bias's gradient in the same pass as the GELU's)."""
+
+    autodiff: bool = False  # True: JAX's autodiff instead of the hand-written gradient
+    impl: Optional[str] = None  # "auto", "xla" or "pallas" (ops.resolve_ops_impl)
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        h = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return bias_gelu_tanh(h, bias, autodiff=self.autodiff, impl=self.impl)
 
 
 def resolve_attention_impl(implementation: Optional[str], dtype, head_dim: int,

@@ -1,5 +1,6 @@
 """Normalisations and activations with hand-written gradients that keep only what the backward
-pass needs: DiT's adaLN LayerNorm, tanh-GELU, and the U-Net's GroupNorm (+ SiLU).
+pass needs: DiT's adaLN LayerNorm, tanh-GELU (alone, and with the bias add before it), and the
+U-Net's GroupNorm (+ SiLU).
 
 Reverse-mode autodiff of a composite op saves its intermediates for the backward pass, and for
 memory-bound ops on large activations those bytes are the cost. In bfloat16, autodiff keeps
@@ -10,7 +11,9 @@ per-group statistics) and recompute the rest inside the backward pass, where it 
 gradient arithmetic: the same function and gradient (tests compare both with a float64 formula
 and its numerical derivative), fewer bytes written and read. Each takes `autodiff=True` for
 the same forward differentiated by JAX (the models' `autodiff_ops` field), the comparison the
-hand-written gradients are measured against.
+hand-written gradients are measured against. The norms and the bias + GELU also have Pallas
+(Triton) kernels in `pallas_ops`, chosen by `impl=` (the models' `ops_impl` field,
+`resolve_ops_impl`).
 
 All compute in float32 and return the input's dtype.
 """
@@ -26,11 +29,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-NORM_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+OPS_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 # Whether "auto" picks the Pallas kernels on a GPU: off until a device run of
-# `benchmarks/gpu_session.sh` (dit_pallas_norms against dit_b256, unet_pallas_norms against
+# `benchmarks/gpu_session.sh` (kernels; dit_pallas_ops against dit_b256, unet_pallas_ops against
 # unet_b128) measures them faster.
-PALLAS_NORMS_BY_DEFAULT = False
+PALLAS_OPS_BY_DEFAULT = False
 
 
 def _broadcast_over_tokens(v, x):
@@ -47,24 +50,24 @@ def _normalize(x, epsilon):
     return (xf - mean) * rstd, mean, rstd
 
 
-def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
-    """The implementation of the norms (adaLN LayerNorm, GroupNorm) to use: "xla", "pallas" or
-    "pallas_interpret".
+def resolve_ops_impl(impl: str | None, backend: str | None = None) -> str:
+    """The implementation of the ops with Pallas kernels (adaLN LayerNorm, GroupNorm, bias +
+    GELU) to use: "xla", "pallas" or "pallas_interpret".
 
     "xla" (this module) and "pallas_interpret" (the Pallas kernels run by Pallas' interpreter:
-    any backend, slow, for tests) are used as given. "pallas" (`pallas_norms`, Triton kernels)
+    any backend, slow, for tests) are used as given. "pallas" (`pallas_ops`, Triton kernels)
     runs where it can, on a GPU with a jax whose Pallas has the Triton API, and falls back to
     "xla" elsewhere (CPU, TPU, a jax without it) with a log line. None or "auto" is "pallas"
-    where it can run if `PALLAS_NORMS_BY_DEFAULT`, else "xla".
+    where it can run if `PALLAS_OPS_BY_DEFAULT`, else "xla".
     """
-    if impl not in (None,) + NORM_IMPLS:
-        raise ValueError(f"unknown norm implementation {impl!r}; choose one of {', '.join(NORM_IMPLS)}")
+    if impl not in (None,) + OPS_IMPLS:
+        raise ValueError(f"unknown ops implementation {impl!r}; choose one of {', '.join(OPS_IMPLS)}")
     if impl in ("xla", "pallas_interpret"):
         return impl
-    if impl in (None, "auto") and not PALLAS_NORMS_BY_DEFAULT:
+    if impl in (None, "auto") and not PALLAS_OPS_BY_DEFAULT:
         return "xla"
-    from diffusion_jax.models import pallas_norms
-    if (backend or jax.default_backend()) == "gpu" and pallas_norms.available():
+    from diffusion_jax.models import pallas_ops
+    if (backend or jax.default_backend()) == "gpu" and pallas_ops.available():
         return "pallas"
     if impl == "pallas":
         _log_pallas_fallback(backend or jax.default_backend())
@@ -73,7 +76,7 @@ def resolve_norm_impl(impl: str | None, backend: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _log_pallas_fallback(backend: str) -> None:
-    log.info("the Pallas norm kernels need a GPU and a jax with Pallas' Triton API: using XLA's norms on %s", backend)
+    log.info("the Pallas kernels need a GPU and a jax with Pallas' Triton API: using XLA's ops on %s", backend)
 
 
 def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool = False,
@@ -84,15 +87,15 @@ def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, autodiff: bool =
     Normalises over C in float32 (variance as E[x^2] - E[x]^2, as flax's fast variance) and
     returns x.dtype. The backward pass saves x and the per-row mean and 1/std only;
     `autodiff=True` differentiates the same forward with JAX's autodiff instead (XLA only).
-    `impl` chooses XLA or the Pallas kernels of `pallas_norms` (`resolve_norm_impl`); every
+    `impl` chooses XLA or the Pallas kernels of `pallas_ops` (`resolve_ops_impl`); every
     choice computes the same function and gradient.
     """
     if autodiff:
         return _adaptive_layer_norm_fwd(x, shift, scale, epsilon)[0]
-    chosen = resolve_norm_impl(impl)
+    chosen = resolve_ops_impl(impl)
     if chosen != "xla":
-        from diffusion_jax.models import pallas_norms
-        return pallas_norms.adaptive_layer_norm(x, shift, scale, epsilon, interpret=chosen == "pallas_interpret")
+        from diffusion_jax.models import pallas_ops
+        return pallas_ops.adaptive_layer_norm(x, shift, scale, epsilon, interpret=chosen == "pallas_interpret")
     return _adaptive_layer_norm(x, shift, scale, epsilon)
 
 
@@ -155,13 +158,57 @@ def _gelu_tanh_fwd(x):
 
 
 def _gelu_tanh_bwd(x, g):
-    xf = x.astype(jnp.float32)
-    tanh_u, du_dx = _gelu_tanh_parts(xf)
-    slope = 0.5 * (1.0 + tanh_u) + 0.5 * xf * (1.0 - tanh_u * tanh_u) * du_dx
-    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+    return ((g.astype(jnp.float32) * _gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype),)
 
 
 _gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def _gelu_tanh_slope(u):
+    """d/du of the tanh-GELU at u (float32): 0.5 (1 + tanh) + 0.5 u (1 - tanh^2) du'/du."""
+    tanh_u, du_dx = _gelu_tanh_parts(u)
+    return 0.5 * (1.0 + tanh_u) + 0.5 * u * (1.0 - tanh_u * tanh_u) * du_dx
+
+
+def bias_gelu_tanh(h, bias, autodiff: bool = False, impl: str | None = None):
+    """gelu_tanh(h + bias) for h [..., N] (a matrix product's output) and bias [N]: a Dense
+    layer's bias add and the GELU after it as one op; returns h.dtype.
+
+    The sum is rounded to h.dtype as a Dense layer's add is, so the value is exactly
+    `gelu_tanh(h + bias.astype(h.dtype))`. The backward pass keeps h and the bias (not h +
+    bias, which a separate add and GELU would write for the GELU's backward), and computes
+    the gradient of h and the bias's (its sum over the leading axes, in float32) in one pass;
+    `autodiff=True` differentiates the same forward with JAX's autodiff instead (XLA only),
+    `impl` chooses XLA or the Pallas backward kernel of `pallas_ops`.
+    """
+    if autodiff:
+        return _gelu_tanh_value(h + bias.astype(h.dtype))
+    chosen = resolve_ops_impl(impl)
+    if chosen != "xla":
+        from diffusion_jax.models import pallas_ops
+        return pallas_ops.bias_activation(h, bias, _gelu_tanh_value, _gelu_tanh_slope,
+                                          interpret=chosen == "pallas_interpret")
+    return _bias_gelu_tanh(h, bias)
+
+
+@jax.custom_vjp
+def _bias_gelu_tanh(h, bias):
+    return _gelu_tanh_value(h + bias.astype(h.dtype))
+
+
+def _bias_gelu_tanh_fwd(h, bias):
+    return _bias_gelu_tanh(h, bias), (h, bias)
+
+
+def _bias_gelu_tanh_bwd(residuals, g):
+    h, bias = residuals
+    u = (h + bias.astype(h.dtype)).astype(jnp.float32)
+    dh = (g.astype(jnp.float32) * _gelu_tanh_slope(u)).astype(h.dtype)
+    d_bias = jnp.sum(dh.astype(jnp.float32), axis=tuple(range(h.ndim - 1)))
+    return dh, d_bias.astype(bias.dtype)
+
+
+_bias_gelu_tanh.defvjp(_bias_gelu_tanh_fwd, _bias_gelu_tanh_bwd)
 
 
 def _per_example(v, x):
@@ -245,7 +292,7 @@ def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6,
     bias [C] (learned) or [B, C] (per example, as ADM's scale-shift norm folds in), None for
     1 and 0. The backward pass saves x and the per-group statistics only (autodiff of the
     composite keeps about 14 bytes an element in bfloat16; `autodiff=True` uses it, XLA only).
-    `impl` chooses XLA or the Pallas kernels of `pallas_norms` (`resolve_norm_impl`).
+    `impl` chooses XLA or the Pallas kernels of `pallas_ops` (`resolve_ops_impl`).
     """
     B, C = x.shape[0], x.shape[-1]
     if C % num_groups:
@@ -255,10 +302,10 @@ def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6,
     bias = jnp.zeros((C,), jnp.float32) if bias is None else bias
     if autodiff:
         return _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
-    chosen = resolve_norm_impl(impl)
+    chosen = resolve_ops_impl(impl)
     if chosen != "xla":
-        from diffusion_jax.models import pallas_norms
+        from diffusion_jax.models import pallas_ops
         per_example = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (B, C))
-        return pallas_norms.group_norm(x, num_groups, per_example(scale), per_example(bias), epsilon, silu,
+        return pallas_ops.group_norm(x, num_groups, per_example(scale), per_example(bias), epsilon, silu,
                                        interpret=chosen == "pallas_interpret")
     return _group_norm(x, scale, bias, num_groups, epsilon, silu)

@@ -43,7 +43,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     autodiff_ops: bool = False
-    norm_impl: Optional[str] = None
+    ops_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, temb, train: bool):
@@ -51,7 +51,7 @@ class ResBlock(nn.Module):
             feats, (k, k), padding="SAME" if k == 3 else "VALID", dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=init, name=name)
         norm_silu = lambda name: GroupNorm32(self.num_groups, self.epsilon, silu=True, param_dtype=self.param_dtype,
-                                             autodiff=self.autodiff_ops, impl=self.norm_impl, name=name)
+                                             autodiff=self.autodiff_ops, impl=self.ops_impl, name=name)
         h = norm_silu("norm1")(x)
         if self.resample:
             h, x = _resample(h, self.resample == "up"), _resample(x, self.resample == "up")
@@ -92,7 +92,7 @@ class AttnBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
     autodiff_ops: bool = False
-    norm_impl: Optional[str] = None
+    ops_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -100,7 +100,7 @@ class AttnBlock(nn.Module):
         h = x
         if self.normalize:
             h = GroupNorm32(self.num_groups, self.epsilon, param_dtype=self.param_dtype, autodiff=self.autodiff_ops,
-                            impl=self.norm_impl, name="norm")(x)
+                            impl=self.ops_impl, name="norm")(x)
         heads = C // self.head_dim if self.head_dim else self.num_heads
         h = MultiHeadSelfAttention(heads, zero_init_out=True, dtype=self.dtype,
                                    param_dtype=self.param_dtype,
@@ -142,7 +142,7 @@ class UNet(nn.Module):
     remat: bool = False
     attention_impl: Optional[str] = None
     autodiff_ops: bool = False  # True: JAX's autodiff instead of ops.py's hand-written gradients
-    norm_impl: Optional[str] = None  # the GroupNorms': "auto", "xla", "pallas" (ops.resolve_norm_impl)
+    ops_impl: Optional[str] = None  # the GroupNorms' implementation: "auto", "xla", "pallas" (ops.resolve_ops_impl)
     norm_eps: float = 1e-6
     head_dim: Optional[int] = None
     flip_sin_to_cos: bool = True
@@ -187,7 +187,7 @@ class UNet(nn.Module):
 
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, autodiff_ops=self.autodiff_ops,
-                      norm_impl=self.norm_impl)
+                      ops_impl=self.ops_impl)
         res = lambda ch, name, resample=None: block_cls(
             ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, self.norm_eps, name=name, **common)
         attn = lambda name, normalize=True: AttnBlock(
@@ -234,6 +234,6 @@ class UNet(nn.Module):
                     if self.resamp_with_conv:
                         h = conv(h.shape[-1], f"up{level}_resample")(h)
         h = GroupNorm32(self.num_groups, self.norm_eps, silu=True, param_dtype=self.param_dtype,
-                        autodiff=self.autodiff_ops, impl=self.norm_impl, name="norm_out")(h)
+                        autodiff=self.autodiff_ops, impl=self.ops_impl, name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)

@@ -1,5 +1,7 @@
-"""Normalisations as Pallas (Triton) kernels: DiT's adaLN LayerNorm and the U-Net's GroupNorm
-(+ SiLU), each forward and backward reading the activations from memory once.
+"""Pallas (Triton) kernels for the memory-bound ops of `ops.py`: DiT's adaLN LayerNorm and the
+U-Net's GroupNorm (+ SiLU), each forward and backward reading the activations from memory once,
+and the backward pass of a bias add + activation (the DiT MLP's bias + GELU) with the bias's
+gradient summed in the same pass.
 
 `adaptive_layer_norm(x, shift, scale, epsilon, interpret)` computes what
 `ops.adaptive_layer_norm` computes (LayerNorm over the last axis in float32 with the variance
@@ -27,10 +29,15 @@ output. The slab is a few tens of kilobytes, so the second pass reads it from L2
 memory, where XLA's reduction and elementwise fusions read x (and g) from memory twice. No
 cross-program sums: a block holds whole groups, and d_scale, d_bias are per channel.
 
+`bias_activation(h, bias, value_fn, slope_fn)` is value_fn(h + bias) for a matrix product's
+output h [..., N], computed by XLA (an elementwise fusion); its backward kernel reads h and g
+once, writes dh = g * slope_fn(h + bias) and sums dh over the rows for the bias, a [S, N]
+float32 partial sum per group of rows summed by XLA (deterministic, like the adaLN's).
+
 The kernels run on NVIDIA GPUs through Pallas' Triton backend; `interpret=True` runs the same
 kernel body with Pallas' interpreter on any backend (the tests compare it with float64
-formulas on the CPU). `ops.adaptive_layer_norm` and `ops.group_norm` choose between these and
-XLA's (`impl=`, `ops.resolve_norm_impl`).
+formulas on the CPU). `ops.adaptive_layer_norm`, `ops.group_norm` and `ops.bias_gelu_tanh`
+choose between these and XLA's (`impl=`, `ops.resolve_ops_impl`).
 """
 from __future__ import annotations
 
@@ -386,3 +393,83 @@ def group_norm(x, num_groups: int, scale, bias, epsilon: float = 1e-6, silu: boo
     y = _group_norm(x.reshape(B, -1, C), scale.astype(jnp.float32), bias.astype(jnp.float32), int(num_groups),
                     float(epsilon), bool(silu), bool(interpret))
     return y.reshape(x.shape)
+
+
+_BIAS_BLOCK_COLUMNS = 256   # columns a bias + activation backward program owns
+
+
+def _bias_tiling(rows: int, columns: int) -> tuple[int, int, int, int]:
+    """(columns a program, rows a tile, column blocks, row groups) for h [rows, columns]."""
+    block_cols = min(_BIAS_BLOCK_COLUMNS, _next_pow2(columns))
+    block_rows = min(max(1, _TILE_ELEMENTS // block_cols), _next_pow2(rows))
+    column_blocks = math.ceil(columns / block_cols)
+    splits = min(math.ceil(rows / block_rows), max(1, math.ceil(_MIN_PROGRAMS / column_blocks)))
+    return block_cols, block_rows, column_blocks, splits
+
+
+def _bias_activation_backward_kernel(h_ref, bias_ref, g_ref, dh_ref, d_bias_ref, *, rows, columns, block_rows,
+                                     block_cols, tiles_per_program, slope_fn):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    split, column_block = pl.program_id(0), pl.program_id(1)
+    cols = column_block * block_cols + jnp.arange(block_cols)
+    col_ok = cols < columns
+    bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.0)
+
+    def body(i, d_bias):
+        rs = (split * tiles_per_program + i) * block_rows + jnp.arange(block_rows)
+        mask = (rs < rows)[:, None] & col_ok[None, :]
+        index = (rs[:, None], cols[None, :])
+        h = plgpu.load(h_ref.at[index], mask=mask, other=0.0)
+        g = plgpu.load(g_ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
+        u = (h + bias[None, :]).astype(jnp.float32)       # rounded to h.dtype, as the forward's add
+        dh = (g * slope_fn(u)).astype(dh_ref.dtype)       # 0 where masked: g is 0 there
+        plgpu.store(dh_ref.at[index], dh, mask=mask)
+        return d_bias + jnp.sum(dh.astype(jnp.float32), axis=0)
+
+    d_bias = jax.lax.fori_loop(0, tiles_per_program, body, jnp.zeros((block_cols,), jnp.float32))
+    plgpu.store(d_bias_ref.at[split * columns + cols], d_bias, mask=col_ok)
+
+
+def _bias_activation_backward(h, bias, g, slope_fn, interpret):
+    """h, g [R, N] and bias [N] (h.dtype) -> dh [R, N] (h.dtype), d_bias [N] float32."""
+    R, N = h.shape
+    block_cols, block_rows, column_blocks, splits = _bias_tiling(R, N)
+    tiles_per_program = math.ceil(math.ceil(R / block_rows) / splits)
+    kernel = functools.partial(_bias_activation_backward_kernel, rows=R, columns=N, block_rows=block_rows,
+                               block_cols=block_cols, tiles_per_program=tiles_per_program, slope_fn=slope_fn)
+    dh, d_bias = _call(kernel, (splits, column_blocks),
+                       (jax.ShapeDtypeStruct((R, N), h.dtype), jax.ShapeDtypeStruct((splits * N,), jnp.float32)),
+                       interpret, "bias_activation_backward", block_cols)(h, bias, g)
+    return dh, d_bias.reshape(splits, N).sum(axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bias_activation(h, bias, value_fn, slope_fn, interpret):
+    return value_fn(h + bias.astype(h.dtype))
+
+
+def _bias_activation_fwd(h, bias, value_fn, slope_fn, interpret):
+    return _bias_activation(h, bias, value_fn, slope_fn, interpret), (h, bias)
+
+
+def _bias_activation_bwd(value_fn, slope_fn, interpret, residuals, g):
+    h, bias = residuals
+    N = h.shape[-1]
+    dh, d_bias = _bias_activation_backward(h.reshape(-1, N), bias.astype(h.dtype), g.reshape(-1, N), slope_fn,
+                                           interpret)
+    return dh.reshape(h.shape), d_bias.astype(bias.dtype)
+
+
+_bias_activation.defvjp(_bias_activation_fwd, _bias_activation_bwd)
+
+
+def bias_activation(h, bias, value_fn, slope_fn, interpret: bool = False):
+    """value_fn(h + bias) for h [..., N] and bias [N] (the add rounded to h.dtype), whose
+    backward pass is one Pallas kernel: dh = g * slope_fn(h + bias) in h.dtype and the bias's
+    gradient (dh summed over the leading axes, float32). value_fn maps an h.dtype array to
+    h.dtype; slope_fn a float32 array to float32 (traced inside the kernel). Runs on an NVIDIA
+    GPU, or anywhere with `interpret=True` (slow: for tests)."""
+    if bias.shape != h.shape[-1:]:
+        raise ValueError(f"bias {bias.shape} must be [N] = {h.shape[-1:]} for h {h.shape}")
+    return _bias_activation(h, bias, value_fn, slope_fn, bool(interpret))
