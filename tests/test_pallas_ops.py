@@ -216,6 +216,11 @@ def test_the_implementation_choice(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="diffusion_jax.models.ops"):
         assert resolve_ops_impl("pallas", backend="tpu") == "xla"  # falls back where Triton is not
     assert "need a GPU" in caplog.text
+    monkeypatch.setattr(pallas_ops, "available", lambda: False)  # a jax without the Triton API
+    assert resolve_ops_impl("pallas", backend="gpu") == "xla"
+    with pytest.raises(ValueError, match="'pallas_interpret' needs Pallas' Triton API .*: upgrade jax or use 'xla'"):
+        resolve_ops_impl("pallas_interpret")
+    monkeypatch.undo()
     monkeypatch.setattr(ops, "PALLAS_OPS_BY_DEFAULT", True)
     assert resolve_ops_impl(None, backend="gpu") == "pallas"
     assert resolve_ops_impl("auto", backend="cpu") == "xla"

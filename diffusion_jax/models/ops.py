@@ -55,18 +55,21 @@ def resolve_ops_impl(impl: str | None, backend: str | None = None) -> str:
     GELU) to use: "xla", "pallas" or "pallas_interpret".
 
     "xla" (this module) and "pallas_interpret" (the Pallas kernels run by Pallas' interpreter:
-    any backend, slow, for tests) are used as given. "pallas" (`pallas_ops`, Triton kernels)
+    any backend, slow, for tests; an error on a jax without Pallas' Triton API) are used as given. "pallas" (`pallas_ops`, Triton kernels)
     runs where it can, on a GPU with a jax whose Pallas has the Triton API, and falls back to
     "xla" elsewhere (CPU, TPU, a jax without it) with a log line. None or "auto" is "pallas"
     where it can run if `PALLAS_OPS_BY_DEFAULT`, else "xla".
     """
     if impl not in (None,) + OPS_IMPLS:
         raise ValueError(f"unknown ops implementation {impl!r}; choose one of {', '.join(OPS_IMPLS)}")
-    if impl in ("xla", "pallas_interpret"):
-        return impl
-    if impl in (None, "auto") and not PALLAS_OPS_BY_DEFAULT:
+    if impl == "xla" or (impl in (None, "auto") and not PALLAS_OPS_BY_DEFAULT):
         return "xla"
     from diffusion_jax.models import pallas_ops
+    if impl == "pallas_interpret":
+        if not pallas_ops.available():
+            raise ValueError(f"ops implementation 'pallas_interpret' needs Pallas' Triton API (masked loads), "
+                             f"which jax {jax.__version__} lacks: upgrade jax or use 'xla'")
+        return impl
     if (backend or jax.default_backend()) == "gpu" and pallas_ops.available():
         return "pallas"
     if impl == "pallas":
