@@ -1,8 +1,12 @@
 """The benchmark tools' own logic (the measurements themselves run on a device)."""
+import json
+
 import jax
 import jax.numpy as jnp
+import pytest
 
 from benchmarks.trace_summary import hlo_origins, operation
+from diffusion_jax.models import pallas_ops
 
 
 def test_hlo_origins_names_each_fusion_s_shape_and_jax_operation():
@@ -28,13 +32,11 @@ def test_operations_name_the_layer_s_op_forward_or_backward_without_block_indice
     assert operation("reduce_sum") == "reduce_sum"
 
 
+@pytest.mark.skipif(not pallas_ops.available(), reason="this jax has no Pallas Triton API")
 def test_the_kernel_benchmark_times_xla_and_the_kernels_at_each_tiling(capsys, monkeypatch):
     """`benchmarks.kernels --smoke` (the Pallas kernels interpreted): a line for XLA and one per
     tiling for each op, with both timings."""
-    import json
-
     from benchmarks import kernels
-    from diffusion_jax.models import pallas_ops
     monkeypatch.setattr(pallas_ops, "_TILE_ELEMENTS", pallas_ops._TILE_ELEMENTS)
     monkeypatch.setattr(pallas_ops, "_GROUP_BLOCK_CHANNELS", pallas_ops._GROUP_BLOCK_CHANNELS)
     kernels.main(["--smoke", "--tile_elements", "512,4096"])
