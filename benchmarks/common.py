@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import gzip
 import json
 import time
 
@@ -23,6 +24,11 @@ def parse_override(text: str) -> tuple:
         return field, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return field, value
+
+
+def open_text(path: str, mode: str = "rt"):
+    """open(path, mode) for a text file, gzip-compressed when the name ends in .gz."""
+    return (gzip.open if path.endswith(".gz") else open)(path, mode)
 
 
 def device_facts() -> dict:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import gzip
 import json
 import os
 import re
+
+from benchmarks.common import open_text
 
 CATEGORIES = [  # first match wins
     ("attention", r"flash|fmha|sdpa|cudnn::fusion"),
@@ -98,14 +99,9 @@ def operation(op_name: str) -> str:
     return re.sub(r"(?<=/)block\d+(?=/)", "block*", op)
 
 
-def read_text(path: str) -> str:
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-        return f.read()
-
-
 def summarise(path: str, steps: int = 1, top: int = 20, hlo: str | None = None) -> dict:
     """Kernel time by category and name for the process group with the most busy time."""
-    with gzip.open(path, "rt") as f:
+    with open_text(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events
@@ -127,7 +123,11 @@ def summarise(path: str, steps: int = 1, top: int = 20, hlo: str | None = None) 
     end = max(float(e["ts"]) + float(e["dur"]) for e in kernels)
     ms = lambda us: round(us / 1e3 / steps, 3)
     # A GPU kernel is named after its HLO instruction with '.' and '-' made '_'.
-    origins = {re.sub(r"[.\-]", "_", k): v for k, v in hlo_origins(read_text(hlo)).items()} if hlo else {}
+    if hlo:
+        with open_text(hlo) as f:
+            origins = {re.sub(r"[.\-]", "_", k): v for k, v in hlo_origins(f.read()).items()}
+    else:
+        origins = {}
     origin = lambda n: origins.get(re.sub(r"[.\-]", "_", n), [])
     top_kernels = [[n[:90], ms(v), counts[n] // steps] + origin(n) for n, v in by_name.most_common(top)]
     summary = {"trace": path, "track": names.get(pid, str(pid)), "steps": steps,

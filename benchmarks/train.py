@@ -14,14 +14,13 @@ number is the step itself. `--override attention_impl=xla` changes a model field
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 
 import jax
 import numpy as np
 
-from benchmarks.common import (analytic_forward_flops, block, compiled_temp_bytes, emit, parse_override, peak_flops,
-                               peak_memory_bytes)
+from benchmarks.common import (analytic_forward_flops, block, compiled_temp_bytes, emit, open_text, parse_override,
+                               peak_flops, peak_memory_bytes)
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS
 from diffusion_jax.builders import input_shape
@@ -65,7 +64,7 @@ def measure(model_name: str, batch: int, dtype: str, steps: int, k: int, num_cla
     compiled = step_fn.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
     if hlo_path:
-        with (gzip.open if hlo_path.endswith(".gz") else open)(hlo_path, "wt") as f:
+        with open_text(hlo_path, "wt") as f:
             f.write(compiled.as_text())
     temp = compiled_temp_bytes(compiled)
     state, metrics = compiled(state, batch_arrays)  # warm-up

@@ -75,21 +75,20 @@ def _tiling(num_examples: int, tokens: int, channels: int) -> tuple[int, int, in
     return padded, block_rows, splits
 
 
-def _tile(block_rows, padded, first_row, tokens, channels, example):
-    """Row and column indices of a tile of example `example` starting at token `first_row`,
-    its mask, and the rows' indices in the [B * T, C] view."""
-    rows = first_row + jnp.arange(block_rows)
-    cols = jnp.arange(padded)
-    row_ok = rows < tokens
-    mask = row_ok[:, None] & (cols < channels)[None, :]
-    flat_rows = example * tokens + rows
-    return flat_rows, cols, row_ok, mask
+def _row_tile(first, block_rows, num_rows, offset, cols, col_ok):
+    """`block_rows` rows from row `first` of `num_rows` (a 2-D view's rows `offset` + row) over
+    the columns `cols` [C_pad]: (the tile's index for `ref.at`, the rows' view indices, the row
+    mask [R], the tile mask [R, C_pad])."""
+    rows = first + jnp.arange(block_rows)
+    row_ok = rows < num_rows
+    flat = offset + rows
+    return (flat[:, None], cols[None, :]), flat, row_ok, row_ok[:, None] & col_ok[None, :]
 
 
-def _row_params(ref, example, cols, channels):
-    """Example `example`'s row of a flattened [B * C] per-example parameter, float32 [C_pad]."""
+def _load_f32(ref, index, mask):
+    """ref[index] in float32, 0 where `mask` is False."""
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.load(ref.at[example * channels + cols], mask=cols < channels, other=0.0).astype(jnp.float32)
+    return plgpu.load(ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
 
 
 def _forward_kernel(x_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *,
@@ -97,15 +96,17 @@ def _forward_kernel(x_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *,
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
     example, block = pl.program_id(0), pl.program_id(1)
-    flat_rows, cols, row_ok, mask = _tile(block_rows, padded, block * block_rows, tokens, channels, example)
-    x = plgpu.load(x_ref.at[flat_rows[:, None], cols[None, :]], mask=mask, other=0.0).astype(jnp.float32)
+    cols = jnp.arange(padded)
+    col_ok = cols < channels
+    index, flat_rows, row_ok, mask = _row_tile(block * block_rows, block_rows, tokens, example * tokens, cols, col_ok)
+    x = _load_f32(x_ref, index, mask)
     mean = jnp.sum(x, axis=1) / channels
     var = jnp.maximum(jnp.sum(x * x, axis=1) / channels - mean * mean, 0.0)
     rstd = jax.lax.rsqrt(var + epsilon)
-    shift = _row_params(shift_ref, example, cols, channels)
-    scale = _row_params(scale_ref, example, cols, channels)
+    shift = _load_f32(shift_ref, example * channels + cols, col_ok)
+    scale = _load_f32(scale_ref, example * channels + cols, col_ok)
     y = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
-    plgpu.store(y_ref.at[flat_rows[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=mask)
+    plgpu.store(y_ref.at[index], y.astype(y_ref.dtype), mask=mask)
     plgpu.store(mean_ref.at[flat_rows], mean, mask=row_ok)
     plgpu.store(rstd_ref.at[flat_rows], rstd, mask=row_ok)
 
@@ -115,16 +116,17 @@ def _backward_kernel(x_ref, g_ref, scale_ref, mean_ref, rstd_ref, dx_ref, d_shif
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
     example, split = pl.program_id(0), pl.program_id(1)
-    one_plus_scale = 1.0 + _row_params(scale_ref, example, jnp.arange(padded), channels)
+    cols = jnp.arange(padded)
+    col_ok = cols < channels
+    one_plus_scale = 1.0 + _load_f32(scale_ref, example * channels + cols, col_ok)
 
     def body(i, sums):
         first = (split * blocks_per_program + i) * block_rows
-        flat_rows, cols, row_ok, mask = _tile(block_rows, padded, first, tokens, channels, example)
-        index = (flat_rows[:, None], cols[None, :])
-        x = plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
-        g = plgpu.load(g_ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
-        mean = plgpu.load(mean_ref.at[flat_rows], mask=row_ok, other=0.0)
-        rstd = plgpu.load(rstd_ref.at[flat_rows], mask=row_ok, other=0.0)
+        index, flat_rows, row_ok, mask = _row_tile(first, block_rows, tokens, example * tokens, cols, col_ok)
+        x = _load_f32(x_ref, index, mask)
+        g = _load_f32(g_ref, index, mask)
+        mean = _load_f32(mean_ref, flat_rows, row_ok)
+        rstd = _load_f32(rstd_ref, flat_rows, row_ok)
         xhat = (x - mean[:, None]) * rstd[:, None]     # 0 on masked rows (rstd 0), g is 0 off C
         ga = g * one_plus_scale[None, :]
         # dx = rstd * (g a - mean_C(g a) - xhat * mean_C(g a xhat)), a = 1 + scale (ops.py).
@@ -137,10 +139,9 @@ def _backward_kernel(x_ref, g_ref, scale_ref, mean_ref, rstd_ref, dx_ref, d_shif
 
     zeros = jnp.zeros((padded,), jnp.float32)
     d_shift, d_scale = jax.lax.fori_loop(0, blocks_per_program, body, (zeros, zeros))
-    cols = jnp.arange(padded)
     out = (example * splits + split) * channels + cols
-    plgpu.store(d_shift_ref.at[out], d_shift, mask=cols < channels)
-    plgpu.store(d_scale_ref.at[out], d_scale, mask=cols < channels)
+    plgpu.store(d_shift_ref.at[out], d_shift, mask=col_ok)
+    plgpu.store(d_scale_ref.at[out], d_scale, mask=col_ok)
 
 
 def _call(kernel, grid, out_shape, interpret, name, padded):
@@ -238,13 +239,6 @@ def _pool(pool, per_channel, count):
     return jnp.sum(jnp.where(pool, per_channel[None, :], 0.0), axis=1) / count
 
 
-def _rows(i, block_rows, example, positions, cols, valid):
-    rows = i * block_rows + jnp.arange(block_rows)
-    row_ok = rows < positions
-    mask = row_ok[:, None] & valid[None, :]
-    return (example * positions + rows)[:, None], cols[None, :], mask
-
-
 def _silu_and_slope(z):
     """SiLU(z) and its derivative sigmoid(z) (1 + z (1 - sigmoid(z)))."""
     sig = 1.0 / (1.0 + jnp.exp(-z))
@@ -259,9 +253,11 @@ def _group_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref,
     cols, valid, pool = _group_slab(example, program, positions, channels, group_size, groups, padded)
     tiles = pl.cdiv(positions, block_rows)
 
+    tile = lambda i: _row_tile(i * block_rows, block_rows, positions, example * positions, cols, valid)
+
     def moments(i, sums):
-        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
-        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
+        index, _, _, mask = tile(i)
+        x = _load_f32(x_ref, index, mask)
         return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
 
     zeros = jnp.zeros((padded,), jnp.float32)
@@ -270,16 +266,14 @@ def _group_forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref,
     mean = _pool(pool, total, count)
     rstd = jax.lax.rsqrt(jnp.maximum(_pool(pool, total_sq, count) - mean * mean, 0.0) + epsilon)
     flat = example * channels + cols
-    a = plgpu.load(scale_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
-    b = plgpu.load(bias_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
+    a, b = _load_f32(scale_ref, flat, valid), _load_f32(bias_ref, flat, valid)
 
     @pl.loop(0, tiles)
     def _(i):
-        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
-        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
-        z = (x - mean[None, :]) * (rstd * a)[None, :] + b[None, :]
+        index, _, _, mask = tile(i)
+        z = (_load_f32(x_ref, index, mask) - mean[None, :]) * (rstd * a)[None, :] + b[None, :]
         y = _silu_and_slope(z)[0] if silu else z
-        plgpu.store(y_ref.at[rows, cs], y.astype(y_ref.dtype), mask=mask)
+        plgpu.store(y_ref.at[index], y.astype(y_ref.dtype), mask=mask)
 
     plgpu.store(mean_ref.at[flat], mean, mask=valid)
     plgpu.store(rstd_ref.at[flat], rstd, mask=valid)
@@ -293,22 +287,19 @@ def _group_backward_kernel(x_ref, g_ref, scale_ref, bias_ref, mean_ref, rstd_ref
     cols, valid, pool = _group_slab(example, program, positions, channels, group_size, groups, padded)
     tiles = pl.cdiv(positions, block_rows)
     flat = example * channels + cols
-    a = plgpu.load(scale_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
-    b = plgpu.load(bias_ref.at[flat], mask=valid, other=0.0).astype(jnp.float32)
-    mean = plgpu.load(mean_ref.at[flat], mask=valid, other=0.0)
-    rstd = plgpu.load(rstd_ref.at[flat], mask=valid, other=0.0)
+    a, b = _load_f32(scale_ref, flat, valid), _load_f32(bias_ref, flat, valid)
+    mean, rstd = _load_f32(mean_ref, flat, valid), _load_f32(rstd_ref, flat, valid)
 
     def xhat_and_dz(i):
-        rows, cs, mask = _rows(i, block_rows, example, positions, cols, valid)
-        x = plgpu.load(x_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
-        dz = plgpu.load(g_ref.at[rows, cs], mask=mask, other=0.0).astype(jnp.float32)
-        xhat = (x - mean[None, :]) * rstd[None, :]
+        index, _, _, mask = _row_tile(i * block_rows, block_rows, positions, example * positions, cols, valid)
+        xhat = (_load_f32(x_ref, index, mask) - mean[None, :]) * rstd[None, :]
+        dz = _load_f32(g_ref, index, mask)
         if silu:
             dz = dz * _silu_and_slope(xhat * a[None, :] + b[None, :])[1]
-        return rows, cs, mask, xhat, dz
+        return index, mask, xhat, dz
 
     def sums(i, acc):
-        _, _, _, xhat, dz = xhat_and_dz(i)
+        _, _, xhat, dz = xhat_and_dz(i)
         return acc[0] + jnp.sum(dz * xhat, axis=0), acc[1] + jnp.sum(dz, axis=0)
 
     zeros = jnp.zeros((padded,), jnp.float32)
@@ -320,9 +311,9 @@ def _group_backward_kernel(x_ref, g_ref, scale_ref, bias_ref, mean_ref, rstd_ref
 
     @pl.loop(0, tiles)
     def _(i):
-        rows, cs, mask, xhat, dz = xhat_and_dz(i)
+        index, mask, xhat, dz = xhat_and_dz(i)
         dx = rstd[None, :] * (dz * a[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :])
-        plgpu.store(dx_ref.at[rows, cs], dx.astype(dx_ref.dtype), mask=mask)
+        plgpu.store(dx_ref.at[index], dx.astype(dx_ref.dtype), mask=mask)
 
     plgpu.store(d_scale_ref.at[flat], d_a, mask=valid)
     plgpu.store(d_bias_ref.at[flat], d_b, mask=valid)
@@ -372,8 +363,7 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, silu, interpret):
 
 def _group_norm_bwd(num_groups, epsilon, silu, interpret, residuals, g):
     x, scale, bias, mean, rstd = residuals
-    dx, d_scale, d_bias = _group_backward(x, g, scale, bias, mean, rstd, num_groups, silu, interpret)
-    return dx, d_scale, d_bias
+    return _group_backward(x, g, scale, bias, mean, rstd, num_groups, silu, interpret)
 
 
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -417,12 +407,10 @@ def _bias_activation_backward_kernel(h_ref, bias_ref, g_ref, dh_ref, d_bias_ref,
     bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.0)
 
     def body(i, d_bias):
-        rs = (split * tiles_per_program + i) * block_rows + jnp.arange(block_rows)
-        mask = (rs < rows)[:, None] & col_ok[None, :]
-        index = (rs[:, None], cols[None, :])
-        h = plgpu.load(h_ref.at[index], mask=mask, other=0.0)
-        g = plgpu.load(g_ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
-        u = (h + bias[None, :]).astype(jnp.float32)       # rounded to h.dtype, as the forward's add
+        index, _, _, mask = _row_tile((split * tiles_per_program + i) * block_rows, block_rows, rows, 0, cols, col_ok)
+        h = plgpu.load(h_ref.at[index], mask=mask, other=0.0)   # h.dtype: the add rounds as the forward's
+        g = _load_f32(g_ref, index, mask)
+        u = (h + bias[None, :]).astype(jnp.float32)
         dh = (g * slope_fn(u)).astype(dh_ref.dtype)       # 0 where masked: g is 0 there
         plgpu.store(dh_ref.at[index], dh, mask=mask)
         return d_bias + jnp.sum(dh.astype(jnp.float32), axis=0)
