@@ -1,5 +1,5 @@
-"""`python -m diffusion_jax train|sample|generate|evaluate|fid|fid-stats`, and `run_experiment`, the entry
-point of the experiment modules. Both go through one error boundary (`main`): a user's mistake
+"""`python -m diffusion_jax train|sample|generate|evaluate|import|export|prepare|fid|fid-stats`, and
+`run_experiment`, the entry point of the experiment modules. Both go through one error boundary (`main`): a user's mistake
 is one line `error: ...` (exit 2), a run that stops for a reason it states exits 1; the
 traceback shows only with --debug or DIFFUSION_JAX_DEBUG=1.
 
@@ -30,6 +30,7 @@ import os
 import pathlib
 import sys
 
+from diffusion_jax.files import ensure_writable_dir
 from diffusion_jax.samplers import sampler_names
 
 DEBUG_ENV = "DIFFUSION_JAX_DEBUG"
@@ -233,20 +234,14 @@ def _train_existing_run(argv) -> None:
     train_and_report(config, workdir, bool(evaluate))
 
 
-def _import(argv) -> None:
+def _import(args, overrides) -> None:
     from diffusion_jax.interop import load_diffusers
     from diffusion_jax.interop.runs import run_config, write_imported_run
     from diffusion_jax.models import count_params
     from diffusion_jax.training.config import base_config
 
-    p = _Parser(prog="python -m diffusion_jax import")
-    p.add_argument("--from", dest="source", required=True, help="a diffusers model directory or Hub repository id")
-    p.add_argument("--subfolder", help="the model's subfolder in a pipeline: unet, transformer")
-    p.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
-                                             "or a pipeline with a vae/ folder)")
-    args, rest = p.parse_known_args(argv)
     imported = load_diffusers(args.source, args.subfolder)
-    config, workdir, _ = _parse_train_flags(["import"] + rest,
+    config, workdir, _ = _parse_train_flags(["import", f"--workdir={args.workdir}", *overrides],
                                             _config_dict_flag(run_config(imported, base_config(), args.vae)))
     write_imported_run(imported, config, workdir)
     print(f"imported {imported.config['_class_name']} ({count_params(imported.params):,} parameters) into "
@@ -308,8 +303,7 @@ def _sample(args):
     from diffusion_jax.parallel import maybe_initialize_distributed
     from diffusion_jax.runs import load_run
 
-    out = pathlib.Path(args.out)
-    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    out = sample_path(args.out)
     ensure_writable_dir(out.parent, "--out")
     if args.num_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--num_samples and --batch_size must be at least 1, got {args.num_samples} "
@@ -320,14 +314,23 @@ def _sample(args):
     generate = make_generator(run.model, run.schedule, run.config,
                               batch_size=min(args.num_samples, args.batch_size),
                               method=args.method, steps=args.steps,
-                              options=parse_options(args.option))
-    images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed), eta=args.eta,
+                              options=parse_options(args.option), eta=args.eta)
+    images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed),
                       guidance_scale=args.guidance_scale, labels=labels)
     if jax.process_index() == 0:
         np.savez_compressed(out, samples=images.astype(np.float32))
         png = viz.save_grid(images[:256], out.with_suffix(".png"))
         print(f"wrote {images.shape[0]} samples {images.shape[1:]} to {out} and {png} "
               f"(checkpoint step {run.step}, EMA parameters)")
+
+
+def sample_path(out) -> pathlib.Path:
+    """Where `sample --out OUT` writes: OUT itself when it ends in .npz, OUT/samples.npz when OUT is
+    an existing directory, else OUT.npz (and the grid beside it, as .png)."""
+    out = pathlib.Path(out)
+    if out.suffix == ".npz":
+        return out
+    return out / "samples.npz" if out.is_dir() else out.with_name(out.name + ".npz")
 
 
 OPTION_HELP = ("a sampler option, repeatable: sigmas=karras|exponential|model, "
@@ -374,20 +377,6 @@ def parse_labels(text: str | None) -> list[int] | None:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise ValueError(f"--labels {text!r}: give comma-separated class numbers, e.g. --labels 0,1,2") from None
-
-
-def ensure_writable_dir(path, flag: str) -> None:
-    """Creates `path` and checks a file can be written there, before any work is done."""
-    import uuid
-
-    path = pathlib.Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{flag}: cannot write to {str(path)!r} ({e.strerror}): choose another place") from None
 
 
 def _evaluate(args):
@@ -452,6 +441,9 @@ def _fid_stats(args):
     data_config = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size,
                                                  channels=args.channels, data_dir=args.data_dir))
     images = load_split(data_config, args.split).model_range(slice(0, args.max_images or None))
+    if len(images) < 2:
+        raise ValueError(f"statistics need at least 2 images, the split {args.split!r} of {args.dataset!r} gives "
+                         f"{len(images)}{' with --max_images ' + str(args.max_images) if args.max_images else ''}")
     features = feature_extractor(args.features, args.inception_weights)[0](images)
     mu, sigma = feature_statistics(features)
     print(f"wrote statistics of {len(features)} images ({features.shape[1]} features) to "
@@ -465,89 +457,147 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see {self.prog} --help)")
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a message that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite real number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _sampler_arguments(p, labels_help: str) -> None:
+    """The sampler settings `sample` and `generate` share, declared once."""
+    p.add_argument("--method", choices=sampler_names(), help="the sampler (default: the run's sample.method)")
+    p.add_argument("--steps", type=at_least(1), help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
+    p.add_argument("--eta", type=finite_float, help="DDIM's eta in [0, 1] (ddim only; same as --option eta=E)")
+    p.add_argument("--guidance_scale", type=finite_float,
+                   help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
+    p.add_argument("--labels", help=labels_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=at_least(0), help="the checkpoint's step (default: the newest good one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m diffusion_jax", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m diffusion_jax", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("train", help="train a run: train --config FILE --workdir DIR [--config.KEY=VALUE ...]")
+    t = sub.add_parser("train", help="train a run (or continue one)", allow_abbrev=False,
+                       epilog="Any setting of the config is overridden by --config.SECTION.KEY=VALUE, e.g. "
+                              "--config.train.steps=2000 --config.model.overrides.ch=16.")
+    t.add_argument("--config", help="an experiment file with get_config(), e.g. experiments/digits_unet.py; "
+                                    "leave it out to continue the run in --workdir with its own config.json")
+    t.add_argument("--workdir", required=True, help="the run's directory (checkpoints, logs, pictures)")
+    t.add_argument("--evaluate", action="store_true", help="evaluate the run when training ends")
+    t.add_argument("--noevaluate", dest="evaluate", action="store_false", help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="samples from a run's EMA parameters")
-    s.add_argument("--workdir", required=True)
-    s.add_argument("--num_samples", type=int, default=64)
-    s.add_argument("--method", choices=sampler_names())
-    s.add_argument("--steps", type=int)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--eta", type=float)
-    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
-    s.add_argument("--guidance_scale", type=float,
-                   help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
-    s.add_argument("--labels", help="comma-separated class labels, cycled")
-    s.add_argument("--checkpoint", type=int)
-    s.add_argument("--batch_size", type=int, default=256)
-    s.add_argument("--out", required=True)
+    s.add_argument("--workdir", required=True, help="the run to sample")
+    s.add_argument("--out", required=True, help="FILE.npz (and FILE.png beside it), or a directory")
+    s.add_argument("--num_samples", type=at_least(1), default=64)
+    s.add_argument("--batch_size", type=at_least(1), default=256)
+    _sampler_arguments(s, "comma-separated class labels, cycled")
     g = sub.add_parser("generate", help="a batch job: N samples as verified, resumable shards (uint8)")
-    g.add_argument("--workdir", required=True)
-    g.add_argument("--num_samples", type=int, required=True)
+    g.add_argument("--workdir", required=True, help="the run to sample")
+    g.add_argument("--num_samples", type=at_least(1), required=True)
     g.add_argument("--out", required=True, help="a directory every process can write")
-    g.add_argument("--method", choices=sampler_names())
-    g.add_argument("--steps", type=int)
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
-    g.add_argument("--eta", type=float)
-    g.add_argument("--guidance_scale", type=float)
-    g.add_argument("--labels", help="comma-separated class labels: sample i gets labels[i % len]")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint", type=int)
-    g.add_argument("--batch_size", type=int, default=256, help="per call; the images do not depend on it")
-    g.add_argument("--shard_size", type=int, default=1000)
+    g.add_argument("--batch_size", type=at_least(1), default=256, help="per call; the images do not depend on it")
+    g.add_argument("--shard_size", type=at_least(1), default=1000)
+    _sampler_arguments(g, "comma-separated class labels: sample i gets labels[i %% len(labels)]")
     e = sub.add_parser("evaluate", help="metrics, bits/dim, samples and report of a run")
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--checkpoint", type=int)
-    e.add_argument("--num_samples", type=int)
+    e.add_argument("--workdir", required=True, help="the run to evaluate")
+    e.add_argument("--checkpoint", type=at_least(0))
+    e.add_argument("--num_samples", type=at_least(1))
     e.add_argument("--sampler", choices=sampler_names())
-    e.add_argument("--steps", type=int)
+    e.add_argument("--steps", type=at_least(1))
     e.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
     e.add_argument("--seed", type=int)
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
     e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")
     e.add_argument("--out", help="where to write the report (default: the run's eval/ folder)")
     q = sub.add_parser("fid", help="FID of a directory of generated shards against reference statistics")
-    q.add_argument("--samples", required=True, help="the --out directory of generate")
+    q.add_argument("--samples", required=True, help="the --out directory of a finished generate job")
     q.add_argument("--ref", required=True, help="reference statistics .npz (from fid-stats)")
     q.add_argument("--features", choices=["inception", "digits"], default="inception")
     q.add_argument("--inception_weights", default=None)
     q.add_argument("--out", help="where to write the JSON result (default SAMPLES/fid.json)")
-    sub.add_parser("import", help="a diffusers model as a run: import --from DIR_OR_REPO --workdir RUN")
+    m = sub.add_parser("import", help="a diffusers model as a run", allow_abbrev=False,
+                       epilog="Settings of the run made are overridden by --config.SECTION.KEY=VALUE.")
+    m.add_argument("--from", dest="source", required=True, help="a diffusers model directory or Hub repository id")
+    m.add_argument("--workdir", required=True, help="the new run's directory")
+    m.add_argument("--subfolder", help="the model's subfolder in a pipeline: unet, transformer")
+    m.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
+                                             "or a pipeline with a vae/ folder)")
     r = sub.add_parser("prepare", help="a data set split as ArrayRecord shards (data.name=array_record:DIR)")
     r.add_argument("--dataset", required=True, help="digits, folder:PATH or a tfds name")
-    r.add_argument("--split", default="train")
-    r.add_argument("--image_size", type=int, required=True)
-    r.add_argument("--channels", type=int, default=3)
+    r.add_argument("--image_size", type=at_least(1), required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--shard_size", type=int, default=10_000)
+    r.add_argument("--split", default="train")
+    r.add_argument("--channels", type=at_least(1), default=3)
+    r.add_argument("--shard_size", type=at_least(1), default=10_000)
     r.add_argument("--data_dir", default="")
     x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
-    x.add_argument("--workdir", required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("--checkpoint", type=int)
+    x.add_argument("--workdir", required=True, help="the run to export")
+    x.add_argument("--out", required=True, help="a new or empty directory")
+    x.add_argument("--checkpoint", type=at_least(0))
     f = sub.add_parser("fid-stats", help="reference feature statistics of a dataset split or of shards")
-    f.add_argument("--dataset")
+    f.add_argument("--out", required=True, help="the statistics file to write (.npz)")
+    f.add_argument("--dataset", help="a dataset (digits, folder:PATH, a tfds name); or --samples")
     f.add_argument("--samples", help="a directory of shards (generate's --out) instead of a dataset")
     f.add_argument("--split", default="train")
-    f.add_argument("--out", required=True)
     f.add_argument("--features", choices=["inception", "digits"], default="inception")
     f.add_argument("--inception_weights", default=None)
-    f.add_argument("--image_size", type=int, default=299)
-    f.add_argument("--channels", type=int, default=3)
+    f.add_argument("--image_size", type=at_least(1), default=299)
+    f.add_argument("--channels", type=at_least(1), default=3)
     f.add_argument("--data_dir", default="")
-    f.add_argument("--max_images", type=int, default=0)
+    f.add_argument("--max_images", type=at_least(0), default=0, help="use the first N images (0: all)")
     return p
 
 
+COMMANDS_WITH_CONFIG = ("train", "import")  # they take --config.SECTION.KEY=VALUE overrides too
+
+
+def config_overrides(rest: list[str]) -> list[str]:
+    """The --config.KEY=VALUE (or --config.KEY VALUE) arguments argparse left over; anything else
+    is an unrecognized argument."""
+    bad = [a for i, a in enumerate(rest) if not a.startswith("--config.")
+           and not (i and rest[i - 1].startswith("--config.") and "=" not in rest[i - 1] and not a.startswith("-"))]
+    if bad:
+        raise ValueError(f"unrecognized arguments: {' '.join(bad)} (see --help)")
+    return rest
+
+
 def _dispatch(argv) -> None:
-    if argv and argv[0] == "train":
-        return _train(argv[1:])
-    if argv and argv[0] == "import":
-        return _import(argv[1:])
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command not in COMMANDS_WITH_CONFIG:
+        if rest:
+            raise ValueError(f"unrecognized arguments: {' '.join(rest)} (see python -m diffusion_jax "
+                             f"{args.command} --help)")
+    elif args.command == "train":
+        config_overrides(rest)
+        return _train(argv[argv.index("train") + 1:])
+    else:
+        return _import(args, config_overrides(rest))
     {"sample": _sample, "generate": _generate, "evaluate": _evaluate, "fid": _fid,
      "fid-stats": _fid_stats, "export": _export, "prepare": _prepare}[args.command](args)
 

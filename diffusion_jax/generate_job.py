@@ -12,6 +12,7 @@ other settings into the same DIR refuses. At the end `DIR/manifest.json` lists e
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pathlib
@@ -25,27 +26,33 @@ from diffusion_jax import viz
 from diffusion_jax.generation import (check_labels, guidance_enabled, labels_by_index, make_generator,
                                       sampler_settings)
 from diffusion_jax.parallel import make_mesh, replicated
+from diffusion_jax.files import claim_directory, write_json_atomically
 from diffusion_jax.runs import load_run
 from diffusion_jax.shards import ShardDir, shard_ranges
 
 log = logging.getLogger(__name__)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    return [f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+def job_digest(settings: dict) -> str:
+    """The job's identity: the sha256 of its settings (canonical JSON); every shard record carries it."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def claim_directory(store: ShardDir, settings: dict) -> None:
-    """Writes DIR/job.json with the job's settings, or checks that the one there is the same."""
-    path = store.directory / "job.json"
-    if path.exists():
-        differences = _differences(json.loads(path.read_text()), settings)
-        if differences:
-            raise ValueError(f"{store.directory} holds a job with other settings ({'; '.join(differences)}): "
-                             "give the same arguments to resume it, or another --out")
-    elif jax.process_index() == 0:
-        path.write_text(json.dumps(settings, indent=1))
+def claim_job_directory(store: ShardDir, settings: dict) -> None:
+    """Claims DIR for the job: DIR/job.json holds its settings (written by process 0), or the one
+    there must hold the same. Shards whose records name another job, or none (written before job
+    digests, or by a job whose job.json is gone), are never taken as this job's: the directory is
+    refused with the reason, before anything is written."""
+    digest, path = job_digest(settings), store.directory / "job.json"
+    if path.exists():  # other settings: name them
+        claim_directory(path, settings, "a generate job", write=False)
+    strangers = sorted({str(r.get("job")) for r in store.records() if r.get("job") != digest})
+    if strangers:
+        raise ValueError(f"{store.directory} holds shards of another job (their records name job(s) "
+                         f"{', '.join(strangers)}; this one is {digest}), and its job.json "
+                         f"{'holds these settings' if path.exists() else 'is missing'}: "
+                         "choose another --out, or delete those shards if they are yours to lose")
+    claim_directory(path, settings, "a generate job", write=jax.process_index() == 0)
 
 
 def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, method=None, steps=None,
@@ -57,18 +64,18 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
                          f"{num_samples}, {shard_size} and {batch_size}")
     run = load_run(workdir, checkpoint)
     c = run.config
-    method, steps, options = sampler_settings(c, run.schedule, method, steps, options)
-    eta = float(c.sample.eta if eta is None else eta)
+    method, steps, options = sampler_settings(c, run.schedule, method, steps, options, eta=eta)
     guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
     check_labels(c, labels)
     settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
-                "steps": steps, "options": dict(options), "eta": eta, "guidance_scale": guidance_scale,
+                "steps": steps, "options": {k: v for k, v in options.items() if k != "eta"},
+                "eta": options.get("eta"), "guidance_scale": guidance_scale,
                 "guidance_rescale": float(c.sample.get("guidance_rescale", 0.0)),
                 "labels": None if labels is None else [int(v) for v in labels], "seed": seed,
                 "num_samples": num_samples, "shard_size": shard_size}
-    store = ShardDir(out_dir)
-    claim_directory(store, settings)
+    store = ShardDir(out_dir, job=job_digest(settings))
+    claim_job_directory(store, settings)
     shards = shard_ranges(num_samples, shard_size)
     mine = shards[jax.process_index()::jax.process_count()]
     mesh = make_mesh(devices=jax.local_devices())  # each process samples on its own devices
@@ -84,7 +91,7 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     for first, last in mine:
         n = last - first + 1
         if store.verified(first, last) is None:
-            images = generate(params, n, key, eta=eta, guidance_scale=guidance_scale,
+            images = generate(params, n, key, eta=options.get("eta"), guidance_scale=guidance_scale,
                               labels=labels, first_index=first)
             index = np.arange(first, last + 1)
             shard_labels = labels_by_index(c, labels, index)
@@ -112,10 +119,10 @@ def write_manifest(store: ShardDir, settings: dict, shards) -> dict:
                                "run the same command again to make it")
         records.append({"file": store.path(first, last).name, **record})
     device = jax.devices()[0]
-    manifest = {**settings, "shards": records, "jax": jax.__version__, "device_kind": device.device_kind,
+    manifest = {**settings, "job": store.job, "shards": records, "jax": jax.__version__, "device_kind": device.device_kind,
                 "device_count": jax.device_count(), "process_count": jax.process_count()}
     if jax.process_index() == 0:
-        (store.directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_json_atomically(store.directory / "manifest.json", manifest)
     return manifest
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from diffusion_jax import latents
 from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
-from diffusion_jax.samplers import sample, sampling_grid
+from diffusion_jax.samplers import get_sampler, sample, sampling_grid
 from diffusion_jax.schedules import Schedule
 
 NO_GUIDANCE = 1.0
@@ -81,24 +81,42 @@ def check_labels(config, labels) -> np.ndarray | None:
     return labels.astype(np.int32)
 
 
-def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None):
+def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None, eta=None):
     """(method, steps, options) to sample a run with: the arguments, else config.sample. The
-    config's `sample.options` (grid and step options of its sampler) apply to its own method
-    only; `options` are added on top. Checked here, before any work is done."""
+    config's `sample.options` and `sample.eta` belong to its own method and apply to it only;
+    `options` (and `eta`, DDIM's option of that name) are added on top, every one checked by
+    the sampler's declaration of it. Checked here, before any work is done: an eta for a
+    sampler without one is an error, not ignored."""
     s = config.sample
     own = method is None or method == s.method
     method = s.method if method is None else method
     steps = s.steps if steps is None else steps
-    merged = {**(dict(s.get("options", {})) if own else {}), **(options or {})}
+    options = dict(options or {})
+    if eta is not None:
+        if "eta" in options and options["eta"] != eta:
+            raise ValueError(f"eta given twice with different values ({eta} and --option eta="
+                             f"{options['eta']}): give it once")
+        options["eta"] = eta
+    merged = {**(dict(s.get("options", {})) if own else {}), **options}
+    config_eta = float(s.get("eta", 0.0)) if own else 0.0
+    if "eta" in get_sampler(method).step_options:
+        merged.setdefault("eta", config_eta)
+    elif "eta" in merged:
+        raise ValueError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
+                         "one): drop --eta, or choose --method ddim")
+    elif config_eta:
+        raise ValueError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
+                         "set --config.sample.eta=0 or choose --method ddim")
     sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
-    return method, steps, merged
+    checked = get_sampler(method).check_options(merged)
+    return method, steps, checked
 
 
 _keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
 
 def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
-                   steps=None, options=None, trajectory_every=None, mesh=None,
+                   steps=None, options=None, eta=None, trajectory_every=None, mesh=None,
                    per_sample_keys: bool = False):
     """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None,
     first_index=0) -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over
@@ -117,7 +135,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     trajectory).
     """
     s = config.sample
-    method, steps, options = sampler_settings(config, schedule, method, steps, options)
+    method, steps, options = sampler_settings(config, schedule, method, steps, options, eta=eta)
+    takes_eta = "eta" in options  # sampler_settings gives it to a sampler that takes it, and only then
+    default_eta = options.pop("eta", None)
     rescale = float(s.get("guidance_rescale", 0.0)) or None
     mesh = mesh or make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
@@ -127,7 +147,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
 
     @functools.partial(jax.jit, static_argnums=0)
     def run(guided, params, vae_params, key, eta, guidance_scale, labels):
-        kw = dict(method=method, num_steps=steps, eta=eta, clip_x0=bool(s.clip_x0),
+        kw = dict(method=method, num_steps=steps, eta=eta if takes_eta else None, clip_x0=bool(s.clip_x0),
                   variance=config.diffusion.variance, prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
         if classes:
@@ -148,7 +168,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
                  first_index: int = 0):
         if num_samples < 1:
             raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
-        eta = s.eta if eta is None else eta
+        if eta is not None and not takes_eta:
+            raise ValueError(f"eta = {eta} given, but sampler {method!r} has no eta (only ddim takes one)")
+        eta = default_eta if eta is None else eta
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_enabled(config, guidance_scale)
         labels = check_labels(config, labels)
@@ -166,7 +188,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
                 chunk = index[i * batch_size:(i + 1) * batch_size]
                 batch_key = _keys_for(key, jnp.asarray(chunk[0] + np.arange(batch_size), jnp.int32))
-            result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(eta),
+            result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
                          jnp.float32(guidance_scale), jnp.asarray(batch_labels))
             if trajectory_every:
                 result, traj = result

@@ -6,7 +6,6 @@ parameters of its newest good checkpoint (or of a chosen step), read-only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from typing import Any, NamedTuple
@@ -15,6 +14,7 @@ import jax
 import ml_collections
 
 from diffusion_jax.builders import build_model, build_schedule, input_shape
+from diffusion_jax.files import read_json_object
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.schedules import Schedule
@@ -35,7 +35,8 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no run in {workdir!r}: {path} is missing (train into it first)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_json_object(path, "the run's config.json is damaged: restore it from "
+                                                            "a config.STEP.json beside it, or train a new run"))
 
 
 def load_run(workdir, step: int | None = None) -> Run:

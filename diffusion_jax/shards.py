@@ -6,7 +6,6 @@ whose record is missing or does not match is made again.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -16,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from diffusion_jax.files import remove_leftover_temporaries, sha256_file, temporary_name, write_json_atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -24,30 +25,19 @@ def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + shard_size, num_items) - 1) for a in range(0, num_items, shard_size)]
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomically(path, data: bytes) -> None:
-    """Writes `data` to `path` under a temporary name in the same directory, then renames it into
-    place: a reader sees the old file or the whole new one, never a part."""
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 class ShardDir:
-    """The shards of one job in `directory` (created if needed)."""
+    """The shards of one job in `directory` (created if needed, unless `create` is False: then it
+    must exist). `job`, when given, is the job's identity (a digest of its settings): every
+    record written carries it, and a shard whose record names another job does not verify."""
 
-    def __init__(self, directory, prefix: str = "samples", suffix: str = ".npz"):
+    def __init__(self, directory, prefix: str = "samples", suffix: str = ".npz", create: bool = True,
+                 job: str | None = None):
         self.directory = pathlib.Path(directory)
-        self.prefix, self.suffix = prefix, suffix
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.suffix, self.job = prefix, suffix, job
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise FileNotFoundError(f"no directory {self.directory}")
 
     def path(self, first: int, last: int) -> pathlib.Path:
         return self.directory / f"{self.prefix}_{first:08d}_{last:08d}{self.suffix}"
@@ -63,35 +53,44 @@ class ShardDir:
 
     def write_file(self, first: int, last: int, fill: Callable[[pathlib.Path], None], **extra) -> dict:
         """fill(path) writes the shard's file under a temporary name; it is synced and renamed into
-        place, then recorded (size, sha256 and `extra`, JSON values)."""
+        place, then recorded (size, sha256, the job and `extra`, JSON values). Temporary files of
+        this shard left by a process that died are removed first, with a message."""
         path = self.path(first, last)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        for left in remove_leftover_temporaries(path):
+            log.warning("removed %s, left by an interrupted process", left.name)
+        temporary = temporary_name(path)
         fill(temporary)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
         record = {"first": first, "last": last, "bytes": temporary.stat().st_size,
-                  "sha256": sha256_file(temporary), **extra}
+                  "sha256": sha256_file(temporary), **({"job": self.job} if self.job else {}), **extra}
         os.replace(temporary, path)
-        record_tmp = self.record_path(first, last).with_suffix(".json.tmp")
-        record_tmp.write_text(json.dumps(record))
-        os.replace(record_tmp, self.record_path(first, last))
+        write_json_atomically(self.record_path(first, last), record)
         return record
 
-    def verified(self, first: int, last: int) -> dict | None:
-        """The shard's record if the shard on disk matches it (size, then sha256), else None;
-        a shard that exists but does not match is reported."""
+    def inspect(self, first: int, last: int) -> tuple[dict | None, str]:
+        """(the shard's record, "") if the shard on disk matches it (size, then sha256, and the
+        job), else (None, why not)."""
         path, record_path = self.path(first, last), self.record_path(first, last)
         if not path.exists():
-            return None
+            return None, "it is missing"
         try:
             record = json.loads(record_path.read_text())
-            if path.stat().st_size == record["bytes"] and sha256_file(path) == record["sha256"]:
-                return record
-            reason = "its size or checksum does not match its record"
-        except (OSError, ValueError, KeyError):
-            reason = "it has no readable record"
-        log.warning("shard %s is incomplete or damaged (%s): making it again", path.name, reason)
-        return None
+            if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+                return None, "its size or checksum does not match its record"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, "it has no readable record"
+        if self.job is not None and record.get("job") != self.job:
+            return None, "its record names another job"
+        return record, ""
+
+    def verified(self, first: int, last: int) -> dict | None:
+        """The shard's record if the shard verifies (`inspect`), else None; a shard that exists but
+        does not verify is reported (the caller makes it again)."""
+        record, why = self.inspect(first, last)
+        if record is None and self.path(first, last).exists():
+            log.warning("shard %s is incomplete or damaged (%s): making it again", self.path(first, last).name, why)
+        return record
 
     def load(self, first: int, last: int) -> dict:
         with np.load(self.path(first, last)) as data:
@@ -102,5 +101,16 @@ class ShardDir:
         found = []
         for p in self.directory.glob(f"{self.prefix}_*_*{self.suffix}"):
             parts = p.stem.split("_")
-            found.append((int(parts[-2]), int(parts[-1])))
+            if len(parts) >= 3 and parts[-2].isdigit() and parts[-1].isdigit():
+                found.append((int(parts[-2]), int(parts[-1])))
         return sorted(found)
+
+    def records(self) -> list[dict]:
+        """The readable records in the directory (whatever job wrote them)."""
+        found = []
+        for p in sorted(self.directory.glob(f"{self.prefix}_*_*.json")):
+            try:
+                found.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return found

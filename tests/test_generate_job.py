@@ -1,6 +1,7 @@
 """The `generate` batch job: images independent of batch size and devices, verified shards, a
 restart that keeps what is good and remakes what is not, and clear refusals."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -94,7 +95,7 @@ def test_bad_requests_are_refused_with_the_reason(run, tmp_path, capsys):
     with pytest.raises(ValueError, match="num_samples was 10, now 20"):
         generate_samples(run, out, 20, seed=1, batch_size=16, shard_size=10, progress=False)
     (tmp_path / "a_file").write_text("x")
-    for argv, words in ((["--num_samples", "0", "--out", str(tmp_path / "x")], "--num_samples must be at least 1"),
+    for argv, words in ((["--num_samples", "0", "--out", str(tmp_path / "x")], "--num_samples: must be at least 1"),
                         (["--num_samples", "4", "--out", str(tmp_path / "a_file" / "x")], "--out: cannot write"),
                         (["--num_samples", "4", "--out", str(out), "--seed", "5"], "seed was 1, now 5"),
                         (["--num_samples", "4", "--out", str(tmp_path / "y"), "--labels", "12"],
@@ -108,6 +109,36 @@ def test_bad_requests_are_refused_with_the_reason(run, tmp_path, capsys):
     cli.main(["generate", "--workdir", str(run), "--num_samples", "10", "--out", str(out), "--seed", "1",
               "--batch_size", "8", "--shard_size", "10"])
     assert "10 samples in 1 verified shards" in capsys.readouterr().out
+
+
+def test_a_directory_whose_job_json_was_deleted_is_not_taken_over_by_another_seed(run, tmp_path):
+    # Was: rc 0, the old seed's shards kept as the new job's, job.json and manifest naming the new seed.
+    out = tmp_path / "job"
+    first = generate_samples(run, out, 6, seed=1, batch_size=8, shard_size=2, progress=False)
+    (out / "job.json").unlink()
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="holds shards of another job .* job.json is missing"):
+        generate_samples(run, out, 6, seed=2, batch_size=8, shard_size=2, progress=False)
+    assert not (out / "job.json").exists()
+    # The same job again takes its own shards back: each record names the job's digest.
+    again = generate_samples(run, out, 6, seed=1, batch_size=8, shard_size=2, progress=False)
+    assert again["shards"] == first["shards"] and again["job"] == first["job"]
+    assert all(json.loads(p.read_text())["job"] == first["job"] for p in out.glob("samples_*.json"))
+
+
+def test_a_temporary_file_left_by_a_killed_process_is_removed_when_its_shard_is_made(run, tmp_path, caplog):
+    out = tmp_path / "job"
+    generate_samples(run, out, 4, seed=1, batch_size=8, shard_size=2, progress=False)
+    store = ShardDir(out)
+    (out / "samples_00000002_00000003.npz").unlink()  # the shard a kill -9 interrupted ...
+    dead = out / ".samples_00000002_00000003.npz.999999999.0.tmp"  # ... and its temporary (no such pid)
+    dead.write_bytes(b"partial")
+    live = out / f".samples_00000002_00000003.npz.{os.getpid()}.1.tmp"  # a live writer's is left alone
+    live.write_bytes(b"in use")
+    with caplog.at_level("WARNING"):
+        generate_samples(run, out, 4, seed=1, batch_size=8, shard_size=2, progress=False)
+    assert not dead.exists() and live.exists() and store.verified(2, 3) is not None
+    assert any(dead.name in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records)
 
 
 def test_fid_pools_shards_exactly_and_real_digits_score_zero(tmp_path, capsys):

@@ -153,7 +153,7 @@ def test_prepare_killed_mid_shard_completes_on_rerun_and_refuses_other_settings(
     assert len(done["shards"]) == 8
     for name in sorted(p.name for p in (prepared / "train").iterdir()):  # byte for byte the uninterrupted result
         assert (out / "train" / name).read_bytes() == (prepared / "train" / name).read_bytes(), name
-    with pytest.raises(ValueError, match=r"prepared with other settings \(image_size: 8 there, 16 now"):
+    with pytest.raises(ValueError, match=r"holds a prepared split with other settings \(image_size was 8, now 16"):
         prepare(_digits(16), "train", out, shard_size=SHARD, progress=False)
 
 
@@ -176,3 +176,32 @@ def test_missing_or_truncated_shards_a_size_mismatch_and_an_empty_directory_are_
         load_split(_streamed(copy), "train")
     assert json.loads((prepared / "train" / "prepared.json").read_text())["count"] == 1497
 
+
+
+def test_a_damaged_shard_stops_training_with_its_name_and_prepare_remakes_it(prepared, tmp_path, capsys):
+    # Was: training crashed mid-run with a Riegeli hash-mismatch traceback naming no shard.
+    import shutil
+
+    from diffusion_jax import cli
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = copy / "train" / "images_00000200_00000399.array_record"
+    data = bytearray(shard.read_bytes())
+    for i in range(6000, 6064):  # in the records' chunks (the file is padded), same size: only checksums tell
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    images, _ = load_split(_streamed(copy), "train").images, None
+    with pytest.raises(ValueError, match="prepared shard images_00000200_00000399.array_record in .* is damaged .* "
+                                         "run the same prepare command again"):
+        images[np.arange(195, 400)]
+    config = tiny_config(3, **{"data.name": f"array_record:{copy}", "data.batch_size": 1496})
+    path = tmp_path / "config.py"
+    path.write_text(f"import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({config.to_dict()!r})\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert "images_00000200_00000399.array_record" in err and "prepare command again" in err
+    prepare(_digits(), "train", copy, shard_size=SHARD, progress=False)  # remakes the damaged shard only
+    np.testing.assert_array_equal(load_split(_streamed(copy), "train").images[np.arange(195, 400)],
+                                  load_split(_streamed(prepared), "train").images[np.arange(195, 400)])

@@ -54,6 +54,28 @@ def test_grid_options_that_would_do_nothing_are_errors():
     assert trailing.model_t[0] == T - 1 and trailing.steps["sigma_next"][-1] == 0.0
 
 
+@pytest.mark.parametrize("option,value", [("s_churn", -1.0), ("s_churn", -50), ("s_churn", float("nan")),
+                                          ("rho", -7.0), ("rho", 0), ("rho", float("inf")), ("rho", "abc"),
+                                          ("s_noise", -0.1), ("s_tmin", float("inf")), ("sigmas", "cosine")])
+def test_options_outside_their_declared_range_are_refused_not_run(option, value):
+    # s_churn=-1 put sigma_hat below sigma, s_churn=nan made every value NaN, rho=-7 drew another
+    # grid: each ran with rc 0. Every option is declared once, with its type and range.
+    with pytest.raises(ValueError, match=f"sampler 'heun' option {option}"):
+        sampling_grid(S, "heun", 10, **{option: value})
+    with pytest.raises(ValueError, match=f"option {option}"):
+        sample(ORACLE, S, (2, 1), jax.random.key(0), method="heun", num_steps=4, **{option: value})
+    assert get_sampler("heun").check_options({"rho": "3", "s_tmax": float("inf")}) == {"rho": 3.0,
+                                                                                       "s_tmax": float("inf")}
+
+
+def test_eta_is_an_option_of_ddim_only():
+    with pytest.raises(ValueError, match=r"sampler 'heun' has no option\(s\) \['eta'\]"):
+        sample(ORACLE, S, (2, 1), jax.random.key(0), method="heun", num_steps=4, eta=0.7)
+    a = sample(ORACLE, S, (2, 1), jax.random.key(0), method="ddim", num_steps=4, eta=0.5)
+    b = sample(ORACLE, S, (2, 1), jax.random.key(0), method="ddim", num_steps=4, eta=0.0)
+    assert not np.allclose(a, b)
+
+
 @pytest.mark.parametrize("method,steps", [("euler", 200), ("heun", 50), ("euler_ancestral", 200),
                                           ("dpm++_2m", 50), ("dpm++_2m_sde", 100)])
 def test_each_sampler_reproduces_gaussian_data(method, steps):
@@ -220,7 +242,7 @@ def test_every_step_agrees_with_diffusers(method, monkeypatch):
     state, xs = s.init_state(x_cur), [np.asarray(x_cur)]
     for i in range(K):
         ctx = StepContext(model, S, "eps", "fixed_small", False, K, lambda key, i=i: jnp.asarray(noises[i]),
-                          {k: jnp.float32(v) for k, v in s.step_options.items()})
+                          {k: jnp.float32(v.default) for k, v in s.step_options.items()})
         inputs = dict({k: jnp.asarray(v[i]) for k, v in steps.items()}, i=jnp.int32(i))
         x_cur, state, _ = s.step(ctx, x_cur, state, inputs, jax.random.key(i))
         xs.append(np.asarray(x_cur))

@@ -11,15 +11,14 @@ directory is refused.
 """
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
 from typing import NamedTuple
 
 import numpy as np
 
 from diffusion_jax.data import sources
 from diffusion_jax.data.prepared import FORMAT, PREFIX, SUFFIX, split_dir
+from diffusion_jax.files import claim_directory, write_json_atomically
 from diffusion_jax.shards import ShardDir, shard_ranges
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
                         int(shard_size), int(count)).as_dict()
     directory = split_dir(out, split)
     directory.mkdir(parents=True, exist_ok=True)
-    _claim(directory, settings)
+    claim_directory(directory / "settings.json", settings, "a prepared split")
     store = ShardDir(directory, PREFIX, SUFFIX)
     ranges = shard_ranges(count, shard_size)
     mine = [r for j, r in enumerate(ranges) if j % process_count == process_index]
@@ -103,25 +102,6 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
              len(mine) - len(todo))
     if all(store.verified(*r) is not None for r in ranges):
         done = {**settings, "shards": [list(r) for r in ranges]}
-        _atomic_json(directory / "prepared.json", done)
+        write_json_atomically(directory / "prepared.json", done)
         return done
     return settings
-
-
-def _claim(directory: pathlib.Path, settings: dict) -> None:
-    """settings.json, or a refusal if the directory was prepared with other settings."""
-    path = directory / "settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
-        if differ:
-            raise ValueError(f"{directory} was prepared with other settings ({'; '.join(differ)}): prepare into "
-                             "another directory, or delete this one to start again")
-        return
-    _atomic_json(path, settings)
-
-
-def _atomic_json(path: pathlib.Path, value: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    temporary.replace(path)

@@ -13,11 +13,11 @@ batch (and the labels, the permutation and the reader's index, ~20 bytes an imag
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 
+from diffusion_jax.files import read_json_object
 from diffusion_jax.shards import ShardDir
 
 FORMAT = "diffusion_jax.prepared/1"
@@ -33,11 +33,13 @@ class PreparedImages:
     len(), .shape, .dtype, and [index] for an int, a slice or an integer array (reads only those
     records, through grain's ArrayRecordDataSource)."""
 
-    def __init__(self, paths, shape):
+    def __init__(self, paths, shape, counts=None):
         from grain.sources import ArrayRecordDataSource
 
+        self._paths = [pathlib.Path(p) for p in paths]
         self._source = ArrayRecordDataSource([str(p) for p in paths])
         self.shape = (len(self._source), *shape)
+        self._ends = np.cumsum(counts if counts is not None else [len(self._source)])
         self.dtype = np.dtype(np.uint8)
         self.ndim = 4
 
@@ -50,9 +52,29 @@ class PreparedImages:
         rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
         if rows.size == 0:
             return np.zeros((0, *self.shape[1:]), np.uint8)
-        records = self._source.__getitems__([int(i) for i in rows.reshape(-1)])
+        try:
+            records = self._source.__getitems__([int(i) for i in rows.reshape(-1)])
+        except Exception as error:  # a damaged shard: Riegeli's hash or framing check fails on read
+            raise ValueError(self._damaged(rows.reshape(-1), error)) from None
         flat = np.frombuffer(b"".join(records), np.uint8)
+        if flat.size != rows.size * int(np.prod(self.shape[1:])):
+            raise ValueError(self._damaged(rows.reshape(-1), "records of the wrong size"))
         return flat.reshape(*rows.shape, *self.shape[1:])
+
+    def _damaged(self, rows: np.ndarray, error) -> str:
+        """The message for a read of `rows` that failed: the shard(s) whose rows fail to read on
+        their own, and what to do."""
+        shard_of = np.minimum(np.searchsorted(self._ends, rows, side="right"), len(self._paths) - 1)
+        failing = []
+        for shard in sorted(set(shard_of.tolist())):
+            try:
+                self._source.__getitems__([int(r) for r in rows[shard_of == shard]])
+            except Exception:
+                failing.append(self._paths[shard].name)
+        names = ", ".join(failing or sorted({self._paths[s].name for s in shard_of.tolist()}))
+        detail = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return (f"prepared shard {names} in {self._paths[0].parent} is damaged ({detail}): run the same prepare "
+                "command again, which remakes every shard that does not match its checksum")
 
 
 def load_prepared(root, split: str, image_size: int, channels: int):
@@ -66,7 +88,7 @@ def load_prepared(root, split: str, image_size: int, channels: int):
                              "command again to finish it")
         raise FileNotFoundError(f"no prepared split in {directory}: prepare it first with python -m diffusion_jax "
                                 f"prepare --split {split} --out {root} (and the dataset and size)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, "run the same prepare command again to write it")
     if (meta["image_size"], meta["channels"]) != (image_size, channels):
         raise ValueError(f"{directory} holds {meta['image_size']}x{meta['image_size']}x{meta['channels']} images but "
                          f"the config asks for {image_size}x{image_size}x{channels}: set data.image_size="
@@ -79,10 +101,11 @@ def load_prepared(root, split: str, image_size: int, channels: int):
         if not path.exists() or not record_path.exists():
             raise FileNotFoundError(f"shard {path.name} of {directory} is missing: run the prepare command again "
                                     "to make it")
-        record = json.loads(record_path.read_text())
+        record = read_json_object(record_path, "run the prepare command again to remake the shard")
         if path.stat().st_size != record["bytes"]:
             raise ValueError(f"shard {path.name} of {directory} is truncated or changed ({path.stat().st_size} "
                              f"bytes, its record says {record['bytes']}): run the prepare command again to remake it")
         paths.append(path)
         labels.extend(record["labels"])
-    return PreparedImages(paths, (image_size, image_size, channels)), np.asarray(labels, np.int32)
+    counts = [last + 1 - first for first, last in meta["shards"]]
+    return PreparedImages(paths, (image_size, image_size, channels), counts), np.asarray(labels, np.int32)

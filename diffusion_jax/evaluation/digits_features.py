@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffusion_jax.shards import write_atomically
+from diffusion_jax.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,11 @@ def digits_classifier() -> DigitsClassifier:
 
 
 def _hidden(clf: DigitsClassifier, images) -> np.ndarray:
-    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    images = np.asarray(images, np.float64)
+    if images.shape[1:] != (8, 8, 1):
+        raise ValueError(f"the digits features take 8x8x1 images (the digits data set's), got images of shape "
+                         f"{'x'.join(map(str, images.shape[1:]))}: use --features inception for other images")
+    x = images.reshape(len(images), -1)
     return np.maximum(x @ clf.w0 + clf.b0, 0.0)
 
 

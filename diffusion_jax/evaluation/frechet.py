@@ -79,12 +79,52 @@ def save_statistics(path, mu, sigma) -> str:
     return str(path)
 
 
+def check_statistics(mu, sigma, where: str):
+    """(mu [D], sigma [D, D]) as float64 after checking they can be Gaussian statistics: finite,
+    sigma square, symmetric and positive semi-definite (to round-off); else a ValueError naming
+    `where` and what is wrong."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+        raise ValueError(f"{where}: mu and sigma must be numeric arrays, got {mu.dtype} and {sigma.dtype}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{where}: mu must be [D] and sigma [D, D], got shapes {mu.shape} and {sigma.shape}")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{where}: {name} has {np.size(value) - np.isfinite(value).sum()} non-finite "
+                             "value(s) (NaN or inf): the statistics are damaged; make them again with fid-stats")
+    scale = max(float(np.abs(sigma).max()), 1e-30)
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+        raise ValueError(f"{where}: sigma is not symmetric, so it is no covariance; make the statistics again "
+                         "with fid-stats")
+    lowest = float(np.linalg.eigvalsh(sigma).min())
+    if lowest < -1e-6 * scale * len(mu):
+        raise ValueError(f"{where}: sigma is not positive semi-definite (an eigenvalue of {lowest:.4g}), so it is "
+                         "no covariance; make the statistics again with fid-stats")
+    return mu, sigma
+
+
 def load_statistics(path):
+    """(mu [D], sigma [D, D]) float64 of a statistics file (`.npz` with `mu` and `sigma`), checked
+    by `check_statistics`; a missing, unreadable or damaged file is an error that names it."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no statistics file {path}: write it with "
                                 "`python -m diffusion_jax fid-stats --dataset NAME --split train --out FILE`")
-    with np.load(path) as f:
-        if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (a pytorch-fid style .npz is expected)")
-        return f["mu"], f["sigma"]
+    fix = "give the .npz that `python -m diffusion_jax fid-stats` (or pytorch-fid) writes, or make it again"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as error:  # not an .npy/.npz at all, truncated, a pickle
+        raise ValueError(f"{path} cannot be read as NumPy statistics ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'}): {fix}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one array, not the 'mu' and 'sigma' of an .npz: {fix}")
+    with loaded as f:
+        if "mu" not in f.files or "sigma" not in f.files:
+            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(f.files)}): {fix}")
+        try:
+            mu, sigma = f["mu"], f["sigma"]
+        except Exception as error:  # a damaged member: bad CRC, truncated, a pickled object
+            raise ValueError(f"{path} is damaged ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'no details'}): {fix}") from None
+    return check_statistics(mu, sigma, str(path))

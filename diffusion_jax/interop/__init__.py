@@ -98,6 +98,7 @@ def load_diffusers(source: str, subfolder: Optional[str] = None) -> Imported:
 def from_state_dict(config: dict, tensors: dict, where: str = "state dict") -> Imported:
     """The Flax module and params of a diffusers config dict and its state dict {name: array}."""
     arch = architecture(config, where)
+    files.check_field_types(config, arch.DEFAULTS, getattr(arch, "NULLABLE", ()))
     model, input_shape = arch.module_from_config(config)
     table, copies = arch.entries(model, input_shape)
     params = params_from_tensors(table, unet2d.rename_deprecated_attention(tensors),

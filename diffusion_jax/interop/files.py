@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 
 import numpy as np
+
+from diffusion_jax.files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,53 @@ def read_config(directory: pathlib.Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG}: is it a diffusers model directory? (a pipeline "
                                 "keeps each model in a subfolder: pass subfolder='unet', 'transformer' or 'vae')")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    return read_json_object(path, "give a diffusers model directory whose config.json is intact (download it again)")
+
+
+def _kind(default) -> str:
+    if isinstance(default, bool):
+        return "a boolean"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    plural = {"a boolean": "booleans", "an integer": "integers", "a number": "numbers", "a string": "strings"}
+    return f"a list of {plural[_kind(default[0])]}" if default else "a list"
+
+
+def _fits(value, default, field: str) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        if field == "sample_size" and isinstance(value, list):  # [H, W]
+            return bool(value) and all(_fits(v, default, "") for v in value)
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(_fits(v, default[0], "") for v in value) if default else True
+    return True
+
+
+def check_field_types(config: dict, defaults: dict, nullable=()) -> None:
+    """Every field of a diffusers `config` that `defaults` (the class's defaults) gives a value has
+    a value of that type (an integer for an int, a list of strings for a tuple of strings, ...);
+    None only where the default is None or the field is `nullable`. A ValueError names the field,
+    the value and the type expected."""
+    for field, default in defaults.items():
+        if field not in config or default is None:
+            continue
+        value = config[field]
+        if value is None and field in nullable:
+            continue
+        if not _fits(value, default, field):
+            raise ValueError(f"{config.get('_class_name', 'diffusers')} config field {field} = {value!r} has the wrong "
+                             f"type: it must be {_kind(default)} (as diffusers writes it, e.g. "
+                             f"{json.dumps(list(default) if isinstance(default, tuple) else default)})")
 
 
 def read_tensors(directory: pathlib.Path) -> dict:
@@ -85,9 +131,15 @@ def read_tensors(directory: pathlib.Path) -> dict:
 
 
 def _float32(name, value) -> np.ndarray:
+    """The tensor as float32, checked to be floating point and finite."""
     if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
         raise ValueError(f"tensor {name} has dtype {value.dtype}, not floating point")
-    return np.asarray(value, np.float32)
+    value = np.asarray(value, np.float32)
+    bad = value.size - int(np.isfinite(value).sum())
+    if bad:
+        raise ValueError(f"tensor {name} has {bad} non-finite value(s) (NaN or inf) of {value.size}: the weights "
+                         "are damaged or come from a diverged run; give intact weights")
+    return value
 
 
 def write_model(directory: pathlib.Path, config: dict, tensors: dict) -> None:
@@ -102,5 +154,6 @@ def read_scheduler(directory: pathlib.Path) -> dict | None:
     """The scheduler config next to a model (../scheduler or ./scheduler), or None."""
     for candidate in (directory / SCHEDULER, directory.parent / SCHEDULER, directory / "scheduler_config.json"):
         if candidate.exists():
-            return json.loads(candidate.read_text())
+            return read_json_object(candidate, "give an intact scheduler config (download it again), or remove it "
+                                               "to use the default schedule")
     return None

@@ -96,9 +96,11 @@ def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
 def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     """The run's EMA parameters (newest good checkpoint, or `step`) as a diffusers model
     directory with its schedule as scheduler/scheduler_config.json."""
+    from diffusion_jax.files import ensure_new_dir
     from diffusion_jax.runs import load_run
 
     run = load_run(workdir, step)
+    ensure_new_dir(out, "--out")
     d = run.config.diffusion
     return save_diffusers(out, run.model, run.ema_params, run.schedule, input_shape=input_shape(run.config),
                           prediction=d.prediction, variance=d.variance, clip_x0=bool(run.config.sample.clip_x0))

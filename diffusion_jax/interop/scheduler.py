@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffusion_jax.interop.files import check_field_types
 from diffusion_jax.schedules import Schedule, cosine_betas, rescale_zero_terminal_snr, scaled_linear_betas
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
               "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+
+
+# The scheduler config fields read here, with diffusers' defaults (their types are checked).
+DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0,
+            "rescale_betas_zero_snr": False, "thresholding": False, "trained_betas": (0.0001,)}
 
 
 def _unsupported(field, value, why):
@@ -17,6 +24,7 @@ def _unsupported(field, value, why):
 
 def betas_from_scheduler(config: dict) -> np.ndarray:
     """The float64 betas [T] a scheduler config describes (as diffusers computes them)."""
+    check_field_types(config, DEFAULTS, nullable=("trained_betas",))
     T = int(config.get("num_train_timesteps", 1000))
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
     beta_schedule = config.get("beta_schedule", "linear")
@@ -39,6 +47,7 @@ def settings_from_scheduler(config: dict, learn_sigma: bool) -> dict:
     A model that predicts its variance (learn_sigma) is "learned_range" whatever the scheduler
     says: the variance is the model's output, not the scheduler's choice.
     """
+    check_field_types(config, DEFAULTS, nullable=("trained_betas",))
     T = int(config.get("num_train_timesteps", 1000))
     beta_schedule = config.get("beta_schedule", "linear")
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))

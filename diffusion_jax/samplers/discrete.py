@@ -16,9 +16,9 @@ import numpy as np
 
 from diffusion_jax.diffusion import (ddim_step as ddim_update, extract, mean_channels, p_sample_step,
                                      predict_x0_eps)
-from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule,
-                                             register)
-from diffusion_jax.schedules import Schedule, respace, spaced_timesteps
+from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
+                                             number, register)
+from diffusion_jax.schedules import SPACINGS, Schedule, respace, spaced_timesteps
 
 
 def index_grid(schedule: Schedule, t: np.ndarray) -> Grid:
@@ -126,9 +126,9 @@ def dpm_step(ctx, x, state, inputs, key):
     return x_next, {"x0": x0, "h": h}, x0
 
 
-register(Sampler("ddpm", ddpm_grid, ddpm_step, default_steps=lambda T: T,
-                 grid_options={"spacing": "linspace"}))
+SPACING = name("linspace", SPACINGS)
+register(Sampler("ddpm", ddpm_grid, ddpm_step, default_steps=lambda T: T, grid_options={"spacing": SPACING}))
 register(Sampler("ddim", ddim_grid, ddim_step, default_steps=lambda T: min(T, 50),
-                 grid_options={"spacing": "linspace"}, step_options={"eta": 0.0}))
-register(Sampler("dpm_solver++", dpm_grid, dpm_step, default_steps=lambda T: min(T, 20),
-                 init_state=dpm_init, grid_options={"spacing": "logsnr"}))
+                 grid_options={"spacing": SPACING}, step_options={"eta": number(0.0, minimum=0.0, maximum=1.0)}))
+register(Sampler("dpm_solver++", dpm_grid, dpm_step, default_steps=lambda T: min(T, 20), init_state=dpm_init,
+                 grid_options={"spacing": name("logsnr", ("logsnr", *SPACINGS))}))

@@ -88,7 +88,7 @@ def _check_wrappers(known, mask, repaint_resamples, start_x, start_step):
 
 
 def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
-           num_steps: int | None = None, eta=0.0, prediction: str = "eps",
+           num_steps: int | None = None, eta=None, prediction: str = "eps",
            variance: str = "fixed_small", clip_x0: bool = True, guidance_scale=None,
            guidance_rescale=None, cond=None, null_cond=None, known=None, mask=None,
            repaint_resamples: int = 1, start_x=None, start_step: int | None = None, x_T=None,
@@ -98,7 +98,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
     Args:
       denoise_fn: (x_t, t_model) -> model output, or (x_t, t_model, cond) when `cond` is given.
       num_steps: the sampler's steps (its default when None); `options` are its grid and step
-        options (see `get_sampler(method)`); `eta` goes to the samplers that take it.
+        options (see `get_sampler(method)`, each declared with its range); `eta` is the option
+        of that name (DDIM's): given to a sampler without it, it is an error, not ignored.
       known, mask: inpainting; after every step the pixels with mask = 1 are replaced by `known`
         noised to the level of the new state (by `known` itself at the end).
         `repaint_resamples` r > 1 re-noises each step's result back to the step's level r - 1
@@ -117,7 +118,9 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
       x0 [B, ...] float32 (and the trajectory dict when `trajectory_every` is set).
     """
     shape, sampler = tuple(shape), get_sampler(method)
-    _, step_options = sampler.split_options(dict(options, eta=eta))
+    if eta is not None:
+        options = dict(options, eta=eta)
+    _, step_options = sampler.split_options(options)
     grid = sampling_grid(concrete_schedule(schedule), method, num_steps, start_step, **options)
     _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
     constrain = (lambda a: a) if sharding is None else (

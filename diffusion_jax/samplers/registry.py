@@ -16,7 +16,8 @@ Adding a sampler is one `register(Sampler(...))` in the module that defines it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -73,10 +74,60 @@ class StepContext(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+    """One keyword option of a sampler: its default and the values it takes, declared once.
+
+    A name option takes one of `choices`; a number option takes a real number (a string that
+    reads as one, as the command line gives it, is converted) in [minimum, maximum], above
+    `minimum` when `open_below`, infinite only with `infinite`. A traced value (an option
+    swept under jit) is passed on unchecked.
+    """
+
+    default: Any
+    choices: tuple = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    open_below: bool = False
+    infinite: bool = False
+
+    def check(self, sampler: str, name: str, value):
+        """`value` converted (a number option gives a float), or a ValueError naming the option."""
+        where = f"sampler {sampler!r} option {name}"
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{where} = {value!r} is not one it takes: choose one of {list(self.choices)}")
+            return value
+        if isinstance(value, jax.core.Tracer):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, np.number, np.ndarray, jax.Array)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+        low = -math.inf if self.minimum is None else self.minimum
+        high = math.inf if self.maximum is None else self.maximum
+        below = number <= low if self.open_below else number < low
+        if math.isnan(number) or (math.isinf(number) and not self.infinite) or below or number > high:
+            bounds = f"{'(' if self.open_below else '['}{low:g}, {high:g}]"
+            raise ValueError(f"{where} = {value!r} is out of range: it takes a {'' if self.infinite else 'finite '}"
+                             f"number in {bounds}")
+        return number
+
+
+def number(default: float, **limits) -> Option:
+    return Option(default, **limits)
+
+
+def name(default: str, choices) -> Option:
+    return Option(default, choices=tuple(choices))
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampler:
     """One sampling method. `grid_options` (static) and `step_options` (traced) are the keyword
-    options it accepts, with their defaults; `default_steps(T)` its step count when none is
-    given; `model_calls(K)` how many model evaluations K steps cost."""
+    options it accepts ({name: Option}); `default_steps(T)` its step count when none is given;
+    `model_calls(K)` how many model evaluations K steps cost."""
 
     name: str
     make_grid: Callable
@@ -87,16 +138,25 @@ class Sampler:
     step_options: dict = dataclasses.field(default_factory=dict)
     model_calls: Callable = lambda k: k
 
-    def split_options(self, options: dict) -> tuple[dict, dict]:
-        """(grid options, step options) from user options, defaults filled in; an option this
-        sampler does not take is an error (eta, which every caller passes, is dropped)."""
-        unknown = set(options) - set(self.grid_options) - set(self.step_options) - {"eta"}
+    def options(self) -> dict:
+        """{name: Option} of every option this sampler takes."""
+        return {**self.grid_options, **self.step_options}
+
+    def check_options(self, options: dict) -> dict:
+        """The options, each checked and converted by its declaration; an option this sampler
+        does not take is an error naming the ones it does."""
+        declared = self.options()
+        unknown = set(options) - set(declared)
         if unknown:
-            accepted = sorted(set(self.grid_options) | set(self.step_options))
             raise ValueError(f"sampler {self.name!r} has no option(s) {sorted(unknown)}; "
-                             f"it takes {accepted or 'none'}")
-        grid = {k: options.get(k, v) for k, v in self.grid_options.items()}
-        step = {k: options.get(k, v) for k, v in self.step_options.items()}
+                             f"it takes {sorted(declared) or 'none'}")
+        return {k: declared[k].check(self.name, k, v) for k, v in options.items()}
+
+    def split_options(self, options: dict) -> tuple[dict, dict]:
+        """(grid options, step options) from user options, checked, defaults filled in."""
+        options = self.check_options(options)
+        grid = {k: options.get(k, o.default) for k, o in self.grid_options.items()}
+        step = {k: options.get(k, o.default) for k, o in self.step_options.items()}
         return grid, step
 
 

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import mean_channels
-from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule,
-                                             register)
-from diffusion_jax.schedules import Schedule, spaced_timesteps
+from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
+                                             number, register)
+from diffusion_jax.schedules import SPACINGS, Schedule, spaced_timesteps
 
 SIGMA_GRIDS = ("karras", "exponential", "model")
 MIN_ABAR = 2.0 ** -24  # where abar_T = 0 (zero terminal SNR), the largest sigma is 4096
@@ -197,8 +197,10 @@ def dpmpp_2m_step(ctx, x, state, inputs, key, sde: bool = False):
     return x_next, {"x0": x0, "h": h}, x0
 
 
-SIGMA_GRID_OPTIONS = {"sigmas": "karras", "spacing": "linspace", "rho": 7.0}
-CHURN_OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+SIGMA_GRID_OPTIONS = {"sigmas": name("karras", SIGMA_GRIDS), "spacing": name("linspace", SPACINGS),
+                      "rho": number(7.0, minimum=0.0, open_below=True)}
+CHURN_OPTIONS = {"s_churn": number(0.0, minimum=0.0), "s_tmin": number(0.0, minimum=0.0),
+                 "s_tmax": number(float("inf"), minimum=0.0, infinite=True), "s_noise": number(1.0, minimum=0.0)}
 
 register(Sampler("euler", sigma_grid, euler_step, default_steps=lambda T: 50,
                  grid_options=SIGMA_GRID_OPTIONS, step_options=CHURN_OPTIONS))

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from diffusion_jax.errors import WorkdirLocked
-from diffusion_jax.shards import write_atomically
+from diffusion_jax.files import ensure_writable_dir, pid_alive, write_atomically
 from diffusion_jax.training.checkpoint import config_differences
 
 log = logging.getLogger(__name__)
@@ -31,26 +31,7 @@ STALE_SECONDS = 300.0
 def check_workdir(workdir) -> pathlib.Path:
     """Creates `workdir` and checks it is writable, with a probe file of the caller's own (the
     processes of a multi-host run check the shared directory at the same moment)."""
-    path = pathlib.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"workdir {str(path)!r} is not writable ({e.strerror}): "
-                              "choose another --workdir") from None
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
+    return ensure_writable_dir(workdir, "--workdir")
 
 
 class WorkdirLock:
@@ -77,7 +58,7 @@ class WorkdirLock:
 
     def _stale(self, holder: dict) -> bool:
         if holder.get("host") == self.info["host"] and holder.get("pid", -1) > 0:
-            return not _pid_alive(int(holder["pid"]))
+            return not pid_alive(int(holder["pid"]))
         return holder["age"] > STALE_SECONDS
 
     def acquire(self) -> None:
