@@ -106,7 +106,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
             train(tiny_config(2, **{"data.batch_size": 12}), tmp_path / "c")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PermissionError, match="not writable"):
+    with pytest.raises(PermissionError, match="--workdir: cannot write to"):
         train(tiny_config(2), blocker / "run")
     train(tiny_config(2), tmp_path / "d")
     with pytest.raises(ValueError, match="different config"):
