@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models import create_model
 from diffusion_jax.schedules import Schedule, make_schedule
 
@@ -19,7 +20,7 @@ def num_model_classes(config) -> int:
 def build_model(config):
     """The Flax module of a run: the preset, with dtype, remat, labels and learned sigma."""
     if config.model.dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {config.model.dtype!r}; choose one of {sorted(DTYPES)}")
+        raise UsageError(f"unknown model.dtype {config.model.dtype!r}; choose one of {sorted(DTYPES)}")
     overrides = dict(config.model.overrides)
     overrides.update(dtype=DTYPES[config.model.dtype], remat=config.model.remat,
                      learn_sigma=config.diffusion.variance == "learned_range",
@@ -41,15 +42,15 @@ def build_schedule(config) -> Schedule:
     last = float(np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))[-1])
     where = f"the {d.schedule} schedule with T = {d.num_timesteps}"
     if last > MAX_TERMINAL_ABAR:
-        raise ValueError(f"{where} keeps {100 * np.sqrt(last):.0f}% of the signal's scale at t = T "
+        raise UsageError(f"{where} keeps {100 * np.sqrt(last):.0f}% of the signal's scale at t = T "
                          f"(abar_T = {last:.3g}), so sampling from pure noise would be wrong: use more "
                          "timesteps (diffusion.num_timesteps) or another schedule")
     if last == 0.0 and d.get("zero_terminal_snr", False) and d.prediction == "eps":
-        raise ValueError(f"{where} is rescaled to zero terminal SNR (abar_T = 0): the model sees pure "
+        raise UsageError(f"{where} is rescaled to zero terminal SNR (abar_T = 0): the model sees pure "
                          "noise at t = T, where a noise prediction says nothing about x0; use "
                          "diffusion.prediction='v' (Lin et al. 2023) or zero_terminal_snr=False")
     if last == 0.0 and d.prediction == "eps":
-        raise ValueError(f"{where} reaches beta = 1 (abar_T = 0), where x0 cannot be recovered from a "
+        raise UsageError(f"{where} reaches beta = 1 (abar_T = 0), where x0 cannot be recovered from a "
                          "noise prediction: use more timesteps (the linear schedule's betas scale with "
                          "1000 / T, so T > 20) or diffusion.prediction='v'")
     return schedule

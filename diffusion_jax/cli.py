@@ -30,6 +30,7 @@ import os
 import pathlib
 import sys
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.files import ensure_writable_dir
 from diffusion_jax.samplers import sampler_names
 
@@ -98,7 +99,7 @@ def _split_open_ended(argv) -> tuple[list, dict]:
         section, name, example = OPEN_ENDED[prefix]
         field, sep, value = arg[len(prefix):].partition("=")
         if not sep or not field.isidentifier():
-            raise ValueError(f"{arg!r}: write {prefix}FIELD=VALUE ({example})")
+            raise UsageError(f"{arg!r}: write {prefix}FIELD=VALUE ({example})")
         found.setdefault((section, name), {})[field] = _literal(value)
     return rest, found
 
@@ -146,11 +147,11 @@ def _parse_train_flags(argv, define_config) -> tuple:
         # a bad flag, a mistyped key or value in an override, a config file that is missing
         unknown = _unknown_config_key(e, argv)
         if unknown:
-            raise ValueError(unknown) from None
+            raise UsageError(unknown) from None
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        raise ValueError(lines[-1] if lines else repr(e)) from None
+        raise UsageError(lines[-1] if lines else repr(e)) from None
     if config is None or not fv.workdir:
-        raise ValueError("train needs --config FILE and --workdir DIR" if argv[0] == "train"
+        raise UsageError("train needs --config FILE and --workdir DIR" if argv[0] == "train"
                          else f"{argv[0]} needs --workdir DIR")
     with config.unlocked():
         for (section, name), values in open_ended.items():
@@ -191,7 +192,7 @@ def _train(argv) -> None:
     for i, arg in enumerate(argv):  # the config file itself, before ml_collections wraps its absence
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("--config=")[2]
         if path and not os.path.isfile(path.split(":")[0]):
-            raise ValueError(f"--config: no such file {path!r} (give the path of an experiment file, "
+            raise UsageError(f"--config: no such file {path!r} (give the path of an experiment file, "
                              "e.g. experiments/digits_unet.py)")
 
     def config_file(fv, args):
@@ -229,7 +230,7 @@ def _train_existing_run(argv) -> None:
 
     workdir = _flag_value(argv, "workdir")
     if not workdir:
-        raise ValueError("train needs --config FILE and --workdir DIR (or only --workdir DIR of an existing run)")
+        raise UsageError("train needs --config FILE and --workdir DIR (or only --workdir DIR of an existing run)")
     config, workdir, evaluate = _parse_train_flags(["train"] + argv, _config_dict_flag(load_config(workdir)))
     train_and_report(config, workdir, bool(evaluate))
 
@@ -306,7 +307,7 @@ def _sample(args):
     out = sample_path(args.out)
     ensure_writable_dir(out.parent, "--out")
     if args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError(f"--num_samples and --batch_size must be at least 1, got {args.num_samples} "
+        raise UsageError(f"--num_samples and --batch_size must be at least 1, got {args.num_samples} "
                          f"and {args.batch_size}")
     labels = parse_labels(args.labels)
     maybe_initialize_distributed()
@@ -343,7 +344,7 @@ def parse_options(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--option {item!r}: write --option KEY=VALUE, e.g. --option sigmas=karras")
+            raise UsageError(f"--option {item!r}: write --option KEY=VALUE, e.g. --option sigmas=karras")
         options[key] = _literal(value)
     return options
 
@@ -353,7 +354,7 @@ def _generate(args):
     from diffusion_jax.parallel import maybe_initialize_distributed
 
     if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     ensure_writable_dir(args.out, "--out")
     maybe_initialize_distributed()
     manifest = generate_samples(args.workdir, args.out, args.num_samples, seed=args.seed, method=args.method,
@@ -376,7 +377,7 @@ def parse_labels(text: str | None) -> list[int] | None:
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--labels {text!r}: give comma-separated class numbers, e.g. --labels 0,1,2") from None
+        raise UsageError(f"--labels {text!r}: give comma-separated class numbers, e.g. --labels 0,1,2") from None
 
 
 def _evaluate(args):
@@ -437,12 +438,12 @@ def _fid_stats(args):
                   f"process(es)) to {save_statistics(args.out, mu, sigma)}")
         return
     if not args.dataset:
-        raise ValueError("fid-stats needs --dataset NAME (or --samples DIR)")
+        raise UsageError("fid-stats needs --dataset NAME (or --samples DIR)")
     data_config = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size,
                                                  channels=args.channels, data_dir=args.data_dir))
     images = load_split(data_config, args.split).model_range(slice(0, args.max_images or None))
     if len(images) < 2:
-        raise ValueError(f"statistics need at least 2 images, the split {args.split!r} of {args.dataset!r} gives "
+        raise UsageError(f"statistics need at least 2 images, the split {args.split!r} of {args.dataset!r} gives "
                          f"{len(images)}{' with --max_images ' + str(args.max_images) if args.max_images else ''}")
     features = feature_extractor(args.features, args.inception_weights)[0](images)
     mu, sigma = feature_statistics(features)
@@ -454,7 +455,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the boundary prints it) instead of usage + exit."""
 
     def error(self, message):
-        raise ValueError(f"{message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def at_least(minimum: int):
@@ -583,7 +584,7 @@ def config_overrides(rest: list[str]) -> list[str]:
     bad = [a for i, a in enumerate(rest) if not a.startswith("--config.")
            and not (i and rest[i - 1].startswith("--config.") and "=" not in rest[i - 1] and not a.startswith("-"))]
     if bad:
-        raise ValueError(f"unrecognized arguments: {' '.join(bad)} (see --help)")
+        raise UsageError(f"unrecognized arguments: {' '.join(bad)} (see --help)")
     return rest
 
 
@@ -591,7 +592,7 @@ def _dispatch(argv) -> None:
     args, rest = build_parser().parse_known_args(argv)
     if args.command not in COMMANDS_WITH_CONFIG:
         if rest:
-            raise ValueError(f"unrecognized arguments: {' '.join(rest)} (see python -m diffusion_jax "
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)} (see python -m diffusion_jax "
                              f"{args.command} --help)")
     elif args.command == "train":
         config_overrides(rest)
@@ -632,11 +633,12 @@ def _boundary(command, argv) -> None:
 
 
 def exit_code(error: Exception) -> int | None:
-    """2 for a user's mistake, 1 for a stated stop or an operating-system failure (a full disk),
-    None for anything else (a bug: its traceback is shown)."""
+    """2 for a user's mistake (a `UsageError`, or a path that is missing, not allowed or of the
+    wrong kind), 1 for a stated stop or an operating-system failure (a full disk), None for
+    anything else: a bug, whose traceback is shown (a ValueError from NumPy or Flax too)."""
     from diffusion_jax.errors import RunStopped
 
-    if isinstance(error, (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+    if isinstance(error, (UsageError, FileNotFoundError, PermissionError, NotADirectoryError,
                           IsADirectoryError)):
         return 2
     if isinstance(error, (RunStopped, OSError)):

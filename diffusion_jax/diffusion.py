@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -37,15 +38,15 @@ def check_timesteps(t, batch: int, num_timesteps: int, name: str = "t") -> jnp.n
     """Returns t as int32 [batch] (a scalar is broadcast); ValueError on a bad shape/range."""
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
+        raise UsageError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
     if t.ndim == 0:
         t = jnp.broadcast_to(t, (batch,))
     if t.shape != (batch,):
-        raise ValueError(f"{name} must have shape [B] = ({batch},) or be a scalar, got {t.shape}")
+        raise UsageError(f"{name} must have shape [B] = ({batch},) or be a scalar, got {t.shape}")
     tn = _concrete_value(t)
     if tn is not None:
         if tn.size and (tn.min() < 0 or tn.max() >= num_timesteps):
-            raise ValueError(
+            raise UsageError(
                 f"{name} out of range: timesteps must lie in [0, {num_timesteps}), got values in "
                 f"[{tn.min()}, {tn.max()}]")
     return t.astype(jnp.int32)
@@ -56,7 +57,7 @@ def check_same_shape(**arrays) -> None:
     shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k} {s}" for k, s in shapes.items())
-        raise ValueError(f"shape mismatch: {desc} must all have the same shape")
+        raise UsageError(f"shape mismatch: {desc} must all have the same shape")
 
 
 def gather(table: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
@@ -75,13 +76,13 @@ def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
 
 def _prepare(s: Schedule, x: jnp.ndarray, t, name: str = "t"):
     if jnp.ndim(x) < 1:
-        raise ValueError(f"x must have a batch axis, got shape {jnp.shape(x)}")
+        raise UsageError(f"x must have a batch axis, got shape {jnp.shape(x)}")
     return check_timesteps(t, x.shape[0], s.num_timesteps, name)
 
 
 def _check_option(name: str, value: str, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        raise UsageError(f"unknown {name} {value!r}; choose one of {allowed}")
 
 
 def mean_flat(x):
@@ -171,12 +172,12 @@ def split_model_output(model_output, x_t, variance: str):
     _check_option("variance", variance, VARIANCES)
     if variance == "learned_range":
         if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != 2 * x_t.shape[-1]:
-            raise ValueError(
+            raise UsageError(
                 f"model_output shape {model_output.shape} must be x_t shape {x_t.shape} with twice "
                 "the channels (last axis) when variance='learned_range'")
         return jnp.split(model_output, 2, axis=-1)
     if model_output.shape != x_t.shape:
-        raise ValueError(
+        raise UsageError(
             f"model_output shape {model_output.shape} must equal x_t shape {x_t.shape} with "
             f"variance={variance!r} (use 'learned_range' for a model with 2C output channels)")
     return model_output, None

@@ -1,11 +1,16 @@
 """The exceptions a run ends with, by whose move it is (the CLI maps them to exit codes):
 
-  * a user's mistake -- a bad setting, input or path -- is a `ValueError` (or FileNotFoundError,
-    PermissionError) whose message names the problem and the fix: exit code 2;
+  * a user's mistake -- a bad setting, input or file -- is a `UsageError` (or FileNotFoundError,
+    PermissionError for a path) whose message names the problem and the fix: exit code 2; any
+    other ValueError is a bug and keeps its traceback;
   * `RunStopped`: the run stopped for a reason it states (a non-finite loss, divergence, a
     pre-emption, a workdir in use, no checkpoint it can use): exit code 1.
 """
 from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A user's mistake: a setting, argument or input file that cannot be used, with the fix."""
 
 
 class RunStopped(RuntimeError):
@@ -28,5 +33,5 @@ class NoUsableCheckpoint(RunStopped):
     """The workdir had checkpoints and none of them could be restored."""
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UsageError):
     """The checkpoint in a workdir was written by a different model, config or optimizer."""

@@ -9,6 +9,8 @@ import os
 import pathlib
 import uuid
 
+from diffusion_jax.errors import UsageError
+
 
 def sha256_file(path) -> str:
     digest = hashlib.sha256()
@@ -73,20 +75,20 @@ def read_json(path, fix: str):
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file: {fix}") from None
+        raise UsageError(f"{path} is not a text file: {fix}") from None
     if not text.strip():
-        raise ValueError(f"{path} is empty: {fix}")
+        raise UsageError(f"{path} is empty: {fix}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): {fix}") from None
+        raise UsageError(f"{path} is not valid JSON ({error}): {fix}") from None
 
 
 def read_json_object(path, fix: str) -> dict:
     """`read_json`, which must give a JSON object (a dict)."""
     value = read_json(path, fix)
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
     return value
 
 
@@ -106,7 +108,7 @@ def claim_directory(path, settings: dict, what: str, write: bool = True) -> None
                                      "yours to lose, or choose another directory")
         changed = differences(old, settings)
         if changed:
-            raise ValueError(f"{path.parent} holds {what} with other settings ({'; '.join(changed)}): give the "
+            raise UsageError(f"{path.parent} holds {what} with other settings ({'; '.join(changed)}): give the "
                              "same arguments to resume it, or choose another directory")
     elif write:
         write_json_atomically(path, settings)
@@ -117,7 +119,7 @@ def ensure_writable_dir(path, flag: str) -> pathlib.Path:
     names the `flag` that chose the place."""
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag}: cannot write to {str(path)!r}: it is a file, not a directory; choose a directory")
+        raise UsageError(f"{flag}: cannot write to {str(path)!r}: it is a file, not a directory; choose a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temporary_name(path / "write_test")
@@ -134,7 +136,7 @@ def ensure_new_dir(path, flag: str) -> pathlib.Path:
     path = pathlib.Path(path)
     if path.is_dir() and any(path.iterdir()):
         held = sorted(p.name for p in path.iterdir())
-        raise ValueError(f"{flag}: {str(path)!r} already holds files ({', '.join(held[:4])}"
+        raise UsageError(f"{flag}: {str(path)!r} already holds files ({', '.join(held[:4])}"
                          f"{', ...' if len(held) > 4 else ''}): choose a new or empty directory (delete this one "
                          "first to replace what is there)")
     return ensure_writable_dir(path, flag)

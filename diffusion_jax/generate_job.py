@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax import viz
 from diffusion_jax.generation import (check_labels, guidance_enabled, labels_by_index, make_generator,
                                       sampler_settings)
@@ -48,7 +49,7 @@ def claim_job_directory(store: ShardDir, settings: dict) -> None:
         claim_directory(path, settings, "a generate job", write=False)
     strangers = sorted({str(r.get("job")) for r in store.records() if r.get("job") != digest})
     if strangers:
-        raise ValueError(f"{store.directory} holds shards of another job (their records name job(s) "
+        raise UsageError(f"{store.directory} holds shards of another job (their records name job(s) "
                          f"{', '.join(strangers)}; this one is {digest}), and its job.json "
                          f"{'holds these settings' if path.exists() else 'is missing'}: "
                          "choose another --out, or delete those shards if they are yours to lose")
@@ -60,7 +61,7 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
                      batch_size: int = 256, shard_size: int = 1000, progress: bool = True) -> dict:
     """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module)."""
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
-        raise ValueError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
+        raise UsageError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
                          f"{num_samples}, {shard_size} and {batch_size}")
     run = load_run(workdir, checkpoint)
     c = run.config

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax import latents
 from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -32,7 +33,7 @@ def guidance_enabled(config, guidance_scale: float) -> bool:
     """
     if not num_model_classes(config):
         if float(guidance_scale) != NO_GUIDANCE:
-            raise ValueError(
+            raise UsageError(
                 f"guidance scale {guidance_scale} given, but this run is unconditional "
                 "(data.use_labels is False): classifier-free guidance needs a class-conditional "
                 "model; drop the guidance scale (1 = no guidance)")
@@ -71,11 +72,11 @@ def check_labels(config, labels) -> np.ndarray | None:
         return None
     classes = num_model_classes(config)
     if not classes:
-        raise ValueError("labels given, but this run is unconditional (data.use_labels is False): "
+        raise UsageError("labels given, but this run is unconditional (data.use_labels is False): "
                          "drop the labels")
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"labels must be classes in [0, {classes}) for this {classes}-class run, got "
+        raise UsageError(f"labels must be classes in [0, {classes}) for this {classes}-class run, got "
                          f"values in [{labels.min()}, {labels.max()}] (the null label {classes} is "
                          "used by guidance itself)")
     return labels.astype(np.int32)
@@ -94,7 +95,7 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     options = dict(options or {})
     if eta is not None:
         if "eta" in options and options["eta"] != eta:
-            raise ValueError(f"eta given twice with different values ({eta} and --option eta="
+            raise UsageError(f"eta given twice with different values ({eta} and --option eta="
                              f"{options['eta']}): give it once")
         options["eta"] = eta
     merged = {**(dict(s.get("options", {})) if own else {}), **options}
@@ -102,10 +103,10 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     if "eta" in get_sampler(method).step_options:
         merged.setdefault("eta", config_eta)
     elif "eta" in merged:
-        raise ValueError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
+        raise UsageError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
                          "one): drop --eta, or choose --method ddim")
     elif config_eta:
-        raise ValueError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
+        raise UsageError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
                          "set --config.sample.eta=0 or choose --method ddim")
     sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
     checked = get_sampler(method).check_options(merged)
@@ -167,9 +168,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
                  first_index: int = 0):
         if num_samples < 1:
-            raise ValueError(f"the number of samples must be at least 1, got {num_samples}")
+            raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
         if eta is not None and not takes_eta:
-            raise ValueError(f"eta = {eta} given, but sampler {method!r} has no eta (only ddim takes one)")
+            raise UsageError(f"eta = {eta} given, but sampler {method!r} has no eta (only ddim takes one)")
         eta = default_eta if eta is None else eta
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_enabled(config, guidance_scale)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.vae import sample_latent
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def load_vae(source: str):
     subfolder = "vae" if not (directory / files.CONFIG).exists() and (directory / "vae" / files.CONFIG).exists() else None
     vae = load_diffusers(str(directory), subfolder)
     if type(vae.model).__name__ != "AutoencoderKL":
-        raise ValueError(f"model.vae = {source!r} is a {vae.config.get('_class_name')}, not an AutoencoderKL")
+        raise UsageError(f"model.vae = {source!r} is a {vae.config.get('_class_name')}, not an AutoencoderKL")
     return vae
 
 
@@ -48,10 +49,10 @@ def latent_shape(config) -> tuple:
     factor = vae.model.downsample_factor
     size = int(config.data.image_size)
     if size % factor:
-        raise ValueError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor {factor}: "
+        raise UsageError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor {factor}: "
                          f"use a multiple of {factor}")
     if int(config.data.channels) != vae.model.in_channels:
-        raise ValueError(f"data.channels is {config.data.channels} but the VAE encodes {vae.model.in_channels}-channel "
+        raise UsageError(f"data.channels is {config.data.channels} but the VAE encodes {vae.model.in_channels}-channel "
                          "images: set data.channels to match")
     return (size // factor, size // factor, vae.model.latent_channels)
 

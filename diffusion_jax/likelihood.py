@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import (_prepare, mean_flat, p_mean_variance, q_mean_variance,
                                      q_posterior, q_sample)
 from diffusion_jax.schedules import Schedule
@@ -34,7 +35,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) elementwise (nats) of 8-bit data x in [-1, 1] under N(means, exp(log_scales)^2)
     integrated over the pixel's bin [x - 1/255, x + 1/255]; the edge bins extend to infinity."""
     if x.shape != means.shape or x.shape != log_scales.shape:
-        raise ValueError(f"x {x.shape}, means {means.shape} and log_scales {log_scales.shape} "
+        raise UsageError(f"x {x.shape}, means {means.shape} and log_scales {log_scales.shape} "
                          "must have the same shape")
     centered = x - means
     inv_stdv = jnp.exp(-log_scales)

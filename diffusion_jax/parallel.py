@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax.errors import UsageError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -41,7 +43,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     """A ("data", "fsdp") mesh over `devices` (default: all, every process)."""
     devices = jax.devices() if devices is None else list(devices)
     if len(devices) % fsdp:
-        raise ValueError(f"{len(devices)} devices cannot be split into fsdp groups of {fsdp}")
+        raise UsageError(f"{len(devices)} devices cannot be split into fsdp groups of {fsdp}")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
 
 
@@ -76,7 +78,7 @@ def state_shardings(state_shapes, mesh: Mesh):
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     n = mesh.size
     if global_batch % n:
-        raise ValueError(f"global batch {global_batch} is not divisible by the device count {n}: "
+        raise UsageError(f"global batch {global_batch} is not divisible by the device count {n}: "
                          f"set data.batch_size to a multiple of {n}")
 
 

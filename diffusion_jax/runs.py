@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.builders import build_model, build_schedule, input_shape
 from diffusion_jax.files import read_json_object
 from diffusion_jax.models import param_shapes
@@ -55,7 +56,7 @@ def load_run(workdir, step: int | None = None) -> Run:
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first")
         if step is not None and step not in steps:
-            raise ValueError(f"no checkpoint at step {step} in {workdir}; available: {steps}")
+            raise UsageError(f"no checkpoint at step {step} in {workdir}; available: {steps}")
         for s in ([step] if step is not None else reversed(steps)):
             try:
                 return Run(config, model, ckpt.restore_ema(s, abstract), build_schedule(config), s)
@@ -64,7 +65,7 @@ def load_run(workdir, step: int | None = None) -> Run:
             except Exception as e:
                 reason = f"{type(e).__name__}: {str(e)[:200]}"
                 if step is not None:
-                    raise ValueError(f"the checkpoint at step {s} in {workdir} cannot be used ({reason}): "
+                    raise UsageError(f"the checkpoint at step {s} in {workdir} cannot be used ({reason}): "
                                      f"choose another of {steps}") from None
                 log.warning("checkpoint %d cannot be used (%s); trying the previous one", s, reason)
         raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")

@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
+
 SCHEDULE_NAMES = ("linear", "cosine", "sigmoid", "scaled_linear")
 
 
@@ -81,14 +83,14 @@ def schedule_from_betas(betas, timesteps=None) -> Schedule:
     """A `Schedule` from betas [T] in (0, 1]; `timesteps` [T] defaults to arange(T)."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 1:
-        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+        raise UsageError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
     if not np.all((betas > 0) & (betas <= 1)):
-        raise ValueError("betas must lie in (0, 1]; got values outside that range")
+        raise UsageError("betas must lie in (0, 1]; got values outside that range")
     if timesteps is None:
         timesteps = np.arange(len(betas))
     timesteps = np.asarray(timesteps)
     if timesteps.shape != betas.shape:
-        raise ValueError(f"timesteps shape {timesteps.shape} must equal betas shape {betas.shape}")
+        raise UsageError(f"timesteps shape {timesteps.shape} must equal betas shape {betas.shape}")
     tables = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in schedule_tables(betas).items()}
     return Schedule(**tables, timesteps=jnp.asarray(timesteps, dtype=jnp.int32))
 
@@ -152,9 +154,9 @@ def make_schedule(name: str, num_timesteps: int = 1000, *, zero_terminal_snr: bo
     Keyword arguments go to the beta function (e.g. `beta_start`, `s`, `tau`).
     """
     if name not in _BETAS:
-        raise ValueError(f"unknown schedule name {name!r}; choose one of {SCHEDULE_NAMES}")
+        raise UsageError(f"unknown schedule name {name!r}; choose one of {SCHEDULE_NAMES}")
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        raise UsageError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     betas = _BETAS[name](int(num_timesteps), **kwargs)
     return schedule_from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
@@ -169,9 +171,9 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspac
     T / n (so the noisiest step is always t = T - 1)."""
     T, n = num_timesteps, num_steps
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+        raise UsageError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
     if not 1 <= n <= T:
-        raise ValueError(f"num_steps must be in [1, {T}], got {n}")
+        raise UsageError(f"num_steps must be in [1, {T}], got {n}")
     if spacing == "linspace":
         return evenly_spaced_timesteps(T, n)
     if spacing == "leading":
@@ -182,7 +184,7 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspac
 def evenly_spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """`num_steps` indices in [0, T) from 0 to T-1, evenly spaced and rounded (sorted, unique)."""
     if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+        raise UsageError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
     if num_steps == 1:
         return np.array([num_timesteps - 1])
     return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
@@ -202,7 +204,7 @@ def respace(schedule: Schedule, timesteps: int | Sequence[int]) -> Schedule:
     else:
         keep = np.asarray(sorted(set(int(i) for i in timesteps)), dtype=np.int64)
         if keep.size == 0 or keep[0] < 0 or keep[-1] >= T:
-            raise ValueError(f"timesteps must be a non-empty subset of [0, {T}), got {list(keep)}")
+            raise UsageError(f"timesteps must be a non-empty subset of [0, {T}), got {list(keep)}")
     # Recompute abar in float64 from the stored betas (more exact than the float32 abar).
     alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
     kept = alphas_cumprod[keep]

@@ -343,13 +343,17 @@ def test_there_are_at_least_40_cases_and_30_of_the_newer_commands():
 
 
 def test_a_failure_of_the_system_exits_1_and_a_bug_keeps_its_traceback(places, capsys, monkeypatch):
-    from diffusion_jax.errors import NonFiniteLoss
+    from diffusion_jax.errors import NonFiniteLoss, UsageError
     assert cli.exit_code(NonFiniteLoss("x")) == 1 and cli.exit_code(OSError(28, "No space left on device")) == 1
-    assert cli.exit_code(ValueError("x")) == 2 and cli.exit_code(ZeroDivisionError()) is None
+    assert cli.exit_code(UsageError("x")) == 2 and cli.exit_code(ZeroDivisionError()) is None
+    assert cli.exit_code(ValueError("x")) is None  # a ValueError of our own making is a UsageError
     with pytest.raises(FileNotFoundError, match="no run in"):  # --debug: the traceback of a user's mistake too
         cli.main(["--debug", "sample", "--workdir", str(places / "nowhere"), "--out", str(places / "s.npz")])
     monkeypatch.setattr(cli, "_sample", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as the user's mistake
+        cli.main(["sample", "--workdir", str(places / "run"), "--out", str(places / "s.npz")])
+    monkeypatch.setattr(cli, "_sample", lambda args: np.zeros(-1))  # a ValueError raised inside NumPy by a bug
+    with pytest.raises(ValueError, match="negative dimensions"):
         cli.main(["sample", "--workdir", str(places / "run"), "--out", str(places / "s.npz")])
 
 

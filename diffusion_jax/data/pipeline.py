@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.data.sources import ImageData, to_model_range
 
 
@@ -27,7 +28,7 @@ class Batches:
     def __init__(self, data: ImageData, global_batch: int, seed: int, *, process_index: int = 0,
                  process_count: int = 1, random_flip: bool = False, with_labels: bool = False):
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by the process count "
+            raise UsageError(f"global batch {global_batch} is not divisible by the process count "
                              f"{process_count}: choose a multiple of {process_count}")
         self.data = data
         self.local_batch_size = global_batch // process_count
@@ -37,7 +38,7 @@ class Batches:
         rows = len(data.images)
         per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
-            raise ValueError(f"the split has {rows} images, fewer than one batch of {per_step}: "
+            raise UsageError(f"the split has {rows} images, fewer than one batch of {per_step}: "
                              "lower data.batch_size")
         self.batches_per_epoch = rows // per_step
         self._perm_epoch, self._perm = -1, None

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.data import sources
 from diffusion_jax.data.prepared import FORMAT, PREFIX, SUFFIX, split_dir
 from diffusion_jax.files import claim_directory, write_json_atomically
@@ -70,10 +71,10 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
     once every shard verifies, else the settings (other processes still writing). `rows` =
     (count, read(first, last)) replaces the source's (`source_rows`), e.g. for synthetic data."""
     if shard_size < 1:
-        raise ValueError(f"--shard_size must be at least 1, got {shard_size}")
+        raise UsageError(f"--shard_size must be at least 1, got {shard_size}")
     count, read = rows or source_rows(data_config, split)
     if count == 0:
-        raise ValueError(f"split {split!r} of {data_config.name!r} is empty: nothing to prepare")
+        raise UsageError(f"split {split!r} of {data_config.name!r} is empty: nothing to prepare")
     settings = Settings(data_config.name, split, int(data_config.image_size), int(data_config.channels),
                         int(shard_size), int(count)).as_dict()
     directory = split_dir(out, split)
@@ -91,7 +92,7 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
     for first, last in todo:
         images, labels = read(first, last)
         if len(images) != last + 1 - first or len(labels) != len(images):
-            raise ValueError(f"the source {data_config.name!r} gave {len(images)} images for rows {first}..{last} of "
+            raise UsageError(f"the source {data_config.name!r} gave {len(images)} images for rows {first}..{last} of "
                              f"split {split!r}: its size changed while preparing, or it cannot be read by range")
         _write_shard(store, first, last, np.asarray(images, np.uint8), np.asarray(labels, np.int32))
         if bar is not None:

@@ -17,6 +17,7 @@ import pathlib
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object
 from diffusion_jax.shards import ShardDir
 
@@ -55,10 +56,10 @@ class PreparedImages:
         try:
             records = self._source.__getitems__([int(i) for i in rows.reshape(-1)])
         except Exception as error:  # a damaged shard: Riegeli's hash or framing check fails on read
-            raise ValueError(self._damaged(rows.reshape(-1), error)) from None
+            raise UsageError(self._damaged(rows.reshape(-1), error)) from None
         flat = np.frombuffer(b"".join(records), np.uint8)
         if flat.size != rows.size * int(np.prod(self.shape[1:])):
-            raise ValueError(self._damaged(rows.reshape(-1), "records of the wrong size"))
+            raise UsageError(self._damaged(rows.reshape(-1), "records of the wrong size"))
         return flat.reshape(*rows.shape, *self.shape[1:])
 
     def _damaged(self, rows: np.ndarray, error) -> str:
@@ -84,13 +85,13 @@ def load_prepared(root, split: str, image_size: int, channels: int):
     meta_path = directory / "prepared.json"
     if not meta_path.exists():
         if directory.exists() and (directory / "settings.json").exists():
-            raise ValueError(f"{directory} is not completely prepared (no prepared.json): run the same prepare "
+            raise UsageError(f"{directory} is not completely prepared (no prepared.json): run the same prepare "
                              "command again to finish it")
         raise FileNotFoundError(f"no prepared split in {directory}: prepare it first with python -m diffusion_jax "
                                 f"prepare --split {split} --out {root} (and the dataset and size)")
     meta = read_json_object(meta_path, "run the same prepare command again to write it")
     if (meta["image_size"], meta["channels"]) != (image_size, channels):
-        raise ValueError(f"{directory} holds {meta['image_size']}x{meta['image_size']}x{meta['channels']} images but "
+        raise UsageError(f"{directory} holds {meta['image_size']}x{meta['image_size']}x{meta['channels']} images but "
                          f"the config asks for {image_size}x{image_size}x{channels}: set data.image_size="
                          f"{meta['image_size']} and data.channels={meta['channels']}, or prepare the split again "
                          "at that size into another directory")
@@ -103,7 +104,7 @@ def load_prepared(root, split: str, image_size: int, channels: int):
                                     "to make it")
         record = read_json_object(record_path, "run the prepare command again to remake the shard")
         if path.stat().st_size != record["bytes"]:
-            raise ValueError(f"shard {path.name} of {directory} is truncated or changed ({path.stat().st_size} "
+            raise UsageError(f"shard {path.name} of {directory} is truncated or changed ({path.stat().st_size} "
                              f"bytes, its record says {record['bytes']}): run the prepare command again to remake it")
         paths.append(path)
         labels.extend(record["labels"])

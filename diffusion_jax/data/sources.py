@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
+
 DIGITS_VALIDATION = 300
 
 
@@ -55,7 +57,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def _match_shape(images: np.ndarray, image_size: int, channels: int, name: str) -> np.ndarray:
     if images.shape[-1] != channels:
-        raise ValueError(f"dataset {name!r} has {images.shape[-1]} channels but the config asks for "
+        raise UsageError(f"dataset {name!r} has {images.shape[-1]} channels but the config asks for "
                          f"{channels}: set data.channels={images.shape[-1]} (and a matching model)")
     if images.shape[1:3] != (image_size, image_size):
         images = np.stack([center_crop_resize(im, image_size) for im in images])
@@ -71,7 +73,7 @@ def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData
     parts = {"train": order[DIGITS_VALIDATION:], "validation": order[:DIGITS_VALIDATION],
              "test": order[:DIGITS_VALIDATION], "all": order}
     if split not in parts:
-        raise ValueError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
+        raise UsageError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
     idx = np.sort(parts[split])
     images = _match_shape(images[idx], image_size, channels, "digits")
     return ImageData(images, bunch.target[idx].astype(np.int32))
@@ -92,7 +94,7 @@ def read_image(path, channels: int) -> np.ndarray:
                 image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8), mode="L")
             array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated or broken files
-        raise ValueError(f"cannot read the image {str(path)!r} ({e}): remove or replace the file") from None
+        raise UsageError(f"cannot read the image {str(path)!r} ({e}): remove or replace the file") from None
     return array.reshape(*array.shape[:2], channels)
 
 
@@ -100,10 +102,10 @@ def folder_files(path: str) -> list:
     """Every PNG / JPEG under `path`, sorted (the order of a folder data set)."""
     root = pathlib.Path(path)
     if not root.is_dir():
-        raise ValueError(f"image folder {path!r} does not exist (data.name='folder:PATH')")
+        raise UsageError(f"image folder {path!r} does not exist (data.name='folder:PATH')")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
-        raise ValueError(f"no PNG or JPEG images under {path!r}")
+        raise UsageError(f"no PNG or JPEG images under {path!r}")
     return files
 
 
@@ -124,7 +126,7 @@ def _tfds(name: str):
         raise ImportError("tfds datasets need tensorflow-datasets and tensorflow-cpu: "
                           "pip install 'diffusion_jax[data]'") from e
     if name not in tfds.list_builders():
-        raise ValueError(f"unknown dataset {name!r}: not 'digits', 'folder:/path', 'array_record:DIR' or a "
+        raise UsageError(f"unknown dataset {name!r}: not 'digits', 'folder:/path', 'array_record:DIR' or a "
                          "tensorflow-datasets builder (see tfds.list_builders())")
     return tfds
 
@@ -163,7 +165,7 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
         images.append(example["image"])
         labels.append(example.get("label", 0))
     if not images:
-        raise ValueError(f"split {split!r} of {name!r} is empty")
+        raise UsageError(f"split {split!r} of {name!r} is empty")
     shapes = {im.shape for im in images}
     if len(shapes) == 1:
         array = np.stack(images)

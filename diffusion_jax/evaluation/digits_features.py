@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class DigitsClassifier(NamedTuple):
 def from_sklearn(clf) -> DigitsClassifier:
     """The weights of a fitted scikit-learn MLPClassifier (one hidden ReLU layer, softmax out)."""
     if len(clf.coefs_) != 2 or clf.activation != "relu" or clf.out_activation_ != "softmax":
-        raise ValueError("expected a one-hidden-layer ReLU MLPClassifier with more than two classes")
+        raise UsageError("expected a one-hidden-layer ReLU MLPClassifier with more than two classes")
     return DigitsClassifier(*(np.asarray(a, np.float64) for a in
                               (clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1])))
 
@@ -87,7 +88,7 @@ def digits_classifier() -> DigitsClassifier:
 def _hidden(clf: DigitsClassifier, images) -> np.ndarray:
     images = np.asarray(images, np.float64)
     if images.shape[1:] != (8, 8, 1):
-        raise ValueError(f"the digits features take 8x8x1 images (the digits data set's), got images of shape "
+        raise UsageError(f"the digits features take 8x8x1 images (the digits data set's), got images of shape "
                          f"{'x'.join(map(str, images.shape[1:]))}: use --features inception for other images")
     x = images.reshape(len(images), -1)
     return np.maximum(x @ clf.w0 + clf.b0, 0.0)

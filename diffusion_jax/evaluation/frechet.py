@@ -7,12 +7,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
+
 
 def feature_statistics(features: np.ndarray):
     """(mu [D], sigma [D, D]) in float64 of features [N, D] (unbiased covariance)."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"features must be [N >= 2, D], got shape {features.shape}")
+        raise UsageError(f"features must be [N >= 2, D], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -38,7 +40,7 @@ def statistics_from_sums(sums: FeatureSums):
     """(mu, sigma) as `feature_statistics` gives them, from pooled sums (unbiased covariance)."""
     n = sums.count
     if n < 2:
-        raise ValueError(f"statistics need at least 2 images, got {n}")
+        raise UsageError(f"statistics need at least 2 images, got {n}")
     mu = sums.total / n
     return mu, (sums.outer - n * np.outer(mu, mu)) / (n - 1)
 
@@ -62,10 +64,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
+        raise UsageError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
-        raise ValueError("the covariances are not finite (non-finite features?)")
+        raise UsageError("the covariances are not finite (non-finite features?)")
     diff = mu1 - mu2
     cross = _square_root_factor(sigma1).T @ _square_root_factor(sigma2)
     trace_sqrt = np.linalg.svd(cross, compute_uv=False).sum()
@@ -85,21 +87,21 @@ def check_statistics(mu, sigma, where: str):
     `where` and what is wrong."""
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
-        raise ValueError(f"{where}: mu and sigma must be numeric arrays, got {mu.dtype} and {sigma.dtype}")
+        raise UsageError(f"{where}: mu and sigma must be numeric arrays, got {mu.dtype} and {sigma.dtype}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ValueError(f"{where}: mu must be [D] and sigma [D, D], got shapes {mu.shape} and {sigma.shape}")
+        raise UsageError(f"{where}: mu must be [D] and sigma [D, D], got shapes {mu.shape} and {sigma.shape}")
     for name, value in (("mu", mu), ("sigma", sigma)):
         if not np.isfinite(value).all():
-            raise ValueError(f"{where}: {name} has {np.size(value) - np.isfinite(value).sum()} non-finite "
+            raise UsageError(f"{where}: {name} has {np.size(value) - np.isfinite(value).sum()} non-finite "
                              "value(s) (NaN or inf): the statistics are damaged; make them again with fid-stats")
     scale = max(float(np.abs(sigma).max()), 1e-30)
     if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
-        raise ValueError(f"{where}: sigma is not symmetric, so it is no covariance; make the statistics again "
+        raise UsageError(f"{where}: sigma is not symmetric, so it is no covariance; make the statistics again "
                          "with fid-stats")
     lowest = float(np.linalg.eigvalsh(sigma).min())
     if lowest < -1e-6 * scale * len(mu):
-        raise ValueError(f"{where}: sigma is not positive semi-definite (an eigenvalue of {lowest:.4g}), so it is "
+        raise UsageError(f"{where}: sigma is not positive semi-definite (an eigenvalue of {lowest:.4g}), so it is "
                          "no covariance; make the statistics again with fid-stats")
     return mu, sigma
 
@@ -115,16 +117,16 @@ def load_statistics(path):
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as error:  # not an .npy/.npz at all, truncated, a pickle
-        raise ValueError(f"{path} cannot be read as NumPy statistics ({type(error).__name__}: "
+        raise UsageError(f"{path} cannot be read as NumPy statistics ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'no details'}): {fix}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds one array, not the 'mu' and 'sigma' of an .npz: {fix}")
+        raise UsageError(f"{path} holds one array, not the 'mu' and 'sigma' of an .npz: {fix}")
     with loaded as f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(f.files)}): {fix}")
+            raise UsageError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(f.files)}): {fix}")
         try:
             mu, sigma = f["mu"], f["sigma"]
         except Exception as error:  # a damaged member: bad CRC, truncated, a pickled object
-            raise ValueError(f"{path} is damaged ({type(error).__name__}: "
+            raise UsageError(f"{path} is damaged ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else 'no details'}): {fix}") from None
     return check_statistics(mu, sigma, str(path))

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from diffusion_jax.errors import UsageError
+
 DEFAULT_WEIGHTS = pathlib.Path(os.environ.get(
     "DIFFUSION_JAX_INCEPTION", pathlib.Path.home() / ".cache" / "diffusion_jax" / "inception_fid.npz"))
 
@@ -198,12 +200,12 @@ def load_inception(path=None):
         found = {k: f[k] for k in f.files}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the FID Inception network: missing {missing[:5]}"
+        raise UsageError(f"{path} does not match the FID Inception network: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
                          f"{unexpected[:5]} ({len(unexpected)})")
     for k, v in expected.items():
         if found[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {found[k].shape}, the network needs {v.shape}")
+            raise UsageError(f"{path}: {k} has shape {found[k].shape}, the network needs {v.shape}")
     return unflatten_dict({tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in found.items()})
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax import latents, viz
 from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for
@@ -50,7 +51,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
     if num_samples < 1:
-        raise ValueError(f"the number of samples to evaluate must be at least 1, got {num_samples}")
+        raise UsageError(f"the number of samples to evaluate must be at least 1, got {num_samples}")
     # checked before the metrics take their time
     method, num_steps, options = sampler_settings(c, run.schedule, sampler, steps, sampler_options)
     fid_stats = fid_stats or c.eval.get("fid_stats", "")

@@ -12,6 +12,7 @@ import pathlib
 import jax
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.evaluation.frechet import (FeatureSums, feature_sums, frechet_distance, load_statistics,
                                               statistics_from_sums)
 from diffusion_jax.files import read_json_object, sha256_file
@@ -48,12 +49,12 @@ def job_shards(directory) -> list[tuple[int, int]]:
         try:
             listed = sorted((int(r["first"]), int(r["last"])) for r in manifest["shards"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{manifest_path} does not list its shards: run the generate command again "
+            raise UsageError(f"{manifest_path} does not list its shards: run the generate command again "
                              "to write it") from None
         missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
         if missing or extra:
             names = lambda ranges: ", ".join(store.path(*r).name for r in ranges[:3]) + (" ..." if len(ranges) > 3 else "")
-            raise ValueError(
+            raise UsageError(
                 f"{directory} does not hold the job its manifest describes ({len(listed)} shards, "
                 f"{manifest.get('num_samples')} samples): "
                 + "; ".join(([f"{len(missing)} missing ({names(missing)})"] if missing else [])
@@ -61,10 +62,10 @@ def job_shards(directory) -> list[tuple[int, int]]:
                 + ": run the generate command again to remake missing shards, and move the others away")
         return listed
     if job_path.exists():
-        raise ValueError(f"the generate job in {directory} is not finished (job.json but no manifest.json, "
+        raise UsageError(f"the generate job in {directory} is not finished (job.json but no manifest.json, "
                          f"{len(found)} shard(s) so far): run the same generate command again to finish it")
     if not found:
-        raise ValueError(f"no shards (samples_*.npz) in {directory}: make them with `python -m diffusion_jax "
+        raise UsageError(f"no shards (samples_*.npz) in {directory}: make them with `python -m diffusion_jax "
                          "generate ... --out DIR`")
     return found
 
@@ -78,7 +79,7 @@ def shard_feature_sums(directory, extract) -> FeatureSums:
     for first, last in shards[jax.process_index()::jax.process_count()]:
         record, why = store.inspect(first, last)
         if record is None:
-            raise ValueError(f"shard {store.path(first, last).name} does not verify ({why}): run the generate "
+            raise UsageError(f"shard {store.path(first, last).name} does not verify ({why}): run the generate "
                              "command again to remake it")
         images = store.load(first, last)["images"].astype(np.float32) / 127.5 - 1.0
         part = feature_sums(extract(images))
@@ -109,7 +110,7 @@ def fid_of_shards(directory, ref, features: str = "inception", inception_weights
     sums = shard_feature_sums(directory, extract)
     mu, sigma = statistics_from_sums(sums)
     if mu.shape != mu_ref.shape:
-        raise ValueError(f"the reference {ref} has {len(mu_ref)} features but the {features} features of the "
+        raise UsageError(f"the reference {ref} has {len(mu_ref)} features but the {features} features of the "
                          f"samples have {len(mu)}: make the reference with fid-stats --features {features}")
     result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "n": sums.count,
               "samples": str(directory), "ref": str(ref), "ref_sha256": sha256_file(ref), "features": extractor}

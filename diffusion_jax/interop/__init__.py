@@ -22,6 +22,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.interop import dit, files, scheduler, unet2d, vae
 from diffusion_jax.interop.tensors import params_from_tensors, tensors_from_params
 from diffusion_jax.models import param_shapes
@@ -71,7 +72,7 @@ def _compiled(model, method: str):
 def architecture(config: dict, where):
     name = config.get("_class_name")
     if name not in ARCHITECTURES:
-        raise ValueError(f"{where}: diffusers class {name!r} is not supported; supported classes are "
+        raise UsageError(f"{where}: diffusers class {name!r} is not supported; supported classes are "
                          f"{sorted(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 
@@ -123,7 +124,7 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     model is for (diffusers' sample_size)."""
     arch = _BY_MODULE.get(type(model))
     if arch is None:
-        raise ValueError(f"cannot export a {type(model).__name__}: supported are {sorted(c.__name__ for c in _BY_MODULE)}")
+        raise UsageError(f"cannot export a {type(model).__name__}: supported are {sorted(c.__name__ for c in _BY_MODULE)}")
     input_shape = tuple(input_shape)
     config = arch.config_from_module(model, input_shape)
     table, copies = arch.entries(model, input_shape)

@@ -6,6 +6,7 @@ copies are identical, export writes them.
 """
 from __future__ import annotations
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.tensors import Entry
 from diffusion_jax.models.dit import DiT
 
@@ -31,21 +32,21 @@ def module_from_config(config: dict):
     if config.get("_class_name") == LEGACY_CLASS_NAME:
         for field in ("cross_attention_dim", "num_vector_embeds", "caption_channels"):
             if config.get(field) is not None:
-                raise ValueError(f"Transformer2DModel config field {field} = {config[field]!r} is not supported: "
+                raise UsageError(f"Transformer2DModel config field {field} = {config[field]!r} is not supported: "
                                  "only its DiT form (ada_norm_zero, patch_size, no cross-attention) loads")
         if config.get("norm_type") != "ada_norm_zero" or not config.get("patch_size"):
-            raise ValueError(f"Transformer2DModel config field norm_type = {config.get('norm_type')!r} is not "
+            raise UsageError(f"Transformer2DModel config field norm_type = {config.get('norm_type')!r} is not "
                              "supported: only its DiT form (norm_type 'ada_norm_zero' with a patch_size) loads")
     for field, value in _FIXED.items():
         if c[field] != value and not (field == "dropout" and float(c[field]) == 0.0):
-            raise ValueError(f"DiTTransformer2DModel config field {field} = {c[field]!r} is not supported: "
+            raise UsageError(f"DiTTransformer2DModel config field {field} = {c[field]!r} is not supported: "
                              f"this DiT supports {value!r} only")
     if not c["num_embeds_ada_norm"]:
-        raise ValueError("DiTTransformer2DModel config field num_embeds_ada_norm must be the number of classes")
+        raise UsageError("DiTTransformer2DModel config field num_embeds_ada_norm must be the number of classes")
     in_ch = c["in_channels"]
     out_ch = c["out_channels"] or in_ch
     if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"DiTTransformer2DModel config field out_channels = {out_ch} is not supported: "
+        raise UsageError(f"DiTTransformer2DModel config field out_channels = {out_ch} is not supported: "
                          f"in_channels ({in_ch}) or twice that (learned sigma)")
     model = DiT(patch_size=c["patch_size"], hidden=c["num_attention_heads"] * c["attention_head_dim"],
                 depth=c["num_layers"], num_heads=c["num_attention_heads"], num_classes=c["num_embeds_ada_norm"],
@@ -68,7 +69,7 @@ def config_from_module(model: DiT, input_shape) -> dict:
     if model.hidden % model.num_heads or model.mlp_ratio != 4.0 or model.out_channels not in (None, channels):
         problems.append("hidden divisible by num_heads, mlp_ratio 4, out_channels = input channels")
     if problems:
-        raise ValueError("DiTTransformer2DModel cannot represent this DiT; it needs " + "; ".join(problems))
+        raise UsageError("DiTTransformer2DModel cannot represent this DiT; it needs " + "; ".join(problems))
     return {"_class_name": CLASS_NAME, "num_attention_heads": model.num_heads,
             "attention_head_dim": model.hidden // model.num_heads, "in_channels": channels,
             "out_channels": channels * (2 if model.learn_sigma else 1), "num_layers": model.depth,

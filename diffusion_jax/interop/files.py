@@ -11,6 +11,7 @@ import pathlib
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def resolve(source: str) -> pathlib.Path:
     path = pathlib.Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{source} is a file: give the directory that holds {CONFIG}")
+            raise UsageError(f"{source} is a file: give the directory that holds {CONFIG}")
         return path
     if not looks_like_repo_id(source):
         raise FileNotFoundError(f"no directory {source}: give a diffusers model directory or a Hugging Face "
@@ -41,14 +42,14 @@ def resolve(source: str) -> pathlib.Path:
     try:
         import huggingface_hub
     except ImportError:
-        raise ValueError(f"{source} is not a local directory, and downloading it as a Hugging Face repository "
+        raise UsageError(f"{source} is not a local directory, and downloading it as a Hugging Face repository "
                          "needs huggingface_hub: pip install huggingface_hub (or download it elsewhere and "
                          "give the directory)") from None
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(
             source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as error:  # offline, unknown repository, no permission: all the user's to fix
-        raise ValueError(f"could not download {source} from the Hugging Face Hub ({type(error).__name__}: "
+        raise UsageError(f"could not download {source} from the Hugging Face Hub ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'no details'}): check the repository "
                          "id and the network, or download it elsewhere and give the directory") from None
 
@@ -102,7 +103,7 @@ def check_field_types(config: dict, defaults: dict, nullable=()) -> None:
         if value is None and field in nullable:
             continue
         if not _fits(value, default, field):
-            raise ValueError(f"{config.get('_class_name', 'diffusers')} config field {field} = {value!r} has the wrong "
+            raise UsageError(f"{config.get('_class_name', 'diffusers')} config field {field} = {value!r} has the wrong "
                              f"type: it must be {_kind(default)} (as diffusers writes it, e.g. "
                              f"{json.dumps(list(default) if isinstance(default, tuple) else default)})")
 
@@ -115,7 +116,7 @@ def read_tensors(directory: pathlib.Path) -> dict:
         try:
             tensors = load_file(str(path))
         except Exception as error:
-            raise ValueError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
+            raise UsageError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
                              "incomplete; download it again") from None
         return {name: _float32(name, value) for name, value in tensors.items()}
     bin_path = directory / WEIGHTS_BIN
@@ -123,7 +124,7 @@ def read_tensors(directory: pathlib.Path) -> dict:
         try:
             import torch
         except ImportError:
-            raise ValueError(f"{bin_path} is a PyTorch pickle, which only torch can read: pip install torch, or "
+            raise UsageError(f"{bin_path} is a PyTorch pickle, which only torch can read: pip install torch, or "
                              "convert it to safetensors once (diffusers' save_pretrained writes safetensors)") from None
         state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         return {name: _float32(name, value.float().numpy()) for name, value in state.items()}
@@ -133,11 +134,11 @@ def read_tensors(directory: pathlib.Path) -> dict:
 def _float32(name, value) -> np.ndarray:
     """The tensor as float32, checked to be floating point and finite."""
     if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
-        raise ValueError(f"tensor {name} has dtype {value.dtype}, not floating point")
+        raise UsageError(f"tensor {name} has dtype {value.dtype}, not floating point")
     value = np.asarray(value, np.float32)
     bad = value.size - int(np.isfinite(value).sum())
     if bad:
-        raise ValueError(f"tensor {name} has {bad} non-finite value(s) (NaN or inf) of {value.size}: the weights "
+        raise UsageError(f"tensor {name} has {bad} non-finite value(s) (NaN or inf) of {value.size}: the weights "
                          "are damaged or come from a diverged run; give intact weights")
     return value
 

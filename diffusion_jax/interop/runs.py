@@ -14,6 +14,7 @@ import pathlib
 import jax
 import ml_collections
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.builders import build_model, input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
 from diffusion_jax.models import DiT, UNet, param_shapes
@@ -34,7 +35,7 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
     the data are images of the size whose latents it takes."""
     model = imported.model
     if type(model) not in _BASE_PRESET:
-        raise ValueError(f"a run needs a denoising backbone (UNet2DModel or DiTTransformer2DModel), got "
+        raise UsageError(f"a run needs a denoising backbone (UNet2DModel or DiTTransformer2DModel), got "
                          f"{imported.config.get('_class_name')}: give the backbone's directory (or --subfolder)")
     config = ml_collections.ConfigDict(config.to_dict())
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
@@ -47,7 +48,7 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
         from diffusion_jax import latents
         autoencoder = latents.load_vae(vae).model
         if autoencoder.latent_channels != imported.input_shape[2]:
-            raise ValueError(f"the VAE {vae} makes {autoencoder.latent_channels}-channel latents but the backbone "
+            raise UsageError(f"the VAE {vae} makes {autoencoder.latent_channels}-channel latents but the backbone "
                              f"takes {imported.input_shape[2]} channels: give the VAE it was trained with")
         config.model.vae = vae
         config.data.image_size = imported.input_shape[0] * autoencoder.downsample_factor
@@ -74,11 +75,11 @@ def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
     workdir = check_workdir(workdir)
     checkpoints = workdir / "checkpoints"
     if checkpoints.exists() and any(checkpoints.iterdir()):
-        raise ValueError(f"{workdir} already holds a run's checkpoints: import into a new directory")
+        raise UsageError(f"{workdir} already holds a run's checkpoints: import into a new directory")
     model = build_model(config)
     expected = param_shapes(model, input_shape(config))
     if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(imported.params):
-        raise ValueError("the run's config builds a model whose parameters differ from the imported ones; "
+        raise UsageError("the run's config builds a model whose parameters differ from the imported ones; "
                          "do not override model settings on import")
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = jax.jit(lambda params: create_train_state(params, optimizer, config.seed))(imported.params)

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
+
 
 class Entry(NamedTuple):
     path: tuple
@@ -119,7 +121,7 @@ def params_from_tensors(entries, tensors: dict, expected, what: str, copies=()) 
     if unfilled and not problems:
         problems.append("parameters not filled: " + ", ".join("/".join(p) for p in unfilled[:8]))
     if problems:
-        raise ValueError(f"the {what} checkpoint does not fit the model it describes:\n  "
+        raise UsageError(f"the {what} checkpoint does not fit the model it describes:\n  "
                           + "\n  ".join(problems[:12]))
     return params
 

@@ -7,6 +7,7 @@ size a published U-Net is used at.
 """
 from __future__ import annotations
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.tensors import Entry, attention_entries, resnet_entries
 from diffusion_jax.models.unet import UNet
 
@@ -87,17 +88,17 @@ def config_from_module(model: UNet, input_shape) -> dict:
                 "resamp_with_conv": not model.resamp_with_conv}
     bad = [k for k, v in problems.items() if v]
     if bad:
-        raise ValueError(f"UNet2DModel cannot represent this U-Net's {bad}: export supports unconditional "
+        raise UsageError(f"UNet2DModel cannot represent this U-Net's {bad}: export supports unconditional "
                          "U-Nets with convolutional resampling")
     if model.num_heads != 1 and model.head_dim is None:
-        raise ValueError("UNet2DModel sets attention heads by attention_head_dim: export a U-Net with "
+        raise UsageError("UNet2DModel sets attention heads by attention_head_dim: export a U-Net with "
                          "head_dim set (or num_heads=1)")
     size, _, channels = input_shape
     levels = len(model.ch_mult)
     attn = [size // 2 ** level in model.attn_resolutions for level in range(levels)]
     out = (model.out_channels or channels) * (2 if model.learn_sigma else 1)
     if not model.mid_attn_norm and model.scale_shift_norm is False:
-        raise ValueError("UNet2DModel's mid-block attention always has a GroupNorm with default resnets")
+        raise UsageError("UNet2DModel's mid-block attention always has a GroupNorm with default resnets")
     return {"_class_name": CLASS_NAME, "sample_size": size, "in_channels": channels, "out_channels": out,
             "center_input_sample": False, "time_embedding_type": "positional",
             "freq_shift": model.freq_shift, "flip_sin_to_cos": model.flip_sin_to_cos,

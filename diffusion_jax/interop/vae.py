@@ -2,6 +2,7 @@
 -mse, the VAE of DiT and Stable Diffusion)."""
 from __future__ import annotations
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.tensors import Entry, attention_entries, resnet_entries
 from diffusion_jax.models.vae import AutoencoderKL
 
@@ -28,7 +29,7 @@ def module_from_config(config: dict):
                "latent statistics are not supported)")]
     for field, ok, allowed in checks:
         if not ok:
-            raise ValueError(f"AutoencoderKL config field {field} = {c[field]!r} is not supported: {allowed}")
+            raise UsageError(f"AutoencoderKL config field {field} = {c[field]!r} is not supported: {allowed}")
     model = AutoencoderKL(in_channels=c["in_channels"], latent_channels=c["latent_channels"],
                           block_out_channels=tuple(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
                           num_groups=c["norm_num_groups"], mid_attention=bool(c["mid_block_add_attention"]),

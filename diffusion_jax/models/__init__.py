@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.dit import DiT, DiTBlock, sincos_pos_embed_2d
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.unet import UNet
@@ -69,12 +70,12 @@ for _size, (_hidden, _depth, _heads) in _DIT_SIZES.items():
 def create_model(name: str, **overrides) -> nn.Module:
     """The preset `name` as a Flax module, with any field overridden (e.g. dtype, learn_sigma)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     preset = PRESETS[name]
     fields = set(preset.cls.__dataclass_fields__) - {"parent", "name"}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for {preset.cls.__name__} preset "
+        raise UsageError(f"unknown option(s) {sorted(unknown)} for {preset.cls.__name__} preset "
                          f"{name!r}; options: {sorted(fields)}")
     return preset.cls(**{**preset.kwargs, **overrides})
 

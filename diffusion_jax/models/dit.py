@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.layers import DenseGELU, MultiHeadSelfAttention, timestep_embedding
 from diffusion_jax.models.ops import adaptive_layer_norm
 
@@ -24,7 +25,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """[grid_h * grid_w, dim] fixed sin-cos embedding (MAE / DiT): half the channels encode the
     row, half the column, each as [sin, cos] of omega = 1 / 10000^(2i / (dim / 2))."""
     if dim % 4:
-        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+        raise UsageError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
 
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -102,11 +103,11 @@ class DiT(nn.Module):
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
         if x.ndim != 4:
-            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
+            raise UsageError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
         B, H, W, C = x.shape
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}: "
+            raise UsageError(f"image size {H}x{W} is not divisible by the patch size {p}: "
                              "choose a patch size that divides the image size, or resize")
         out_ch = self.out_channels or C
         out_ch = 2 * out_ch if self.learn_sigma else out_ch

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.ops import bias_gelu_tanh, group_norm
 
 Dtype = Any
@@ -87,7 +88,7 @@ def resolve_attention_impl(implementation: Optional[str], dtype, head_dim: int,
     "cudnn" are used as given.
     """
     if implementation not in (None, "auto", "xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
+        raise UsageError(f"unknown attention implementation {implementation!r}; "
                          "choose 'auto', 'xla' or 'cudnn'")
     if implementation in ("xla", "cudnn"):
         return implementation
@@ -125,7 +126,7 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x):
         B, L, C = x.shape
         if C % self.num_heads:
-            raise ValueError(f"width {C} is not divisible by num_heads {self.num_heads}")
+            raise UsageError(f"width {C} is not divisible by num_heads {self.num_heads}")
         heads = (self.num_heads, C // self.num_heads)
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.fused_qkv:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 OPS_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -61,13 +63,13 @@ def resolve_ops_impl(impl: str | None, backend: str | None = None) -> str:
     where it can run if `PALLAS_OPS_BY_DEFAULT`, else "xla".
     """
     if impl not in (None,) + OPS_IMPLS:
-        raise ValueError(f"unknown ops implementation {impl!r}; choose one of {', '.join(OPS_IMPLS)}")
+        raise UsageError(f"unknown ops implementation {impl!r}; choose one of {', '.join(OPS_IMPLS)}")
     if impl == "xla" or (impl in (None, "auto") and not PALLAS_OPS_BY_DEFAULT):
         return "xla"
     from diffusion_jax.models import pallas_ops
     if impl == "pallas_interpret":
         if not pallas_ops.available():
-            raise ValueError(f"ops implementation 'pallas_interpret' needs Pallas' Triton API (masked loads), "
+            raise UsageError(f"ops implementation 'pallas_interpret' needs Pallas' Triton API (masked loads), "
                              f"which jax {jax.__version__} lacks: upgrade jax or use 'xla'")
         return impl
     if (backend or jax.default_backend()) == "gpu" and pallas_ops.available():
@@ -299,7 +301,7 @@ def group_norm(x, num_groups: int, scale=None, bias=None, epsilon: float = 1e-6,
     """
     B, C = x.shape[0], x.shape[-1]
     if C % num_groups:
-        raise ValueError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}: "
+        raise UsageError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}: "
                          "change the channel width or num_groups")
     scale = jnp.ones((C,), jnp.float32) if scale is None else scale
     bias = jnp.zeros((C,), jnp.float32) if bias is None else bias

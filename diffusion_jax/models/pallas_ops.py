@@ -47,6 +47,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
+
 _TILE_ELEMENTS = 4096       # elements of a [block_rows, C_pad] tile: 32 float32 a thread at 4 warps
 _MIN_PROGRAMS = 1024        # backward grid size to aim for (an H100 has 132 SMs)
 _GROUP_BLOCK_CHANNELS = 32  # channels a GroupNorm program aims for (64 bytes of a bfloat16 row)
@@ -209,7 +211,7 @@ def adaptive_layer_norm(x, shift, scale, epsilon: float = 1e-6, interpret: bool 
     """
     B, C = x.shape[0], x.shape[-1]
     if shift.shape != (B, C) or scale.shape != (B, C):
-        raise ValueError(f"shift {shift.shape} and scale {scale.shape} must be [B, C] = {(B, C)} for x {x.shape}")
+        raise UsageError(f"shift {shift.shape} and scale {scale.shape} must be [B, C] = {(B, C)} for x {x.shape}")
     y = _adaptive_layer_norm(x.reshape(B, -1, C), shift, scale, float(epsilon), bool(interpret))
     return y.reshape(x.shape)
 
@@ -377,9 +379,9 @@ def group_norm(x, num_groups: int, scale, bias, epsilon: float = 1e-6, silu: boo
     with `interpret=True` (slow: for tests)."""
     B, C = x.shape[0], x.shape[-1]
     if C % num_groups:
-        raise ValueError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}")
+        raise UsageError(f"channels {C} are not divisible by the GroupNorm groups {num_groups}")
     if scale.shape != (B, C) or bias.shape != (B, C):
-        raise ValueError(f"scale {scale.shape} and bias {bias.shape} must be [B, C] = {(B, C)} for x {x.shape}")
+        raise UsageError(f"scale {scale.shape} and bias {bias.shape} must be [B, C] = {(B, C)} for x {x.shape}")
     y = _group_norm(x.reshape(B, -1, C), scale.astype(jnp.float32), bias.astype(jnp.float32), int(num_groups),
                     float(epsilon), bool(silu), bool(interpret))
     return y.reshape(x.shape)
@@ -459,5 +461,5 @@ def bias_activation(h, bias, value_fn, slope_fn, interpret: bool = False):
     h.dtype; slope_fn a float32 array to float32 (traced inside the kernel). Runs on an NVIDIA
     GPU, or anywhere with `interpret=True` (slow: for tests)."""
     if bias.shape != h.shape[-1:]:
-        raise ValueError(f"bias {bias.shape} must be [N] = {h.shape[-1:]} for h {h.shape}")
+        raise UsageError(f"bias {bias.shape} must be [N] = {h.shape[-1:]} for h {h.shape}")
     return _bias_activation(h, bias, value_fn, slope_fn, bool(interpret))

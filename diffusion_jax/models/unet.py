@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, timestep_embedding
 
 Dtype = Any
@@ -153,20 +154,20 @@ class UNet(nn.Module):
 
     def check_input(self, x):
         if x.ndim != 4:
-            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
+            raise UsageError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
         factor = 2 ** (len(self.ch_mult) - 1)
         H, W = x.shape[1:3]
         if H % factor or W % factor:
-            raise ValueError(f"image size {H}x{W} is not divisible by 2^(levels-1) = {factor} "
+            raise UsageError(f"image size {H}x{W} is not divisible by 2^(levels-1) = {factor} "
                              f"for ch_mult {tuple(self.ch_mult)}: resize the images or use fewer levels")
         visited = {H // 2**i for i in range(len(self.ch_mult))}
         missing = sorted(set(self.attn_resolutions) - visited)
         if missing:
-            raise ValueError(f"attention resolution(s) {missing} never occur: this U-Net visits "
+            raise UsageError(f"attention resolution(s) {missing} never occur: this U-Net visits "
                              f"{sorted(visited, reverse=True)} for {H}x{W} inputs")
         for mult in self.ch_mult:
             if (self.ch * mult) % self.num_groups:
-                raise ValueError(f"channels {self.ch * mult} (ch {self.ch} x mult {mult}) are not "
+                raise UsageError(f"channels {self.ch * mult} (ch {self.ch} x mult {mult}) are not "
                                  f"divisible by the GroupNorm groups {self.num_groups}")
 
     @nn.compact

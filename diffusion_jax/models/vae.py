@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.models.layers import GroupNorm32
 from diffusion_jax.models.unet import AttnBlock, ResBlock, _resample
 
@@ -131,7 +132,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x):
         factor = self.downsample_factor
         if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"the VAE encodes NHWC images whose height and width are multiples of {factor}, "
+            raise UsageError(f"the VAE encodes NHWC images whose height and width are multiples of {factor}, "
                              f"got shape {x.shape}: resize the images (data.image_size)")
         moments = self.encoder(x)
         if self.quant_conv is not None:

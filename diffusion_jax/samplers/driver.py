@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
 from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
 from diffusion_jax.schedules import Schedule
@@ -57,7 +58,7 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
             return denoise_fn
         return lambda x, t: denoise_fn(x, t, cond)
     if cond is None or null_cond is None:
-        raise ValueError("guidance_scale needs both cond (labels) and null_cond (the null label)")
+        raise UsageError("guidance_scale needs both cond (labels) and null_cond (the null label)")
 
     def guided(x, t):
         batch = x.shape[0]
@@ -80,11 +81,11 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
 
 def _check_wrappers(known, mask, repaint_resamples, start_x, start_step):
     if (known is None) != (mask is None):
-        raise ValueError("inpainting needs both known (the image) and mask (1 = keep)")
+        raise UsageError("inpainting needs both known (the image) and mask (1 = keep)")
     if repaint_resamples > 1 and known is None:
-        raise ValueError("repaint_resamples > 1 needs known and mask (RePaint inpainting)")
+        raise UsageError("repaint_resamples > 1 needs known and mask (RePaint inpainting)")
     if start_x is not None and start_step is None:
-        raise ValueError("start_x (SDEdit) needs start_step, the timestep to noise it to")
+        raise UsageError("start_x (SDEdit) needs start_step, the timestep to noise it to")
 
 
 def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
@@ -163,7 +164,7 @@ def key_ops(key, shape, constrain) -> KeyOps:
         return KeyOps(lambda k: tuple(jax.random.split(k)), jax.random.fold_in,
                       lambda k: constrain(jax.random.normal(k, shape, jnp.float32)))
     if jnp.shape(key)[0] != shape[0]:
-        raise ValueError(f"{jnp.shape(key)[0]} keys for a batch of {shape[0]}: give one key, or one per sample")
+        raise UsageError(f"{jnp.shape(key)[0]} keys for a batch of {shape[0]}: give one key, or one per sample")
 
     def split(k):
         both = jax.vmap(jax.random.split)(k)

@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.schedules import Schedule
 
 
@@ -49,7 +50,7 @@ class Grid(NamedTuple):
         """The grid without the steps above model timestep `start_step` (SDEdit)."""
         keep = int(np.argmax(self.model_t <= start_step)) if np.any(self.model_t <= start_step) else None
         if keep is None:
-            raise ValueError(f"start_step {start_step} is below the first sampling step "
+            raise UsageError(f"start_step {start_step} is below the first sampling step "
                              f"(the last one is at model timestep {self.model_t[-1]})")
         return Grid(self.schedule, {k: v[keep:] for k, v in self.steps.items()}, self.model_t[keep:],
                     self.signal[keep:], self.noise[keep:])
@@ -95,22 +96,22 @@ class Option:
         where = f"sampler {sampler!r} option {name}"
         if self.choices:
             if value not in self.choices:
-                raise ValueError(f"{where} = {value!r} is not one it takes: choose one of {list(self.choices)}")
+                raise UsageError(f"{where} = {value!r} is not one it takes: choose one of {list(self.choices)}")
             return value
         if isinstance(value, jax.core.Tracer):
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float, str, np.number, np.ndarray, jax.Array)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            raise UsageError(f"{where} must be a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
+            raise UsageError(f"{where} must be a number, got {value!r}") from None
         low = -math.inf if self.minimum is None else self.minimum
         high = math.inf if self.maximum is None else self.maximum
         below = number <= low if self.open_below else number < low
         if math.isnan(number) or (math.isinf(number) and not self.infinite) or below or number > high:
             bounds = f"{'(' if self.open_below else '['}{low:g}, {high:g}]"
-            raise ValueError(f"{where} = {value!r} is out of range: it takes a {'' if self.infinite else 'finite '}"
+            raise UsageError(f"{where} = {value!r} is out of range: it takes a {'' if self.infinite else 'finite '}"
                              f"number in {bounds}")
         return number
 
@@ -148,7 +149,7 @@ class Sampler:
         declared = self.options()
         unknown = set(options) - set(declared)
         if unknown:
-            raise ValueError(f"sampler {self.name!r} has no option(s) {sorted(unknown)}; "
+            raise UsageError(f"sampler {self.name!r} has no option(s) {sorted(unknown)}; "
                              f"it takes {sorted(declared) or 'none'}")
         return {k: declared[k].check(self.name, k, v) for k, v in options.items()}
 
@@ -172,7 +173,7 @@ def register(sampler: Sampler) -> Sampler:
 
 def get_sampler(name: str) -> Sampler:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; choose one of {sampler_names()}")
+        raise UsageError(f"unknown method {name!r}; choose one of {sampler_names()}")
     return _REGISTRY[name]
 
 
@@ -186,7 +187,7 @@ def concrete_schedule(schedule: Schedule) -> Schedule:
     try:
         np.asarray(schedule.betas)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        raise ValueError(
+        raise UsageError(
             "the schedule is traced: close over it (functools.partial(sample, denoise_fn, "
             "schedule, shape, ...)) instead of passing it as a jit argument, so the step grid "
             "can be computed in float64 at trace time") from None
@@ -195,5 +196,5 @@ def concrete_schedule(schedule: Schedule) -> Schedule:
 
 def check_num_steps(num_steps: int, limit: int, what: str) -> int:
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= limit:
-        raise ValueError(f"num_steps must be in [1, {limit}] for {what}, got {num_steps}")
+        raise UsageError(f"num_steps must be in [1, {limit}] for {what}, got {num_steps}")
     return int(num_steps)

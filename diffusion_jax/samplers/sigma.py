@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels
 from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
                                              number, register)
@@ -61,12 +62,12 @@ def sigma_grid(schedule: Schedule, num_steps, sigmas: str = "karras", spacing: s
                rho: float = 7.0) -> Grid:
     """The grid of K = num_steps sigmas (and their model timesteps), then sigma = 0."""
     if sigmas not in SIGMA_GRIDS:
-        raise ValueError(f"unknown sigmas {sigmas!r}; choose one of {SIGMA_GRIDS}")
+        raise UsageError(f"unknown sigmas {sigmas!r}; choose one of {SIGMA_GRIDS}")
     if spacing != "linspace" and sigmas != "model":
-        raise ValueError(f"spacing {spacing!r} chooses the model's timesteps: it needs sigmas='model' "
+        raise UsageError(f"spacing {spacing!r} chooses the model's timesteps: it needs sigmas='model' "
                          f"(got sigmas={sigmas!r})")
     if rho != 7.0 and sigmas != "karras":
-        raise ValueError(f"rho shapes the Karras grid: it needs sigmas='karras' (got sigmas={sigmas!r})")
+        raise UsageError(f"rho shapes the Karras grid: it needs sigmas='karras' (got sigmas={sigmas!r})")
     T = schedule.num_timesteps
     K = check_num_steps(num_steps, T, f"a {T}-step schedule")
     table = schedule_sigmas(concrete_schedule(schedule))

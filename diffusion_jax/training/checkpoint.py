@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffusion_jax.errors import CheckpointMismatch
+from diffusion_jax.errors import CheckpointMismatch, UsageError
 from diffusion_jax.parallel import agree_across_processes
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Checkpointer:
         try:
             record = self.restore_record(step)
             if not isinstance(record, dict) or "step" not in record:
-                raise ValueError("its record is malformed")
+                raise UsageError("its record is malformed")
         except (PermissionError, MemoryError) as e:
             return ERROR, e
         except Exception as e:
@@ -179,9 +179,9 @@ class Checkpointer:
         saved = record.get("digest", {}).get("ema_params")
         digest, finite = tree_digest_and_finite(restored)
         if saved is not None and saved != digest:
-            raise ValueError("the digest of its EMA parameters differs from the one saved with them")
+            raise UsageError("the digest of its EMA parameters differs from the one saved with them")
         if not finite:
-            raise ValueError("its EMA parameters are not finite")
+            raise UsageError("its EMA parameters are not finite")
         return restored
 
     def check_params(self, step: int, abstract_params) -> None:

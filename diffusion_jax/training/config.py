@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffusion_jax.errors import UsageError
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -97,7 +99,7 @@ def _at_least(config, key: str, minimum, what: str = "") -> None:
     for part in key.split("."):
         node = node[part]
     if not isinstance(node, (int, float)) or isinstance(node, bool) or node < minimum:
-        raise ValueError(f"{key} must be {'an integer ' if isinstance(minimum, int) else ''}>= {minimum}"
+        raise UsageError(f"{key} must be {'an integer ' if isinstance(minimum, int) else ''}>= {minimum}"
                          f"{what}, got {node!r}: set --config.{key}=...")
 
 
@@ -121,11 +123,11 @@ def validate_config(config) -> None:
             ("train.divergence_factor", 0.0, " (0 disables the check)")):
         _at_least(config, key, minimum, what)
     if config.optim.learning_rate <= 0:
-        raise ValueError(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+        raise UsageError(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
     if not 0.0 <= config.train.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+        raise UsageError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if not 0.0 <= config.train.label_dropout < 1.0:
-        raise ValueError(f"train.label_dropout must be in [0, 1), got {config.train.label_dropout}")
+        raise UsageError(f"train.label_dropout must be in [0, 1), got {config.train.label_dropout}")
     for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction, PREDICTIONS),
                                 ("diffusion.variance", config.diffusion.variance, VARIANCES),
                                 ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
@@ -134,16 +136,16 @@ def validate_config(config) -> None:
                                 ("optim.optimizer", config.optim.optimizer, ("adam", "adamw")),
                                 ("optim.decay", config.optim.decay, ("constant", "cosine"))):
         if value not in allowed:
-            raise ValueError(f"unknown {key} {value!r}; choose one of {tuple(allowed)}")
+            raise UsageError(f"unknown {key} {value!r}; choose one of {tuple(allowed)}")
     if config.data.use_labels and config.data.num_classes < 1:
-        raise ValueError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
+        raise UsageError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
                          "number of classes (or use_labels=False for an unconditional model)")
     if config.train.label_dropout > 0 and not config.data.use_labels:
-        raise ValueError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
+        raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
                          "(data.use_labels is False): label dropout trains classifier-free guidance of a "
                          "class-conditional model; set it to 0 or use labels")
     if config.sample.steps > config.diffusion.num_timesteps:
-        raise ValueError(f"sample.steps ({config.sample.steps}) cannot exceed diffusion.num_timesteps "
+        raise UsageError(f"sample.steps ({config.sample.steps}) cannot exceed diffusion.num_timesteps "
                          f"({config.diffusion.num_timesteps})")
     from diffusion_jax.builders import build_schedule
     from diffusion_jax.generation import guidance_enabled, sampler_settings

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from diffusion_jax.errors import UsageError
+
 
 def tree_norm(tree):
     """Global L2 norm of a pytree (optax.tree.norm where this optax has it)."""
@@ -21,7 +23,7 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     elif c.decay == "cosine":
         after = optax.cosine_decay_schedule(c.learning_rate, max(total_steps - warmup, 1))
     else:
-        raise ValueError(f"unknown optim.decay {c.decay!r}; choose 'constant' or 'cosine'")
+        raise UsageError(f"unknown optim.decay {c.decay!r}; choose 'constant' or 'cosine'")
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), after], [warmup])
@@ -35,7 +37,7 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
     elif c.optimizer == "adamw":
         opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     else:
-        raise ValueError(f"unknown optim.optimizer {c.optimizer!r}; choose 'adam' or 'adamw'")
+        raise UsageError(f"unknown optim.optimizer {c.optimizer!r}; choose 'adam' or 'adamw'")
     if c.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
     if c.skip_nonfinite:
