@@ -47,7 +47,7 @@ def claim_job_directory(store: ShardDir, settings: dict) -> None:
     digest, path = job_digest(settings), store.directory / "job.json"
     if path.exists():  # other settings: name them
         claim_directory(path, settings, "a generate job", write=False)
-    strangers = sorted({str(r.get("job")) for r in store.records() if r.get("job") != digest})
+    strangers = sorted({str(r.get("job") or "none") for r in store.records() if r.get("job") != digest})
     if strangers:
         raise UsageError(f"{store.directory} holds shards of another job (their records name job(s) "
                          f"{', '.join(strangers)}; this one is {digest}), and its job.json "
