@@ -33,7 +33,7 @@ def peak_rss_mb():
 READ = PEAK_RSS + """
 import json, sys, time
 from diffusion_jax.data import Batches, load_split
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 c = base_config().data
 c.name, c.image_size, c.channels = "array_record:" + sys.argv[1], int(sys.argv[2]), 3
 batch, steps = int(sys.argv[3]), int(sys.argv[4])

@@ -23,8 +23,8 @@ from benchmarks.common import (analytic_forward_flops, block, compiled_temp_byte
                                peak_flops, peak_memory_bytes)
 from diffusion_jax import parallel
 from diffusion_jax.models import PRESETS
-from diffusion_jax.builders import input_shape
-from diffusion_jax.training.config import base_config
+from diffusion_jax.latents import model_input_shape as input_shape
+from diffusion_jax.config import base_config
 from diffusion_jax.training.step import build_train_program
 
 

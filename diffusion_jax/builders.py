@@ -1,5 +1,6 @@
 """What a run's config builds: its Flax module, its schedule, the shape of one input, and the
-`denoise_fn` closure of a model and its parameters. A leaf: models and schedules only."""
+`denoise_fn` closure of a model and its parameters. Models and schedules only, and no I/O (a
+latent run's input shape is given the VAE module: `latents.model_input_shape` loads it)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -17,15 +18,25 @@ def num_model_classes(config) -> int:
     return int(config.data.num_classes) if config.data.use_labels else 0
 
 
-def build_model(config):
-    """The Flax module of a run: the preset, with dtype, remat, labels and learned sigma."""
+# Module fields a run decides outside model.overrides (`run_fields`), and fields of how a module
+# computes rather than what it is: neither is part of a model's description (import, export).
+RUN_FIELDS = ("dtype", "remat", "learn_sigma", "num_classes")
+IMPLEMENTATION_FIELDS = ("parent", "name", "param_dtype", "attention_impl", "autodiff_ops", "ops_impl")
+
+
+def run_fields(config) -> dict:
+    """{field: value} of RUN_FIELDS for the run's module: dtype, remat, labels and learned sigma."""
     if config.model.dtype not in DTYPES:
         raise UsageError(f"unknown model.dtype {config.model.dtype!r}; choose one of {sorted(DTYPES)}")
-    overrides = dict(config.model.overrides)
-    overrides.update(dtype=DTYPES[config.model.dtype], remat=config.model.remat,
-                     learn_sigma=config.diffusion.variance == "learned_range",
-                     num_classes=num_model_classes(config))
-    return create_model(config.model.name, **overrides)
+    fields = dict(dtype=DTYPES[config.model.dtype], remat=config.model.remat,
+                  learn_sigma=config.diffusion.variance == "learned_range", num_classes=num_model_classes(config))
+    assert tuple(fields) == RUN_FIELDS
+    return fields
+
+
+def build_model(config):
+    """The Flax module of a run: the preset, its model.overrides, then the `run_fields`."""
+    return create_model(config.model.name, **{**dict(config.model.overrides), **run_fields(config)})
 
 
 # The forward process must destroy the signal: sampling starts from N(0, I), which is q(x_T)
@@ -56,13 +67,27 @@ def build_schedule(config) -> Schedule:
     return schedule
 
 
-def input_shape(config) -> tuple:
-    """(H, W, C) of one model input: the images', or with a VAE (config.model.vae) their latents'."""
-    from diffusion_jax import latents
+def vae_source(config) -> str:
+    """The run's VAE directory or repository id ("" for a pixel-space run)."""
+    return str(config.model.get("vae", "") or "")
 
-    if latents.vae_source(config):
-        return latents.latent_shape(config)
-    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+def input_shape(config, vae=None) -> tuple:
+    """(H, W, C) of one model input: the images', or for a latent run (config.model.vae) their
+    latents' under `vae`, the run's AutoencoderKL module (which says its factor and channels)."""
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    if not vae_source(config):
+        return (size, size, channels)
+    if vae is None:
+        raise ValueError("a latent run's input shape needs its VAE module: use latents.model_input_shape(config)")
+    factor = vae.downsample_factor
+    if size % factor:
+        raise UsageError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor {factor}: "
+                         f"use a multiple of {factor}")
+    if channels != vae.in_channels:
+        raise UsageError(f"data.channels is {channels} but the VAE encodes {vae.in_channels}-channel "
+                         "images: set data.channels to match")
+    return (size // factor, size // factor, vae.latent_channels)
 
 
 def denoise_fn_for(model, params, with_labels: bool):

@@ -3,9 +3,7 @@
     generate = make_generator(run.model, run.schedule, run.config, batch_size=64)
     x0 = generate(run.ema_params, num_samples=64, key=jax.random.key(0))
 
-Classifier-free guidance follows diffusers and DiT: out = out_uncond + s (out_cond - out_uncond),
-so s = 1 is the conditional model without guidance (the default), s > 1 is guided and s = 0 is
-the unconditional model (the null label). `guidance_enabled` is the one place that decides it.
+Labels and guidance are decided in `conditioning`, the sampler settings in `config`.
 """
 from __future__ import annotations
 
@@ -15,103 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.errors import UsageError
 from diffusion_jax import latents
-from diffusion_jax.builders import denoise_fn_for, input_shape, num_model_classes
+from diffusion_jax.builders import denoise_fn_for, num_model_classes
+from diffusion_jax.conditioning import check_labels, guidance_enabled, labels_by_index, sample_labels
+from diffusion_jax.config import sampler_settings
+from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
-from diffusion_jax.samplers import get_sampler, sample, sampling_grid
+from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import Schedule
-
-NO_GUIDANCE = 1.0
-
-
-def guidance_enabled(config, guidance_scale: float) -> bool:
-    """Whether sampling at `guidance_scale` runs the guided (conditional + null label) model.
-
-    A class-conditional run is guided at any scale but 1; an unconditional run has nothing to
-    guide, so a scale other than 1 is an error rather than silently ignored.
-    """
-    if not num_model_classes(config):
-        if float(guidance_scale) != NO_GUIDANCE:
-            raise UsageError(
-                f"guidance scale {guidance_scale} given, but this run is unconditional "
-                "(data.use_labels is False): classifier-free guidance needs a class-conditional "
-                "model; drop the guidance scale (1 = no guidance)")
-        return False
-    return float(guidance_scale) != NO_GUIDANCE
-
-
-def describe_guidance(config, guidance_scale: float) -> str:
-    """How samples at `guidance_scale` were conditioned, for reports and logs."""
-    if not num_model_classes(config):
-        return "no guidance (unconditional model)"
-    if not guidance_enabled(config, guidance_scale):
-        return "no guidance (conditional model, scale 1)"
-    return f"classifier-free guidance scale {float(guidance_scale):g}"
-
-
-def sample_labels(config, num_samples: int):
-    """Class labels for samples (0, 1, ..., cycling), or None for an unconditional run."""
-    classes = num_model_classes(config)
-    return None if not classes else np.arange(num_samples, dtype=np.int32) % classes
-
-
-def labels_by_index(config, labels, index: np.ndarray):
-    """The labels of samples `index` [N]: labels[i % len(labels)], by default i % classes (None
-    for an unconditional run)."""
-    classes = num_model_classes(config)
-    if not classes:
-        return None
-    cycle = np.arange(classes, dtype=np.int32) if labels is None else np.asarray(labels, np.int32)
-    return cycle[index % len(cycle)]
-
-
-def check_labels(config, labels) -> np.ndarray | None:
-    """labels as int32 [N] after checking they are classes of this run (never the null label)."""
-    if labels is None:
-        return None
-    classes = num_model_classes(config)
-    if not classes:
-        raise UsageError("labels given, but this run is unconditional (data.use_labels is False): "
-                         "drop the labels")
-    labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise UsageError(f"labels must be classes in [0, {classes}) for this {classes}-class run, got "
-                         f"values in [{labels.min()}, {labels.max()}] (the null label {classes} is "
-                         "used by guidance itself)")
-    return labels.astype(np.int32)
-
-
-def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None, eta=None):
-    """(method, steps, options) to sample a run with: the arguments, else config.sample. The
-    config's `sample.options` and `sample.eta` belong to its own method and apply to it only;
-    `options` (and `eta`, DDIM's option of that name) are added on top, every one checked by
-    the sampler's declaration of it. Checked here, before any work is done: an eta for a
-    sampler without one is an error, not ignored."""
-    s = config.sample
-    own = method is None or method == s.method
-    method = s.method if method is None else method
-    steps = s.steps if steps is None else steps
-    options = dict(options or {})
-    if eta is not None:
-        if "eta" in options and options["eta"] != eta:
-            raise UsageError(f"eta given twice with different values ({eta} and --option eta="
-                             f"{options['eta']}): give it once")
-        options["eta"] = eta
-    merged = {**(dict(s.get("options", {})) if own else {}), **options}
-    config_eta = float(s.get("eta", 0.0)) if own else 0.0
-    if "eta" in get_sampler(method).step_options:
-        merged.setdefault("eta", config_eta)
-    elif "eta" in merged:
-        raise UsageError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
-                         "one): drop --eta, or choose --method ddim")
-    elif config_eta:
-        raise UsageError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
-                         "set --config.sample.eta=0 or choose --method ddim")
-    sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
-    checked = get_sampler(method).check_options(merged)
-    return method, steps, checked
-
 
 _keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
@@ -143,7 +52,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     mesh = mesh or make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
     classes = num_model_classes(config)
-    shape = (batch_size, *input_shape(config))
+    shape = (batch_size, *latents.model_input_shape(config))
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
 
     @functools.partial(jax.jit, static_argnums=0)

@@ -18,15 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.builders import input_shape, vae_source
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models.vae import sample_latent
 
 log = logging.getLogger(__name__)
-
-
-def vae_source(config) -> str:
-    """The run's VAE directory or repository id ("" for a pixel-space run)."""
-    return str(config.model.get("vae", "") or "")
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,18 +39,10 @@ def load_vae(source: str):
     return vae
 
 
-def latent_shape(config) -> tuple:
-    """(h, w, latent_channels) the backbone of a latent run sees, for images of the run's data size."""
-    vae = load_vae(vae_source(config))
-    factor = vae.model.downsample_factor
-    size = int(config.data.image_size)
-    if size % factor:
-        raise UsageError(f"data.image_size {size} is not a multiple of the VAE's downsampling factor {factor}: "
-                         f"use a multiple of {factor}")
-    if int(config.data.channels) != vae.model.in_channels:
-        raise UsageError(f"data.channels is {config.data.channels} but the VAE encodes {vae.model.in_channels}-channel "
-                         "images: set data.channels to match")
-    return (size // factor, size // factor, vae.model.latent_channels)
+def model_input_shape(config) -> tuple:
+    """(H, W, C) of one input of the run's model: the images', or for a latent run the latents'
+    (its VAE loaded, once, to say them)."""
+    return input_shape(config, load_vae(vae_source(config)).model if vae_source(config) else None)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -69,7 +57,7 @@ def decode_latents(model, params, latents):
                        method=model.decode)
 
 
-def encode(vae, images, key) -> np.ndarray:
+def encode_images(vae, images, key) -> np.ndarray:
     """Scaled latents [B, h, w, c] (NumPy) of images [B, H, W, C] in [-1, 1], one posterior draw each."""
     return np.asarray(_encode(vae.model, vae.params, jnp.asarray(images, jnp.float32), key))
 
@@ -87,12 +75,8 @@ class LatentBatches:
     def __call__(self, step: int) -> dict:
         batch = dict(self.batches(step))
         key = jax.random.fold_in(jax.random.fold_in(self.root, int(step)), self.process_index)
-        batch["image"] = encode(self.vae, batch["image"], key)
+        batch["image"] = encode_images(self.vae, batch["image"], key)
         return batch
 
-    def stacked(self, step: int, k: int) -> dict:
-        parts = [self(step + j) for j in range(k)]
-        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
-
-__all__ = ["LatentBatches", "decode_latents", "encode", "latent_shape", "load_vae", "vae_source"]
+__all__ = ["LatentBatches", "decode_latents", "encode_images", "load_vae", "model_input_shape", "vae_source"]

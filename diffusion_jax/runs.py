@@ -14,12 +14,13 @@ import jax
 import ml_collections
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.builders import build_model, build_schedule, input_shape
+from diffusion_jax.builders import build_model, build_schedule
 from diffusion_jax.files import read_json_object
+from diffusion_jax.latents import model_input_shape
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.schedules import Schedule
-from diffusion_jax.training.checkpoint import CheckpointMismatch, Checkpointer
+from diffusion_jax.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def load_run(workdir, step: int | None = None) -> Run:
     the checkpoint at `step`, which must be good."""
     config = load_config(workdir)
     model = build_model(config)
-    abstract = param_shapes(model, input_shape(config))
+    abstract = param_shapes(model, model_input_shape(config))
     everywhere = replicated(make_mesh())  # restored onto every device, ready for sharded sampling
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
@@ -57,17 +58,10 @@ def load_run(workdir, step: int | None = None) -> Run:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first")
         if step is not None and step not in steps:
             raise UsageError(f"no checkpoint at step {step} in {workdir}; available: {steps}")
-        for s in ([step] if step is not None else reversed(steps)):
-            try:
-                return Run(config, model, ckpt.restore_ema(s, abstract), build_schedule(config), s)
-            except (CheckpointMismatch, PermissionError, MemoryError):
-                raise
-            except Exception as e:
-                reason = f"{type(e).__name__}: {str(e)[:200]}"
-                if step is not None:
-                    raise UsageError(f"the checkpoint at step {s} in {workdir} cannot be used ({reason}): "
-                                     f"choose another of {steps}") from None
-                log.warning("checkpoint %d cannot be used (%s); trying the previous one", s, reason)
-        raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
+        restored, record = ckpt.restore_latest({"ema_params": abstract}, config, fields=("ema_params",),
+                                               step=step, read_only=True)
+        if restored is None:
+            raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
+        return Run(config, model, restored["ema_params"], build_schedule(config), int(record["step"]))
     finally:
         ckpt.close()

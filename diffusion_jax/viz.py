@@ -6,6 +6,11 @@ import pathlib
 import numpy as np
 
 
+def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (the pixels' one conversion each way: this and `to_uint8`)."""
+    return np.asarray(images_uint8).astype(np.float32) / 127.5 - 1.0
+
+
 def to_uint8(images) -> np.ndarray:
     """[-1, 1] floats -> uint8 [0, 255] (rounded, clipped)."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -2,7 +2,7 @@
 
     python -m experiments.celeba64_unet --workdir runs/celeba64
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

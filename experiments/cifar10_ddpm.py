@@ -5,7 +5,7 @@ EMA 0.9999, 800k steps. Paper: FID 3.17, IS 9.46, <= 3.75 bits/dim.
     python -m experiments.cifar10_ddpm --workdir gs://bucket/runs/cifar10_ddpm
     python -m experiments.cifar10_ddpm --workdir runs/c10 --config.model.dtype=bfloat16
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

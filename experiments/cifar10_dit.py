@@ -3,7 +3,7 @@ hybrid loss, AdamW 1e-4, classifier-free guidance.
 
     python -m experiments.cifar10_dit --workdir runs/cifar10_dit
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
     python -m experiments.digits_unet --workdir runs/digits      # a few minutes on 2 CPU cores
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

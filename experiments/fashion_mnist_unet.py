@@ -3,7 +3,7 @@ classifier-free guidance (10% null labels in training, guidance scale 2 when sam
 
     python -m experiments.fashion_mnist_unet --workdir runs/fashion
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
     python -m experiments.mnist_unet --workdir runs/mnist
 """
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -145,7 +145,7 @@ CASES = {
     "negative sample_every": (train_args("--config.train.sample_every=-1"), "train.sample_every must be"),
     "zero keep_ckpts": (train_args("--config.train.keep_ckpts=0"), "train.keep_ckpts must be"),
     "zero sample steps": (train_args("--config.sample.steps=0"), "sample.steps must be"),
-    "sample steps above T": (train_args("--config.sample.steps=5000"), "cannot exceed diffusion.num_timesteps"),
+    "sample steps above T": (train_args("--config.sample.steps=5000"), "num_steps must be in [1, 1000]"),
     "batch not divisible": (train_args("--config.data.batch_size=12"), "not divisible by the device count 8"),
     "unknown preset": (train_args("--config.model.name=unet_huge"), "unknown model preset 'unet_huge'"),
     "unknown dataset": (train_args("--config.data.name=not_a_dataset"), "unknown dataset 'not_a_dataset'"),
@@ -349,10 +349,10 @@ def test_a_failure_of_the_system_exits_1_and_a_bug_keeps_its_traceback(places, c
     assert cli.exit_code(ValueError("x")) is None  # a ValueError of our own making is a UsageError
     with pytest.raises(FileNotFoundError, match="no run in"):  # --debug: the traceback of a user's mistake too
         cli.main(["--debug", "sample", "--workdir", str(places / "nowhere"), "--out", str(places / "s.npz")])
-    monkeypatch.setattr(cli, "_sample", lambda args: 1 / 0)
+    monkeypatch.setattr(cli.sample, "sample_command", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as the user's mistake
         cli.main(["sample", "--workdir", str(places / "run"), "--out", str(places / "s.npz")])
-    monkeypatch.setattr(cli, "_sample", lambda args: np.zeros(-1))  # a ValueError raised inside NumPy by a bug
+    monkeypatch.setattr(cli.sample, "sample_command", lambda args: np.zeros(-1))  # a ValueError raised inside NumPy by a bug
     with pytest.raises(ValueError, match="negative dimensions"):
         cli.main(["sample", "--workdir", str(places / "run"), "--out", str(places / "s.npz")])
 
@@ -366,16 +366,12 @@ def test_sample_out_paths_stay_where_they_are_asked_for(places, capsys):
 
 def test_model_fields_can_be_overridden_from_the_command_line():
     from diffusion_jax.builders import build_model
+    from diffusion_jax.cli import overrides
     from experiments.digits_unet import get_config
 
-    def config_dict(fv, args):
-        from ml_collections import config_flags
-        config_flags.DEFINE_config_dict("config", get_config(), flag_values=fv, lock_config=True, sys_argv=args)
-
-    config, workdir, _ = cli._parse_train_flags(
-        ["prog", "--workdir", "w", "--config.model.overrides.ch=16", "--config.model.overrides.ch_mult=(1, 2, 2)",
-         "--config.train.steps=7"], config_dict)
-    assert config.model.overrides.ch == 16 and config.train.steps == 7 and workdir == "w"
+    config = overrides.from_dict(get_config(), ["--config.model.overrides.ch=16",
+                                                "--config.model.overrides.ch_mult=(1, 2, 2)", "--config.train.steps=7"])
+    assert config.model.overrides.ch == 16 and config.train.steps == 7
     model = build_model(config)
     assert model.ch == 16 and tuple(model.ch_mult) == (1, 2, 2)
 

@@ -11,9 +11,10 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.builders import build_model, build_schedule
 from diffusion_jax.evaluation.report import render_report
-from diffusion_jax.generation import describe_guidance, make_generator
+from diffusion_jax.conditioning import describe_guidance
+from diffusion_jax.generation import make_generator
 from diffusion_jax.samplers import sample
-from diffusion_jax.training.optim import make_optimizer
+from diffusion_jax.optim import make_optimizer
 from diffusion_jax.training.state import make_init_fn
 from diffusion_jax.training.step import make_train_step
 from tests.train_helpers import tiny_config

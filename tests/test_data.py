@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.data import Batches, load_digits, load_split
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def test_digits_split_is_fixed_and_disjoint():

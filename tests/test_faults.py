@@ -78,7 +78,7 @@ def replace_with_garbage_that_restores(workdir, step: int) -> None:
     (digest) kept: arrays that restore without any error and are not what was saved."""
     import orbax.checkpoint as ocp
 
-    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.checkpoints import Checkpointer
     ckpt = Checkpointer(workdir, async_save=False)
     record = ckpt.restore_record(step)
     state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]

@@ -15,7 +15,7 @@ from tests.train_helpers import tiny_config
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A labelled tiny DiT whose (EMA) parameters are random, so the model does real work."""
-    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.checkpoints import Checkpointer
     from diffusion_jax.training.step import build_train_program
 
     workdir = tmp_path_factory.mktemp("generate") / "run"

@@ -13,7 +13,7 @@ pytest.importorskip("array_record")
 
 from diffusion_jax.data import Batches, load_split  # noqa: E402
 from diffusion_jax.data.prepare import prepare  # noqa: E402
-from diffusion_jax.training.config import base_config  # noqa: E402
+from diffusion_jax.config import base_config  # noqa: E402
 from tests.train_helpers import state_arrays, tiny_config  # noqa: E402
 
 SHARD = 200  # digits train: 1,497 images in 8 shards, the last one short
@@ -59,7 +59,7 @@ READER = """
 import sys
 import numpy as np
 from diffusion_jax.data import Batches, load_split
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 c = base_config().data
 c.name, c.image_size, c.channels = "array_record:" + sys.argv[1], 8, 1
 p = int(sys.argv[2])
@@ -127,7 +127,7 @@ KILLER = """
 import os, signal, sys
 from diffusion_jax import shards
 from diffusion_jax.data.prepare import prepare
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 calls, original = [0], shards.ShardDir.write_file
 def write_file(self, first, last, fill, **extra):
     calls[0] += 1

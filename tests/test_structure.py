@@ -103,6 +103,52 @@ def test_no_import_cycles_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def readme_layers() -> dict:
+    """{module or package name: layer} from the README's layer list (between its layer markers)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- layers -->")[1].split("<!-- /layers -->")[0]
+    layers = {}
+    for line in block.strip().strip("`").strip().splitlines():
+        number, _, rest = line.partition(" ")
+        for word in rest.split():  # the layer's title, then the names of its modules and packages
+            if (REPO / PACKAGE / f"{word}.py").exists() or (REPO / PACKAGE / word).is_dir():
+                layers[f"{PACKAGE}.{word}"] = int(number)
+    return layers
+
+
+def layer_of(module: str, layers: dict):
+    """The layer of a module: its own entry, else that of the package it is in (None: unlisted)."""
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        if ".".join(parts[:i]) in layers:
+            return layers[".".join(parts[:i])]
+    return None
+
+
+def test_every_import_points_down_the_layers_of_the_readme():
+    layers = readme_layers()
+    assert layers[f"{PACKAGE}.errors"] == 0 and layers[f"{PACKAGE}.cli"] == 9, layers
+    modules = package_modules()
+    unlisted = sorted(m for m in modules if m != PACKAGE and layer_of(m, layers) is None)
+    assert not unlisted, f"place these modules in the README's layer list: {unlisted}"
+    upward = []
+    for name, path in modules.items():
+        if name == PACKAGE:
+            continue  # the package's facade (dj.*) re-exports from every layer
+        for target in imported_modules(name, path, modules):
+            if target != PACKAGE and layer_of(target, layers) > layer_of(name, layers):
+                upward.append(f"{name} (layer {layer_of(name, layers)}) imports {target} "
+                              f"(layer {layer_of(target, layers)})")
+    assert not upward, "imports that point up:\n  " + "\n  ".join(sorted(upward))
+
+
+def test_reading_a_run_imports_no_training_loop_data_or_generation():
+    out = subprocess.run([sys.executable, "-c", "import diffusion_jax.runs, sys; print(sorted(m for m in sys.modules "
+                          "if m.startswith(('diffusion_jax.training', 'diffusion_jax.data', 'diffusion_jax.generat'))))"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_the_library_does_not_import_experiments_or_tests():
     for path in (REPO / PACKAGE).rglob("*.py"):
         tree = ast.parse(path.read_text())

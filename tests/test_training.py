@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from diffusion_jax import parallel
-from diffusion_jax.builders import build_model, input_shape
+from diffusion_jax.builders import build_model
+from diffusion_jax.latents import model_input_shape as input_shape
 from diffusion_jax.training import train
-from diffusion_jax.training.optim import make_optimizer
+from diffusion_jax.optim import make_optimizer
 from diffusion_jax.training.state import ema_decay
 from diffusion_jax.training.step import build_train_program
 from tests.train_helpers import state_arrays, tiny_config
@@ -131,7 +132,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_an_error_not_a_restart(tmp_pa
     # A checkpoint written before the model's code changed (parameters renamed or reshaped) is
     # not corrupt: resuming must stop with the names that differ, never set it aside and restart.
     from diffusion_jax import runs
-    from diffusion_jax.training.checkpoint import CheckpointMismatch, Checkpointer, abstract_like
+    from diffusion_jax.checkpoints import CheckpointMismatch, Checkpointer, abstract_like
 
     state = train(tiny_config(10), tmp_path)
     shapes = abstract_like(state)
@@ -160,7 +161,7 @@ def test_ema_warmup_and_optimizer_schedule():
     assert float(ema_decay(0, 0.99, False)) == pytest.approx(0.99)
     config = tiny_config()
     config.optim.warmup_steps, config.optim.decay, config.optim.learning_rate = 10, "cosine", 1.0
-    from diffusion_jax.training.optim import learning_rate_schedule
+    from diffusion_jax.optim import learning_rate_schedule
     lr = learning_rate_schedule(config.optim, 110)
     assert float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
     assert float(lr(60)) == pytest.approx(0.5, abs=1e-3) and float(lr(110)) == pytest.approx(0.0, abs=1e-6)
@@ -222,7 +223,7 @@ def test_workdir_check_is_safe_when_processes_share_the_directory(tmp_path):
     # probe file made one process delete it under another (seen in tests/test_multihost.py).
     import threading
 
-    from diffusion_jax.training.workdir import check_workdir
+    from diffusion_jax.workdir import check_workdir
 
     barrier, errors = threading.Barrier(8), []
 

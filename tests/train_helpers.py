@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from diffusion_jax.training.config import base_config
+from diffusion_jax.config import base_config
 
 
 def tiny_config(steps=20, **changes):
@@ -61,7 +61,7 @@ def write_untrained_run(workdir, config, step: int = 1):
     import pathlib
 
     from diffusion_jax import parallel
-    from diffusion_jax.training.checkpoint import Checkpointer
+    from diffusion_jax.checkpoints import Checkpointer
     from diffusion_jax.training.step import build_train_program
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.data.sources import ImageData, to_model_range
+from diffusion_jax.data.sources import ImageData
+from diffusion_jax.viz import to_model_range
 
 
 class Batches:
@@ -70,10 +71,11 @@ class Batches:
             batch["label"] = self.data.labels[idx].astype(np.int32)
         return batch
 
-    def stacked(self, step: int, k: int) -> dict:
-        """Batches step .. step + k - 1 stacked on a leading axis [k, b, ...]."""
-        parts = [self(step + j) for j in range(k)]
-        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+def stacked_batches(batches, step: int, k: int) -> dict:
+    """batches(step) .. batches(step + k - 1) stacked on a leading axis [k, b, ...], for k train
+    steps in one dispatch (`batches` is any step -> batch function: Batches, LatentBatches)."""
+    parts = [batches(step + j) for j in range(k)]
+    return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
 def prefetch(make, steps: Iterator[int], size: int = 2) -> Iterator:

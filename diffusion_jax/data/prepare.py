@@ -37,22 +37,6 @@ class Settings(NamedTuple):
         return {"format": FORMAT, **self._asdict()}
 
 
-def source_rows(data_config, split: str):
-    """(count, read(first, last) -> (uint8 images [n, H, W, C], int32 labels [n])) of a split of
-    a digits / folder / tfds source, read a range at a time."""
-    name, size, channels = data_config.name, data_config.image_size, data_config.channels
-    if name == "digits":
-        data = sources.load_digits(split, size, channels)
-        return len(data.images), lambda a, b: (data.images[a:b + 1], data.labels[a:b + 1])
-    if name.startswith("folder:"):
-        files = sources.folder_files(name[len("folder:"):])
-        return len(files), lambda a, b: (sources.read_folder_images(files[a:b + 1], size, channels),
-                                         np.zeros(b + 1 - a, np.int32))
-    count = sources.tfds_split_size(name, split, data_config.data_dir)
-    return count, lambda a, b: sources.load_tfds(name, f"{split}[{a}:{b + 1}]", size, channels,
-                                                 data_config.data_dir)[:2]
-
-
 def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, labels: np.ndarray) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -69,10 +53,10 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
             process_count: int = 1, progress: bool = True, rows=None) -> dict:
     """Writes (or completes) OUT/<split>/ for the data config's source; returns prepared.json's dict
     once every shard verifies, else the settings (other processes still writing). `rows` =
-    (count, read(first, last)) replaces the source's (`source_rows`), e.g. for synthetic data."""
+    (count, read(first, last)) replaces the source's (`sources.split_rows`), e.g. for synthetic data."""
     if shard_size < 1:
         raise UsageError(f"--shard_size must be at least 1, got {shard_size}")
-    count, read = rows or source_rows(data_config, split)
+    count, read = rows or sources.split_rows(data_config, split)
     if count == 0:
         raise UsageError(f"split {split!r} of {data_config.name!r} is empty: nothing to prepare")
     settings = Settings(data_config.name, split, int(data_config.image_size), int(data_config.channels),

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffusion_jax.viz import to_model_range
 from diffusion_jax.errors import UsageError
 
 DIGITS_VALIDATION = 300
@@ -31,11 +32,6 @@ class ImageData(NamedTuple):
     def model_range(self, index=slice(None)) -> np.ndarray:
         """images[index] as float32 in [-1, 1]."""
         return to_model_range(self.images[index])
-
-
-def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images_uint8.astype(np.float32) / 127.5 - 1.0
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -175,15 +171,48 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
     return ImageData(array, np.asarray(labels, np.int32), process_shard=process_count > 1)
 
 
-def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:
-    """The split named in a run's data config (see training/config.py)."""
-    name = data_config.name
-    size, channels = data_config.image_size, data_config.channels
+SOURCE_KINDS = ("digits", "folder", "array_record", "tfds")
+
+
+def parse_source(name: str) -> tuple[str, str]:
+    """(kind, argument) of a data.name, the one place a dataset name is read: ("digits", ""),
+    ("folder", PATH), ("array_record", DIR) or ("tfds", BUILDER)."""
     if name == "digits":
+        return "digits", ""
+    for kind in ("folder", "array_record"):
+        if name.startswith(f"{kind}:"):
+            return kind, name[len(kind) + 1:]
+    return "tfds", name
+
+
+def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:
+    """The split named in a run's data config (see config.py), in memory (a prepared one: read
+    by index from its shards)."""
+    kind, where = parse_source(data_config.name)
+    size, channels = data_config.image_size, data_config.channels
+    if kind == "digits":
         return load_digits(split, size, channels)
-    if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], size, channels)
-    if name.startswith("array_record:"):
+    if kind == "folder":
+        return load_folder(where, size, channels)
+    if kind == "array_record":
         from diffusion_jax.data.prepared import load_prepared
-        return ImageData(*load_prepared(name[len("array_record:"):], split, size, channels))
-    return load_tfds(name, split, size, channels, data_config.data_dir, process_index, process_count)
+        return ImageData(*load_prepared(where, split, size, channels))
+    return load_tfds(where, split, size, channels, data_config.data_dir, process_index, process_count)
+
+
+def split_rows(data_config, split: str):
+    """(count, read(first, last) -> (uint8 images [n, H, W, C], int32 labels [n])) of a split of
+    a digits / folder / tfds source, read a range at a time (what `prepare` writes shards from)."""
+    kind, where = parse_source(data_config.name)
+    size, channels = data_config.image_size, data_config.channels
+    if kind == "digits":
+        data = load_digits(split, size, channels)
+        return len(data.images), lambda a, b: (data.images[a:b + 1], data.labels[a:b + 1])
+    if kind == "folder":
+        files = folder_files(where)
+        return len(files), lambda a, b: (read_folder_images(files[a:b + 1], size, channels),
+                                         np.zeros(b + 1 - a, np.int32))
+    if kind == "array_record":
+        raise UsageError(f"{data_config.name!r} is prepared already: train from it (data.name={data_config.name})")
+    count = tfds_split_size(where, split, data_config.data_dir)
+    return count, lambda a, b: load_tfds(where, f"{split}[{a}:{b + 1}]", size, channels, data_config.data_dir)[:2]

@@ -17,7 +17,9 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics
-from diffusion_jax.generation import describe_guidance, make_generator, sampler_settings
+from diffusion_jax.conditioning import describe_guidance
+from diffusion_jax.config import sampler_settings
+from diffusion_jax.generation import make_generator
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.runs import load_run
 
@@ -70,7 +72,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     model_inputs = held_out_images
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
         vae = latents.load_vae(latents.vae_source(c))
-        model_inputs = latents.encode(vae, held_out_images[: c.eval.num_examples], jax.random.PRNGKey(seed))
+        model_inputs = latents.encode_images(vae, held_out_images[: c.eval.num_examples], jax.random.PRNGKey(seed))
     metrics = noise_prediction_metrics(denoise, run.schedule, model_inputs,
                                        num_examples=c.eval.num_examples, seed=seed,
                                        prediction=c.diffusion.prediction)

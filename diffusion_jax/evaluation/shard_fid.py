@@ -17,6 +17,7 @@ from diffusion_jax.evaluation.frechet import (FeatureSums, feature_sums, frechet
                                               statistics_from_sums)
 from diffusion_jax.files import read_json_object, sha256_file
 from diffusion_jax.shards import ShardDir
+from diffusion_jax.viz import to_model_range
 
 
 def feature_extractor(features: str, inception_weights=None):
@@ -81,7 +82,7 @@ def shard_feature_sums(directory, extract) -> FeatureSums:
         if record is None:
             raise UsageError(f"shard {store.path(first, last).name} does not verify ({why}): run the generate "
                              "command again to remake it")
-        images = store.load(first, last)["images"].astype(np.float32) / 127.5 - 1.0
+        images = to_model_range(store.load(first, last)["images"])
         part = feature_sums(extract(images))
         sums = part if sums is None else sums + part
     return pool_across_processes(sums)

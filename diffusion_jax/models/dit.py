@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import DenseGELU, MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.layers import DenseGELU, MultiHeadSelfAttention, embed_labels, timestep_embedding
 from diffusion_jax.models.ops import adaptive_layer_norm
 
 Dtype = Any
@@ -123,9 +123,7 @@ class DiT(nn.Module):
         temb = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")(temb)
         c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
         if self.num_classes:
-            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
-            c = c + nn.Embed(self.num_classes + 1, self.hidden, param_dtype=self.param_dtype,
-                             name="y_embedder")(labels).astype(jnp.float32)
+            c = c + embed_labels(y, B, self.num_classes, self.hidden, self.param_dtype, "y_embedder")
         c = c.astype(self.dtype)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock

@@ -138,3 +138,11 @@ class MultiHeadSelfAttention(nn.Module):
         init = nn.initializers.zeros if self.zero_init_out else nn.linear.default_kernel_init
         return nn.Dense(C, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
                         name="proj")(h.reshape(B, L, C))
+
+
+def embed_labels(y, batch: int, num_classes: int, features: int, param_dtype, name: str):
+    """The class embedding float32 [batch, features] of labels y [batch] (cast to int32; None: the
+    null class, index num_classes, which classifier-free guidance also uses). Called inside a
+    module's compact method: the table is that module's nn.Embed `name`, num_classes + 1 rows."""
+    labels = jnp.full((batch,), num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+    return nn.Embed(num_classes + 1, features, param_dtype=param_dtype, name=name)(labels).astype(jnp.float32)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, timestep_embedding
+from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, embed_labels, timestep_embedding
 
 Dtype = Any
 
@@ -181,9 +181,7 @@ class UNet(nn.Module):
         temb = dense(4 * self.ch, "temb_dense0")(temb)
         temb = dense(4 * self.ch, "temb_dense1")(nn.silu(temb))
         if self.num_classes:
-            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else y
-            temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=self.param_dtype,
-                                   name="label_emb")(labels).astype(jnp.float32)
+            temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
         temb = temb.astype(self.dtype)
 
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock

@@ -7,4 +7,3 @@ from diffusion_jax.samplers import discrete, sigma  # register the samplers
 from diffusion_jax.samplers.driver import decode, encode, guided_denoise_fn, sample, sampling_grid
 from diffusion_jax.samplers.registry import Grid, Sampler, get_sampler, register, sampler_names
 
-METHODS = sampler_names()

@@ -23,14 +23,15 @@ import jax
 
 from diffusion_jax import latents, parallel, viz
 from diffusion_jax.data import Batches, load_split, prefetch
+from diffusion_jax.data.pipeline import stacked_batches
 from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
 from diffusion_jax.generation import make_generator
-from diffusion_jax.training.checkpoint import Checkpointer, abstract_like, summarize
-from diffusion_jax.training.config import validate_config
+from diffusion_jax.checkpoints import Checkpointer, abstract_like, summarize
+from diffusion_jax.config import validate_config
 from diffusion_jax.training.logbook import MetricWriter
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.step import TrainProgram, build_train_program
-from diffusion_jax.training.workdir import WorkdirLock, check_workdir, write_config
+from diffusion_jax.workdir import WorkdirLock, check_workdir, write_config
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def train(config, workdir, *, stop_after: int | None = None) -> TrainState:
                     Periodic(tc.ckpt_every, save)]
 
         progress = _progress_bar(is_main and tc.progress, start, end)
-        make_batch = (lambda s: batches.stacked(s, k)) if k > 1 else batches
+        make_batch = (lambda s: stacked_batches(batches, s, k)) if k > 1 else batches
         steps = range(start, end - (end - start) % k, k)
         metrics = None
         started = time.perf_counter()

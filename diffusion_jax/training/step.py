@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.builders import build_model, build_schedule, input_shape, num_model_classes
+from diffusion_jax.builders import build_model, build_schedule, num_model_classes
+from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
-from diffusion_jax.training.optim import make_optimizer, tree_norm
+from diffusion_jax.optim import make_optimizer, tree_norm
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
 
 
@@ -96,7 +97,7 @@ def build_train_program(config, mesh) -> TrainProgram:
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)
-    init = make_init_fn(model, optimizer, input_shape(config), config.seed)
+    init = make_init_fn(model, optimizer, model_input_shape(config), config.seed)
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
                                      state_shapes, mesh, stacked=k > 1)

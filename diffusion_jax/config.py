@@ -8,6 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 from diffusion_jax.errors import UsageError
+from diffusion_jax.samplers import get_sampler, sampling_grid
+from diffusion_jax.schedules import Schedule
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -108,6 +110,7 @@ def validate_config(config) -> None:
     the setting and what it accepts."""
     from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
     from diffusion_jax.losses import WEIGHTINGS
+    from diffusion_jax.optim import DECAYS, OPTIMIZERS
     from diffusion_jax.samplers import sampler_names
     from diffusion_jax.schedules import SCHEDULE_NAMES
 
@@ -133,8 +136,8 @@ def validate_config(config) -> None:
                                 ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
                                 ("diffusion.schedule", config.diffusion.schedule, SCHEDULE_NAMES),
                                 ("sample.method", config.sample.method, sampler_names()),
-                                ("optim.optimizer", config.optim.optimizer, ("adam", "adamw")),
-                                ("optim.decay", config.optim.decay, ("constant", "cosine"))):
+                                ("optim.optimizer", config.optim.optimizer, tuple(OPTIMIZERS)),
+                                ("optim.decay", config.optim.decay, tuple(DECAYS))):
         if value not in allowed:
             raise UsageError(f"unknown {key} {value!r}; choose one of {tuple(allowed)}")
     if config.data.use_labels and config.data.num_classes < 1:
@@ -144,11 +147,70 @@ def validate_config(config) -> None:
         raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
                          "(data.use_labels is False): label dropout trains classifier-free guidance of a "
                          "class-conditional model; set it to 0 or use labels")
-    if config.sample.steps > config.diffusion.num_timesteps:
-        raise UsageError(f"sample.steps ({config.sample.steps}) cannot exceed diffusion.num_timesteps "
-                         f"({config.diffusion.num_timesteps})")
     from diffusion_jax.builders import build_schedule
-    from diffusion_jax.generation import guidance_enabled, sampler_settings
+    from diffusion_jax.conditioning import guidance_enabled
 
     guidance_enabled(config, config.sample.guidance_scale)
     sampler_settings(config, build_schedule(config))
+
+
+def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None, eta=None):
+    """(method, steps, options) to sample a run with: the arguments, else config.sample. The
+    config's `sample.options` and `sample.eta` belong to its own method and apply to it only;
+    `options` (and `eta`, DDIM's option of that name) are added on top, every one checked by
+    the sampler's declaration of it. Checked here, before any work is done: an eta for a
+    sampler without one is an error, not ignored."""
+    s = config.sample
+    own = method is None or method == s.method
+    method = s.method if method is None else method
+    steps = s.steps if steps is None else steps
+    options = dict(options or {})
+    if eta is not None:
+        if "eta" in options and options["eta"] != eta:
+            raise UsageError(f"eta given twice with different values ({eta} and --option eta="
+                             f"{options['eta']}): give it once")
+        options["eta"] = eta
+    merged = {**(dict(s.get("options", {})) if own else {}), **options}
+    config_eta = float(s.get("eta", 0.0)) if own else 0.0
+    if "eta" in get_sampler(method).step_options:
+        merged.setdefault("eta", config_eta)
+    elif "eta" in merged:
+        raise UsageError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
+                         "one): drop --eta, or choose --method ddim")
+    elif config_eta:
+        raise UsageError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
+                         "set --config.sample.eta=0 or choose --method ddim")
+    sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
+    checked = get_sampler(method).check_options(merged)
+    return method, steps, checked
+
+
+# ---------------------------------------------------------------------------- what a checkpoint must agree with
+def _as_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def config_fingerprint(config) -> dict:
+    """The parts of a config (a ConfigDict or its dict) a checkpoint must agree with to be resumed."""
+    c = _as_dict(config)
+    return {"model": c["model"], "diffusion": c["diffusion"],
+            "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
+                     if k in c["data"]}}
+
+
+def config_differences(old, new, prefix: str = "") -> list[str]:
+    """["key.path was A, now B", ...] for every leaf where two nested dicts differ."""
+    old, new = _as_dict(old), _as_dict(new)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_differences(a, b, f"{prefix}{key}.")
+        elif _normalise(a) != _normalise(b):
+            changes.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return changes
+
+
+def _normalise(value):
+    """Lists and tuples alike (a config read back from JSON has lists)."""
+    return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value

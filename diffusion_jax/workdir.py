@@ -19,7 +19,7 @@ import uuid
 
 from diffusion_jax.errors import WorkdirLocked
 from diffusion_jax.files import ensure_writable_dir, pid_alive, write_atomically
-from diffusion_jax.training.checkpoint import config_differences
+from diffusion_jax.config import config_differences
 
 log = logging.getLogger(__name__)
 

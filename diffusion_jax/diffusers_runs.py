@@ -15,7 +15,8 @@ import jax
 import ml_collections
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.builders import build_model, input_shape
+from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_model
+from diffusion_jax.latents import model_input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
 from diffusion_jax.models import DiT, UNet, param_shapes
 
@@ -23,9 +24,6 @@ log = logging.getLogger(__name__)
 
 # The preset each class's imports are based on; model.overrides replaces all of its fields.
 _BASE_PRESET = {UNet: "ddpm_cifar10", DiT: "dit_xl2"}
-# Fields a run's config decides elsewhere (build_model sets them), not in model.overrides.
-_DECIDED_BY_THE_RUN = {"parent", "name", "dtype", "param_dtype", "remat", "learn_sigma", "num_classes",
-                       "attention_impl", "autodiff_ops", "ops_impl"}
 
 
 def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str = "") -> ml_collections.ConfigDict:
@@ -39,7 +37,7 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
                          f"{imported.config.get('_class_name')}: give the backbone's directory (or --subfolder)")
     config = ml_collections.ConfigDict(config.to_dict())
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-              if f.name not in _DECIDED_BY_THE_RUN}
+              if f.name not in RUN_FIELDS + IMPLEMENTATION_FIELDS}
     config.model.name = _BASE_PRESET[type(model)]
     config.model.overrides = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in fields.items()})
@@ -65,11 +63,11 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
 
 def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
     """config.json and a step-0 checkpoint whose params and EMA params are the imported ones."""
-    from diffusion_jax.training.checkpoint import Checkpointer
-    from diffusion_jax.training.config import validate_config
-    from diffusion_jax.training.optim import make_optimizer
+    from diffusion_jax.checkpoints import Checkpointer
+    from diffusion_jax.config import validate_config
+    from diffusion_jax.optim import make_optimizer
     from diffusion_jax.training.state import create_train_state
-    from diffusion_jax.training.workdir import check_workdir, write_config
+    from diffusion_jax.workdir import check_workdir, write_config
 
     validate_config(config)
     workdir = check_workdir(workdir)
@@ -77,7 +75,7 @@ def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
     if checkpoints.exists() and any(checkpoints.iterdir()):
         raise UsageError(f"{workdir} already holds a run's checkpoints: import into a new directory")
     model = build_model(config)
-    expected = param_shapes(model, input_shape(config))
+    expected = param_shapes(model, model_input_shape(config))
     if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(imported.params):
         raise UsageError("the run's config builds a model whose parameters differ from the imported ones; "
                          "do not override model settings on import")
@@ -103,5 +101,5 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     run = load_run(workdir, step)
     ensure_new_dir(out, "--out")
     d = run.config.diffusion
-    return save_diffusers(out, run.model, run.ema_params, run.schedule, input_shape=input_shape(run.config),
+    return save_diffusers(out, run.model, run.ema_params, run.schedule, input_shape=model_input_shape(run.config),
                           prediction=d.prediction, variance=d.variance, clip_x0=bool(run.config.sample.clip_x0))

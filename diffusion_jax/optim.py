@@ -15,15 +15,24 @@ def tree_norm(tree):
     return optax.global_norm(tree)
 
 
+# The learning rate after warm-up, by optim.decay: (config, steps after warm-up) -> schedule.
+DECAYS = {"constant": lambda c, steps: optax.constant_schedule(c.learning_rate),
+          "cosine": lambda c, steps: optax.cosine_decay_schedule(c.learning_rate, max(steps, 1))}
+# The optimizer, by optim.optimizer: (config, learning-rate schedule) -> transformation.
+OPTIMIZERS = {"adam": lambda c, lr: optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps),
+              "adamw": lambda c, lr: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)}
+
+
+def _chosen(table: dict, key: str, value: str):
+    if value not in table:
+        raise UsageError(f"unknown {key} {value!r}; choose one of {tuple(table)}")
+    return table[value]
+
+
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     c = optim_config
     warmup = max(int(c.warmup_steps), 0)
-    if c.decay == "constant":
-        after = optax.constant_schedule(c.learning_rate)
-    elif c.decay == "cosine":
-        after = optax.cosine_decay_schedule(c.learning_rate, max(total_steps - warmup, 1))
-    else:
-        raise UsageError(f"unknown optim.decay {c.decay!r}; choose 'constant' or 'cosine'")
+    after = _chosen(DECAYS, "optim.decay", c.decay)(c, total_steps - warmup)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), after], [warmup])
@@ -31,13 +40,7 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
     c = optim_config
-    lr = learning_rate_schedule(c, total_steps)
-    if c.optimizer == "adam":
-        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
-    elif c.optimizer == "adamw":
-        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    else:
-        raise UsageError(f"unknown optim.optimizer {c.optimizer!r}; choose 'adam' or 'adamw'")
+    opt = _chosen(OPTIMIZERS, "optim.optimizer", c.optimizer)(c, learning_rate_schedule(c, total_steps))
     if c.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
     if c.skip_nonfinite:

@@ -1,0 +1,42 @@
+"""`import` (a diffusers model directory as a run) and `export` (a run's EMA model as one)."""
+from __future__ import annotations
+
+from diffusion_jax.cli import overrides as config_overrides
+from diffusion_jax.cli.arguments import at_least
+
+
+def register(sub) -> None:
+    m = sub.add_parser("import", help="a diffusers model as a run", allow_abbrev=False,
+                       epilog="Settings of the run made are overridden by --config.SECTION.KEY=VALUE.")
+    m.add_argument("--from", dest="source", required=True, help="a diffusers model directory or Hub repository id")
+    m.add_argument("--workdir", required=True, help="the new run's directory")
+    m.add_argument("--subfolder", help="the model's subfolder in a pipeline: unet, transformer")
+    m.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
+                                             "or a pipeline with a vae/ folder)")
+    m.set_defaults(run=lambda args, overrides: import_command(args, overrides), takes_overrides=True)
+    x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
+    x.add_argument("--workdir", required=True, help="the run to export")
+    x.add_argument("--out", required=True, help="a new or empty directory")
+    x.add_argument("--checkpoint", type=at_least(0))
+    x.set_defaults(run=lambda args: export_command(args))
+
+
+def import_command(args, overrides) -> None:
+    from diffusion_jax.interop import load_diffusers
+    from diffusion_jax.diffusers_runs import run_config, write_imported_run
+    from diffusion_jax.models import count_params
+    from diffusion_jax.config import base_config
+
+    imported = load_diffusers(args.source, args.subfolder)
+    config = config_overrides.from_dict(run_config(imported, base_config(), args.vae), overrides)
+    workdir = args.workdir
+    write_imported_run(imported, config, workdir)
+    print(f"imported {imported.config['_class_name']} ({count_params(imported.params):,} parameters) into "
+          f"{workdir}: sample, evaluate or train it (train --workdir {workdir} --config.train.steps=N)")
+
+
+def export_command(args) -> None:
+    from diffusion_jax.diffusers_runs import export_run
+
+    out = export_run(args.workdir, args.out, args.checkpoint)
+    print(f"wrote {out} (diffusers format: config.json, diffusion_pytorch_model.safetensors, scheduler/)")
