@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Tests use 8 virtual CPU devices to exercise sharding; xdist runs 2 workers on the 2 cores.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: install test demo bench bench-gpu lint clean
+.PHONY: install test test-fast demo bench bench-gpu lint clean
 
 # Two installs: the package alone (CORE, what `make demo` and `make bench` need: no TensorFlow,
 # no torch) and with its dev extra (STAMP, for the tests). pip byte-compiles the dependencies'
@@ -34,6 +34,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
+
+# The quick tier for the edit-test loop: pure functions and oracles (tests/conftest.py's SLOW_MODULES are left out).
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not slow" --durations=10 tests
 
 demo: $(CORE)
 	$(PY) -m experiments.digits_unet --workdir runs/digits

@@ -23,7 +23,7 @@ def job(workdir, count, method, steps, batch, out) -> dict:
     import jax
 
     from diffusion_jax import shards
-    from diffusion_jax.generate_job import generate_samples
+    from diffusion_jax.jobs.generate import generate_samples
 
     written, original = [], shards.ShardDir.write
 

@@ -197,20 +197,3 @@ def config_fingerprint(config) -> dict:
             "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
                      if k in c["data"]}}
 
-
-def config_differences(old, new, prefix: str = "") -> list[str]:
-    """["key.path was A, now B", ...] for every leaf where two nested dicts differ."""
-    old, new = _as_dict(old), _as_dict(new)
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_differences(a, b, f"{prefix}{key}.")
-        elif _normalise(a) != _normalise(b):
-            changes.append(f"{prefix}{key} was {a!r}, now {b!r}")
-    return changes
-
-
-def _normalise(value):
-    """Lists and tuples alike (a config read back from JSON has lists)."""
-    return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -92,10 +92,20 @@ def read_json_object(path, fix: str) -> dict:
     return value
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """'KEY was OLD, now NEW' for every key whose value differs."""
-    return [f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+def differences(old, new, prefix: str = "") -> list[str]:
+    """["key.path was A, now B", ...] for every leaf where two nested dicts (or ConfigDicts)
+    differ; lists and tuples alike (a dict read back from JSON has lists)."""
+    as_dict = lambda d: d.to_dict() if hasattr(d, "to_dict") else dict(d)
+    same = lambda v: [same(x) for x in v] if isinstance(v, (list, tuple)) else v
+    old, new = as_dict(old), as_dict(new)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += differences(a, b, f"{prefix}{key}.")
+        elif same(a) != same(b):
+            changes.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return changes
 
 
 def claim_directory(path, settings: dict, what: str, write: bool = True) -> None:

@@ -18,8 +18,7 @@ import time
 import uuid
 
 from diffusion_jax.errors import WorkdirLocked
-from diffusion_jax.files import ensure_writable_dir, pid_alive, write_atomically
-from diffusion_jax.config import config_differences
+from diffusion_jax.files import differences, ensure_writable_dir, pid_alive, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def write_config(workdir, config, resumed_step: int | None) -> list[str]:
             old = json.loads(path.read_text())
         except ValueError:
             old = {}
-        changes = config_differences(old, config.to_dict())
+        changes = differences(old, config.to_dict())
         kept = workdir / f"config.{resumed_step or 0}.json"
         if changes and not kept.exists():
             kept.write_text(path.read_text())

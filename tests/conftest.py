@@ -13,10 +13,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 
 
+# The two tiers, decided here. `make test-fast` (-m "not slow") runs the pure-function and oracle
+# tests (float64 formulas, Monte Carlo moments, the Gaussian data set, diffusers' own schedulers
+# and models); `make test` runs everything, the modules below too: they train runs, run
+# commands, start processes, or compile whole models.
+SLOW_MODULES = {"test_benchmarks", "test_cli_errors", "test_compilation_cache", "test_conditioning",
+                "test_evaluation", "test_faults", "test_generate_job", "test_inception", "test_interop_runs",
+                "test_models", "test_multihost", "test_pallas_ops", "test_prepared", "test_readme",
+                "test_training"}
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup`, every test marked xdist_group must carry its group in its node
-    id (xdist adds it), else the groups are silently split across workers."""
+    """Marks the tests of SLOW_MODULES slow (before -m selects). Under `--dist loadgroup`, every
+    test marked xdist_group must carry its group in its node id (xdist adds it), else the groups
+    are silently split across workers."""
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     result = yield
     if getattr(config.option, "loadgroup", False):
         ungrouped = [item.nodeid for item in items

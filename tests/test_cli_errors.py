@@ -403,7 +403,7 @@ def test_every_commands_help_runs_and_lists_its_required_flags(capsys):
 
 
 def test_eta_belongs_to_ddim_and_is_checked_before_a_job_claims_its_directory(places, tmp_path):
-    from diffusion_jax.generate_job import generate_samples
+    from diffusion_jax.jobs.generate import generate_samples
     for method in ("heun", "ddpm", "dpm++_2m"):  # was: rc 0, eta ignored, and recorded in job.json
         with pytest.raises(ValueError, match=re.escape(f"sampler '{method}' has no eta")):
             generate_samples(places / "run", tmp_path / method, 2, method=method, steps=2, eta=0.7)

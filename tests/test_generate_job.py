@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import cli, parallel
-from diffusion_jax.generate_job import generate_samples
+from diffusion_jax.jobs.generate import generate_samples
 from diffusion_jax.shards import ShardDir
 from tests.train_helpers import tiny_config
 
@@ -52,7 +52,7 @@ def test_images_do_not_depend_on_batch_size_or_devices(run, tmp_path):
     assert [s["file"] for s in first["shards"]] == [
         "samples_00000000_00000019.npz", "samples_00000020_00000039.npz", "samples_00000040_00000049.npz"]
     # One device instead of 8, sample by sample.
-    import diffusion_jax.generate_job as job
+    import diffusion_jax.jobs.generate as job
     from unittest import mock
     one = [jax.devices()[0]]
     with mock.patch.object(job, "make_mesh", lambda devices: parallel.make_mesh(devices=one)):
@@ -237,7 +237,8 @@ def _free_port() -> int:
 
 KILLER = """
 import os, signal, sys
-from diffusion_jax import generate_job, shards
+from diffusion_jax import shards
+from diffusion_jax.jobs import generate as generate_job
 calls, original, when = [0], shards.ShardDir.write, sys.argv[3]
 def write(self, first, last, **arrays):
     calls[0] += 1

@@ -29,8 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffusion_jax.checkpoints.integrity import StateSummary, named_shapes, saved_param_shapes, state_groups, summarize, verify
-from diffusion_jax.config import config_differences, config_fingerprint
+from diffusion_jax.config import config_fingerprint
 from diffusion_jax.errors import CheckpointMismatch, UsageError
+from diffusion_jax.files import differences
 from diffusion_jax.parallel import agree_across_processes
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class Checkpointer:
         `config` and holds arrays of the layout of `groups` ({field of the TrainState: tree})."""
         saved_config = record.get("config")
         if saved_config is not None:
-            changed = config_differences(config_fingerprint(saved_config), config_fingerprint(config))
+            changed = differences(config_fingerprint(saved_config), config_fingerprint(config))
             if changed:
                 raise CheckpointMismatch(
                     f"the checkpoint at step {step} in this workdir was written by a different config "
@@ -173,7 +174,7 @@ class Checkpointer:
                 _raise_on_param_difference(step, self.directory, _as_shapes(layout.get(name, {})),
                                            named_shapes(groups[name]))
         if "opt_state" in groups and _as_shapes(layout.get("opt_state", {})) != named_shapes(groups["opt_state"]):
-            changed = config_differences((saved_config or {}).get("optim", {}), config.optim.to_dict(), "optim.")
+            changed = differences((saved_config or {}).get("optim", {}), config.optim.to_dict(), "optim.")
             raise CheckpointMismatch(
                 f"the optimizer state saved at step {step} has another structure than this config's "
                 f"({'; '.join(changed) or 'the optimizer code changed'}): the optimizer, clipping on or off, "

@@ -63,7 +63,7 @@ def sample_path(out) -> pathlib.Path:
 
 
 def generate_command(args):
-    from diffusion_jax.generate_job import generate_samples
+    from diffusion_jax.jobs.generate import generate_samples
     from diffusion_jax.parallel import maybe_initialize_distributed
 
     ensure_writable_dir(args.out, "--out")
