@@ -12,6 +12,7 @@ from diffusion_jax.diffusion import (MeanVariance, ddim_step, eps_from_v, eps_fr
 from diffusion_jax.likelihood import (discretized_gaussian_log_likelihood, nll_bpd, normal_kl,
                                       prior_bpd, vlb_terms_bpd)
 from diffusion_jax.losses import loss_weight, snr, training_loss
+from diffusion_jax.processes import make_process, process_names
 from diffusion_jax.compilation_cache import enable_compilation_cache
 
 __version__ = "0.1.0"
