@@ -154,3 +154,26 @@ def test_noisy_gaussian_data_has_the_marginal_moments(name):
     std = np.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
     assert abs(float(x.mean()) - alpha * mu) < 5 * std / np.sqrt(n)
     assert abs(float(x.std()) - std) < 5 * std / np.sqrt(2 * n)
+
+
+def test_edm_preconditioning_is_nvlabs_edmprecond_around_any_backbone():
+    """NVlabs/edm's EDMPrecond.forward, written in torch float64 with the same toy backbone F."""
+    torch = pytest.importorskip("torch")
+    from diffusion_jax.processes.edm import precondition
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4, 4, 3)).astype(np.float32) * 10
+    sigma = np.exp(rng.uniform(np.log(0.002), np.log(80.0), 6)).astype(np.float32)
+    weights = rng.standard_normal(3).astype(np.float32)
+
+    def backbone(x_in, c_noise):  # any function of (input, noise level): a stand-in for a U-Net or DiT
+        return jnp.tanh(x_in * weights) + c_noise[:, None, None, None]
+
+    ours = np.asarray(jax.jit(precondition(backbone, sigma_data=0.5))(x, sigma))
+    xt, st, sd = torch.tensor(x, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1), 0.5
+    c_skip = sd ** 2 / (st ** 2 + sd ** 2)
+    c_out = st * sd / (st ** 2 + sd ** 2).sqrt()
+    c_in = 1 / (sd ** 2 + st ** 2).sqrt()
+    c_noise = st.log() / 4
+    f = torch.tanh(c_in * xt * torch.tensor(weights, dtype=torch.float64)) + c_noise
+    theirs = (c_skip * xt + c_out * f).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())

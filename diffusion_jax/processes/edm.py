@@ -58,4 +58,25 @@ class EDMProcess:
         return np.append((hi + ramp * (lo - hi)) ** self.rho, 0.0)
 
 
+def precondition(backbone_fn, sigma_data: float = 0.5):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) around any backbone: the denoiser
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), an "x0" predictor of the "edm" process, with
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4 (sd = sigma_data).
+
+    backbone_fn(x_in [B, ...], c_noise [B], *cond) -> F [B, ...] (a U-Net's or DiT's apply); the
+    result is denoise_fn(x [B, ...], sigma [B], *cond) -> D [B, ...] in float32.
+    """
+    def denoise(x, sigma, *cond):
+        x = jnp.asarray(x, jnp.float32)
+        sigma = jnp.asarray(sigma, jnp.float32)
+        s = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+        total = s * s + sigma_data * sigma_data
+        c_skip, c_out, c_in = sigma_data ** 2 / total, s * sigma_data * jax.lax.rsqrt(total), jax.lax.rsqrt(total)
+        out = backbone_fn(c_in * x, jnp.log(sigma) / 4.0, *cond)
+        return c_skip * x + c_out * jnp.asarray(out, jnp.float32)
+
+    return denoise
+
+
 register("edm", EDMProcess)

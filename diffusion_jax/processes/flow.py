@@ -45,8 +45,8 @@ class FlowProcess:
     def model_time(self, t):
         return float(self.num_train_timesteps) * jnp.asarray(t, jnp.float32)
 
-    def shifted(self, t, xp=np):
-        """t moved by the process's shift (static or, with use_dynamic_shifting, by mu)."""
+    def shifted(self, t):
+        """t (NumPy or JAX) moved by the process's shift (static or, with use_dynamic_shifting, by mu)."""
         if self.use_dynamic_shifting:
             if self.mu is None:
                 raise UsageError("process 'flow' has use_dynamic_shifting=True: give mu (diffusers computes it "
