@@ -37,7 +37,7 @@ def times_and_weights(name, time_sampling, shift=1.0):
             return np.exp(-1.2 + 1.2 * z), w
         u = 1 / (1 + np.exp(-z))
     else:
-        x, w = np.polynomial.legendre.leggauss(4000)
+        x, w = np.polynomial.legendre.leggauss(1000)
         v, w = (x + 1) / 2, w / 2
         u = v if time_sampling == "uniform" else 1 - v - 1.29 * (np.cos(np.pi * v / 2) ** 2 - 1 + v)
     u = np.clip(u, MARGIN, 1 - MARGIN)
