@@ -80,3 +80,15 @@ def from_prediction(prediction: str, process, t, x_t, out):
         alpha, sigma, p, q = coefficients(process, t, x_t, derivatives=True)
     determinant = alpha * q - sigma * p
     return (q * x_t - sigma * out) / determinant, (alpha * out - p * x_t) / determinant
+
+
+def ode_velocity(prediction: str, process, t, x_t, out, clip_x0: bool = False):
+    """(dx/dt [B, ...], x0 [B, ...]) of a model output: the velocity alpha'(t) x0 + sigma'(t) eps of
+    the probability-flow ODE through x_t, from the (x0, eps) the output implies; with `clip_x0`,
+    x0 clipped to [-1, 1] and eps made consistent with it."""
+    x0, eps = from_prediction(prediction, process, t, x_t, out)
+    alpha, sigma, d_alpha, d_sigma = coefficients(process, t, x_t, derivatives=True)
+    if clip_x0:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (jnp.asarray(x_t, jnp.float32) - alpha * x0) / sigma
+    return d_alpha * x0 + d_sigma * eps, x0

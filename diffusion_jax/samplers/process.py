@@ -27,7 +27,7 @@ import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import from_prediction
-from diffusion_jax.processes.targets import coefficients
+from diffusion_jax.processes.targets import coefficients, ode_velocity
 
 
 class ProcessContext(NamedTuple):
@@ -49,13 +49,7 @@ def _full(x, t):
 def slope(ctx: ProcessContext, x, t):
     """(dx/dt = alpha'(t) x0 + sigma'(t) eps, x0) of the model at state x [B, ...], time t (scalar)."""
     tb = _full(x, t)
-    out = ctx.model(x, ctx.process.model_time(tb))
-    x0, eps = from_prediction(ctx.prediction, ctx.process, tb, x, out)
-    alpha, sigma, d_alpha, d_sigma = coefficients(ctx.process, tb, x, derivatives=True)
-    if ctx.clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = (x - alpha * x0) / sigma
-    return d_alpha * x0 + d_sigma * eps, x0
+    return ode_velocity(ctx.prediction, ctx.process, tb, x, ctx.model(x, ctx.process.model_time(tb)), ctx.clip_x0)
 
 
 def euler_step(ctx, x, t, t_next, noise):
