@@ -107,6 +107,11 @@ def _bad_inputs_of_the_newer_commands(root):
                          ("string_for_int", {"norm_num_groups": "four"})):
         shutil.copytree(root / "exported", root / name)
         (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    shutil.copytree(root / "exported", root / "gelu_unet")
+    (root / "gelu_unet" / "config.json").write_text(json.dumps({**config, "act_fn": "gelu"}))
+    shutil.copytree(root / "exported", root / "sigmoid_schedule")
+    (root / "sigmoid_schedule" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDPMScheduler", "beta_schedule": "sigmoid"}))
     shutil.copytree(root / "exported", root / "bad_scheduler")
     (root / "bad_scheduler" / "scheduler" / "scheduler_config.json").write_text("{not json")
     shutil.copytree(root / "exported", root / "wrong_scheduler")
@@ -312,6 +317,8 @@ NEWER_COMMANDS = {
     "import: scheduler field of the wrong type": (IMPORT + ["{root}/wrong_scheduler"],
                                                   "num_train_timesteps = '1000' has the wrong type"),
     "import: empty config.json": (IMPORT + ["{root}/empty_config"], "config.json is empty"),
+    "import: an unsupported model field": (IMPORT + ["{root}/gelu_unet"], "act_fn = 'gelu' is not supported"),
+    "import: an unsupported schedule": (IMPORT + ["{root}/sigmoid_schedule"], "beta_schedule = 'sigmoid' is not supported"),
     "import: NaN weights": (IMPORT + ["{root}/nan_weights"], "non-finite value(s)"),
     "import: unknown argument": (IMPORT + ["{root}/exported", "--bogus"], "unrecognized arguments: --bogus"),
     # export

@@ -177,3 +177,24 @@ def test_edm_preconditioning_is_nvlabs_edmprecond_around_any_backbone():
     f = torch.tanh(c_in * xt * torch.tensor(weights, dtype=torch.float64)) + c_noise
     theirs = (c_skip * xt + c_out * f).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("options", [{}, {"shift": 3.0}, {"use_dynamic_shifting": True, "base_shift": 0.4,
+                                                        "max_shift": 1.2}])
+def test_a_flow_scheduler_config_imports_as_the_flow_process_and_exports_back(options, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_jax.interop.scheduler import flow_process_options, flow_scheduler_config
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(**options)
+    theirs.save_config(tmp_path)
+    import json
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    mu = 0.9 if options.get("use_dynamic_shifting") else None
+    process = make_process("flow", mu=mu, **flow_process_options(config))
+    theirs.set_timesteps(10, mu=mu)
+    np.testing.assert_allclose(process.default_grid(10), theirs.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    back = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow_scheduler_config(process))
+    back.set_timesteps(10, mu=mu)
+    np.testing.assert_array_equal(back.sigmas.numpy(), theirs.sigmas.numpy())
+    for field, value in (("use_karras_sigmas", True), ("invert_sigmas", True), ("shift", "3")):
+        with pytest.raises(UsageError, match=field):
+            flow_process_options({**config, field: value})

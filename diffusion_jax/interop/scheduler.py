@@ -1,9 +1,12 @@
 """diffusers scheduler configs (`DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler`,
-...) <-> a run's `diffusion` settings and its sampler's `clip_x0`."""
+...) <-> a run's `diffusion` settings and its sampler's `clip_x0`; and
+`FlowMatchEulerDiscreteScheduler` configs <-> the "flow" process (`flow_process_options`,
+`flow_scheduler_config`)."""
 from __future__ import annotations
 
 import numpy as np
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.files import check_field_types
 from diffusion_jax.schedules import Schedule, cosine_betas, rescale_zero_terminal_snr, scaled_linear_betas
 
@@ -19,7 +22,7 @@ DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
 
 
 def _unsupported(field, value, why):
-    return ValueError(f"scheduler config field {field} = {value!r} is not supported: {why}")
+    return UsageError(f"scheduler config field {field} = {value!r} is not supported: {why}")
 
 
 def betas_from_scheduler(config: dict) -> np.ndarray:
@@ -96,3 +99,41 @@ def scheduler_config(schedule: Schedule, prediction: str = "eps", variance: str 
         if np.allclose(betas_from_scheduler(candidate), betas, rtol=1e-6, atol=0):
             return candidate
     return {**config, "beta_schedule": "linear", "trained_betas": betas.tolist()}
+
+
+# ---------------------------------------------------------------------------- flow matching
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
+                 "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                 "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False}
+# Fields whose only supported value is diffusers' default (the grid would differ otherwise).
+_FLOW_FIXED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+               "time_shift_type", "stochastic_sampling")
+
+
+def flow_process_options(config: dict) -> dict:
+    """The "flow" process options (`make_process("flow", **options)`) of a FlowMatchEulerDiscreteScheduler
+    config.json dict: num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift; a
+    field the process does not model (Karras/exponential/beta sigmas, a terminal shift, inverted
+    sigmas, the linear time shift, stochastic sampling) is an error naming it."""
+    if config.get("_class_name", FLOW_SCHEDULER) != FLOW_SCHEDULER:
+        raise _unsupported("_class_name", config.get("_class_name"), f"a flow run needs a {FLOW_SCHEDULER}")
+    check_field_types(config, {k: v for k, v in FLOW_DEFAULTS.items() if v is not None},
+                      nullable=("base_shift", "max_shift"))
+    c = {**FLOW_DEFAULTS, **config}
+    for field in _FLOW_FIXED:
+        if c[field] != FLOW_DEFAULTS[field]:
+            raise _unsupported(field, c[field], f"the flow process follows diffusers' default ({FLOW_DEFAULTS[field]!r})")
+    return {"num_train_timesteps": int(c["num_train_timesteps"]), "shift": float(c["shift"]),
+            "use_dynamic_shifting": bool(c["use_dynamic_shifting"]),
+            "base_shift": float(c["base_shift"] if c["base_shift"] is not None else 0.5),
+            "max_shift": float(c["max_shift"] if c["max_shift"] is not None else 1.15)}
+
+
+def flow_scheduler_config(process) -> dict:
+    """The FlowMatchEulerDiscreteScheduler config.json dict of a "flow" process (its grid equals
+    the process's `default_grid`; `mu` is a sampling argument, not part of the config)."""
+    return {**FLOW_DEFAULTS, "_class_name": FLOW_SCHEDULER, "num_train_timesteps": int(process.num_train_timesteps),
+            "shift": float(process.shift), "use_dynamic_shifting": bool(process.use_dynamic_shifting),
+            "base_shift": float(process.base_shift), "max_shift": float(process.max_shift)}

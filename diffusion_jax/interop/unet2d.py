@@ -36,7 +36,7 @@ _FIXED = dict(center_input_sample=False, time_embedding_type="positional", time_
 
 
 def _unsupported(field, value, why):
-    return ValueError(f"UNet2DModel config field {field} = {value!r} is not supported: {why}")
+    return UsageError(f"UNet2DModel config field {field} = {value!r} is not supported: {why}")
 
 
 def module_from_config(config: dict):
