@@ -8,6 +8,8 @@ import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models import create_model
+from diffusion_jax.processes import make_process
+from diffusion_jax.processes.edm import precondition
 from diffusion_jax.schedules import Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -72,6 +74,22 @@ def vae_source(config) -> str:
     return str(config.model.get("vae", "") or "")
 
 
+def build_process(config):
+    """The run's forward process: DDPM's `Schedule` (`build_schedule`, what every run before the
+    continuous processes used) or a continuous process (diffusion.process, its process_options)."""
+    name = config.diffusion.get("process", "ddpm")
+    if name == "ddpm":
+        return build_schedule(config)
+    return make_process(name, **dict(config.diffusion.get("process_options", {})))
+
+
+def precondition_of(config):
+    """sigma_data when the run wraps its backbone in EDM's preconditioning (model.precondition), else None."""
+    if config.model.get("precondition", "") != "edm":
+        return None
+    return float(dict(config.diffusion.get("process_options", {})).get("sigma_data", 0.5))
+
+
 def input_shape(config, vae=None) -> tuple:
     """(H, W, C) of one model input: the images', or for a latent run (config.model.vae) their
     latents' under `vae`, the run's AutoencoderKL module (which says its factor and channels)."""
@@ -90,8 +108,9 @@ def input_shape(config, vae=None) -> tuple:
     return (size // factor, size // factor, vae.latent_channels)
 
 
-def denoise_fn_for(model, params, with_labels: bool):
-    """The `denoise_fn(x_t, t[, y])` closure of a model and its parameters (inference mode)."""
-    if with_labels:
-        return lambda x, t, y: model.apply({"params": params}, x, t, y)
-    return lambda x, t: model.apply({"params": params}, x, t)
+def denoise_fn_for(model, params, with_labels: bool, sigma_data=None):
+    """The `denoise_fn(x_t, t[, y])` closure of a model and its parameters (inference mode); with
+    `sigma_data` (`precondition_of`), inside EDM's preconditioning."""
+    fn = ((lambda x, t, y: model.apply({"params": params}, x, t, y)) if with_labels
+          else (lambda x, t: model.apply({"params": params}, x, t)))
+    return fn if sigma_data is None else precondition(fn, sigma_data)

@@ -9,6 +9,7 @@ import ml_collections
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import get_sampler, sampling_grid
+from diffusion_jax.processes.ddpm import DDPMProcess
 from diffusion_jax.schedules import Schedule
 
 
@@ -36,8 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
                                     # id; the backbone trains on its scaled latents (see latents.py)
     c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
                                                      # --config.model.overrides.ch=16
+    c.model.precondition = ""       # "edm": EDM's preconditioning around the backbone (process edm,
+                                    # prediction x0)
 
     c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.process = "ddpm"    # ddpm | vp | edm | flow (diffusion_jax.processes); ddpm's schedule
+                                    # is schedule, num_timesteps, schedule_options, zero_terminal_snr
+    c.diffusion.process_options = ml_collections.ConfigDict()  # a continuous process's options, e.g.
+                                                               # --config.diffusion.process_options.shift=3.0
     c.diffusion.schedule = "linear"
     c.diffusion.schedule_options = ml_collections.ConfigDict()  # the beta function's, e.g. beta_start
     c.diffusion.num_timesteps = 1000
@@ -76,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
     c.train.restart = False         # start again from step 0 when checkpoints exist but none restores
     c.train.divergence_factor = 100.0  # stop when the loss or the parameter norm grows this much (0: off)
+    c.train.time_sampling = "uniform"  # a continuous process's training times: uniform | logit_normal |
+                                       # lognormal (edm) | mode; ddpm: t ~ U{0..T-1}
+    c.train.time_sampling_options = ml_collections.ConfigDict()  # e.g. .mean=0.0 .std=1.0 (logit_normal)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.method = "ddim"
@@ -109,7 +119,8 @@ def validate_config(config) -> None:
     """Checks every training setting a user can pass before anything runs; a ValueError names
     the setting and what it accepts."""
     from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
-    from diffusion_jax.losses import WEIGHTINGS
+    from diffusion_jax.losses import CONTINUOUS_WEIGHTINGS, WEIGHTINGS
+    from diffusion_jax.processes import process_names
     from diffusion_jax.optim import DECAYS, OPTIMIZERS
     from diffusion_jax.samplers import sampler_names
     from diffusion_jax.schedules import SCHEDULE_NAMES
@@ -131,9 +142,19 @@ def validate_config(config) -> None:
         raise UsageError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if not 0.0 <= config.train.label_dropout < 1.0:
         raise UsageError(f"train.label_dropout must be in [0, 1), got {config.train.label_dropout}")
-    for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction, PREDICTIONS),
+    continuous = config.diffusion.get("process", "ddpm") != "ddpm"
+    if not continuous and (config.train.get("time_sampling", "uniform") != "uniform"
+                           or dict(config.train.get("time_sampling_options", {}))):
+        raise UsageError(f"train.time_sampling {config.train.time_sampling!r} is for continuous-time processes; a "
+                         "ddpm run samples t ~ U{0..T-1}: set --config.diffusion.process=vp|edm|flow, or leave it")
+    if not continuous and config.model.get("precondition", ""):
+        raise UsageError("model.precondition 'edm' needs --config.diffusion.process=edm")
+    for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction,
+                                 PREDICTIONS + (("velocity",) if continuous else ())),
                                 ("diffusion.variance", config.diffusion.variance, VARIANCES),
-                                ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
+                                ("diffusion.weighting", config.diffusion.weighting,
+                                 CONTINUOUS_WEIGHTINGS if continuous else WEIGHTINGS),
+                                ("diffusion.process", config.diffusion.get("process", "ddpm"), process_names()),
                                 ("diffusion.schedule", config.diffusion.schedule, SCHEDULE_NAMES),
                                 ("sample.method", config.sample.method, sampler_names()),
                                 ("optim.optimizer", config.optim.optimizer, tuple(OPTIMIZERS)),
@@ -147,11 +168,39 @@ def validate_config(config) -> None:
         raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
                          "(data.use_labels is False): label dropout trains classifier-free guidance of a "
                          "class-conditional model; set it to 0 or use labels")
-    from diffusion_jax.builders import build_schedule
+    from diffusion_jax.builders import build_process
     from diffusion_jax.conditioning import guidance_enabled
 
     guidance_enabled(config, config.sample.guidance_scale)
-    sampler_settings(config, build_schedule(config))
+    process = build_process(config)
+    if not isinstance(process, Schedule):
+        validate_process_settings(config, process)
+    sampler_settings(config, process)
+
+
+def validate_process_settings(config, process) -> None:
+    """The settings of a run on a continuous process: its prediction, variance, weighting, time
+    sampling and preconditioning, each checked by the code that uses it."""
+    import jax
+
+    from diffusion_jax.losses import continuous_weight, sample_times
+    from diffusion_jax.processes import PREDICTIONS as PROCESS_PREDICTIONS
+
+    d = config.diffusion
+    if d.prediction not in PROCESS_PREDICTIONS:
+        raise UsageError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {PROCESS_PREDICTIONS}")
+    if d.variance != "fixed_small":
+        raise UsageError(f"diffusion.variance {d.variance!r} is DDPM's learned variance: a {process.name!r} run "
+                         "trains a fixed-variance model; set --config.diffusion.variance=fixed_small")
+    times = sample_times(process, jax.random.PRNGKey(0), 2, config.train.time_sampling,
+                         **dict(config.train.get("time_sampling_options", {})))
+    continuous_weight(process, times, d.prediction, d.weighting)
+    if config.model.get("precondition", "") not in ("", "edm"):
+        raise UsageError(f"unknown model.precondition {config.model.precondition!r}; choose '' or 'edm'")
+    if config.model.get("precondition", "") == "edm" and (process.name != "edm" or d.prediction != "x0"):
+        raise UsageError("model.precondition 'edm' makes the model an x0 predictor of sigma: it needs "
+                         f"diffusion.process='edm' and diffusion.prediction='x0' (got {process.name!r}, "
+                         f"{d.prediction!r})")
 
 
 def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None, eta=None):
@@ -165,6 +214,16 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     method = s.method if method is None else method
     steps = s.steps if steps is None else steps
     options = dict(options or {})
+    if isinstance(schedule, DDPMProcess):
+        schedule = schedule.schedule
+    if not isinstance(schedule, Schedule):  # a continuous process: samplers/process.py's methods
+        from diffusion_jax.samplers.process import check_process_options
+        if eta is not None or "eta" in options or (own and float(s.get("eta", 0.0))):
+            raise UsageError(f"eta is DDIM's on DDPM's schedule: a {schedule.name!r} run's samplers have none; "
+                             "drop --eta (and sample.eta)")
+        merged = {**(dict(s.get("options", {})) if own else {}), **options}
+        check_process_options(method, schedule, merged)
+        return method, steps, merged
     if eta is not None:
         if "eta" in options and options["eta"] != eta:
             raise UsageError(f"eta given twice with different values ({eta} and --option eta="
@@ -191,9 +250,14 @@ def _as_dict(config) -> dict:
 
 
 def config_fingerprint(config) -> dict:
-    """The parts of a config (a ConfigDict or its dict) a checkpoint must agree with to be resumed."""
+    """The parts of a config (a ConfigDict or its dict) a checkpoint must agree with to be resumed.
+    Settings added later are left out at their defaults, so older runs still resume."""
     c = _as_dict(config)
-    return {"model": c["model"], "diffusion": c["diffusion"],
+    model, diffusion = dict(c["model"]), dict(c["diffusion"])
+    for section, key, default in ((model, "precondition", ""), (diffusion, "process", "ddpm"),
+                                  (diffusion, "process_options", {})):
+        if section.get(key, default) == default:
+            section.pop(key, None)
+    return {"model": model, "diffusion": diffusion,
             "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
                      if k in c["data"]}}
-

@@ -15,10 +15,12 @@ import jax
 import ml_collections
 
 from diffusion_jax.errors import UsageError
+from diffusion_jax.files import write_json_atomically
 from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_model
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
 from diffusion_jax.models import DiT, UNet, param_shapes
+from diffusion_jax.schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,20 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     from diffusion_jax.runs import load_run
 
     run = load_run(workdir, step)
-    ensure_new_dir(out, "--out")
+    process = run.schedule
+    flow = getattr(process, "name", "ddpm") == "flow"
+    if not isinstance(process, Schedule) and not flow:
+        raise UsageError(f"export writes a DDPM or flow run's scheduler; this run's process is {process.name!r}, "
+                         "which has no diffusers scheduler here yet")
     d = run.config.diffusion
-    return save_diffusers(out, run.model, run.ema_params, run.schedule, input_shape=model_input_shape(run.config),
-                          prediction=d.prediction, variance=d.variance, clip_x0=bool(run.config.sample.clip_x0))
+    if flow and d.prediction != "velocity":  # diffusers' flow models predict the velocity
+        raise UsageError("diffusers' FlowMatchEulerDiscreteScheduler runs velocity-prediction models: this flow "
+                         f"run predicts {d.prediction!r}")
+    ensure_new_dir(out, "--out")
+    path = save_diffusers(out, run.model, run.ema_params, None if flow else process,
+                          input_shape=model_input_shape(run.config), prediction=d.prediction, variance=d.variance,
+                          clip_x0=bool(run.config.sample.clip_x0))
+    if flow:
+        (path / "scheduler").mkdir(exist_ok=True)
+        write_json_atomically(path / "scheduler" / "scheduler_config.json", scheduler.flow_scheduler_config(process))
+    return path

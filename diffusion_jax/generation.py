@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import latents
-from diffusion_jax.builders import denoise_fn_for, num_model_classes
+from diffusion_jax.builders import denoise_fn_for, num_model_classes, precondition_of
 from diffusion_jax.conditioning import check_labels, guidance_enabled, labels_by_index, sample_labels
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
@@ -64,7 +64,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             kw.update(cond=labels)
             if guided:
                 kw.update(guidance_scale=guidance_scale, null_cond=classes, guidance_rescale=rescale)
-        out = sample(denoise_fn_for(model, params, bool(classes)), schedule, shape, key, **kw)
+        out = sample(denoise_fn_for(model, params, bool(classes), precondition_of(config)), schedule, shape, key, **kw)
         if vae is None:
             return out
         decode = functools.partial(latents.decode_latents, vae.model, vae_params)

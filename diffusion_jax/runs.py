@@ -14,12 +14,11 @@ import jax
 import ml_collections
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.builders import build_model, build_schedule
+from diffusion_jax.builders import build_model, build_process
 from diffusion_jax.files import read_json_object
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import make_mesh, replicated
-from diffusion_jax.schedules import Schedule
 from diffusion_jax.checkpoints import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class Run(NamedTuple):
     config: ml_collections.ConfigDict
     model: Any
     ema_params: Any
-    schedule: Schedule
+    schedule: Any  # the run's process: DDPM's Schedule, or a continuous process (builders.build_process)
     step: int
 
 
@@ -62,6 +61,6 @@ def load_run(workdir, step: int | None = None) -> Run:
                                                step=step, read_only=True)
         if restored is None:
             raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
-        return Run(config, model, restored["ema_params"], build_schedule(config), int(record["step"]))
+        return Run(config, model, restored["ema_params"], build_process(config), int(record["step"]))
     finally:
         ckpt.close()

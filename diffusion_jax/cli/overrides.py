@@ -11,7 +11,10 @@ from diffusion_jax.errors import UsageError
 
 # Open-ended parts of the locked config: their keys cannot be flags, so they are parsed here.
 OPEN_ENDED = {"--config.model.overrides.": ("model", "overrides", "a field of the model, e.g. ch=16"),
-              "--config.sample.options.": ("sample", "options", "a sampler option, e.g. sigmas='karras'")}
+              "--config.sample.options.": ("sample", "options", "a sampler option, e.g. sigmas='karras'"),
+              "--config.diffusion.process_options.": ("diffusion", "process_options", "a process option, e.g. shift=3.0"),
+              "--config.train.time_sampling_options.": ("train", "time_sampling_options",
+                                                        "a time-sampling option, e.g. std=1.0")}
 
 
 def _split_open_ended(argv) -> tuple[list, dict]:

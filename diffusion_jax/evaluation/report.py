@@ -20,6 +20,7 @@ from diffusion_jax.evaluation.metrics import noise_prediction_metrics
 from diffusion_jax.conditioning import describe_guidance
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
+from diffusion_jax.schedules import Schedule
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.runs import load_run
 
@@ -50,6 +51,10 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     started = time.perf_counter()
     run = load_run(workdir, checkpoint)
     c = run.config
+    if not isinstance(run.schedule, Schedule):
+        raise UsageError(f"evaluate reads DDPM runs so far; this run's process is {run.schedule.name!r}: sample it "
+                         "(python -m diffusion_jax sample), and its likelihood with "
+                         "diffusion_jax.ode_likelihood.ode_nll_bpd")
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
     if num_samples < 1:

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.builders import build_model, build_schedule, num_model_classes
+from diffusion_jax.builders import build_model, build_process, num_model_classes, precondition_of
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
+from diffusion_jax.processes.edm import precondition
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
 from diffusion_jax.optim import make_optimizer, tree_norm
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
@@ -30,9 +31,11 @@ def drop_labels(key, labels, probability: float, null_label: int):
 
 
 def make_train_step(model, schedule, config, optimizer):
-    """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?}."""
+    """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?};
+    `schedule` is the run's process (DDPM's Schedule, or a continuous one: `build_process`)."""
     d, t = config.diffusion, config.train
     null_label = num_model_classes(config)
+    sigma_data = precondition_of(config)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
@@ -43,9 +46,13 @@ def make_train_step(model, schedule, config, optimizer):
             def denoise_fn(x_t, t_model):
                 return model.apply({"params": params}, x_t, t_model, labels, train=True,
                                    rngs={"dropout": key_dropout})
+            if sigma_data is not None:
+                denoise_fn = precondition(denoise_fn, sigma_data)
             return training_loss(denoise_fn, schedule, batch["image"], key_loss,
                                  prediction=d.prediction, weighting=d.weighting,
-                                 variance=d.variance, vlb_weight=d.vlb_weight)
+                                 variance=d.variance, vlb_weight=d.vlb_weight,
+                                 time_sampling=t.get("time_sampling", "uniform"),
+                                 time_sampling_options=dict(t.get("time_sampling_options", {})))
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -94,7 +101,7 @@ class TrainProgram(NamedTuple):
 
 def build_train_program(config, mesh) -> TrainProgram:
     """The train step of a run's config over `mesh` (config.train.steps_per_dispatch steps a call)."""
-    model, schedule = build_model(config), build_schedule(config)
+    model, schedule = build_model(config), build_process(config)
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)
     init = make_init_fn(model, optimizer, model_input_shape(config), config.seed)
