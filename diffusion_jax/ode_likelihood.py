@@ -2,8 +2,8 @@
 log p_0(x) = log p_T(x_T) + integral from t_clean to t_noisy of div_x v(x_t, t) dt, where
 dx/dt = v(x, t) = alpha'(t) x0_hat + sigma'(t) eps_hat is the model's ODE, x_T its solution from
 x, and p_T = N(0, prior_std^2). Integrated with classical Runge-Kutta (4 model evaluations a step)
-on the process's grid run backwards, in one `lax.scan`; the divergence exactly (one JVP per
-dimension: for small data) or by Hutchinson's estimator (a Rademacher probe, one JVP).
+on the process's grid run backwards, in one `lax.scan`; the divergence exactly (one VJP per
+dimension: for small data) or by Hutchinson's estimator (a Rademacher probe, one VJP).
 
 Images dequantised as score_sde does: x in [-1, 1] from 256 levels plus uniform noise, so
 bits/dim = -log p(x) / (D ln 2) + 7 (the Jacobian of [0, 256) -> [-1, 1]).
@@ -33,20 +33,20 @@ def _velocity(denoise_fn, process, prediction):
 
 
 def _divergence(v, x, t, divergence: str, probe):
-    """(v(x, t), div_x v [B]); per example, the model being batch-wise independent."""
+    """(v(x, t), div_x v [B]); per example, the model being batch-wise independent. Reverse mode
+    (a VJP a probe), which models with hand-written gradients (custom_vjp ops) support."""
+    value, pullback = jax.vjp(lambda y: v(y, t), x)
     if divergence == "hutchinson":
-        value, jvp = jax.jvp(lambda y: v(y, t), (x,), (probe,))
-        return value, jnp.sum((jvp * probe).reshape(x.shape[0], -1), axis=1)
+        (row,) = pullback(probe)
+        return value, jnp.sum((row * probe).reshape(x.shape[0], -1), axis=1)
     flat = x.reshape(x.shape[0], -1)
-    dim = flat.shape[1]
 
     def column(i, total):
         e = jnp.zeros_like(flat).at[:, i].set(1.0).reshape(x.shape)
-        _, jvp = jax.jvp(lambda y: v(y, t), (x,), (e,))
-        return total + jvp.reshape(x.shape[0], -1)[:, i]
+        (row,) = pullback(e)
+        return total + row.reshape(x.shape[0], -1)[:, i]
 
-    total = jax.lax.fori_loop(0, dim, column, jnp.zeros((x.shape[0],), jnp.float32))
-    return v(x, t), total
+    return value, jax.lax.fori_loop(0, flat.shape[1], column, jnp.zeros((x.shape[0],), jnp.float32))
 
 
 def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str = "eps", num_steps: int = 100,

@@ -1,6 +1,7 @@
 """Runs on continuous processes from the command line: a flow run and an EDM run (with EDM's
 preconditioning) train, resume their config, sample with every process sampler, and a flow run
-exports with its FlowMatchEulerDiscreteScheduler; evaluate says what it does not read yet."""
+exports with its FlowMatchEulerDiscreteScheduler; evaluate reports the metrics of the implied eps
+and of the model's own target and the probability-flow ODE's bits/dim."""
 import json
 import pathlib
 
@@ -41,9 +42,14 @@ def test_a_continuous_process_run_trains_and_samples_from_the_cli(process, extra
                   "--out", str(out)])
         samples = np.load(out)["samples"]
         assert samples.shape == (4, 8, 8, 1) and np.isfinite(samples).all()
-    with pytest.raises(SystemExit) as stop:
-        cli.main(["evaluate", "--workdir", str(run)])
-    assert stop.value.code == 2 and "evaluate reads DDPM runs so far" in capsys.readouterr().err
+    cli.main(["evaluate", "--workdir", str(run), "--num_samples", "8", "--steps", "3"])
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["process"] == process and metrics["target"] == config["diffusion"]["prediction"]
+    assert all(np.isfinite(metrics[k]) for k in ("noise_mse", "target_mse", "noise_r2"))
+    assert "probability-flow ODE" in metrics["bpd"]["likelihood"] and np.isfinite(metrics["bpd"]["total_bpd"])
+    report = (run / "eval" / "report.md").read_text()
+    assert f"Process `{process}`" in report and "probability-flow ODE" in report
+    assert (run / "eval" / "reverse_process.png").exists()
     if process == "flow":
         cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "exported")])
         scheduler = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())

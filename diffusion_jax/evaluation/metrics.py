@@ -81,3 +81,57 @@ def noise_prediction_metrics(denoise_fn: Callable, schedule: Schedule, x0: np.nd
     return {"noise_mse": overall["mse"], "noise_rmse": overall["rmse"], "noise_mae": overall["mae"],
             "noise_r2": overall["r2"], "num_examples": int(num_examples), "seed": int(seed),
             "per_timestep": per_t}
+
+
+# ---------------------------------------------------------------------------- continuous processes
+def evaluation_times(process, num_examples: int, seed: int) -> np.ndarray:
+    """float32 [N] times spread evenly over the process's range, then shuffled: u = (i + 1/2) / N
+    is t itself on [0, 1] ("vp", "flow") and log-uniform sigma on [sigma_min, sigma_max] ("edm")."""
+    u = (np.arange(num_examples) + 0.5) / num_examples
+    if process.name == "edm":
+        u = process.sigma_min * (process.sigma_max / process.sigma_min) ** u
+    return np.random.default_rng([seed, 1]).permutation(u).astype(np.float32)
+
+
+def process_prediction_metrics(denoise_fn: Callable, process, x0: np.ndarray, *, num_examples: int = 512,
+                               seed: int = 1234, num_buckets: int = 10, prediction: str = "eps",
+                               batch_size: int = 256) -> dict:
+    """The metrics of `noise_prediction_metrics` for a continuous process: "noise_*" of the eps the
+    model's output implies (so runs of any objective compare), "target_*" of its own target
+    (`prediction`), per bucket of evaluation time ("t_min", "t_max": times, or sigmas)."""
+    from diffusion_jax.processes import from_prediction, prediction_target
+    from diffusion_jax.processes.targets import coefficients
+
+    x0_e, _, noise = evaluation_inputs(np.asarray(x0), 1, num_examples, seed)
+    t = evaluation_times(process, num_examples, seed)
+
+    @jax.jit
+    def one_batch(x0_b, t_b, noise_b):
+        alpha, sigma = coefficients(process, t_b, x0_b)
+        x_t = alpha * x0_b + sigma * noise_b
+        out = denoise_fn(x_t, process.model_time(t_b))
+        return from_prediction(prediction, process, t_b, x_t, out)[1], out, prediction_target(prediction, process, t_b, x0_b, noise_b)
+
+    eps, outs, targets = [], [], []
+    for start in range(0, num_examples, batch_size):
+        sl = slice(start, start + batch_size)
+        pad = batch_size - len(x0_e[sl])
+        pad_fn = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+        e, o, g = (np.asarray(v)[: batch_size - pad] for v in one_batch(pad_fn(x0_e[sl]), pad_fn(t[sl]), pad_fn(noise[sl])))
+        eps.append(e), outs.append(o), targets.append(g)
+    eps, outs, targets = np.concatenate(eps), np.concatenate(outs), np.concatenate(targets)
+    overall, own = regression_metrics(eps, noise), regression_metrics(outs, targets)
+    order = np.argsort(np.argsort(t))  # rank of each time: buckets of equal counts, in time order
+    buckets = np.minimum(order * num_buckets // num_examples, num_buckets - 1)
+    per_t = []
+    for b in range(num_buckets):
+        sel = buckets == b
+        row = {"t_min": float(t[sel].min()) if sel.any() else float("nan"),
+               "t_max": float(t[sel].max()) if sel.any() else float("nan"), "count": int(sel.sum())}
+        if sel.any():
+            row.update(regression_metrics(eps[sel], noise[sel]))
+        per_t.append(row)
+    return {"noise_mse": overall["mse"], "noise_rmse": overall["rmse"], "noise_mae": overall["mae"],
+            "noise_r2": overall["r2"], "target": prediction, "target_mse": own["mse"], "target_rmse": own["rmse"],
+            "target_mae": own["mae"], "target_r2": own["r2"], "num_examples": int(num_examples), "seed": int(seed),
+            "process": process.name, "per_timestep": per_t}

@@ -14,17 +14,30 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax import latents, viz
 from diffusion_jax.data import load_split
-from diffusion_jax.builders import denoise_fn_for
+from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
-from diffusion_jax.evaluation.metrics import noise_prediction_metrics
+from diffusion_jax.evaluation.metrics import noise_prediction_metrics, process_prediction_metrics
 from diffusion_jax.conditioning import describe_guidance
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.likelihood import nll_bpd
+from diffusion_jax.ode_likelihood import ode_nll_bpd
 from diffusion_jax.runs import load_run
 
 log = logging.getLogger(__name__)
+
+
+def ode_bits_per_dim(denoise_fn, process, x0, *, key, prediction, batch_size=64, num_steps=64) -> dict:
+    """Mean bits/dim over x0 [N, ...] of the probability-flow ODE likelihood (Hutchinson's
+    divergence, dequantised: `ode_likelihood.ode_nll_bpd`)."""
+    fn = jax.jit(lambda x, k: ode_nll_bpd(denoise_fn, process, x, k, prediction=prediction, num_steps=num_steps,
+                                          divergence="hutchinson"))
+    values = [np.asarray(fn(jnp.asarray(x0[start:start + batch_size]), jax.random.fold_in(key, i)))
+              for i, start in enumerate(range(0, len(x0), batch_size))]
+    return {"total_bpd": float(np.concatenate(values).mean()), "num_images": int(len(x0)),
+            "likelihood": f"probability-flow ODE of the {process.name} process (RK4, {num_steps} steps, "
+                          "Hutchinson divergence, dequantised)"}
 
 
 def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_size=64) -> dict:
@@ -51,10 +64,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     started = time.perf_counter()
     run = load_run(workdir, checkpoint)
     c = run.config
-    if not isinstance(run.schedule, Schedule):
-        raise UsageError(f"evaluate reads DDPM runs so far; this run's process is {run.schedule.name!r}: sample it "
-                         "(python -m diffusion_jax sample), and its likelihood with "
-                         "diffusion_jax.ode_likelihood.ode_nll_bpd")
+    continuous = not isinstance(run.schedule, Schedule)
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
     if num_samples < 1:
@@ -72,18 +82,21 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     held_out = load_split(c.data, c.data.eval_split)
     held_out_images = held_out.model_range()
     # Without labels a class-conditional model uses its null label: the unconditional model.
-    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False)
+    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False, sigma_data=precondition_of(c))
 
     model_inputs = held_out_images
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
         vae = latents.load_vae(latents.vae_source(c))
         model_inputs = latents.encode_images(vae, held_out_images[: c.eval.num_examples], jax.random.PRNGKey(seed))
-    metrics = noise_prediction_metrics(denoise, run.schedule, model_inputs,
-                                       num_examples=c.eval.num_examples, seed=seed,
-                                       prediction=c.diffusion.prediction)
+    metric_fn = process_prediction_metrics if continuous else noise_prediction_metrics
+    metrics = metric_fn(denoise, run.schedule, model_inputs, num_examples=c.eval.num_examples, seed=seed,
+                        prediction=c.diffusion.prediction)
     bpd_images = held_out_images[: c.eval.bpd_examples]
     if len(bpd_images) and latents.vae_source(c):
         log.info("bits/dim skipped: the VLB of a latent model bounds the latents' likelihood, not the images'")
+    elif len(bpd_images) and continuous:
+        metrics["bpd"] = ode_bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
+                                          prediction=c.diffusion.prediction)
     elif len(bpd_images):
         metrics["bpd"] = bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
@@ -92,7 +105,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
                               method=method, steps=num_steps, options=options,
                               trajectory_every=max(1, num_steps // 10))
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
-    metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": float(c.sample.eta),
+    metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": None if continuous else float(c.sample.eta),
                           "options": options,
                           "guidance_scale": float(c.sample.guidance_scale),
                           "guidance": describe_guidance(c, c.sample.guidance_scale),
@@ -136,12 +149,20 @@ def render_report(m: dict) -> str:
         "| metric | value |", "|---|---|",
         f"| MSE | {m['noise_mse']:.5f} |", f"| RMSE | {m['noise_rmse']:.5f} |",
         f"| MAE | {m['noise_mae']:.5f} |", f"| R² | {m['noise_r2']:.4f} |", "",
-        "| t range | MSE | MAE | R² |", "|---|---|---|---|",
     ]
+    if "process" in m:  # a continuous process: the eps the output implies above, the model's own target here
+        lines += [f"Process `{m['process']}`; times spread evenly over its range (sigma log-uniform for edm). "
+                  f"The model's own target (`{m['target']}`): MSE {m['target_mse']:.5f}, RMSE {m['target_rmse']:.5f}, "
+                  f"MAE {m['target_mae']:.5f}, R² {m['target_r2']:.4f}.", ""]
+    lines += ["| t range | MSE | MAE | R² |", "|---|---|---|---|"]
     for r in m["per_timestep"]:
         if r["count"]:
-            lines.append(f"| {r['t_min']}–{r['t_max']} | {r['mse']:.5f} | {r['mae']:.5f} | {r['r2']:.4f} |")
-    if "bpd" in m:
+            lines.append(f"| {r['t_min']:g}–{r['t_max']:g} | {r['mse']:.5f} | {r['mae']:.5f} | {r['r2']:.4f} |")
+    if "bpd" in m and "likelihood" in m["bpd"]:
+        b = m["bpd"]
+        lines += ["", "## Likelihood (exact, of the probability-flow ODE)",
+                  f"{b['total_bpd']:.4f} bits/dim over {b['num_images']} held-out images: {b['likelihood']}."]
+    elif "bpd" in m:
         b = m["bpd"]
         lines += ["", "## Likelihood (variational bound)",
                   f"{b['total_bpd']:.4f} bits/dim over {b['num_images']} held-out images "

@@ -123,19 +123,19 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
     if isinstance(schedule, DDPMProcess):
         schedule = schedule.schedule
     if not isinstance(schedule, Schedule):  # a continuous-time process: samplers/process.py
-        unsupported = {"known": known, "mask": mask, "start_x": start_x, "start_step": start_step,
-                       "trajectory_every": trajectory_every, "eta": eta,
+        unsupported = {"known": known, "mask": mask, "start_x": start_x, "start_step": start_step, "eta": eta,
                        "repaint_resamples": None if repaint_resamples == 1 else repaint_resamples}
         given = sorted(k for k, v in unsupported.items() if v is not None)
         if given or variance != "fixed_small":
             raise UsageError(f"{', '.join(given) or 'variance'} not available on a {schedule.name!r} process yet: "
-                             "it runs guidance and x_T; inpainting, SDEdit, trajectories and eta need DDPM")
+                             "it runs guidance, x_T and trajectories; inpainting, SDEdit and eta need DDPM")
         shape = tuple(shape)
         constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
         model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
         return sample_process(model, schedule, shape, key, method=method, num_steps=num_steps,
                               prediction=prediction, clip_x0=clip_x0, x_T=x_T,
-                              keys=key_ops(key, shape, constrain), options=options)
+                              keys=key_ops(key, shape, constrain), options=options,
+                              trajectory_every=trajectory_every)
     shape, sampler = tuple(shape), get_sampler(method)
     if eta is not None:
         options = dict(options, eta=eta)

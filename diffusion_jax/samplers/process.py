@@ -134,7 +134,8 @@ def check_process_options(method: str, process, options: dict) -> dict:
 
 
 def sample_process(model: Callable, process, shape, key, *, method: str = "euler", num_steps=None,
-                   prediction: str = "eps", clip_x0: bool = False, x_T=None, keys=None, options=None):
+                   prediction: str = "eps", clip_x0: bool = False, x_T=None, keys=None, options=None,
+                   trajectory_every=None):
     """x at the clean end [B, ...] after `num_steps` steps of `method` from x_T (default
     prior_std * N(0, I) from `key`). `model(x, model_time [B])` is the (guided) model; `keys` says
     how noise is drawn from `key` (the driver's `KeyOps`: one key, or one per sample; default one
@@ -161,8 +162,27 @@ def sample_process(model: Callable, process, shape, key, *, method: str = "euler
 
     def body(x, inputs):
         t, t_next, i = inputs
-        x, x0 = m.step(ctx, x, t, t_next, normal(fold_in(key_steps, i)))
-        return x, None
+        x_next, x0 = m.step(ctx, x, t, t_next, normal(fold_in(key_steps, i)))
+        return x_next, (x, x0)
 
-    x, _ = jax.lax.scan(body, x, (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:]), jnp.arange(len(grid) - 1)))
-    return x
+    inputs = (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:]), jnp.arange(len(grid) - 1))
+    if trajectory_every is None:
+        x, _ = jax.lax.scan(lambda x, inp: (body(x, inp)[0], None), x, inputs)
+        return x
+    every = int(trajectory_every)
+    saved = -(-int(num_steps) // every)
+    buffers = (jnp.zeros((saved + 1,) + x.shape, jnp.float32),) * 2
+
+    def body_traj(carry, inp):
+        x, (buf_x, buf_x0) = carry
+        x_next, (x_before, x0) = body(x, inp)
+        write, slot = inp[2] % every == 0, inp[2] // every
+        buf_x = buf_x.at[slot].set(jnp.where(write, x_before, buf_x[slot]))
+        buf_x0 = buf_x0.at[slot].set(jnp.where(write, x0, buf_x0[slot]))
+        return (x_next, (buf_x, buf_x0)), None
+
+    (x, (buf_x, buf_x0)), _ = jax.lax.scan(body_traj, (x, buffers), inputs)
+    with jax.ensure_compile_time_eval():  # host values even under jit
+        times = np.append(np.asarray(process.model_time(grid[:-1][::every])),
+                          np.asarray(process.model_time(np.float32(grid[-1]))))
+    return x, {"x_t": buf_x.at[saved].set(x), "pred_x0": buf_x0.at[saved].set(x), "t": jnp.asarray(times)}
