@@ -134,3 +134,41 @@ def gaussian_optimal_continuous(alphas_cumprod, mu, sigma, prediction="eps"):
         return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
 
     return denoise_fn
+
+
+# ---------------------------------------------------------------------------- continuous processes
+# model time -> time of the processes at their defaults (vp sees 999 t, edm sigma, flow 1000 t)
+PROCESS_TIME_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0}
+
+
+def process_coefficients64(name, t):
+    """(alpha, sigma, alpha', sigma') in float64 of the processes at their defaults, written out
+    from their definitions (vp: score_sde's linear beta 0.1 .. 20; edm: alpha = 1, sigma = t;
+    flow: alpha = 1 - t, sigma = t)."""
+    t = np.asarray(t, np.float64)
+    if name == "vp":
+        a = np.exp(-0.25 * t ** 2 * 19.9 - 0.05 * t)
+        da = a * (-0.5 * t * 19.9 - 0.05)
+        s = np.sqrt(1 - a ** 2)
+        return a, s, da, -a * da / np.maximum(s, 1e-300)
+    if name == "edm":
+        return np.ones_like(t), t, np.zeros_like(t), np.ones_like(t)
+    return 1 - t, t, -np.ones_like(t), np.ones_like(t)
+
+
+def gaussian_exact_process_model(process, prediction, mu, sigma):
+    """model(x_t [B, ...], model_time [B]) -> E[target | x_t] for data x0 ~ N(mu, sigma^2) in every
+    dimension: x0_hat = mu + alpha sigma^2 / (alpha^2 sigma^2 + s^2) (x_t - alpha mu), its eps, and
+    the target of `prediction` from them (linear in both, so the conditional mean)."""
+    from diffusion_jax.processes import prediction_target
+
+    time_of = PROCESS_TIME_OF[process.name]
+
+    def model(x, model_time):
+        t = time_of(model_time)
+        a, s = process.marginal(t)
+        a, s = a.reshape(-1, *(1,) * (x.ndim - 1)), s.reshape(-1, *(1,) * (x.ndim - 1))
+        x0 = mu + a * sigma ** 2 / (a ** 2 * sigma ** 2 + s ** 2) * (x - a * mu)
+        return prediction_target(prediction, process, t, x0, (x - a * x0) / s)
+
+    return model

@@ -8,23 +8,11 @@ import pytest
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.ode_likelihood import ode_nll_bpd
-from diffusion_jax.processes import make_process, prediction_target
+from diffusion_jax.processes import make_process
+from tests.oracles import gaussian_exact_process_model
 import diffusion_jax as dj
 
 MU, S = 0.3, 0.5
-
-
-def exact_model(process, prediction, t_of):
-    def model(x, model_time):
-        t = t_of(model_time)
-        a, s = process.marginal(t)
-        a, s = a.reshape(-1, *(1,) * (x.ndim - 1)), s.reshape(-1, *(1,) * (x.ndim - 1))
-        x0 = MU + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * MU)
-        return prediction_target(prediction, process, t, x0, (x - a * x0) / s)
-    return model
-
-
-T_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0}
 
 
 @pytest.mark.parametrize("name,prediction", [("vp", "eps"), ("edm", "x0"), ("flow", "velocity")])
@@ -32,7 +20,7 @@ T_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 100
 def test_the_ode_likelihood_of_gaussian_data_is_its_closed_form(name, prediction, divergence):
     process = make_process(name)
     x = MU + S * np.random.default_rng(0).standard_normal((256, 2, 2, 1)).astype(np.float32)
-    bpd = np.asarray(ode_nll_bpd(exact_model(process, prediction, T_OF[name]), process, x, jax.random.key(1),
+    bpd = np.asarray(ode_nll_bpd(gaussian_exact_process_model(process, prediction, MU, S), process, x, jax.random.key(1),
                                  prediction=prediction, num_steps=64, divergence=divergence, dequantize=False))
     nats = 0.5 * math.log(2 * math.pi * S ** 2) + (x.reshape(256, -1).astype(np.float64) - MU) ** 2 / (2 * S ** 2)
     truth = nats.mean(axis=1) / math.log(2)
@@ -44,7 +32,7 @@ def test_the_ode_likelihood_of_gaussian_data_is_its_closed_form(name, prediction
 
 def test_dequantised_bits_per_dim_add_the_offset_and_what_is_refused():
     process = make_process("flow")
-    model = exact_model(process, "velocity", T_OF["flow"])
+    model = gaussian_exact_process_model(process, "velocity", MU, S)
     x = np.clip(MU + S * np.random.default_rng(2).standard_normal((64, 2, 2, 1)), -1, 1).astype(np.float32)
     continuous = np.asarray(ode_nll_bpd(model, process, x, jax.random.key(0), prediction="velocity", num_steps=32,
                                         dequantize=False))

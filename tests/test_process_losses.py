@@ -8,24 +8,13 @@ import numpy as np
 import pytest
 
 import diffusion_jax as dj
+from tests.oracles import gaussian_exact_process_model, process_coefficients64
 from diffusion_jax.errors import UsageError
 from diffusion_jax.losses import continuous_weight, sample_times, training_loss
 from diffusion_jax.processes import as_process, make_process, prediction_target
 
 MU, S, BATCH, DIM = 0.3, 0.5, 16384, 4
 MARGIN = 1e-5
-
-
-def coefficients(name, t):
-    """(alpha, sigma, alpha', sigma') in float64 of the processes' defaults."""
-    if name == "vp":
-        a = np.exp(-0.25 * t ** 2 * 19.9 - 0.05 * t)
-        da = a * (-0.5 * t * 19.9 - 0.05)
-        s = np.sqrt(1 - a ** 2)
-        return a, s, da, -a * da / s
-    if name == "edm":
-        return np.ones_like(t), t, np.zeros_like(t), np.ones_like(t)
-    return 1 - t, t, -np.ones_like(t), np.ones_like(t)
 
 
 def times_and_weights(name, time_sampling, shift=1.0):
@@ -50,7 +39,7 @@ def times_and_weights(name, time_sampling, shift=1.0):
 
 def closed_form(name, prediction, time_sampling, weighting, shift=1.0):
     t, w = times_and_weights(name, time_sampling, shift)
-    a, s, da, ds = coefficients(name, t)
+    a, s, da, ds = process_coefficients64(name, t)
     variance = S ** 2 * s ** 2 / (a ** 2 * S ** 2 + s ** 2)  # Var(x0 | x_t) per dimension
     c2 = {"eps": a ** 2 / s ** 2, "x0": np.ones_like(t), "v": (a ** 2 + s ** 2) ** 2 / s ** 2,
           "velocity": (da - ds * a / s) ** 2}[prediction]
@@ -58,17 +47,6 @@ def closed_form(name, prediction, time_sampling, weighting, shift=1.0):
     on_x0 = {"none": c2, "min_snr": np.minimum(snr, 5.0), "p2": snr / (1 + snr),
              "edm": (s ** 2 + 0.25) / (s * 0.5) ** 2, "cosmap": c2 * 2 / (np.pi * (1 - 2 * s + 2 * s ** 2))}[weighting]
     return float(np.sum(w * on_x0 * variance))
-
-
-def exact_model(process, prediction, t_of_model_time):
-    """The model whose output is E[target | x_t] for x0 ~ N(MU, S^2)."""
-    def model(x, model_time):
-        t = t_of_model_time(model_time)
-        alpha, sigma = process.marginal(t)
-        alpha, sigma = alpha[:, None], sigma[:, None]
-        x0_hat = MU + alpha * S ** 2 / (alpha ** 2 * S ** 2 + sigma ** 2) * (x - alpha * MU)
-        return prediction_target(prediction, process, t, x0_hat, (x - alpha * x0_hat) / sigma)
-    return model
 
 
 CASES = [  # process, prediction, time sampling, weighting (every process x prediction)
@@ -84,9 +62,8 @@ CASES = [  # process, prediction, time sampling, weighting (every process x pred
 @pytest.mark.parametrize("name,prediction,time_sampling,weighting", CASES)
 def test_the_loss_of_the_exact_model_is_its_closed_form(name, prediction, time_sampling, weighting):
     process = make_process(name)
-    inverse = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0}[name]
     x0 = MU + S * jax.random.normal(jax.random.key(0), (BATCH, DIM))
-    loss = jax.jit(lambda x0, key: training_loss(exact_model(process, prediction, inverse), process, x0, key,
+    loss = jax.jit(lambda x0, key: training_loss(gaussian_exact_process_model(process, prediction, MU, S), process, x0, key,
                                                  prediction=prediction, weighting=weighting,
                                                  time_sampling=time_sampling))
     mean, aux = loss(x0, jax.random.key(1))
@@ -112,7 +89,14 @@ def test_the_ddpm_loss_of_the_exact_model_is_its_closed_form(prediction):
     variance = S ** 2 * s ** 2 / (a ** 2 * S ** 2 + s ** 2)
     c2 = {"eps": a ** 2 / s ** 2, "x0": np.ones(1000), "v": 1 / s ** 2}[prediction]
     expected = float(np.mean(c2 * variance))
-    model = exact_model(as_process(schedule), prediction, lambda m: m)
+    process = as_process(schedule)
+
+    def model(x, model_time):  # the exact model on DDPM's integer times (the model time is the index)
+        t = model_time.astype(np.int32)
+        alpha, sigma = process.marginal(t)
+        alpha, sigma = alpha[:, None], sigma[:, None]
+        x0_hat = MU + alpha * S ** 2 / (alpha ** 2 * S ** 2 + sigma ** 2) * (x - alpha * MU)
+        return prediction_target(prediction, process, t, x0_hat, (x - alpha * x0_hat) / sigma)
     x0 = MU + S * jax.random.normal(jax.random.key(3), (BATCH, DIM))
     mean, aux = jax.jit(lambda x0, k: training_loss(model, schedule, x0, k, prediction=prediction))(x0, jax.random.key(4))
     error = np.asarray(aux["loss"], np.float64).std() / np.sqrt(BATCH)

@@ -13,8 +13,9 @@ import pytest
 
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
-from diffusion_jax.processes import make_process, prediction_target
+from diffusion_jax.processes import make_process
 from diffusion_jax.samplers.process import METHODS, ProcessContext
+from tests.oracles import gaussian_exact_process_model, process_coefficients64
 
 MU, S = 0.3, 0.5
 
@@ -107,21 +108,10 @@ def test_edm_heun_is_nvlabs_edm_sampler_step_for_step(churn):
 
 
 # ---------------------------------------------------------------------------- Gaussian data, exact model
-def coefficients64(name, t):
-    if name == "vp":
-        a = np.exp(-0.25 * t ** 2 * 19.9 - 0.05 * t)
-        da = a * (-0.5 * t * 19.9 - 0.05)
-        s = np.sqrt(1 - a ** 2)
-        return a, s, da, -a * da / np.maximum(s, 1e-300)
-    if name == "edm":
-        return np.ones_like(t), t, np.zeros_like(t), np.ones_like(t)
-    return 1 - t, t, -np.ones_like(t), np.ones_like(t)
-
-
 def reference_chain(name, method, grid, x):
     """The same algorithm in float64 NumPy with the exact denoiser E[x0 | x_t] of N(MU, S^2)."""
     def slope(x, t):
-        a, s, da, ds = coefficients64(name, np.float64(t))
+        a, s, da, ds = process_coefficients64(name, np.float64(t))
         x0 = MU + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * MU)
         eps = (x - a * x0) / s
         return da * x0 + ds * eps, x0, eps
@@ -130,7 +120,7 @@ def reference_chain(name, method, grid, x):
     for t, t_next in zip(grid[:-1], grid[1:]):
         d, x0, eps = slope(x, t)
         if method == "ddim":
-            a, s, _, _ = coefficients64(name, np.float64(t_next))
+            a, s, _, _ = process_coefficients64(name, np.float64(t_next))
             x = a * x0 + s * eps
         elif method == "euler" or t_next == 0:
             x = x + (t_next - t) * d
@@ -140,31 +130,20 @@ def reference_chain(name, method, grid, x):
     return x
 
 
-def exact_model(process, prediction, t_of):
-    def model(x, model_time):
-        t = t_of(model_time)
-        a, s = process.marginal(t)
-        a, s = a[:, None], s[:, None]
-        x0 = MU + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * MU)
-        return prediction_target(prediction, process, t, x0, (x - a * x0) / s)
-    return model
-
-
 @pytest.mark.parametrize("name", ["vp", "edm", "flow"])
 @pytest.mark.parametrize("method", ["euler", "heun", "ddim"])
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "velocity"])
 def test_gaussian_data_is_sampled_as_the_float64_algorithm_does(name, method, prediction):
     process = make_process(name)
-    t_of = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0}[name]
     steps = 40
     if name == "flow" and prediction == "eps":  # alpha = 0 at t = 1: eps says nothing of x0
         with pytest.raises(UsageError, match="cannot start a 'flow' chain"):
-            dj.sample(exact_model(process, prediction, t_of), process, (4, 1), jax.random.key(0), method=method,
+            dj.sample(gaussian_exact_process_model(process, prediction, MU, S), process, (4, 1), jax.random.key(0), method=method,
                       num_steps=steps, prediction=prediction, clip_x0=False)
         return
     n = 20_000
     x_T = np.random.default_rng(2).standard_normal((n, 1)).astype(np.float32) * process.prior_std
-    run = jax.jit(functools.partial(dj.sample, exact_model(process, prediction, t_of), process, (n, 1),
+    run = jax.jit(functools.partial(dj.sample, gaussian_exact_process_model(process, prediction, MU, S), process, (n, 1),
                                     method=method, num_steps=steps, prediction=prediction, clip_x0=False))
     ours = np.asarray(run(jax.random.key(0), x_T=x_T), np.float64)
     grid = process.default_grid(steps).astype(np.float32).astype(np.float64)
