@@ -203,14 +203,18 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.st
 
 
 def test_the_experiments_are_found():
-    assert {"digits_unet", "cifar10_ddpm", "cifar10_dit"} <= set(EXPERIMENTS)
+    assert {"digits_unet", "digits_flow", "digits_edm", "cifar10_ddpm", "cifar10_dit"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("module", EXPERIMENTS)
 def test_every_experiment_builds_its_model(module):
-    """Each experiment config names a preset that accepts its data shape (shapes only)."""
+    """Each experiment config passes validation and names a preset that accepts its data shape
+    (shapes only)."""
     import importlib
+
+    from diffusion_jax.config import validate_config
     config = importlib.import_module(f"experiments.{module}").get_config()
+    validate_config(config)
     model = build_model(config)
     shape = input_shape(config)
     out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),
