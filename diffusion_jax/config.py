@@ -9,7 +9,7 @@ import ml_collections
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import get_sampler, sampling_grid
-from diffusion_jax.processes.ddpm import DDPMProcess
+from diffusion_jax.processes.ddpm import ddpm_schedule
 from diffusion_jax.schedules import Schedule
 
 
@@ -120,6 +120,7 @@ def validate_config(config) -> None:
     the setting and what it accepts."""
     from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
     from diffusion_jax.losses import CONTINUOUS_WEIGHTINGS, WEIGHTINGS
+    from diffusion_jax.processes import PREDICTIONS as PROCESS_PREDICTIONS
     from diffusion_jax.processes import process_names
     from diffusion_jax.optim import DECAYS, OPTIMIZERS
     from diffusion_jax.samplers import sampler_names
@@ -150,7 +151,7 @@ def validate_config(config) -> None:
     if not continuous and config.model.get("precondition", ""):
         raise UsageError("model.precondition 'edm' needs --config.diffusion.process=edm")
     for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction,
-                                 PREDICTIONS + (("velocity",) if continuous else ())),
+                                 PROCESS_PREDICTIONS if continuous else PREDICTIONS),
                                 ("diffusion.variance", config.diffusion.variance, VARIANCES),
                                 ("diffusion.weighting", config.diffusion.weighting,
                                  CONTINUOUS_WEIGHTINGS if continuous else WEIGHTINGS),
@@ -184,11 +185,8 @@ def validate_process_settings(config, process) -> None:
     import jax
 
     from diffusion_jax.losses import continuous_weight, sample_times
-    from diffusion_jax.processes import PREDICTIONS as PROCESS_PREDICTIONS
 
     d = config.diffusion
-    if d.prediction not in PROCESS_PREDICTIONS:
-        raise UsageError(f"unknown diffusion.prediction {d.prediction!r}; choose one of {PROCESS_PREDICTIONS}")
     if d.variance != "fixed_small":
         raise UsageError(f"diffusion.variance {d.variance!r} is DDPM's learned variance: a {process.name!r} run "
                          "trains a fixed-variance model; set --config.diffusion.variance=fixed_small")
@@ -214,9 +212,7 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     method = s.method if method is None else method
     steps = s.steps if steps is None else steps
     options = dict(options or {})
-    if isinstance(schedule, DDPMProcess):
-        schedule = schedule.schedule
-    if not isinstance(schedule, Schedule):  # a continuous process: samplers/process.py's methods
+    if ddpm_schedule(schedule) is None:  # a continuous process: samplers/process.py's methods
         from diffusion_jax.samplers.process import check_process_options
         if eta is not None or "eta" in options or (own and float(s.get("eta", 0.0))):
             raise UsageError(f"eta is DDIM's on DDPM's schedule: a {schedule.name!r} run's samplers have none; "
@@ -224,6 +220,7 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
         merged = {**(dict(s.get("options", {})) if own else {}), **options}
         check_process_options(method, schedule, merged)
         return method, steps, merged
+    schedule = ddpm_schedule(schedule)
     if eta is not None:
         if "eta" in options and options["eta"] != eta:
             raise UsageError(f"eta given twice with different values ({eta} and --option eta="

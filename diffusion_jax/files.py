@@ -22,7 +22,7 @@ def sha256_file(path) -> str:
 
 def temporary_name(path) -> pathlib.Path:
     """A name beside `path` that no other process uses (its pid and a random part): the place a
-    file is written before it is renamed into place. `is_temporary_of` recognises it."""
+    file is written before it is renamed into place; `temporaries_of` finds them."""
     path = pathlib.Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 

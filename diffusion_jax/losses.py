@@ -22,7 +22,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.likelihood import vlb_terms_bpd
 from diffusion_jax.processes import prediction_target
 from diffusion_jax.processes import targets as process_targets
-from diffusion_jax.processes.ddpm import DDPMProcess
+from diffusion_jax.processes.ddpm import ddpm_schedule
 from diffusion_jax.schedules import Schedule
 
 WEIGHTINGS = ("none", "min_snr", "p2")
@@ -68,15 +68,14 @@ def training_loss(denoise_fn: Callable, s, x0, key, *, prediction: str = "eps",
     L_simple + vlb_weight * T * L_t (L_t in bits/dim), the VLB term seeing the mean output
     through a stop-gradient so it trains only the variance; aux then also has "vlb".
     """
-    if isinstance(s, DDPMProcess):
-        s = s.schedule
-    if not isinstance(s, Schedule):
+    if ddpm_schedule(s) is None:
         if variance != "fixed_small":
             raise UsageError(f"variance {variance!r} (the learned-variance hybrid loss) is DDPM's: a "
                              f"{s.name!r} process trains a fixed-variance model; use variance='fixed_small'")
         return continuous_loss(denoise_fn, s, x0, key, prediction=prediction, weighting=weighting,
                                time_sampling=time_sampling, time_sampling_options=time_sampling_options,
                                min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
+    s = ddpm_schedule(s)
     if time_sampling != "uniform":
         raise UsageError(f"time_sampling {time_sampling!r} is for continuous-time processes; DDPM samples "
                          "t ~ U{0..T-1}")

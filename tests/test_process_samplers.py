@@ -162,7 +162,8 @@ def test_what_the_process_samplers_refuse():
     for kwargs, words in (({"method": "ddpm"}, "does not run a 'flow' process"),
                           ({"method": "heun", "s_churn": 10.0}, "needs process 'edm'"),
                           ({"method": "euler", "rho": 7.0}, "has no option"),
-                          ({"method": "heun", "s_noise": -1.0}, ">= 0"),
+                          ({"method": "heun", "s_noise": -1.0}, "option s_noise = -1.0 is out of range"),
+                          ({"method": "heun", "s_tmin": "abc"}, "option s_tmin must be a number, got 'abc'"),
                           ({"method": "euler", "known": jnp.zeros((2, 1)), "mask": jnp.ones((2, 1))}, "known, mask")):
         with pytest.raises(UsageError, match=words):
             dj.sample(model, process, (2, 1), jax.random.key(0), prediction="velocity", **kwargs)

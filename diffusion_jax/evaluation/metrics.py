@@ -40,6 +40,19 @@ def timestep_buckets(t: np.ndarray, num_timesteps: int, num_buckets: int) -> np.
     return np.minimum((np.asarray(t) * num_buckets) // num_timesteps, num_buckets - 1)
 
 
+def batched(fn: Callable, arrays, batch_size: int) -> tuple:
+    """fn(*batch) over `arrays` ([N, ...] each) in batches of `batch_size`, the last one padded
+    with copies of its last row (one compiled shape), the outputs (a tuple) concatenated."""
+    n, outputs = len(arrays[0]), []
+    for start in range(0, n, batch_size):
+        parts = [a[start:start + batch_size] for a in arrays]
+        pad = batch_size - len(parts[0])
+        if pad:
+            parts = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in parts]
+        outputs.append([np.asarray(o)[: batch_size - pad] for o in fn(*parts)])
+    return tuple(np.concatenate(column) for column in zip(*outputs))
+
+
 def predict_noise(denoise_fn: Callable, schedule: Schedule, x0, t, noise, *, prediction="eps",
                   batch_size: int = 256) -> np.ndarray:
     """The model's eps prediction for each (x0, t, noise), batched; [N, ...] float32."""
@@ -47,16 +60,9 @@ def predict_noise(denoise_fn: Callable, schedule: Schedule, x0, t, noise, *, pre
     def one_batch(x0_b, t_b, noise_b):
         x_t = q_sample(schedule, x0_b, t_b, noise_b)
         out = mean_channels(denoise_fn(x_t, schedule.timesteps[t_b]), x_t)
-        return predict_x0_eps(schedule, out, x_t, t_b, prediction)[1]
+        return (predict_x0_eps(schedule, out, x_t, t_b, prediction)[1],)
 
-    preds = []
-    n = len(x0)
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        pad = batch_size - len(x0[sl])
-        pad_fn = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
-        preds.append(np.asarray(one_batch(pad_fn(x0[sl]), pad_fn(t[sl]), pad_fn(noise[sl])))[: batch_size - pad])
-    return np.concatenate(preds)
+    return batched(one_batch, (x0, t, noise), batch_size)[0]
 
 
 def noise_prediction_metrics(denoise_fn: Callable, schedule: Schedule, x0: np.ndarray, *,
@@ -112,14 +118,7 @@ def process_prediction_metrics(denoise_fn: Callable, process, x0: np.ndarray, *,
         out = denoise_fn(x_t, process.model_time(t_b))
         return from_prediction(prediction, process, t_b, x_t, out)[1], out, prediction_target(prediction, process, t_b, x0_b, noise_b)
 
-    eps, outs, targets = [], [], []
-    for start in range(0, num_examples, batch_size):
-        sl = slice(start, start + batch_size)
-        pad = batch_size - len(x0_e[sl])
-        pad_fn = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
-        e, o, g = (np.asarray(v)[: batch_size - pad] for v in one_batch(pad_fn(x0_e[sl]), pad_fn(t[sl]), pad_fn(noise[sl])))
-        eps.append(e), outs.append(o), targets.append(g)
-    eps, outs, targets = np.concatenate(eps), np.concatenate(outs), np.concatenate(targets)
+    eps, outs, targets = batched(one_batch, (x0_e, t, noise), min(batch_size, num_examples))
     overall, own = regression_metrics(eps, noise), regression_metrics(outs, targets)
     order = np.argsort(np.argsort(t))  # rank of each time: buckets of equal counts, in time order
     buckets = np.minimum(order * num_buckets // num_examples, num_buckets - 1)

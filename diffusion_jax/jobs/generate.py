@@ -41,11 +41,11 @@ def job_digest(settings: dict) -> str:
 
 
 def claim_job_directory(store: ShardDir, settings: dict) -> None:
-    """Claims DIR for the job: DIR/job.json holds its settings (written by process 0), or the one
+    """Claims DIR for the job (`store`, made with job=job_digest(settings)): DIR/job.json holds its settings (written by process 0), or the one
     there must hold the same. Shards whose records name another job, or none (written before job
     digests, or by a job whose job.json is gone), are never taken as this job's: the directory is
     refused with the reason, before anything is written."""
-    digest, path = job_digest(settings), store.directory / "job.json"
+    digest, path = store.job, store.directory / "job.json"
     if path.exists():  # other settings: name them
         claim_directory(path, settings, "a generate job", write=False)
     strangers = sorted({str(r.get("job") or "none") for r in store.records() if r.get("job") != digest})

@@ -54,6 +54,14 @@ def ddpm_process(schedule: str = "linear", num_timesteps: int = 1000, zero_termi
                                      **schedule_options))
 
 
+def ddpm_schedule(process_or_schedule):
+    """The `Schedule` of a "ddpm" process, or of a Schedule itself; None for a continuous process.
+    The one test the DDPM code paths (loss, samplers, sampler settings) make to take a process."""
+    if isinstance(process_or_schedule, DDPMProcess):
+        return process_or_schedule.schedule
+    return process_or_schedule if isinstance(process_or_schedule, Schedule) else None
+
+
 def as_process(process_or_schedule):
     """A process; a `Schedule` becomes the "ddpm" process of its tables (bitwise the same)."""
     return DDPMProcess(process_or_schedule) if isinstance(process_or_schedule, Schedule) else process_or_schedule

@@ -27,7 +27,7 @@ import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
-from diffusion_jax.processes.ddpm import DDPMProcess
+from diffusion_jax.processes.ddpm import ddpm_schedule
 from diffusion_jax.samplers.process import sample_process
 from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
 from diffusion_jax.schedules import Schedule
@@ -120,30 +120,26 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
     Returns:
       x0 [B, ...] float32 (and the trajectory dict when `trajectory_every` is set).
     """
-    if isinstance(schedule, DDPMProcess):
-        schedule = schedule.schedule
-    if not isinstance(schedule, Schedule):  # a continuous-time process: samplers/process.py
+    shape = tuple(shape)
+    constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
+    if ddpm_schedule(schedule) is None:  # a continuous-time process: samplers/process.py
         unsupported = {"known": known, "mask": mask, "start_x": start_x, "start_step": start_step, "eta": eta,
                        "repaint_resamples": None if repaint_resamples == 1 else repaint_resamples}
         given = sorted(k for k, v in unsupported.items() if v is not None)
         if given or variance != "fixed_small":
             raise UsageError(f"{', '.join(given) or 'variance'} not available on a {schedule.name!r} process yet: "
                              "it runs guidance, x_T and trajectories; inpainting, SDEdit and eta need DDPM")
-        shape = tuple(shape)
-        constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
         model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
         return sample_process(model, schedule, shape, key, method=method, num_steps=num_steps,
                               prediction=prediction, clip_x0=clip_x0, x_T=x_T,
                               keys=key_ops(key, shape, constrain), options=options,
                               trajectory_every=trajectory_every)
-    shape, sampler = tuple(shape), get_sampler(method)
+    schedule, sampler = ddpm_schedule(schedule), get_sampler(method)
     if eta is not None:
         options = dict(options, eta=eta)
     _, step_options = sampler.split_options(options)
     grid = sampling_grid(concrete_schedule(schedule), method, num_steps, start_step, **options)
     _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
-    constrain = (lambda a: a) if sharding is None else (
-        lambda a: jax.lax.with_sharding_constraint(a, sharding))
     keys = key_ops(key, shape, constrain)
     normal = keys.normal
     model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)

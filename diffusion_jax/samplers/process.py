@@ -28,6 +28,7 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import from_prediction
 from diffusion_jax.processes.targets import coefficients, ode_velocity
+from diffusion_jax.samplers.sigma import CHURN_OPTIONS
 
 
 class ProcessContext(NamedTuple):
@@ -97,14 +98,13 @@ def ddim_step(ctx, x, t, t_next, noise):
 class ProcessMethod(NamedTuple):
     step: Callable
     default_steps: int
-    options: dict  # {name: default}, traced
-    model_calls: Callable
+    options: dict  # {name: registry.Option}, traced
 
 
-CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-METHODS = {"euler": ProcessMethod(euler_step, 50, {}, lambda k: k),
-           "heun": ProcessMethod(heun_step, 18, CHURN, lambda k: 2 * k - 1),
-           "ddim": ProcessMethod(ddim_step, 50, {}, lambda k: k)}
+# Heun's churn options are the sigma samplers' (samplers/sigma.py), declared once with their ranges.
+METHODS = {"euler": ProcessMethod(euler_step, 50, {}),
+           "heun": ProcessMethod(heun_step, 18, CHURN_OPTIONS),
+           "ddim": ProcessMethod(ddim_step, 50, {})}
 
 
 def process_method(method: str, process) -> ProcessMethod:
@@ -115,20 +115,17 @@ def process_method(method: str, process) -> ProcessMethod:
 
 
 def check_process_options(method: str, process, options: dict) -> dict:
-    """The method's traced options, defaults filled in; unknown ones, churn off "edm", negative or
-    NaN values are errors."""
+    """The method's traced options, each checked by its declaration (`registry.Option`), defaults
+    filled in; an unknown one, or churn off "edm", is an error."""
     declared = process_method(method, process).options
     unknown = set(options) - set(declared)
     if unknown:
         raise UsageError(f"method {method!r} on a {process.name!r} process has no option(s) {sorted(unknown)}; "
                          f"it takes {sorted(declared) or 'none'}")
-    merged = {**declared, **options}
-    for key, value in options.items():
-        if not isinstance(value, jax.core.Tracer):
-            value = float(value)
-            if math.isnan(value) or value < 0 or (math.isinf(value) and key != "s_tmax"):
-                raise UsageError(f"method {method!r} option {key} = {value!r} must be a finite number >= 0")
-    if float(merged.get("s_churn", 0.0) or 0.0) and process.name != "edm":
+    merged = {**{k: o.default for k, o in declared.items()},
+              **{k: declared[k].check(method, k, v) for k, v in options.items()}}
+    churn = merged.get("s_churn", 0.0)
+    if not isinstance(churn, jax.core.Tracer) and churn and process.name != "edm":
         raise UsageError(f"s_churn raises sigma as EDM does: it needs process 'edm', not {process.name!r}")
     return merged
 
