@@ -108,7 +108,8 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
         `repaint_resamples` r > 1 re-noises each step's result back to the step's level r - 1
         times (RePaint, jump length 1).
       start_x, start_step: image-to-image (SDEdit): start_x noised to the grid's first step at
-        or below model timestep `start_step`, then the chain from there.
+        or below model timestep `start_step` (a continuous process: its model time, 1000 t for
+        "flow", sigma for "edm"), then the chain from there.
       key: one key for the batch, or one key per sample ([B] typed keys): then image i is a
         function of its own key alone (see `key_ops`).
       x_T: the starting noise (default: drawn from `key`); the DDIM decoder of `encode`.
@@ -122,24 +123,23 @@ def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str 
     """
     shape = tuple(shape)
     constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
+    _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
     if ddpm_schedule(schedule) is None:  # a continuous-time process: samplers/process.py
-        unsupported = {"known": known, "mask": mask, "start_x": start_x, "start_step": start_step, "eta": eta,
-                       "repaint_resamples": None if repaint_resamples == 1 else repaint_resamples}
-        given = sorted(k for k, v in unsupported.items() if v is not None)
-        if given or variance != "fixed_small":
-            raise UsageError(f"{', '.join(given) or 'variance'} not available on a {schedule.name!r} process yet: "
-                             "it runs guidance, x_T and trajectories; inpainting, SDEdit and eta need DDPM")
+        if eta is not None or variance != "fixed_small":
+            raise UsageError(f"{'eta' if eta is not None else 'variance'} is not available on a {schedule.name!r} "
+                             "process: euler_ancestral and dpm++_2m_sde are its stochastic samplers; a learned "
+                             "variance needs DDPM")
         model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
         return sample_process(model, schedule, shape, key, method=method, num_steps=num_steps,
                               prediction=prediction, clip_x0=clip_x0, x_T=x_T,
                               keys=key_ops(key, shape, constrain), options=options,
-                              trajectory_every=trajectory_every)
+                              trajectory_every=trajectory_every, known=known, mask=mask,
+                              repaint_resamples=repaint_resamples, start_x=start_x, start_step=start_step)
     schedule, sampler = ddpm_schedule(schedule), get_sampler(method)
     if eta is not None:
         options = dict(options, eta=eta)
     _, step_options = sampler.split_options(options)
     grid = sampling_grid(concrete_schedule(schedule), method, num_steps, start_step, **options)
-    _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
     keys = key_ops(key, shape, constrain)
     normal = keys.normal
     model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
