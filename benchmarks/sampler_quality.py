@@ -5,6 +5,9 @@ the held-out split, as `evaluate` scores it. One JSON line per (sampler, budget)
 
     python -m benchmarks.sampler_quality --workdir runs/digits --out benchmarks/results/sampler_quality
 
+Runs of several processes or objectives side by side: `--workdir LABEL=DIR` once per run (each
+with the methods of `--methods` that run its process), one line per (run, sampler) in the plot.
+
 Each sampler gets the most steps its budget allows (Heun: 2K - 1 evaluations for K steps) and
 its default options (Karras sigmas for the sigma-space samplers); clipping and guidance follow
 the run's config. The same seed for every cell.
@@ -24,13 +27,16 @@ from diffusion_jax.evaluation.digits_features import digits_features
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance
 from diffusion_jax.generation import make_generator
 from diffusion_jax.runs import load_run
-from diffusion_jax.samplers import get_sampler, sampler_names
+from diffusion_jax.samplers import model_calls, sampler_names
 
 
-def steps_for_budget(method: str, budget: int) -> int:
+def steps_for_budget(method: str, schedule, budget: int) -> int:
     """The most steps whose model evaluations fit in `budget`."""
-    sampler = get_sampler(method)
-    return max(k for k in range(1, budget + 1) if sampler.model_calls(k) <= budget)
+    return max(k for k in range(1, budget + 1) if model_calls(method, schedule, k) <= budget)
+
+
+def line_name(row) -> str:
+    return f"{row['run']}: {row['method']}" if row.get("run") else row["method"]
 
 
 def plot(rows, path):
@@ -40,11 +46,11 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        ax.plot([r["model_calls"] for r in mine], [r["digits_fd"] for r in mine], marker="o", label=method)
+    for name in dict.fromkeys(map(line_name, rows)):
+        mine = [r for r in rows if line_name(r) == name]
+        ax.plot([r["model_calls"] for r in mine], [r["digits_fd"] for r in mine], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="model evaluations", ylabel="digits-classifier FD (lower is better)",
-           title="Sample quality against cost (make demo run)")
+           title="Sample quality against cost (digits runs)")
     budgets = sorted({r["budget"] for r in rows})
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks(budgets, labels=[str(b) for b in budgets])
@@ -58,16 +64,16 @@ def plot(rows, path):
 def table(rows, budgets) -> str:
     lines = ["| sampler | " + " | ".join(f"{b} evals" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        cells = {r["budget"]: r for r in rows if r["method"] == method}
-        lines.append(f"| {method} | " + " | ".join(
+    for name in dict.fromkeys(map(line_name, rows)):
+        cells = {r["budget"]: r for r in rows if line_name(r) == name}
+        lines.append(f"| {name} | " + " | ".join(
             f"{cells[b]['digits_fd']:.2f} ({cells[b]['steps']} steps)" if b in cells else "" for b in budgets) + " |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="runs/digits")
+    p.add_argument("--workdir", action="append", help="DIR or LABEL=DIR, repeatable (default runs/digits)")
     p.add_argument("--budgets", default="5,10,20,50")
     p.add_argument("--methods", default=",".join(sampler_names()))
     p.add_argument("--num_samples", type=int, default=1000)
@@ -80,26 +86,39 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         return write(out, [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()], budgets)
-    run = load_run(args.workdir)
+    rows = []
+    for spec in args.workdir or ["runs/digits"]:
+        label, _, workdir = spec.rpartition("=")
+        rows += measure(load_run(workdir), label, args.methods.split(","), budgets, args.num_samples, args.seed)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write(out, rows, budgets)
+
+
+def measure(run, label, methods, budgets, num_samples, seed):
+    """One row per (method that runs this run's process, budget)."""
     real = feature_statistics(digits_features(load_split(run.config.data, run.config.data.eval_split).model_range()))
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
+        try:
+            steps_for_budget(method, run.schedule, 1)
+        except ValueError:  # a method of another process
+            continue
         for budget in budgets:
-            steps = steps_for_budget(method, budget)
-            generate = make_generator(run.model, run.schedule, run.config, batch_size=args.num_samples,
+            steps = steps_for_budget(method, run.schedule, budget)
+            generate = make_generator(run.model, run.schedule, run.config, batch_size=num_samples,
                                       method=method, steps=steps)
             started = time.perf_counter()
-            images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed))
+            images = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
             seconds = time.perf_counter() - started
             fd = frechet_distance(*feature_statistics(digits_features(images)), *real)
-            row = {"bench": "sampler_quality", "method": method, "budget": budget, "steps": steps,
-                   "model_calls": get_sampler(method).model_calls(steps), "digits_fd": float(fd),
-                   "num_samples": args.num_samples, "seconds_with_compile": round(seconds, 1),
+            row = {"bench": "sampler_quality", "run": label, "process": run.config.diffusion.process,
+                   "prediction": run.config.diffusion.prediction, "method": method, "budget": budget,
+                   "steps": steps, "model_calls": model_calls(method, run.schedule, steps), "digits_fd": float(fd),
+                   "num_samples": num_samples, "seconds_with_compile": round(seconds, 1),
                    "checkpoint_step": run.step, **device_facts()}
             emit(row)
             rows.append(row)
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write(out, rows, budgets)
+    return rows
 
 
 def write(out, rows, budgets):

@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_examples = 512       # held-out (x0, t, noise) triples for the metrics
     c.eval.num_samples = 64
     c.eval.bpd_examples = 64        # held-out images for bits/dim (T model calls each)
+    c.eval.ode_bpd = True           # a "ddpm" run's probability-flow ODE likelihood beside its bound
     c.eval.seed = 1234
     c.eval.fid_stats = ""           # reference .npz (fid-stats); "" = no FID
     return c

@@ -1,7 +1,8 @@
 """The exact likelihood of a process's probability-flow ODE (score_sde, Song et al. 2021, App. D.2):
 log p_0(x) = log p_T(x_T) + integral from t_clean to t_noisy of div_x v(x_t, t) dt, where
 dx/dt = v(x, t) = alpha'(t) x0_hat + sigma'(t) eps_hat is the model's ODE, x_T its solution from
-x, and p_T = N(0, prior_std^2). Integrated with classical Runge-Kutta (4 model evaluations a step)
+x, and p_T = N(0, prior_std^2). A DDPM schedule is taken in continuous time
+(`DDPMProcess.continuous`), its model fed fractional timesteps. Integrated with classical Runge-Kutta (4 model evaluations a step)
 on the process's grid run backwards, in one `lax.scan`; the divergence exactly (one VJP per
 dimension: for small data) or by Hutchinson's estimator (a Rademacher probe, one VJP).
 
@@ -57,9 +58,8 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
     process = as_process(process)
     if divergence not in DIVERGENCES:
         raise UsageError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if process.name == "ddpm":
-        raise UsageError("the ODE likelihood needs a continuous-time process (vp, edm, flow); DDPM's "
-                         "discrete bound is likelihood.nll_bpd")
+    if process.name == "ddpm":  # its continuous-time view (processes/ddpm.py)
+        process = process.continuous()
     if (dequantize or divergence == "hutchinson") and key is None:
         raise UsageError("give a key: it draws the dequantisation noise and the Hutchinson probe")
     x = jnp.asarray(x, jnp.float32)

@@ -138,7 +138,8 @@ def gaussian_optimal_continuous(alphas_cumprod, mu, sigma, prediction="eps"):
 
 # ---------------------------------------------------------------------------- continuous processes
 # model time -> time of the processes at their defaults (vp sees 999 t, edm sigma, flow 1000 t)
-PROCESS_TIME_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0}
+PROCESS_TIME_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0,
+                   "ddpm_continuous": lambda m: m / 999.0}  # of a 1000-step schedule
 
 
 def process_coefficients64(name, t):

@@ -148,11 +148,14 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
         assert key in saved
     assert len(saved["per_timestep"]) == 10 and sum(r["count"] for r in saved["per_timestep"]) == 300
     assert 0 < saved["bpd"]["total_bpd"] < 8 and np.isfinite(saved["digits_fd"])
-    assert "Noise prediction" in (out / "report.md").read_text()
+    # the ODE likelihood of the DDPM model in continuous time, beside the bound (8 images: loose)
+    assert "continuous time" in saved["bpd_ode"]["likelihood"] and 0 < saved["bpd_ode"]["total_bpd"] < 10
+    report = (out / "report.md").read_text()
+    assert "Noise prediction" in report and "variational bound" in report and "probability-flow ODE" in report
     from diffusion_jax import cli
     cli.main(["evaluate", "--workdir", str(digits_run)])  # the README's command, run again
     m2 = json.loads((out / "metrics.json").read_text())
-    for key in ("noise_mse", "noise_r2", "per_timestep", "bpd", "digits_fd"):
+    for key in ("noise_mse", "noise_r2", "per_timestep", "bpd", "bpd_ode", "digits_fd"):
         assert m1[key] == m2[key], key  # seeded: identical inputs, samples and metrics
 
 

@@ -22,6 +22,7 @@ def tiny_config(steps=20, **changes):
     c.eval.num_examples = 64
     c.eval.num_samples = 16
     c.eval.bpd_examples = 4
+    c.eval.ode_bpd = False  # the ODE likelihood of a DDPM run: test_evaluation's digits run shows it
     for key, value in changes.items():
         node = c
         *path, leaf = key.split(".")

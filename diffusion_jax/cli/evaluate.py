@@ -40,6 +40,8 @@ def evaluate_command(args):
     summary = {k: m[k] for k in ("noise_mse", "noise_rmse", "noise_mae", "noise_r2", "checkpoint_step")}
     if "bpd" in m:
         summary["bits_per_dim"] = m["bpd"]["total_bpd"]
+    if "bpd_ode" in m:
+        summary["ode_bits_per_dim"] = m["bpd_ode"]["total_bpd"]
     for key in ("fid", "digits_fd"):
         if key in m:
             summary[key] = m[key]

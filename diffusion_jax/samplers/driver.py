@@ -28,7 +28,7 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
 from diffusion_jax.processes.ddpm import ddpm_schedule
-from diffusion_jax.samplers.process import sample_process
+from diffusion_jax.samplers.process import process_method, sample_process
 from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
 from diffusion_jax.schedules import Schedule
 
@@ -43,6 +43,14 @@ def sampling_grid(schedule: Schedule, method: str, num_steps: int | None = None,
     with jax.ensure_compile_time_eval():  # host values even when called under jit
         grid = sampler.make_grid(schedule, num_steps, **grid_options)
     return grid if start_step is None else grid.starting_at(start_step)
+
+
+def model_calls(method: str, schedule, num_steps: int) -> int:
+    """The model evaluations `num_steps` steps of `method` cost on `schedule` (a DDPM schedule or a
+    process): Heun's 2K - 1, K for the others."""
+    if ddpm_schedule(schedule) is None:
+        return process_method(method, schedule).model_calls(num_steps)
+    return get_sampler(method).model_calls(num_steps)
 
 
 def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_scale=None,

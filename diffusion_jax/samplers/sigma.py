@@ -25,12 +25,12 @@ import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels
+from diffusion_jax.processes.ddpm import MIN_ABAR  # where abar_T = 0 (zero terminal SNR): sigma_max 4096
 from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
                                              number, register)
 from diffusion_jax.schedules import SPACINGS, Schedule, spaced_timesteps
 
 SIGMA_GRIDS = ("karras", "exponential", "model")
-MIN_ABAR = 2.0 ** -24  # where abar_T = 0 (zero terminal SNR), the largest sigma is 4096
 
 
 def schedule_sigmas(schedule: Schedule) -> np.ndarray:
