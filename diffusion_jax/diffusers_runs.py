@@ -59,7 +59,8 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
     settings = scheduler.settings_from_scheduler(imported.scheduler_config or {}, learn_sigma)
     for key, value in settings["diffusion"].items():
         config.diffusion[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-    config.sample.clip_x0 = settings["sample"]["clip_x0"] if imported.scheduler_config else config.sample.clip_x0
+    if imported.scheduler_config:
+        config.sample.update(settings["sample"])
     return config
 
 

@@ -124,3 +124,46 @@ def test_a_latent_dit_imported_with_its_vae_trains_samples_with_guidance_and_dec
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert np.isfinite(metrics["noise_mse"]) and "bpd" not in metrics and "digits_fd" in metrics
     assert (run / "eval" / "samples.png").exists()
+
+
+def test_a_flow_matching_dit_with_its_scheduler_imports_as_a_flow_run_sampled_as_diffusers_does(tmp_path):
+    """A DiT trained by flow matching (SiT; SD3's and Flux's scheduler): DiTTransformer2DModel beside a
+    FlowMatchEulerDiscreteScheduler (shift 3) imports as a "flow" run that predicts the velocity; its
+    Euler chain equals diffusers' loop with the torch model from the same x_T, and the CLI samples it."""
+    source = tmp_path / "sit"
+    dit = _perturbed(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10)).eval()
+    dit.save_pretrained(source / "transformer")
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(source / "scheduler")
+    run = tmp_path / "run"
+    _cli("import", "--from", source, "--subfolder", "transformer", "--workdir", run, *SMALL_RUN)
+    config = load_config(run)
+    assert (config.diffusion.process, config.diffusion.prediction, config.sample.method) == ("flow", "velocity", "euler")
+    assert config.diffusion.process_options.shift == 3.0 and not config.sample.clip_x0
+
+    imported = load_run(run)
+    K, labels = 6, np.array([3, 7])
+    x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(source / "scheduler"))
+    scheduler.set_timesteps(K)
+    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = dit(x, timestep=t.expand(2), class_labels=torch.from_numpy(labels)).sample
+            x = scheduler.step(out, t, x).prev_sample
+    theirs = x.numpy().transpose(0, 2, 3, 1)
+    import diffusion_jax as dj
+    denoise = lambda x, t, y: imported.model.apply({"params": imported.ema_params}, x, t, y)
+    ours = dj.sample(denoise, imported.schedule, x_T.shape, jax.random.key(0), method="euler", num_steps=K,
+                     prediction="velocity", clip_x0=False, cond=jnp.asarray(labels), x_T=x_T)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+
+    for method in ("euler", "heun", "dpm++_2m"):
+        _cli("sample", "--workdir", run, "--num_samples", 2, "--method", method, "--steps", 4, "--labels", "3,7",
+             "--out", tmp_path / f"{method}.npz")
+        images = np.load(tmp_path / f"{method}.npz")
+        assert images[images.files[0]].shape == (2, 8, 8, 1) and np.all(np.isfinite(images[images.files[0]]))
+    _cli("export", "--workdir", run, "--out", tmp_path / "exported")
+    back = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
+    assert back["_class_name"] == "FlowMatchEulerDiscreteScheduler" and back["shift"] == 3.0

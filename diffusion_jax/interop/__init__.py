@@ -41,13 +41,14 @@ _BY_MODULE = {UNet: unet2d, DiT: dit, AutoencoderKL: vae}
 class Imported:
     """A loaded diffusers model: the Flax module, its float32 params, the diffusers config, the
     input shape (H, W, C) it was published for, and the schedule (None without a scheduler
-    config next to it) with the run settings it maps to (`scheduler.settings_from_scheduler`)."""
+    config next to it; a "flow" process for a FlowMatchEulerDiscreteScheduler) with the run
+    settings it maps to (`scheduler.settings_from_scheduler`)."""
 
     model: Any
     params: Any
     config: dict
     input_shape: tuple
-    schedule: Optional[Schedule] = None
+    schedule: Any = None
     scheduler_config: Optional[dict] = None
 
     def apply(self, x, t, y=None):
@@ -91,7 +92,7 @@ def load_diffusers(source: str, subfolder: Optional[str] = None) -> Imported:
     scheduler_cfg = files.read_scheduler(directory) if not isinstance(imported.model, AutoencoderKL) else None
     if scheduler_cfg:
         imported = dataclasses.replace(imported, scheduler_config=scheduler_cfg,
-                                       schedule=schedule_from_betas(scheduler.betas_from_scheduler(scheduler_cfg)))
+                                       schedule=scheduler.process_from_scheduler(scheduler_cfg))
     log.info("loaded %s from %s", config["_class_name"], directory)
     return imported
 

@@ -8,7 +8,9 @@ import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.files import check_field_types
-from diffusion_jax.schedules import Schedule, cosine_betas, rescale_zero_terminal_snr, scaled_linear_betas
+from diffusion_jax.processes import make_process
+from diffusion_jax.schedules import (Schedule, cosine_betas, rescale_zero_terminal_snr, scaled_linear_betas,
+                                     schedule_from_betas)
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
@@ -48,8 +50,16 @@ def settings_from_scheduler(config: dict, learn_sigma: bool) -> dict:
     """{"diffusion": {...}, "sample": {"clip_x0": ...}} of a scheduler_config.json dict.
 
     A model that predicts its variance (learn_sigma) is "learned_range" whatever the scheduler
-    says: the variance is the model's output, not the scheduler's choice.
+    says: the variance is the model's output, not the scheduler's choice. A
+    FlowMatchEulerDiscreteScheduler makes a "flow" run of a velocity model, sampled with Euler.
     """
+    if is_flow_scheduler(config):
+        if learn_sigma:
+            raise UsageError("a flow-matching model predicts the velocity only: this one also predicts a variance "
+                             "(out_channels = 2 x in_channels), which the flow process does not use")
+        return {"diffusion": {"process": "flow", "process_options": flow_process_options(config),
+                              "prediction": "velocity"},
+                "sample": {"clip_x0": False, "method": "euler"}}
     check_field_types(config, DEFAULTS, nullable=("trained_betas",))
     T = int(config.get("num_train_timesteps", 1000))
     beta_schedule = config.get("beta_schedule", "linear")
@@ -110,6 +120,18 @@ FLOW_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shiftin
 # Fields whose only supported value is diffusers' default (the grid would differ otherwise).
 _FLOW_FIXED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                "time_shift_type", "stochastic_sampling")
+
+
+def is_flow_scheduler(config: dict) -> bool:
+    return config.get("_class_name") == FLOW_SCHEDULER
+
+
+def process_from_scheduler(config: dict):
+    """The process a scheduler config describes: a "flow" process for a FlowMatchEulerDiscreteScheduler,
+    else the DDPM `Schedule` of its betas."""
+    if is_flow_scheduler(config):
+        return make_process("flow", **flow_process_options(config))
+    return schedule_from_betas(betas_from_scheduler(config))
 
 
 def flow_process_options(config: dict) -> dict:
