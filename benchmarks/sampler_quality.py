@@ -46,9 +46,16 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    runs = list(dict.fromkeys(r.get("run", "") for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    styles = ["-", "--", ":", "-."]
     for name in dict.fromkeys(map(line_name, rows)):
         mine = [r for r in rows if line_name(r) == name]
-        ax.plot([r["model_calls"] for r in mine], [r["digits_fd"] for r in mine], marker="o", label=name)
+        style = {}
+        if len(runs) > 1:  # a colour per run, a line style per sampler
+            style = dict(color=f"C{runs.index(mine[0]['run']) % 10}",
+                         linestyle=styles[methods.index(mine[0]["method"]) % len(styles)])
+        ax.plot([r["model_calls"] for r in mine], [r["digits_fd"] for r in mine], marker="o", label=name, **style)
     ax.set(xscale="log", yscale="log", xlabel="model evaluations", ylabel="digits-classifier FD (lower is better)",
            title="Sample quality against cost (digits runs)")
     budgets = sorted({r["budget"] for r in rows})

@@ -196,7 +196,7 @@ def validate_process_settings(config, process) -> None:
     continuous_weight(process, times, d.prediction, d.weighting)
     if config.model.get("precondition", "") not in ("", "edm"):
         raise UsageError(f"unknown model.precondition {config.model.precondition!r}; choose '' or 'edm'")
-    if config.model.get("precondition", "") == "edm" and (process.name != "edm" or d.prediction != "x0"):
+    if config.model.get("precondition", "") == "edm" and (not process.time_is_sigma or d.prediction != "x0"):
         raise UsageError("model.precondition 'edm' makes the model an x0 predictor of sigma: it needs "
                          f"diffusion.process='edm' and diffusion.prediction='x0' (got {process.name!r}, "
                          f"{d.prediction!r})")

@@ -102,20 +102,15 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     from diffusion_jax.runs import load_run
 
     run = load_run(workdir, step)
-    process = run.schedule
-    flow = getattr(process, "name", "ddpm") == "flow"
-    if not isinstance(process, Schedule) and not flow:
-        raise UsageError(f"export writes a DDPM or flow run's scheduler; this run's process is {process.name!r}, "
-                         "which has no diffusers scheduler here yet")
-    d = run.config.diffusion
-    if flow and d.prediction != "velocity":  # diffusers' flow models predict the velocity
-        raise UsageError("diffusers' FlowMatchEulerDiscreteScheduler runs velocity-prediction models: this flow "
-                         f"run predicts {d.prediction!r}")
+    process, d = run.schedule, run.config.diffusion
+    continuous = not isinstance(process, Schedule)
+    if continuous:  # checked before anything is written
+        process_scheduler = scheduler.process_scheduler_config(process, d.prediction)
     ensure_new_dir(out, "--out")
-    path = save_diffusers(out, run.model, run.ema_params, None if flow else process,
+    path = save_diffusers(out, run.model, run.ema_params, None if continuous else process,
                           input_shape=model_input_shape(run.config), prediction=d.prediction, variance=d.variance,
                           clip_x0=bool(run.config.sample.clip_x0))
-    if flow:
+    if continuous:
         (path / "scheduler").mkdir(exist_ok=True)
-        write_json_atomically(path / "scheduler" / "scheduler_config.json", scheduler.flow_scheduler_config(process))
+        write_json_atomically(path / "scheduler" / "scheduler_config.json", process_scheduler)
     return path

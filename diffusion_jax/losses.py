@@ -130,7 +130,7 @@ def sample_times(process, key, batch: int, time_sampling: str = "uniform", **opt
                          f"not {sorted(unknown)}")
     o = {**TIME_SAMPLING_DEFAULTS[time_sampling], **options}
     if time_sampling == "lognormal":
-        if process.name != "edm":
+        if not process.time_is_sigma:
             raise UsageError(f"time_sampling 'lognormal' draws EDM's sigma: use it with process 'edm', not "
                              f"{process.name!r} (logit_normal is its counterpart on [0, 1])")
         return jnp.exp(o["p_mean"] + o["p_std"] * jax.random.normal(key, (batch,), jnp.float32))
@@ -141,12 +141,7 @@ def sample_times(process, key, batch: int, time_sampling: str = "uniform", **opt
     else:
         v = jax.random.uniform(key, (batch,), jnp.float32)
         u = 1.0 - v - o["scale"] * (jnp.cos(0.5 * jnp.pi * v) ** 2 - 1.0 + v)
-    u = jnp.clip(u, T_MARGIN, 1.0 - T_MARGIN)
-    if process.name == "edm":
-        return process.sigma_min + u * (process.sigma_max - process.sigma_min)
-    if process.name == "flow" and (process.shift != 1.0 or process.use_dynamic_shifting):
-        u = process.shifted(u)
-    return u
+    return process.training_time(jnp.clip(u, T_MARGIN, 1.0 - T_MARGIN))
 
 
 def mse_factor(process, t, prediction: str):
@@ -184,7 +179,7 @@ def continuous_weight(process, t, prediction: str, weighting: str, *, min_snr_ga
     elif weighting == "p2":
         on_x0 = r / (p2_k + r) ** p2_gamma
     else:
-        if process.name != "edm":
+        if not process.time_is_sigma:
             raise UsageError(f"weighting 'edm' is EDM's lambda(sigma): use it with process 'edm', not {process.name!r}")
         on_x0 = (sigma ** 2 + process.sigma_data ** 2) / (sigma * process.sigma_data) ** 2
     return on_x0 / mse_factor(process, t, prediction)

@@ -58,7 +58,7 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
     process = as_process(process)
     if divergence not in DIVERGENCES:
         raise UsageError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if process.name == "ddpm":  # its continuous-time view (processes/ddpm.py)
+    if hasattr(process, "continuous"):  # a discrete process: its continuous-time view (processes/ddpm.py)
         process = process.continuous()
     if (dequantize or divergence == "hutchinson") and key is None:
         raise UsageError("give a key: it draws the dequantisation noise and the Hutchinson probe")
@@ -70,7 +70,7 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
              else None)
     ts = np.asarray(process.default_grid(int(num_steps)), np.float64)[::-1].copy()
     if ts[0] == process.t_clean:  # the model is not asked at the clean end itself (sigma = 0)
-        ts[0] = ts[1] * 1e-2 if process.name == "edm" else 1e-5
+        ts[0] = ts[1] * 1e-2 if process.time_is_sigma else 1e-5
     ts = ts.astype(np.float32)
     v = _velocity(denoise_fn, process, prediction)
 

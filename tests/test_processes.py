@@ -35,6 +35,26 @@ def test_the_registry_has_the_four_processes_and_refuses_bad_options():
             bad()
 
 
+def test_a_process_is_one_file_and_nothing_outside_branches_on_its_name():
+    """The four members are four files in diffusion_jax/processes/, each registering itself; no
+    module outside that package compares a process's name with a continuous member's (what
+    differs between processes is asked of the process: its time mapping, whether t is sigma,
+    ...; "ddpm", the default, is the one discrete process, whose code paths are DDPM's own)."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(dj.__file__).parent
+    for name in process_names():
+        text = (package / "processes" / f"{name}.py").read_text()
+        assert f'register("{name}"' in text, name
+    names = "|".join(name for name in process_names() if name != "ddpm")
+    branch = re.compile(rf"""(name|process)\b[^\n]{{0,40}}?(==|!=|\bin\b)\s*\(?["']({names})["']""")
+    offenders = [f"{path.relative_to(package)}:{i}: {line.strip()}"
+                 for path in package.rglob("*.py") if "processes" not in path.parts
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert not offenders, offenders
+
+
 def test_the_ddpm_process_is_the_schedule_bitwise():
     schedule = dj.make_schedule("cosine", 200)
     process = as_process(schedule)

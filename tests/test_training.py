@@ -203,7 +203,8 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.st
 
 
 def test_the_experiments_are_found():
-    assert {"digits_unet", "digits_flow", "digits_edm", "cifar10_ddpm", "cifar10_dit"} <= set(EXPERIMENTS)
+    assert {"digits_unet", "digits_flow", "digits_edm", "cifar10_ddpm", "cifar10_dit", "cifar10_sit",
+            "cifar10_edm"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("module", EXPERIMENTS)

@@ -94,9 +94,7 @@ def evaluation_times(process, num_examples: int, seed: int) -> np.ndarray:
     """float32 [N] times spread evenly over the process's range, then shuffled: u = (i + 1/2) / N
     is t itself on [0, 1] ("vp", "flow") and log-uniform sigma on [sigma_min, sigma_max] ("edm")."""
     u = (np.arange(num_examples) + 0.5) / num_examples
-    if process.name == "edm":
-        u = process.sigma_min * (process.sigma_max / process.sigma_min) ** u
-    return np.random.default_rng([seed, 1]).permutation(u).astype(np.float32)
+    return np.random.default_rng([seed, 1]).permutation(process.spread_time(u)).astype(np.float32)
 
 
 def process_prediction_metrics(denoise_fn: Callable, process, x0: np.ndarray, *, num_examples: int = 512,

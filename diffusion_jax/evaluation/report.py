@@ -34,9 +34,10 @@ def ode_bits_per_dim(denoise_fn, process, x0, *, key, prediction, batch_size=64,
     divergence, dequantised: `ode_likelihood.ode_nll_bpd`)."""
     fn = jax.jit(lambda x, k: ode_nll_bpd(denoise_fn, process, x, k, prediction=prediction, num_steps=num_steps,
                                           divergence="hutchinson"))
-    name = as_process(process).name
-    if name == "ddpm":
-        name = "ddpm (in continuous time: log-SNR linear between the schedule's steps)"
+    process = as_process(process)
+    name = process.name
+    if hasattr(process, "continuous"):  # a discrete process, in its continuous-time view
+        name += " (in continuous time: log-SNR linear between the schedule's steps)"
     values = [np.asarray(fn(jnp.asarray(x0[start:start + batch_size]), jax.random.fold_in(key, i)))
               for i, start in enumerate(range(0, len(x0), batch_size))]
     return {"total_bpd": float(np.concatenate(values).mean()), "num_images": int(len(x0)),

@@ -153,9 +153,27 @@ def flow_process_options(config: dict) -> dict:
             "max_shift": float(c["max_shift"] if c["max_shift"] is not None else 1.15)}
 
 
+def process_scheduler_config(process, prediction: str) -> dict:
+    """The diffusers scheduler config.json dict of a continuous process and what its model predicts
+    (`SCHEDULERS_OF_PROCESSES`); a process diffusers has no scheduler for here is an error."""
+    if process.name not in SCHEDULERS_OF_PROCESSES:
+        raise UsageError(f"export writes a run's diffusers scheduler: a {process.name!r} process has none here yet "
+                         f"(those of {sorted(SCHEDULERS_OF_PROCESSES)} and DDPM runs do)")
+    to_config, predicts = SCHEDULERS_OF_PROCESSES[process.name]
+    if prediction != predicts:
+        config = to_config(process)
+        raise UsageError(f"diffusers' {config['_class_name']} runs {predicts}-prediction models: this run predicts "
+                         f"{prediction!r}")
+    return to_config(process)
+
+
 def flow_scheduler_config(process) -> dict:
     """The FlowMatchEulerDiscreteScheduler config.json dict of a "flow" process (its grid equals
     the process's `default_grid`; `mu` is a sampling argument, not part of the config)."""
     return {**FLOW_DEFAULTS, "_class_name": FLOW_SCHEDULER, "num_train_timesteps": int(process.num_train_timesteps),
             "shift": float(process.shift), "use_dynamic_shifting": bool(process.use_dynamic_shifting),
             "base_shift": float(process.base_shift), "max_shift": float(process.max_shift)}
+
+
+# A continuous process's diffusers scheduler: (its config of the process, the prediction its models make).
+SCHEDULERS_OF_PROCESSES = {"flow": (flow_scheduler_config, "velocity")}

@@ -67,6 +67,7 @@ class ContinuousDDPM:
     name = "ddpm_continuous"
     prior_std = 1.0
     t_clean, t_noisy = 0.0, 1.0
+    time_is_sigma = False
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule

@@ -25,6 +25,7 @@ class EDMProcess:
 
     name: ClassVar[str] = "edm"
     t_clean: ClassVar[float] = 0.0
+    time_is_sigma: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("edm", sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
@@ -46,6 +47,14 @@ class EDMProcess:
 
     def model_time(self, t):
         return jnp.asarray(t, jnp.float32)
+
+    def training_time(self, u):
+        """sigma uniform on [sigma_min, sigma_max] (EDM trains with `lognormal` instead)."""
+        return self.sigma_min + u * (self.sigma_max - self.sigma_min)
+
+    def spread_time(self, u):
+        """sigma log-uniform on [sigma_min, sigma_max]."""
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
 
     def default_grid(self, num_steps: int) -> np.ndarray:
         """EDM eq. 5 in float64: sigma_i = (sigma_max^(1/rho) + i / (K - 1) (sigma_min^(1/rho) -

@@ -32,6 +32,7 @@ class FlowProcess:
     prior_std: ClassVar[float] = 1.0
     t_noisy: ClassVar[float] = 1.0
     t_clean: ClassVar[float] = 0.0
+    time_is_sigma: ClassVar[bool] = False
 
     def __post_init__(self):
         check_positive("flow", shift=self.shift, num_train_timesteps=self.num_train_timesteps)
@@ -53,6 +54,13 @@ class FlowProcess:
                                  "from the image sequence length between base_shift and max_shift)")
             return math.exp(self.mu) / (math.exp(self.mu) + (1.0 / t - 1.0))
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def training_time(self, u):
+        """u moved by the shift (diffusers' SD3 training), when there is one."""
+        return self.shifted(u) if self.shift != 1.0 or self.use_dynamic_shifting else u
+
+    def spread_time(self, u):
+        return u
 
     def default_grid(self, num_steps: int) -> np.ndarray:
         """diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps): its training

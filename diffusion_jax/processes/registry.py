@@ -7,8 +7,13 @@ A process says, for a time t (an array of any shape; its members' own convention
   * `t_noisy`, `t_clean`: the two ends of t; x at the noisy end is N(0, prior_std^2 I) (its
     alpha is 0, or negligible);
   * `default_grid(num_steps) -> float64 [num_steps + 1]`: the times a sampler walks, from
-    t_noisy down to t_clean (host NumPy, static).
-Adding a process is one file with a class of these and a `register(name, factory)` call.
+    t_noisy down to t_clean (host NumPy, static);
+  * `training_time(u)`, `spread_time(u)`: u in (0, 1) onto the process's times, as the training
+    time samplings (uniform, logit-normal, mode) draw them and as the evaluation spreads them;
+  * `time_is_sigma`: whether t is sigma itself (alpha = 1: EDM), which EDM's churn, its
+    log-normal sigma and its preconditioning need.
+Adding a process is one file with a class of these and a `register(name, factory)` call; no
+code outside it branches on a process's name.
 """
 from __future__ import annotations
 
@@ -24,12 +29,17 @@ class Process(Protocol):
     prior_std: float
     t_noisy: float
     t_clean: float
+    time_is_sigma: bool
 
     def marginal(self, t): ...
 
     def model_time(self, t): ...
 
     def default_grid(self, num_steps: int) -> np.ndarray: ...
+
+    def training_time(self, u): ...
+
+    def spread_time(self, u): ...
 
 
 _REGISTRY: dict[str, Callable[..., Process]] = {}

@@ -31,6 +31,7 @@ class VPProcess:
     prior_std: ClassVar[float] = 1.0
     t_noisy: ClassVar[float] = 1.0
     t_clean: ClassVar[float] = 0.0
+    time_is_sigma: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.schedule not in VP_SCHEDULES:
@@ -62,6 +63,11 @@ class VPProcess:
     def default_grid(self, num_steps: int) -> np.ndarray:
         """num_steps + 1 times evenly spaced from 1 down to 0."""
         return np.linspace(1.0, 0.0, int(num_steps) + 1)
+
+    def training_time(self, u):
+        return u
+
+    spread_time = training_time
 
 
 register("vp", VPProcess)

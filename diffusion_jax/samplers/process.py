@@ -89,7 +89,7 @@ def heun_step(ctx, x, state, inputs, noise):
     gamma = min(s_churn / K, sqrt(2) - 1), with noise of variance t_hat^2 - t^2 (times s_noise^2);
     then Euler to t_next and, unless t_next is the clean end, the trapezoid correction."""
     t, t_next, o = inputs["t"], inputs["t_next"], ctx.options
-    if ctx.process.name == "edm":
+    if ctx.process.time_is_sigma:  # EDM's churn raises sigma, which is t here
         inside = (o["s_tmin"] <= t) & (t <= o["s_tmax"])
         gamma = jnp.where(inside, jnp.minimum(o["s_churn"] / ctx.num_steps, math.sqrt(2.0) - 1.0), 0.0)
         t_hat = t + gamma * t
@@ -184,7 +184,7 @@ def check_process_options(method: str, process, options: dict) -> dict:
     merged = {**{k: o.default for k, o in declared.items()},
               **{k: declared[k].check(method, k, v) for k, v in options.items()}}
     churn = merged.get("s_churn", 0.0)
-    if not isinstance(churn, jax.core.Tracer) and churn and process.name != "edm":
+    if not isinstance(churn, jax.core.Tracer) and churn and not process.time_is_sigma:
         raise UsageError(f"s_churn raises sigma as EDM does: it needs process 'edm', not {process.name!r}")
     return merged
 
