@@ -108,9 +108,10 @@ def check_field_types(config: dict, defaults: dict, nullable=()) -> None:
                              f"{json.dumps(list(default) if isinstance(default, tuple) else default)})")
 
 
-def read_tensors(directory: pathlib.Path) -> dict:
-    """{name: float32 NumPy array} of the model's weights file."""
-    path = directory / WEIGHTS
+def read_tensors(directory: pathlib.Path, weights: str = WEIGHTS, weights_bin: str = WEIGHTS_BIN) -> dict:
+    """{name: float32 NumPy array} of the model's weights file (diffusers' names by default;
+    transformers' are model.safetensors and pytorch_model.bin)."""
+    path = directory / weights
     if path.exists():
         from safetensors.numpy import load_file
         try:
@@ -119,7 +120,7 @@ def read_tensors(directory: pathlib.Path) -> dict:
             raise UsageError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
                              "incomplete; download it again") from None
         return {name: _float32(name, value) for name, value in tensors.items()}
-    bin_path = directory / WEIGHTS_BIN
+    bin_path = directory / weights_bin
     if bin_path.exists():
         try:
             import torch
@@ -128,7 +129,7 @@ def read_tensors(directory: pathlib.Path) -> dict:
                              "convert it to safetensors once (diffusers' save_pretrained writes safetensors)") from None
         state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         return {name: _float32(name, value.float().numpy()) for name, value in state.items()}
-    raise FileNotFoundError(f"{directory} has a {CONFIG} but no weights file ({WEIGHTS} or {WEIGHTS_BIN})")
+    raise FileNotFoundError(f"{directory} has a {CONFIG} but no weights file ({weights} or {weights_bin})")
 
 
 def _float32(name, value) -> np.ndarray:
@@ -143,12 +144,12 @@ def _float32(name, value) -> np.ndarray:
     return value
 
 
-def write_model(directory: pathlib.Path, config: dict, tensors: dict) -> None:
-    """config.json and diffusion_pytorch_model.safetensors of one model."""
+def write_model(directory: pathlib.Path, config: dict, tensors: dict, weights: str = WEIGHTS) -> None:
+    """config.json and the weights file (diffusion_pytorch_model.safetensors) of one model."""
     from safetensors.numpy import save_file
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(directory / weights), metadata={"format": "pt"})
 
 
 def read_scheduler(directory: pathlib.Path) -> dict | None:

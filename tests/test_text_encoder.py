@@ -1,0 +1,155 @@
+"""The CLIP text encoder and tokenizer against transformers (the reference implementation, torch
+CPU float32): a small randomly initialised CLIPTextModel saved with save_pretrained, its last and
+penultimate hidden states and pooled output; the tokenizer's ids on 60 prompts, with SD 1.x's and
+SD 2.x's pad tokens; export read back by transformers."""
+import json
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.errors import UsageError
+from diffusion_jax.interop.clip import load_text_encoder, save_text_encoder
+from diffusion_jax.interop.tokenizer import load_tokenizer
+from diffusion_jax.models.text_encoder import text_embeddings
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["a", "the", "photo", "of", "cat", "dog", "handwritten", "digit", "seven", "painting", "astronaut",
+         "riding", "horse", "on", "mars", "high", "quality", "in", "style", "van", "gogh", "'s", "and", "with"]
+
+
+def bytes_to_unicode():
+    """GPT-2's byte <-> printable character table, as CLIP's vocabulary is written."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(directory, pad_token="<|endoftext|>"):
+    """A CLIP-format tokenizer folder: every byte with and without </w>, merges building WORDS."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **special}))
+    return len(vocab)
+
+
+PROMPTS = [
+    "a photo of a cat", "A Photo Of A CAT", "a  photo\tof\n a cat", "the cat's dog", "the cat's, dog!!",
+    "a painting of a horse in the style of van gogh", "an astronaut riding a horse on mars, high quality",
+    "a handwritten 7", "the digit seven", "digit 1234567890", "a café in Zürich", "naïve façade, crème brûlée",
+    "emoji 🐱🐶🚀", "🐱", "", " ", "...", "a-b_c/d\\e", "(high quality:1.3), [cat]", "'s 't 're 've 'm 'll 'd",
+    "they're we've i'm you'll he'd", "#hashtag @mention $100 50% 3.14", "ÀÉÎÕÜ àéîõü", "ß ø å æ œ",
+    "東京 タワー", "Москва", "مرحبا", "ελληνικά", "a\u0301 combining accent", "tab\tand\r\nnewlines",
+    "UPPER lower MiXeD", "a photo of a cat" * 3, "cat " * 40, "digit " * 80, "a, " * 60,
+    "seven.seven.seven", "dog-dog-dog", "<|endoftext|>", "a <|startoftext|> b", "the the the the",
+    "horse\u00a0nbsp", "ﬁ ligature", "Ｆｕｌｌｗｉｄｔｈ", "1st 2nd 3rd", "x" * 100, "quality!!!???",
+    "a photo of 1 cat and 2 dogs", "style: van gogh; painting", "mars\u200bzero width", "A", "z",
+    "THE CAT'S DOG", "it's", "no ' apostrophe", "\"quoted\" text", "😀😃😄😁", "~!@#$%^&*()_+", "end.",
+    "painting " * 25 + "of a cat",
+]
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_the_tokenizer_gives_transformers_clip_tokenizers_ids(tmp_path, pad_token, caplog):
+    write_tokenizer(tmp_path, pad_token)
+    theirs = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(tmp_path)
+    assert len(PROMPTS) >= 50
+    expected = theirs(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+    with caplog.at_level(logging.WARNING):
+        got = ours(PROMPTS)
+    assert got.shape == (len(PROMPTS), 77) and got.dtype == np.int32
+    for prompt, a, b in zip(PROMPTS, got, expected):
+        assert a.tolist() == list(b), prompt
+    assert sum("cut off" in r.message for r in caplog.records) == 1  # the long prompts: said once
+    assert ours.pad_id == theirs.pad_token_id
+
+
+def small_clip(**changes):
+    changes = {"eos_token_id": 595, **changes}  # write_tokenizer's <|endoftext|>
+    config = transformers.CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, max_position_embeddings=77, **changes)
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():  # layer norms away from their (1, 0) initialisation
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("changes", [{}, {"hidden_act": "gelu", "eos_token_id": 2}])
+def test_the_text_encoder_is_transformers_clip_text_model(tmp_path, changes):
+    vocab_size = write_tokenizer(tmp_path / "tokenizer")
+    model = small_clip(**changes)
+    model.save_pretrained(tmp_path / "text_encoder")
+    encoder = load_text_encoder(tmp_path / "text_encoder")
+    ids = load_tokenizer(tmp_path / "tokenizer")(PROMPTS[:8])
+    assert ids.max() == vocab_size - 1 == 595 and vocab_size <= 600
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+        penultimate = model.final_layer_norm(out.hidden_states[-2]).numpy()
+    last, pooled = out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+    def close(ours, theirs):
+        error = np.abs(np.asarray(ours) - theirs).max() / np.sqrt(np.mean(theirs ** 2))
+        assert error <= 1e-4, error
+
+    close(text_embeddings(encoder.model, encoder.params, jnp.asarray(ids)), last)
+    close(text_embeddings(encoder.model, encoder.params, jnp.asarray(ids), clip_skip=1), penultimate)
+    close(encoder.model.apply({"params": encoder.params}, jnp.asarray(ids))["pooled"], pooled)
+    # padding masked as transformers masks it
+    mask = (np.arange(77)[None] < 6).astype(np.int32).repeat(8, 0)
+    with torch.no_grad():
+        masked = model(torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    close(encoder.model.apply({"params": encoder.params}, jnp.asarray(ids), jnp.asarray(mask))["last_hidden_state"][:, :6],
+          masked.numpy()[:, :6])
+
+    # Stable Diffusion's checkpoints name the tensors text_model.*; export writes them so, and
+    # transformers reads the export back to the same outputs
+    save_text_encoder(tmp_path / "exported", encoder.model, encoder.params)
+    reread = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        again = reread(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    close(again, last)
+    close(text_embeddings(*load_text_encoder(tmp_path / "exported")[:2], jnp.asarray(ids)), last)
+
+
+def test_what_the_text_encoder_and_tokenizer_refuse(tmp_path):
+    small_clip().save_pretrained(tmp_path / "te")
+    config = json.loads((tmp_path / "te" / "config.json").read_text())
+    (tmp_path / "te" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(UsageError, match="hidden_act = 'relu' is not supported"):
+        load_text_encoder(tmp_path / "te")
+    (tmp_path / "te" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    with pytest.raises(UsageError, match="missing tensor encoder.layers.3"):
+        load_text_encoder(tmp_path / "te")
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        load_tokenizer(tmp_path / "te")
+    write_tokenizer(tmp_path / "tok")
+    with pytest.raises(UsageError, match="a prompt must be a string"):
+        load_tokenizer(tmp_path / "tok")(["a cat", 7])
