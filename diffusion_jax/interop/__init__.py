@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.interop import dit, files, scheduler, unet2d, vae
+from diffusion_jax.interop import dit, files, scheduler, unet2d, unet2d_condition, vae
 from diffusion_jax.interop.tensors import params_from_tensors, tensors_from_params
 from diffusion_jax.models import param_shapes
 from diffusion_jax.models.dit import DiT
@@ -33,7 +33,8 @@ from diffusion_jax.schedules import Schedule, schedule_from_betas
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {unet2d.CLASS_NAME: unet2d, dit.CLASS_NAME: dit, dit.LEGACY_CLASS_NAME: dit, vae.CLASS_NAME: vae}
+ARCHITECTURES = {unet2d.CLASS_NAME: unet2d, unet2d_condition.CLASS_NAME: unet2d_condition, dit.CLASS_NAME: dit,
+                 dit.LEGACY_CLASS_NAME: dit, vae.CLASS_NAME: vae}
 _BY_MODULE = {UNet: unet2d, DiT: dit, AutoencoderKL: vae}
 
 
@@ -123,7 +124,7 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     DDPMScheduler with `prediction`, `variance` (default: learned_range for a model that
     learns sigma, else fixed_small) and `clip_x0`). `input_shape` (H, W, C) is the size the
     model is for (diffusers' sample_size)."""
-    arch = _BY_MODULE.get(type(model))
+    arch = unet2d_condition if getattr(model, "context_dim", 0) else _BY_MODULE.get(type(model))
     if arch is None:
         raise UsageError(f"cannot export a {type(model).__name__}: supported are {sorted(c.__name__ for c in _BY_MODULE)}")
     input_shape = tuple(input_shape)

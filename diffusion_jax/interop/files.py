@@ -75,11 +75,15 @@ def _kind(default) -> str:
     return f"a list of {plural[_kind(default[0])]}" if default else "a list"
 
 
+# Integer fields diffusers also writes as a list: [H, W], or one value per block.
+ONE_OR_LIST = ("sample_size", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block")
+
+
 def _fits(value, default, field: str) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        if field == "sample_size" and isinstance(value, list):  # [H, W]
+        if field in ONE_OR_LIST and isinstance(value, list):
             return bool(value) and all(_fits(v, default, "") for v in value)
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):

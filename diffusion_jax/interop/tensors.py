@@ -5,6 +5,7 @@ An entry `Entry(path, kind, name)` ties the Flax module at `path` (a tuple of na
 params tree) to the diffusers module `name` (a dotted state-dict prefix):
     "conv"   nn.Conv kernel [kh, kw, in, out] + bias  <->  name.weight [out, in, kh, kw] + name.bias
     "dense"  nn.Dense kernel [in, out] + bias         <->  name.weight [out, in] + name.bias
+    "linear" nn.Dense kernel [in, out], no bias       <->  name.weight [out, in]
     "norm"   GroupNorm32 scale + bias                 <->  name.weight + name.bias
     "embed"  nn.Embed embedding [n, d]                <->  name.weight [n, d]
     "qkv"    fused q/k/v nn.Dense kernel [C, 3C]      <->  name.to_q / to_k / to_v (.weight, .bias)
@@ -45,6 +46,7 @@ def _flax_layout(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
 
 _LEAVES = {"conv": (("kernel", "weight"), ("bias", "bias")),
            "dense": (("kernel", "weight"), ("bias", "bias")),
+           "linear": (("kernel", "weight"),),
            "norm": (("scale", "weight"), ("bias", "bias")),
            "embed": (("embedding", "weight"),)}
 _QKV = ("to_q", "to_k", "to_v")
@@ -169,3 +171,23 @@ def attention_entries(ours, theirs: str, norm: bool = True):
     base = ours if isinstance(ours, tuple) else (ours,)
     table = [Entry(base + ("attn", "qkv"), "qkv", theirs), Entry(base + ("attn", "proj"), "dense", f"{theirs}.to_out.0")]
     return table + ([Entry(base + ("norm",), "norm", f"{theirs}.group_norm")] if norm else [])
+
+
+def transformer2d_entries(ours, theirs: str, depth: int, linear_projection: bool):
+    """A `SpatialTransformer` at path `ours` <-> a diffusers Transformer2DModel `theirs` (norm,
+    proj_in, transformer_blocks.j: norm1-3, attn1 / attn2 to_q, to_k, to_v (no bias), to_out.0,
+    ff.net.0.proj (GEGLU), ff.net.2; proj_out)."""
+    base = ours if isinstance(ours, tuple) else (ours,)
+    projection = "dense" if linear_projection else "conv"
+    table = [Entry(base + ("norm",), "norm", f"{theirs}.norm"),
+             Entry(base + ("proj_in",), projection, f"{theirs}.proj_in"),
+             Entry(base + ("proj_out",), projection, f"{theirs}.proj_out")]
+    for j in range(depth):
+        block, name = base + (f"block{j}",), f"{theirs}.transformer_blocks.{j}"
+        table += [Entry(block + (f"norm{k}",), "norm", f"{name}.norm{k}") for k in (1, 2, 3)]
+        for attn in ("attn1", "attn2"):
+            table += [Entry(block + (attn, p), "linear", f"{name}.{attn}.{p}") for p in ("to_q", "to_k", "to_v")]
+            table.append(Entry(block + (attn, "to_out"), "dense", f"{name}.{attn}.to_out.0"))
+        table += [Entry(block + ("ff_proj",), "dense", f"{name}.ff.net.0.proj"),
+                  Entry(block + ("ff_out",), "dense", f"{name}.ff.net.2")]
+    return table

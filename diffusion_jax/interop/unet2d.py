@@ -119,9 +119,16 @@ def entries(model: UNet, input_shape):
     """The parameter table (see `tensors.Entry`) of a U-Net at input shape (H, W, C), and its
     (copy, original) tensor pairs (none)."""
     size = input_shape[0]
+    mid = attention_entries("mid_attn", "mid_block.attentions.0", model.mid_attn_norm) if model.mid_attn else []
+    return unet_entries(model, lambda level: size // 2 ** level in model.attn_resolutions, attention_entries, mid), []
+
+
+def unet_entries(model: UNet, has_attn, attention, mid_attention: list) -> list:
+    """The table of a U-Net with diffusers' block layout (down_blocks, mid_block, up_blocks):
+    `has_attn(level)` says where `attention(ours, theirs)` entries go; `mid_attention` are the
+    middle's. UNet2DModel's and UNet2DConditionModel's share it."""
     widths = [model.ch * m for m in model.ch_mult]
     levels = len(widths)
-    has_attn = lambda level: size // 2 ** level in model.attn_resolutions
     table = [Entry(("conv_in",), "conv", "conv_in"),
              Entry(("temb_dense0",), "dense", "time_embedding.linear_1"),
              Entry(("temb_dense1",), "dense", "time_embedding.linear_2")]
@@ -131,12 +138,11 @@ def entries(model: UNet, input_shape):
             table += resnet_entries(f"down{level}_res{i}", f"down_blocks.{level}.resnets.{i}", width != widths[level])
             width = widths[level]
             if has_attn(level):
-                table += attention_entries(f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}")
+                table += attention(f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}")
         if level != levels - 1:
             table.append(Entry((f"down{level}_resample",), "conv", f"down_blocks.{level}.downsamplers.0.conv"))
     table += resnet_entries("mid_res0", "mid_block.resnets.0", False) + resnet_entries("mid_res1", "mid_block.resnets.1", False)
-    if model.mid_attn:
-        table += attention_entries("mid_attn", "mid_block.attentions.0", model.mid_attn_norm)
+    table += mid_attention
     pushed = [model.ch]  # widths of the skip connections, popped from the end on the way up
     for level in range(levels):
         pushed += [widths[level]] * model.num_res_blocks + ([widths[level]] if level != levels - 1 else [])
@@ -147,11 +153,11 @@ def entries(model: UNet, input_shape):
             table += resnet_entries(f"up{level}_res{i}", f"up_blocks.{block}.resnets.{i}", width + skip != widths[level])
             width = widths[level]
             if has_attn(level):
-                table += attention_entries(f"up{level}_attn{i}", f"up_blocks.{block}.attentions.{i}")
+                table += attention(f"up{level}_attn{i}", f"up_blocks.{block}.attentions.{i}")
         if level != 0:
             table.append(Entry((f"up{level}_resample",), "conv", f"up_blocks.{block}.upsamplers.0.conv"))
     table += [Entry(("norm_out",), "norm", "conv_norm_out"), Entry(("conv_out",), "conv", "conv_out")]
-    return table, []
+    return table
 
 
 # diffusers' UNet2DModel checkpoints saved before its Attention class (google/ddpm-*) name the

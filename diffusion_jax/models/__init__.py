@@ -59,6 +59,16 @@ PRESETS: dict[str, Preset] = {
     "dit_tiny": _dit(2, 64, 2, 2, (8, 8, 1), num_classes=10, learn_sigma=False),
     "dit_mnist": _dit(4, 256, 6, 4, (28, 28, 1), num_classes=10, learn_sigma=False),
     "dit_cifar": _dit(2, 384, 12, 6, (32, 32, 3), num_classes=10, learn_sigma=False),
+    # Stable Diffusion's text-conditioned U-Nets on 4-channel latents (diffusers' UNet2DConditionModel):
+    # 1.x with CLIP ViT-L/14's 768-wide embeddings, 8 heads, 1x1 projections (859,520,964
+    # parameters); 2.x with OpenCLIP ViT-H's 1024, 64-wide heads, linear projections (865,910,724).
+    "sd15_unet": Preset(UNet, dict(ch=320, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(),
+                                   attn_levels=(0, 1, 2), level_heads=(8, 8, 8, 8), context_dim=768,
+                                   dropout=0.0, norm_eps=1e-5, downsample_padding=1), (64, 64, 4), "860M"),
+    "sd21_unet": Preset(UNet, dict(ch=320, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(),
+                                   attn_levels=(0, 1, 2), level_heads=(5, 10, 20, 20), context_dim=1024,
+                                   linear_projection=True, dropout=0.0, norm_eps=1e-5, downsample_padding=1),
+                        (96, 96, 4), "866M"),
 }
 # DiT (Peebles & Xie 2022) on a 32x32x4 latent, ImageNet classes, learned sigma:
 # S/2 33M, B/2 130M, L/2 458M, XL/2 675M parameters; patch 4 and 8 variants too.
@@ -80,11 +90,19 @@ def create_model(name: str, **overrides) -> nn.Module:
     return preset.cls(**{**preset.kwargs, **overrides})
 
 
+def example_condition(model: nn.Module, batch: int = 1):
+    """A condition of the right shape for initialising `model`: text embeddings [B, 77, D] for a
+    text-conditioned one, else None (labels are optional)."""
+    context_dim = getattr(model, "context_dim", 0)
+    return jnp.zeros((batch, 77, context_dim), jnp.float32) if context_dim else None
+
+
 def param_shapes(model: nn.Module, input_shape, batch: int = 1):
     """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.eval_shape(lambda k, x, t: model.init(k, x, t), jax.random.key(0), x, t)["params"]
+    return jax.eval_shape(lambda k, x, t: model.init(k, x, t, example_condition(model, batch)),
+                          jax.random.key(0), x, t)["params"]
 
 
 def count_params(tree) -> int:
@@ -96,7 +114,7 @@ def init_params(model: nn.Module, key, input_shape, batch: int = 1):
     """Initial parameters for inputs of shape [batch, *input_shape]."""
     x = jnp.zeros((batch, *input_shape), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
-    return jax.jit(model.init)({"params": key, "dropout": key}, x, t)["params"]
+    return jax.jit(model.init)({"params": key, "dropout": key}, x, t, example_condition(model, batch))["params"]
 
 
 __all__ = ["DiT", "DiTBlock", "PRESETS", "Preset", "UNet", "count_params", "create_model",

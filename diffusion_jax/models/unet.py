@@ -6,6 +6,12 @@ the resolutions in `attn_resolutions`) then a 2x downsample, a middle block (res
 res), the mirror image upwards with skip concatenations (`num_res_blocks + 1` blocks a level),
 GroupNorm, SiLU and a zero-initialised conv_out. ADM's options: scale-shift norm, resblock
 up/down sampling, several heads, class conditioning.
+
+Text conditioning (Stable Diffusion's UNet2DConditionModel): with `context_dim` > 0 every
+attention block is a `SpatialTransformer` (self-attention, cross-attention to the text
+embeddings, GEGLU) at the levels `attn_levels` and in the middle, with `level_heads` heads per
+level; the condition `y` is then the text embeddings [B, L, context_dim], or a mapping
+{"embeddings": [B, L, D], "mask": [B, L]} (1 = a token).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, embed_labels, timestep_embedding
+from diffusion_jax.models.transformer2d import SpatialTransformer
 
 Dtype = Any
 
@@ -151,6 +158,11 @@ class UNet(nn.Module):
     downsample_padding: int = 0
     mid_attn: bool = True
     mid_attn_norm: bool = True
+    context_dim: int = 0  # > 0: text conditioning (cross-attention), y the embeddings
+    attn_levels: Optional[Sequence[int]] = None  # levels with attention (instead of attn_resolutions)
+    level_heads: Optional[Sequence[int]] = None  # heads of each level's transformers (the middle: the last's)
+    linear_projection: bool = False  # the transformers' proj_in / proj_out: linear (SD 2) or 1x1 conv (SD 1)
+    transformer_depth: int = 1
 
     def check_input(self, x):
         if x.ndim != 4:
@@ -161,7 +173,7 @@ class UNet(nn.Module):
             raise UsageError(f"image size {H}x{W} is not divisible by 2^(levels-1) = {factor} "
                              f"for ch_mult {tuple(self.ch_mult)}: resize the images or use fewer levels")
         visited = {H // 2**i for i in range(len(self.ch_mult))}
-        missing = sorted(set(self.attn_resolutions) - visited)
+        missing = sorted(set(self.attn_resolutions) - visited) if self.attn_levels is None else []
         if missing:
             raise UsageError(f"attention resolution(s) {missing} never occur: this U-Net visits "
                              f"{sorted(visited, reverse=True)} for {H}x{W} inputs")
@@ -170,10 +182,21 @@ class UNet(nn.Module):
                 raise UsageError(f"channels {self.ch * mult} (ch {self.ch} x mult {mult}) are not "
                                  f"divisible by the GroupNorm groups {self.num_groups}")
 
+    def _has_attention(self, level: int, resolution: int) -> bool:
+        if self.attn_levels is not None:
+            return level in self.attn_levels
+        return resolution in self.attn_resolutions
+
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
         self.check_input(x)
         B, H, W, C = x.shape
+        context, context_mask = None, None
+        if self.context_dim:
+            if y is None:
+                raise UsageError("this U-Net is text-conditioned: give y, the text embeddings [B, L, "
+                                 f"{self.context_dim}] (the empty prompt's for no condition)")
+            context, context_mask = (y["embeddings"], y.get("mask")) if isinstance(y, dict) else (y, None)
         out_ch = self.out_channels or C
         out_ch = 2 * out_ch if self.learn_sigma else out_ch
         dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
@@ -184,25 +207,33 @@ class UNet(nn.Module):
             temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
         temb = temb.astype(self.dtype)
 
+        levels = len(self.ch_mult)
         block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, autodiff_ops=self.autodiff_ops,
                       ops_impl=self.ops_impl)
         res = lambda ch, name, resample=None: block_cls(
             ch, self.dropout, self.scale_shift_norm, resample, self.num_groups, self.norm_eps, name=name, **common)
-        attn = lambda name, normalize=True: AttnBlock(
+        self_attn = lambda name, normalize=True: AttnBlock(
             self.num_heads, self.num_groups, self.norm_eps, self.head_dim, normalize,
             attention_impl=self.attention_impl, name=name, **common)
+
+        def attn(name, normalize=True, level=None):
+            if not self.context_dim:
+                return self_attn(name, normalize)
+            heads = (self.level_heads or [self.num_heads] * levels)[levels - 1 if level is None else level]
+            block = SpatialTransformer(heads, self.transformer_depth, self.linear_projection, self.num_groups,
+                                       self.dtype, self.param_dtype, self.ops_impl, name=name)
+            return lambda h: block(h, context, context_mask)
         down_padding = "SAME" if self.downsample_padding == 0 else [(self.downsample_padding,) * 2] * 2
         conv = lambda ch, name, padding="SAME", **kw: nn.Conv(ch, (3, 3), padding=padding, name=name,
                                                               dtype=self.dtype, param_dtype=self.param_dtype, **kw)
 
         hs = [conv(self.ch, "conv_in")(x.astype(self.dtype))]
-        levels = len(self.ch_mult)
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = res(self.ch * mult, f"down{level}_res{i}")(hs[-1], temb, train)
-                if h.shape[1] in self.attn_resolutions:
-                    h = attn(f"down{level}_attn{i}")(h)
+                if self._has_attention(level, h.shape[1]):
+                    h = attn(f"down{level}_attn{i}", level=level)(h)
                 hs.append(h)
             if level != levels - 1:
                 if self.resblock_updown:
@@ -223,8 +254,8 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = res(self.ch * self.ch_mult[level], f"up{level}_res{i}")(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
-                if h.shape[1] in self.attn_resolutions:
-                    h = attn(f"up{level}_attn{i}")(h)
+                if self._has_attention(level, h.shape[1]):
+                    h = attn(f"up{level}_attn{i}", level=level)(h)
             if level != 0:
                 if self.resblock_updown:
                     h = res(h.shape[-1], f"up{level}_resample", "up")(h, temb, train)

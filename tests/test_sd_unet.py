@@ -1,0 +1,102 @@
+"""The text-conditioned U-Net against diffusers' UNet2DConditionModel (torch CPU float32), small and
+randomly initialised, in SD 1 form (1x1-convolution projections, one head count) and SD 2 form
+(linear projections, a head count per block): the same latents, timesteps and text embeddings give
+the same output within 1e-4 x RMS; export is read back by diffusers; SD 1.5's configuration has
+diffusers' parameter count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.errors import UsageError
+from diffusion_jax.interop import load_diffusers, save_diffusers
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from tests.test_interop import _perturbed  # noqa: E402
+
+SD1_FORM = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+SD2_FORM = dict(SD1_FORM, block_out_channels=(32, 64, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=24, attention_head_dim=[2, 4, 8], use_linear_projection=True, upcast_attention=True)
+
+
+def run_both(unet, imported, batch=2, tokens=7, mask=None):
+    rng = np.random.default_rng(0)
+    cfg = unet.config
+    x = rng.standard_normal((batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)).astype(np.float32)
+    t = np.array([3, 871][:batch] + [500] * (batch - 2), np.int64)
+    context = rng.standard_normal((batch, tokens, cfg.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        kwargs = {} if mask is None else {"encoder_attention_mask": torch.from_numpy(mask)}
+        theirs = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **kwargs).sample.numpy()
+    y = jnp.asarray(context) if mask is None else {"embeddings": jnp.asarray(context), "mask": jnp.asarray(mask)}
+    ours = imported.model.apply({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                jnp.asarray(t, jnp.float32), y)
+    return np.asarray(ours).transpose(0, 3, 1, 2), theirs
+
+
+def relative_error(ours, theirs):
+    return float(np.abs(ours - theirs).max() / np.sqrt(np.mean(theirs ** 2)))
+
+
+@pytest.mark.parametrize("form", [SD1_FORM, SD2_FORM], ids=["sd1", "sd2"])
+def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, form):
+    unet = _perturbed(diffusers.UNet2DConditionModel(**form))
+    unet.save_pretrained(tmp_path / "unet")
+    imported = load_diffusers(str(tmp_path / "unet"))
+    assert imported.model.context_dim == form["cross_attention_dim"]
+    assert imported.model.linear_projection == form.get("use_linear_projection", False)
+    ours, theirs = run_both(unet, imported)
+    assert relative_error(ours, theirs) <= 1e-4
+    # a padding mask on the text tokens is honoured as diffusers honours it
+    mask = np.ones((2, 7), np.float32)
+    mask[0, 4:] = 0
+    ours, theirs = run_both(unet, imported, mask=mask)
+    assert relative_error(ours, theirs) <= 1e-4
+    n_ours = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(imported.params))
+    assert n_ours == sum(p.numel() for p in unet.parameters())
+    # export, read back by diffusers
+    save_diffusers(tmp_path / "exported", imported.model, imported.params, input_shape=imported.input_shape)
+    again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "exported")).eval()
+    ours, theirs = run_both(again, imported)
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
+SD21_UNET = dict(sample_size=96, in_channels=4, out_channels=4, cross_attention_dim=1024,
+                 attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True)
+
+
+@pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964), ("sd21_unet", SD21_UNET, None)])
+def test_the_sd_unet_presets_have_diffusers_parameter_counts(name, config, count):
+    """The presets' shapes (jax.eval_shape: nothing allocated) against diffusers' model built on the
+    meta device from the same config (SD 1.5's: 859,520,964)."""
+    from diffusion_jax.models import create_model, param_shapes
+
+    model = create_model(name)
+    shapes = param_shapes(model, (config["sample_size"],) * 2 + (4,))
+    n_ours = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes))
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**config)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_ours == n_theirs and (count is None or n_ours == count), (n_ours, n_theirs)
+
+
+def test_what_the_text_conditioned_unet_refuses(tmp_path):
+    config = {"_class_name": "UNet2DConditionModel", **SD1_FORM, "addition_embed_type": "text_time"}
+    from diffusion_jax.interop import unet2d_condition
+    with pytest.raises(UsageError, match="SDXL"):
+        unet2d_condition.module_from_config(config)
+    with pytest.raises(UsageError, match="attention_head_dim"):
+        unet2d_condition.module_from_config({**SD1_FORM, "attention_head_dim": 5})
+    with pytest.raises(UsageError, match="dual_cross_attention"):
+        unet2d_condition.module_from_config({**SD1_FORM, "dual_cross_attention": True})
+    from diffusion_jax.models import create_model
+    model = create_model("sd15_unet")
+    with pytest.raises(UsageError, match="text-conditioned: give y"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, jnp.zeros(1)), jnp.zeros((1, 64, 64, 4)))
