@@ -177,3 +177,65 @@ def flow_scheduler_config(process) -> dict:
 
 # A continuous process's diffusers scheduler: (its config of the process, the prediction its models make).
 SCHEDULERS_OF_PROCESSES = {"flow": (flow_scheduler_config, "velocity")}
+
+
+# ---------------------------------------------------------------------------- pipelines' schedulers
+# diffusers' default timestep_spacing of each scheduler class a pipeline may name.
+_SPACING_DEFAULTS = {"DDIMScheduler": "leading", "PNDMScheduler": "leading", "EulerDiscreteScheduler": "linspace",
+                     "EulerAncestralDiscreteScheduler": "linspace", "DPMSolverMultistepScheduler": "linspace",
+                     "DDPMScheduler": "leading"}
+
+
+def inference_timesteps(config: dict, num_steps: int):
+    """The model timesteps (int64, noisiest first) a diffusers scheduler's `set_timesteps(num_steps)`
+    visits, from its config (timestep_spacing, steps_offset; DPMSolverMultistep's grid of n + 1
+    points less the last); None where they are fractional (Euler's "linspace": the sigma grid's
+    own spacing="linspace" gives them)."""
+    name = config.get("_class_name", "DDIMScheduler")
+    T, n = int(config.get("num_train_timesteps", 1000)), int(num_steps)
+    spacing = config.get("timestep_spacing", _SPACING_DEFAULTS.get(name, "leading"))
+    offset = int(config.get("steps_offset", 0) or 0)
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise _unsupported("timestep_spacing", spacing, "linspace, leading or trailing")
+    if name == "DPMSolverMultistepScheduler":
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        if spacing == "leading":
+            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
+        return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    if spacing == "linspace":
+        return None if "Euler" in name else np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
+def pipeline_sampler(config: dict, num_steps: int) -> tuple[str, dict, bool]:
+    """(method, its options, clip_x0) that run the chain a pipeline's scheduler config names, step
+    for step: DDIM (with set_alpha_to_one), Euler, Euler ancestral and DPM-Solver++(2M) (and its
+    SDE form) on the scheduler's own timesteps; PNDM's PLMS, which is not registered here, runs
+    as its nearest, DPM-Solver++(2M) on PNDM's timesteps."""
+    name = config.get("_class_name", "DDIMScheduler")
+    ts = inference_timesteps(config, num_steps)
+    given = {} if ts is None else {"timesteps": tuple(int(t) for t in ts)}
+    spacing = {"spacing": "linspace"} if ts is None else {}
+    if name == "DDIMScheduler":
+        return "ddim", {**given, "last_step_to": "x0" if config.get("set_alpha_to_one", True) else "t0"}, \
+            bool(config.get("clip_sample", True))
+    if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        if config.get("use_karras_sigmas"):
+            return ("euler" if name == "EulerDiscreteScheduler" else "euler_ancestral"), {"sigmas": "karras"}, False
+        return ("euler" if name == "EulerDiscreteScheduler" else "euler_ancestral"), \
+            {"sigmas": "model", **given, **spacing}, False
+    if name == "DPMSolverMultistepScheduler":
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        methods = {"dpmsolver++": "dpm++_2m", "sde-dpmsolver++": "dpm++_2m_sde"}
+        if algorithm not in methods or int(config.get("solver_order", 2)) != 2:
+            raise _unsupported("algorithm_type", algorithm, "dpmsolver++ or sde-dpmsolver++ with solver_order 2")
+        if config.get("use_karras_sigmas"):
+            return methods[algorithm], {"sigmas": "karras"}, False
+        return methods[algorithm], {"sigmas": "model", **given}, False
+    if name == "PNDMScheduler":
+        return "dpm++_2m", {"sigmas": "model", **given}, False
+    raise _unsupported("_class_name", name, "a pipeline runs DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, "
+                       "EulerAncestralDiscreteScheduler or DPMSolverMultistepScheduler")

@@ -1,5 +1,6 @@
-"""The CLIP tokenizer of a pipeline's tokenizer/ folder (vocab.json, merges.txt and, when present,
-special_tokens_map.json / tokenizer_config.json), built with the `tokenizers` library as
+"""The CLIP tokenizer of a pipeline's tokenizer/ folder (vocab.json and merges.txt, or the
+tokenizer.json transformers 5 writes; special_tokens_map.json / tokenizer_config.json when
+present), built with the `tokenizers` library as
 transformers' CLIPTokenizer builds it: NFC, whitespace runs to one space, lower case; split into
 words, numbers and punctuation; byte-level BPE with "</w>" ending each word; <|startoftext|> and
 <|endoftext|> around the ids; padded (with the pad token: <|endoftext|> for SD 1.x, "!" for
@@ -33,27 +34,16 @@ class CLIPTokenizer:
     """prompts (a string or a list of them) -> int32 ids [B, max_length]; `untruncated(prompt)`
     the ids without padding or truncation."""
 
-    def __init__(self, vocab: dict, merges: list, *, pad_token: str = EOS, max_length: int = 77):
-        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-        from tokenizers.models import BPE
-
-        for token in (BOS, EOS, pad_token):
-            if token not in vocab:
-                raise UsageError(f"the tokenizer's vocab.json has no {token!r}: give a CLIP tokenizer's vocabulary")
+    def __init__(self, tokenizer, *, pad_token: str = EOS, max_length: int = 77):
+        ids = {token: tokenizer.token_to_id(token) for token in (BOS, EOS, pad_token)}
+        missing = [token for token, i in ids.items() if i is None]
+        if missing:
+            raise UsageError(f"the tokenizer has no {missing[0]!r}: give a CLIP tokenizer's vocabulary")
         self.max_length, self.pad_token = int(max_length), pad_token
-        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
-        bpe = BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges],
-                  continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
-        tok = Tokenizer(bpe)
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                               normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))  # matched whole, before BPE (transformers)
-        tok.post_processor = processors.RobertaProcessing((EOS, self.eos_id), (BOS, self.bos_id), False, False)
-        self._tokenizer = tok
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[pad_token]
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
         self._warned = False
 
     def untruncated(self, prompt: str) -> list:
@@ -77,17 +67,32 @@ class CLIPTokenizer:
         return np.asarray(rows, np.int32).reshape(len(prompts), self.max_length)
 
 
+def clip_bpe(vocab: dict, merges: list, pad_token: str = EOS):
+    """A `tokenizers.Tokenizer` built as transformers' CLIPTokenizer builds it (module docstring)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    for token in (BOS, EOS, pad_token):
+        if token not in vocab:
+            raise UsageError(f"the tokenizer's vocab.json has no {token!r}: give a CLIP tokenizer's vocabulary")
+    bpe = BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges],
+              continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))  # matched whole, before BPE (transformers)
+    tok.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]), False, False)
+    return tok
+
+
 def load_tokenizer(directory) -> CLIPTokenizer:
-    """The CLIP tokenizer of a tokenizer/ folder (vocab.json, merges.txt; pad token and maximum
-    length from special_tokens_map.json and tokenizer_config.json when they are there)."""
+    """The CLIP tokenizer of a tokenizer/ folder (vocab.json and merges.txt, else tokenizer.json;
+    pad token and maximum length from special_tokens_map.json and tokenizer_config.json)."""
     directory = pathlib.Path(directory)
-    for name in ("vocab.json", "merges.txt"):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory} has no {name}: a CLIP tokenizer folder holds vocab.json and "
-                                    "merges.txt")
-    vocab = read_json_object(directory / "vocab.json", "give the tokenizer's vocab.json intact")
-    lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [line for line in lines if line and not line.startswith("#version")]
     settings = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (directory / name).exists():
@@ -95,4 +100,18 @@ def load_tokenizer(directory) -> CLIPTokenizer:
     max_length = settings.get("model_max_length", 77)
     if not isinstance(max_length, int) or max_length > 10_000:  # transformers' "no limit" is a huge number
         max_length = 77
-    return CLIPTokenizer(vocab, merges, pad_token=_token(settings.get("pad_token"), EOS), max_length=max_length)
+    pad_token = _token(settings.get("pad_token"), EOS)
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        vocab = read_json_object(directory / "vocab.json", "give the tokenizer's vocab.json intact")
+        lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        tokenizer = clip_bpe(vocab, [line for line in lines if line and not line.startswith("#version")], pad_token)
+    elif (directory / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as error:
+            raise UsageError(f"{directory / 'tokenizer.json'} could not be read ({error}): give it intact") from None
+    else:
+        raise FileNotFoundError(f"{directory} has no vocab.json and merges.txt (nor a tokenizer.json): "
+                                "a CLIP tokenizer folder holds them")
+    return CLIPTokenizer(tokenizer, pad_token=pad_token, max_length=max_length)

@@ -16,8 +16,9 @@ import numpy as np
 
 from diffusion_jax.diffusion import (ddim_step as ddim_update, extract, mean_channels, p_sample_step,
                                      predict_x0_eps)
+from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
-                                             number, register)
+                                             number, register, timesteps)
 from diffusion_jax.schedules import SPACINGS, Schedule, respace, spaced_timesteps
 
 
@@ -59,8 +60,31 @@ def ddpm_step(ctx, x, state, inputs, key):
     return x_prev, state, x0
 
 
-def ddim_grid(schedule, num_steps, spacing="linspace"):
-    return index_grid(schedule, _indices(schedule, num_steps, spacing)[::-1])
+LAST_STEPS = ("x0", "t0")
+
+
+def ddim_grid(schedule, num_steps, spacing="linspace", timesteps=None, last_step_to="x0"):
+    """The indices chosen by `spacing` (or the given `timesteps`, noisiest first); the last step
+    goes to x0 ("x0", diffusers' set_alpha_to_one=True) or to the level of index 0 ("t0",
+    set_alpha_to_one=False, as Stable Diffusion's DDIM config has it)."""
+    t = _given(schedule, num_steps, timesteps) if timesteps is not None else _indices(schedule, num_steps, spacing)[::-1]
+    grid = index_grid(schedule, t)
+    if last_step_to == "x0":
+        return grid
+    steps = dict(grid.steps, t_prev=np.append(grid.steps["t_prev"][:-1], 0).astype(np.int32))
+    signal, noise = grid.signal.copy(), grid.noise.copy()
+    signal[-1], noise[-1] = np.asarray(schedule.sqrt_alphas_cumprod)[0], np.asarray(schedule.sqrt_one_minus_alphas_cumprod)[0]
+    return Grid(schedule, steps, grid.model_t, signal, noise)
+
+
+def _given(schedule: Schedule, num_steps, timesteps) -> np.ndarray:
+    """Explicit timesteps, checked against the schedule and the step count."""
+    t = np.asarray(timesteps, np.int64)
+    if len(t) != num_steps:
+        raise UsageError(f"{len(t)} timesteps given for num_steps = {num_steps}: give one per step")
+    if t[0] >= schedule.num_timesteps:
+        raise UsageError(f"timestep {t[0]} is outside the {schedule.num_timesteps}-step schedule")
+    return t
 
 
 def ddim_step(ctx, x, state, inputs, key):
@@ -129,6 +153,7 @@ def dpm_step(ctx, x, state, inputs, key):
 SPACING = name("linspace", SPACINGS)
 register(Sampler("ddpm", ddpm_grid, ddpm_step, default_steps=lambda T: T, grid_options={"spacing": SPACING}))
 register(Sampler("ddim", ddim_grid, ddim_step, default_steps=lambda T: min(T, 50),
-                 grid_options={"spacing": SPACING}, step_options={"eta": number(0.0, minimum=0.0, maximum=1.0)}))
+                 grid_options={"spacing": SPACING, "timesteps": timesteps(), "last_step_to": name("x0", LAST_STEPS)},
+                 step_options={"eta": number(0.0, minimum=0.0, maximum=1.0)}))
 register(Sampler("dpm_solver++", dpm_grid, dpm_step, default_steps=lambda T: min(T, 20), init_state=dpm_init,
                  grid_options={"spacing": name("logsnr", ("logsnr", *SPACINGS))}))

@@ -90,10 +90,13 @@ class Option:
     maximum: Optional[float] = None
     open_below: bool = False
     infinite: bool = False
+    steps: bool = False  # a list of model timesteps (integers, strictly decreasing, >= 0)
 
     def check(self, sampler: str, name: str, value):
         """`value` converted (a number option gives a float), or a ValueError naming the option."""
         where = f"sampler {sampler!r} option {name}"
+        if self.steps:
+            return _check_steps(where, value)
         if self.choices:
             if value not in self.choices:
                 raise UsageError(f"{where} = {value!r} is not one it takes: choose one of {list(self.choices)}")
@@ -114,6 +117,22 @@ class Option:
             raise UsageError(f"{where} = {value!r} is out of range: it takes a {'' if self.infinite else 'finite '}"
                              f"number in {bounds}")
         return number
+
+
+def _check_steps(where: str, value):
+    if value is None:
+        return None
+    values = np.asarray(value)
+    if values.ndim != 1 or len(values) == 0 or not np.issubdtype(values.dtype, np.integer) \
+            or np.any(values < 0) or np.any(np.diff(values) >= 0):
+        raise UsageError(f"{where} = {value!r} must be a list of integer timesteps, strictly decreasing, >= 0")
+    return tuple(int(v) for v in values)
+
+
+def timesteps() -> Option:
+    """The model timesteps to visit, given explicitly (a scheduler's own `set_timesteps`); None:
+    the grid of the other options."""
+    return Option(None, steps=True)
 
 
 def number(default: float, **limits) -> Option:

@@ -27,7 +27,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels
 from diffusion_jax.processes.ddpm import MIN_ABAR  # where abar_T = 0 (zero terminal SNR): sigma_max 4096
 from diffusion_jax.samplers.registry import (Grid, Sampler, check_num_steps, concrete_schedule, name,
-                                             number, register)
+                                             number, register, timesteps)
 from diffusion_jax.schedules import SPACINGS, Schedule, spaced_timesteps
 
 SIGMA_GRIDS = ("karras", "exponential", "model")
@@ -59,8 +59,9 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray
 
 
 def sigma_grid(schedule: Schedule, num_steps, sigmas: str = "karras", spacing: str = "linspace",
-               rho: float = 7.0) -> Grid:
-    """The grid of K = num_steps sigmas (and their model timesteps), then sigma = 0."""
+               rho: float = 7.0, timesteps=None) -> Grid:
+    """The grid of K = num_steps sigmas (and their model timesteps), then sigma = 0; with
+    `timesteps` (sigmas="model"), the sigmas of those model timesteps, noisiest first."""
     if sigmas not in SIGMA_GRIDS:
         raise UsageError(f"unknown sigmas {sigmas!r}; choose one of {SIGMA_GRIDS}")
     if spacing != "linspace" and sigmas != "model":
@@ -68,11 +69,18 @@ def sigma_grid(schedule: Schedule, num_steps, sigmas: str = "karras", spacing: s
                          f"(got sigmas={sigmas!r})")
     if rho != 7.0 and sigmas != "karras":
         raise UsageError(f"rho shapes the Karras grid: it needs sigmas='karras' (got sigmas={sigmas!r})")
+    if timesteps is not None and sigmas != "model":
+        raise UsageError(f"timesteps are the model's own: they need sigmas='model' (got sigmas={sigmas!r})")
     T = schedule.num_timesteps
     K = check_num_steps(num_steps, T, f"a {T}-step schedule")
     table = schedule_sigmas(concrete_schedule(schedule))
     log_table = np.log(table)
-    if sigmas == "model":
+    if timesteps is not None:
+        t = np.asarray(timesteps, np.float64)
+        if len(t) != K or t[0] > T - 1:
+            raise UsageError(f"timesteps {list(timesteps)} do not fit num_steps = {K} on a {T}-step schedule")
+        sig = np.interp(t, np.arange(T), table)
+    elif sigmas == "model":
         if spacing == "linspace":  # fractional, as diffusers' Euler schedulers
             t = np.linspace(0.0, T - 1.0, K)[::-1]
         else:
@@ -199,7 +207,7 @@ def dpmpp_2m_step(ctx, x, state, inputs, key, sde: bool = False):
 
 
 SIGMA_GRID_OPTIONS = {"sigmas": name("karras", SIGMA_GRIDS), "spacing": name("linspace", SPACINGS),
-                      "rho": number(7.0, minimum=0.0, open_below=True)}
+                      "rho": number(7.0, minimum=0.0, open_below=True), "timesteps": timesteps()}
 CHURN_OPTIONS = {"s_churn": number(0.0, minimum=0.0), "s_tmin": number(0.0, minimum=0.0),
                  "s_tmax": number(float("inf"), minimum=0.0, infinite=True), "s_noise": number(1.0, minimum=0.0)}
 

@@ -1,0 +1,128 @@
+"""A diffusers `StableDiffusionPipeline` directory (model_index.json: unet, vae, text_encoder,
+tokenizer, scheduler) as a JAX text-to-image pipeline, read without torch, diffusers or
+transformers:
+
+    pipe = load_pipeline("stable-diffusion-v1-5")            # a directory (or a Hub id, with hub)
+    images = pipe(["a photo of a cat"], jax.random.key(0))   # [B, 512, 512, 3] in [0, 1]
+
+The chain is the library's sampler the scheduler config names (`scheduler.pipeline_sampler`:
+DDIM, Euler, Euler ancestral, DPM-Solver++(2M) on the scheduler's own timesteps), with
+classifier-free guidance against the empty prompt's embeddings (or the negative prompts').
+SDXL (a second text encoder) is refused by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.errors import UsageError
+from diffusion_jax.files import read_json_object
+from diffusion_jax.interop import files, scheduler
+from diffusion_jax.interop.clip import TextEncoder, load_text_encoder
+from diffusion_jax.interop.tokenizer import CLIPTokenizer, load_tokenizer
+from diffusion_jax.models.text_encoder import text_embeddings
+
+PIPELINE = "StableDiffusionPipeline"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion:
+    """The pipeline's parts: `unet` and `vae` (`interop.Imported`), `text_encoder`, `tokenizer`,
+    the scheduler's config and schedule; `clip_skip` as the pipeline's `encode_prompt` takes it."""
+
+    unet: Any
+    vae: Any
+    text_encoder: TextEncoder
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+    schedule: Any
+    clip_skip: int = 0
+
+    @property
+    def prediction(self) -> str:
+        return scheduler.settings_from_scheduler(self.scheduler_config, False)["diffusion"]["prediction"]
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.vae.config.get("scaling_factor", 0.18215))
+
+    def encode_prompt(self, prompts) -> jax.Array:
+        """The text embeddings [B, 77, D] the U-Net is conditioned on (the condition)."""
+        ids = jnp.asarray(self.tokenizer(prompts))
+        return _encode(self.text_encoder.model, self.clip_skip)(self.text_encoder.params, ids)
+
+    def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
+                 negative_prompts=None, x_T=None, **options) -> np.ndarray:
+        """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list); `x_T` the
+        starting latents [B, h, w, C] (NHWC; default drawn from `key`). `method=None` runs the
+        scheduler's own chain; another method runs with `options`."""
+        from diffusion_jax.samplers import sample
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cond = self.encode_prompt(prompts)
+        negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        if method is None:
+            method, chosen, clip_x0 = scheduler.pipeline_sampler(self.scheduler_config, num_steps)
+            options = {**chosen, **options}
+        else:
+            clip_x0 = False
+        size = self.unet.input_shape
+        shape = (len(prompts), *size)
+        guided = guidance_scale is not None and guidance_scale != 1.0
+        unet = self.unet
+        denoise = lambda x, t, y: unet.model.apply({"params": unet.params}, x, t, y)
+        latents = sample(denoise, self.schedule, shape, key, method=method, num_steps=num_steps,
+                         prediction=self.prediction, clip_x0=clip_x0, cond=cond,
+                         null_cond=self.encode_prompt(negative) if guided else None,
+                         guidance_scale=guidance_scale if guided else None, x_T=x_T, **options)
+        images = self.vae.decode(latents / self.vae_scale)
+        return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode(model, clip_skip: int):
+    return jax.jit(lambda params, ids: text_embeddings(model, params, ids, clip_skip=clip_skip))
+
+
+def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
+    """The StableDiffusionPipeline saved in `path` (its model_index.json and component folders)."""
+    from diffusion_jax.interop import load_diffusers
+
+    directory = files.resolve(str(path))
+    if not (directory / "model_index.json").exists():
+        raise FileNotFoundError(f"{directory} has no model_index.json: give a diffusers pipeline directory "
+                                "(saved with save_pretrained)")
+    index = read_json_object(directory / "model_index.json", "give a diffusers pipeline directory (saved with "
+                                                             "save_pretrained) whose model_index.json is intact")
+    name = index.get("_class_name")
+    if name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") or "text_encoder_2" in index:
+        raise UsageError(f"{directory} is an SDXL pipeline ({name}): a second text encoder, pooled embeddings and "
+                         "added time ids are out of scope; Stable Diffusion 1.x and 2.x pipelines load")
+    missing = [c for c in COMPONENTS if not index.get(c) or index[c][0] is None]
+    if name != PIPELINE or missing:
+        raise UsageError(f"{directory} holds a {name}{' without ' + ', '.join(missing) if missing else ''}: "
+                         f"load_pipeline reads a {PIPELINE} ({', '.join(COMPONENTS)})")
+    unet, vae = load_diffusers(str(directory / "unet")), load_diffusers(str(directory / "vae"))
+    if not getattr(unet.model, "context_dim", 0):
+        raise UsageError(f"{directory / 'unet'} is not a text-conditioned U-Net (UNet2DConditionModel)")
+    config = read_json_object(directory / "scheduler" / "scheduler_config.json",
+                              "give the pipeline's scheduler/scheduler_config.json intact")
+    return StableDiffusion(unet, vae, load_text_encoder(directory / "text_encoder"),
+                           load_tokenizer(directory / "tokenizer"), config,
+                           scheduler.process_from_scheduler(config), int(clip_skip))
+
+
+def pipeline_directory(path) -> Optional[pathlib.Path]:
+    """`path` if it holds a pipeline's model_index.json, else None."""
+    directory = pathlib.Path(path)
+    return directory if (directory / "model_index.json").exists() else None

@@ -1,0 +1,81 @@
+"""A whole small StableDiffusionPipeline (random weights; a tokenizer from a vocabulary and merges
+written here) run by diffusers (torch CPU float32) and by `load_pipeline(...)(...)` from the same
+latents and prompts, guidance 7.5 and a negative prompt, with SD's DDIM, Euler and
+DPMSolverMultistep configs (scaled-linear betas, leading spacing, steps_offset 1,
+set_alpha_to_one False): the final images agree within 1e-3."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax.errors import UsageError
+from diffusion_jax.interop.pipeline import load_pipeline
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from tests.test_interop import _perturbed  # noqa: E402
+from tests.test_text_encoder import write_tokenizer  # noqa: E402
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+PROMPTS = ["a photo of a cat", "a painting of a horse in the style of van gogh"]
+NEGATIVE = ["high quality", ""]
+
+
+@pytest.fixture(scope="module")
+def small_pipeline(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sd")
+    write_tokenizer(directory / "tokenizer_files")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer_files"))
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=595)).eval()
+    unet = _perturbed(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
+    vae = _perturbed(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=16))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(directory / "pipeline")
+    return pipe, directory / "pipeline"
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_a_small_stable_diffusion_pipeline_gives_diffusers_images(small_pipeline, scheduler, tmp_path):
+    pipe, saved = small_pipeline
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")  # the directory load_pipeline reads names it
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
+                      latents=torch.from_numpy(latents), output_type="np").images
+    ours = load_pipeline(saved)(PROMPTS, jax.random.key(0), num_steps=6, guidance_scale=7.5,
+                                negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
+    assert ours.shape == theirs.shape == (2, 16, 16, 3)
+    assert np.abs(ours - theirs).max() <= 1e-3, np.abs(ours - theirs).max()
+    assert theirs.std() > 0.01  # images, not a constant
+
+
+def test_what_load_pipeline_refuses(small_pipeline, tmp_path):
+    _, saved = small_pipeline
+    index = json.loads((saved / "model_index.json").read_text())
+    for changes, words in (({"_class_name": "StableDiffusionXLPipeline"}, "SDXL"),
+                           ({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "SDXL"),
+                           ({"_class_name": "DDPMPipeline"}, "reads a StableDiffusionPipeline")):
+        broken = tmp_path / "broken"
+        broken.mkdir(exist_ok=True)
+        (broken / "model_index.json").write_text(json.dumps({**index, **changes}))
+        with pytest.raises(UsageError, match=words):
+            load_pipeline(broken)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        load_pipeline(tmp_path / "empty")
