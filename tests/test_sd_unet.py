@@ -100,3 +100,27 @@ def test_what_the_text_conditioned_unet_refuses(tmp_path):
     model = create_model("sd15_unet")
     with pytest.raises(UsageError, match="text-conditioned: give y"):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x, jnp.zeros(1)), jnp.zeros((1, 64, 64, 4)))
+
+
+SD15_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512)
+
+
+def test_sd15_text_encoder_and_vae_have_transformers_and_diffusers_parameter_counts():
+    """SD 1.5's text encoder (123,060,480) and VAE (83,653,863) at their published configs, counted
+    from shapes here and from the reference models built on the meta device."""
+    transformers = pytest.importorskip("transformers")
+    from diffusion_jax.interop import clip, expected_params, vae
+    from diffusion_jax.models import count_params
+
+    encoder = clip.module_from_config(SD15_TEXT_ENCODER)
+    with torch.device("meta"):
+        theirs = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_ENCODER))
+    assert count_params(clip.param_shapes(encoder)) == sum(p.numel() for p in theirs.parameters()) == 123_060_480
+    model, shape = vae.module_from_config({"_class_name": "AutoencoderKL", **SD15_VAE})
+    with torch.device("meta"):
+        theirs = diffusers.AutoencoderKL(**SD15_VAE)
+    assert count_params(expected_params(model, shape)) == sum(p.numel() for p in theirs.parameters()) == 83_653_863
