@@ -15,13 +15,22 @@ from diffusion_jax.errors import UsageError
 NO_GUIDANCE = 1.0
 
 
-def guidance_enabled(config, guidance_scale: float) -> bool:
-    """Whether sampling at `guidance_scale` runs the guided (conditional + null label) model.
+def text_conditioned(config) -> bool:
+    """Whether the run's model is conditioned on text embeddings (model.text_encoder is set)."""
+    return bool(config.model.get("text_encoder", ""))
 
-    A class-conditional run is guided at any scale but 1; an unconditional run has nothing to
-    guide, so a scale other than 1 is an error rather than silently ignored.
+
+def conditional(config) -> bool:
+    return bool(num_model_classes(config)) or text_conditioned(config)
+
+
+def guidance_enabled(config, guidance_scale: float) -> bool:
+    """Whether sampling at `guidance_scale` runs the guided (condition + null condition) model.
+
+    A class- or text-conditional run is guided at any scale but 1; an unconditional run has
+    nothing to guide, so a scale other than 1 is an error rather than silently ignored.
     """
-    if not num_model_classes(config):
+    if not conditional(config):
         if float(guidance_scale) != NO_GUIDANCE:
             raise UsageError(
                 f"guidance scale {guidance_scale} given, but this run is unconditional "
@@ -33,7 +42,7 @@ def guidance_enabled(config, guidance_scale: float) -> bool:
 
 def describe_guidance(config, guidance_scale: float) -> str:
     """How samples at `guidance_scale` were conditioned, for reports and logs."""
-    if not num_model_classes(config):
+    if not conditional(config):
         return "no guidance (unconditional model)"
     if not guidance_enabled(config, guidance_scale):
         return "no guidance (conditional model, scale 1)"

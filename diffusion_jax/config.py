@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # activations; parameters stay float32
     c.model.remat = False
     c.model.vae = ""                # latent diffusion: a diffusers AutoencoderKL directory or repository
+    c.model.text_encoder = ""       # text conditioning: a Stable Diffusion pipeline's directory (its
+                                    # text_encoder/ and tokenizer/, frozen); the condition is the embeddings
+    c.model.clip_skip = 0           # condition on the text encoder's output this many layers before the last
                                     # id; the backbone trains on its scaled latents (see latents.py)
     c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
                                                      # --config.model.overrides.ch=16
@@ -252,8 +255,8 @@ def config_fingerprint(config) -> dict:
     Settings added later are left out at their defaults, so older runs still resume."""
     c = _as_dict(config)
     model, diffusion = dict(c["model"]), dict(c["diffusion"])
-    for section, key, default in ((model, "precondition", ""), (diffusion, "process", "ddpm"),
-                                  (diffusion, "process_options", {})):
+    for section, key, default in ((model, "precondition", ""), (model, "text_encoder", ""), (model, "clip_skip", 0),
+                                  (diffusion, "process", "ddpm"), (diffusion, "process_options", {})):
         if section.get(key, default) == default:
             section.pop(key, None)
     return {"model": model, "diffusion": diffusion,

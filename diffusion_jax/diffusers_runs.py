@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 _BASE_PRESET = {UNet: "ddpm_cifar10", DiT: "dit_xl2"}
 
 
-def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str = "") -> ml_collections.ConfigDict:
+def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str = "",
+               text_encoder: str = "") -> ml_collections.ConfigDict:
     """`config` (a base config) set up for the imported backbone: model, data shape, labels, and
     the diffusion and sampling settings of its scheduler config (defaults without one). With
     `vae` (a diffusers AutoencoderKL directory or repository id) the backbone is a latent one:
-    the data are images of the size whose latents it takes."""
+    the data are images of the size whose latents it takes. With `text_encoder` (a Stable
+    Diffusion pipeline's directory) the run is text-conditioned, guided at 7.5 by default."""
     model = imported.model
     if type(model) not in _BASE_PRESET:
         raise UsageError(f"a run needs a denoising backbone (UNet2DModel or DiTTransformer2DModel), got "
@@ -55,6 +57,19 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
         config.data.channels = autoencoder.in_channels
     config.data.num_classes = int(getattr(model, "num_classes", 0) or 0)
     config.data.use_labels = config.data.num_classes > 0
+    context_dim = int(getattr(model, "context_dim", 0) or 0)
+    if bool(context_dim) != bool(text_encoder):
+        raise UsageError("a text-conditioned U-Net (UNet2DConditionModel) imports with its pipeline's text encoder: "
+                         "give the pipeline's directory without --subfolder" if context_dim else
+                         "a text encoder was given for a backbone that takes no text")
+    if text_encoder:
+        from diffusion_jax.interop import files
+        hidden = files.read_config(files.resolve(text_encoder) / "text_encoder").get("hidden_size")
+        if hidden != context_dim:
+            raise UsageError(f"the text encoder's width {hidden} is not the U-Net's cross-attention width {context_dim}")
+        config.model.text_encoder = text_encoder
+        config.sample.guidance_scale = 7.5  # Stable Diffusion's pipelines' default, with DDIM-50
+        config.sample.method, config.sample.steps = "ddim", 50
     learn_sigma = bool(getattr(model, "learn_sigma", False))
     settings = scheduler.settings_from_scheduler(imported.scheduler_config or {}, learn_sigma)
     for key, value in settings["diffusion"].items():

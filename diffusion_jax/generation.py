@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import latents
+from diffusion_jax import prompts as prompts_module
 from diffusion_jax.builders import denoise_fn_for, num_model_classes, precondition_of
-from diffusion_jax.conditioning import check_labels, guidance_enabled, labels_by_index, sample_labels
+from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, sample_labels,
+                                        text_conditioned)
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -31,7 +33,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None,
     first_index=0) -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over
     `mesh`; labels (classes of the run, cycled to N) default to 0, 1, 2, ... for a
-    class-conditional run.
+    class-conditional run. A text-conditioned run (model.text_encoder) takes `prompts` (sample i
+    gets prompts[i % len(prompts)]; none: the empty prompt) and guides against
+    `negative_prompt` (default the empty prompt).
 
     With `per_sample_keys`, sample i (counted from `first_index`) draws all its noise from
     fold_in(key, i) and gets label labels[i % len(labels)] (default i % classes): a pure function
@@ -55,16 +59,22 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     shape = (batch_size, *latents.model_input_shape(config))
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
 
+    text = text_conditioned(config)
+    encode = prompts_module.prompt_encoder(config) if text else None
+
     @functools.partial(jax.jit, static_argnums=0)
-    def run(guided, params, vae_params, key, eta, guidance_scale, labels):
+    def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
+        """One batch; `cond` the batch's condition (labels [B] or text embeddings [B, L, D]; None
+        unconditional), `null_cond` the null condition guidance contrasts it with."""
         kw = dict(method=method, num_steps=steps, eta=eta if takes_eta else None, clip_x0=bool(s.clip_x0),
                   variance=config.diffusion.variance, prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
-        if classes:
-            kw.update(cond=labels)
+        if cond is not None:
+            kw.update(cond=cond)
             if guided:
-                kw.update(guidance_scale=guidance_scale, null_cond=classes, guidance_rescale=rescale)
-        out = sample(denoise_fn_for(model, params, bool(classes), precondition_of(config)), schedule, shape, key, **kw)
+                kw.update(guidance_scale=guidance_scale, null_cond=null_cond, guidance_rescale=rescale)
+        out = sample(denoise_fn_for(model, params, cond is not None, precondition_of(config)), schedule, shape, key,
+                     **kw)
         if vae is None:
             return out
         decode = functools.partial(latents.decode_latents, vae.model, vae_params)
@@ -75,7 +85,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         return decode(out)
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
-                 first_index: int = 0):
+                 first_index: int = 0, prompts=None, negative_prompt=None):
+        if prompts is not None and not text:
+            prompts_module.prompt_encoder(config)  # the error: this run is not text-conditioned
         if num_samples < 1:
             raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
         if eta is not None and not takes_eta:
@@ -89,17 +101,24 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             labels = labels_by_index(config, labels, index)
         else:
             labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
+        prompts = list(prompts) if prompts is not None else [""]  # no prompt: the null condition
+        null = encode([negative_prompt or ""]) if text else (jnp.int32(classes) if classes else None)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
-            batch_labels = np.zeros((batch_size,), np.int32)
+            cond = None
             if labels is not None:
-                batch_labels = np.resize(labels[i * batch_size:(i + 1) * batch_size], (batch_size,))
+                cond = jnp.asarray(np.resize(labels[i * batch_size:(i + 1) * batch_size], (batch_size,)))
+            elif classes:
+                cond = jnp.zeros((batch_size,), jnp.int32)
+            if text:  # sample j's prompt is prompts[j % n]; the last batch padded with the next ones
+                start = (first_index if per_sample_keys else 0) + i * batch_size
+                cond = encode(prompts_module.prompts_by_index(prompts, start + np.arange(batch_size)))
             batch_key = jax.random.fold_in(key, i)
             if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
                 chunk = index[i * batch_size:(i + 1) * batch_size]
                 batch_key = _keys_for(key, jnp.asarray(chunk[0] + np.arange(batch_size), jnp.int32))
             result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
-                         jnp.float32(guidance_scale), jnp.asarray(batch_labels))
+                         jnp.float32(guidance_scale), cond, null)
             if trajectory_every:
                 result, traj = result
                 if trajectory is None:

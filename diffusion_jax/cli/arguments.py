@@ -82,6 +82,8 @@ def add_sampler_arguments(p, labels_help: str) -> None:
     p.add_argument("--guidance_scale", type=finite_float,
                    help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
     p.add_argument("--labels", help=labels_help)
+    p.add_argument("--negative_prompt", help="a text-conditioned run: what guidance steers away from "
+                                             "(default the empty prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=at_least(0), help="the checkpoint's step (default: the newest good one)")
 

@@ -27,8 +27,19 @@ def import_command(args, overrides) -> None:
     from diffusion_jax.models import count_params
     from diffusion_jax.config import base_config
 
-    imported = load_diffusers(args.source, args.subfolder)
-    config = config_overrides.from_dict(run_config(imported, base_config(), args.vae), overrides)
+    from diffusion_jax.interop import files
+    from diffusion_jax.interop.pipeline import pipeline_parts
+
+    vae, text_encoder, subfolder = args.vae, "", args.subfolder
+    if not subfolder:  # a whole pipeline: its model_index.json says which parts make the run
+        directory = files.resolve(args.source)
+        parts = pipeline_parts(directory)
+        if parts is not None:
+            subfolder, uses_vae, uses_text = parts
+            vae = vae or (str(directory) if uses_vae else "")
+            text_encoder = str(directory) if uses_text else ""
+    imported = load_diffusers(args.source, subfolder)
+    config = config_overrides.from_dict(run_config(imported, base_config(), vae, text_encoder), overrides)
     workdir = args.workdir
     write_imported_run(imported, config, workdir)
     print(f"imported {imported.config['_class_name']} ({count_params(imported.params):,} parameters) into "

@@ -15,6 +15,8 @@ def register(sub) -> None:
     s.add_argument("--num_samples", type=at_least(1), default=64)
     s.add_argument("--batch_size", type=at_least(1), default=256)
     add_sampler_arguments(s, "comma-separated class labels, cycled")
+    s.add_argument("--prompt", action="append", help="a text-conditioned run: the prompt (repeat it for several, "
+                                                     "cycled over the samples)")
     s.set_defaults(run=lambda args: sample_command(args))
     g = sub.add_parser("generate", help="a batch job: N samples as verified, resumable shards (uint8)")
     g.add_argument("--workdir", required=True, help="the run to sample")
@@ -23,6 +25,8 @@ def register(sub) -> None:
     g.add_argument("--batch_size", type=at_least(1), default=256, help="per call; the images do not depend on it")
     g.add_argument("--shard_size", type=at_least(1), default=1000)
     add_sampler_arguments(g, "comma-separated class labels: sample i gets labels[i %% len(labels)]")
+    g.add_argument("--prompts", help="a text-conditioned run: a file of prompts, one a line; sample i gets "
+                                     "prompt i %% n")
     g.set_defaults(run=lambda args: generate_command(args))
 
 
@@ -45,7 +49,8 @@ def sample_command(args):
                               method=args.method, steps=args.steps,
                               options=parse_options(args.option), eta=args.eta)
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed),
-                      guidance_scale=args.guidance_scale, labels=labels)
+                      guidance_scale=args.guidance_scale, labels=labels, prompts=args.prompt,
+                      negative_prompt=args.negative_prompt)
     if jax.process_index() == 0:
         np.savez_compressed(out, samples=images.astype(np.float32))
         png = viz.save_grid(images[:256], out.with_suffix(".png"))
@@ -72,7 +77,8 @@ def generate_command(args):
                                 steps=args.steps, options=parse_options(args.option), eta=args.eta,
                                 guidance_scale=args.guidance_scale, labels=parse_labels(args.labels),
                                 checkpoint=args.checkpoint, batch_size=args.batch_size,
-                                shard_size=args.shard_size)
+                                shard_size=args.shard_size, prompts_file=args.prompts,
+                                negative_prompt=args.negative_prompt)
     import jax
 
     if jax.process_index() == 0:

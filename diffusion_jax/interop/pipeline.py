@@ -122,7 +122,24 @@ def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
                            scheduler.process_from_scheduler(config), int(clip_skip))
 
 
-def pipeline_directory(path) -> Optional[pathlib.Path]:
-    """`path` if it holds a pipeline's model_index.json, else None."""
-    directory = pathlib.Path(path)
-    return directory if (directory / "model_index.json").exists() else None
+# What `import` takes from each pipeline class: (the backbone's folder, whether its vae/ is the
+# run's VAE, whether its text_encoder/ and tokenizer/ condition the run).
+PIPELINE_PARTS = {"DDPMPipeline": ("unet", False, False), "DDIMPipeline": ("unet", False, False),
+                  "DiTPipeline": ("transformer", True, False), PIPELINE: ("unet", True, True)}
+
+
+def pipeline_parts(directory) -> Optional[tuple]:
+    """(backbone subfolder, uses vae/, uses text_encoder/) of the pipeline in `directory` (by its
+    model_index.json), or None when `directory` is a single model's folder."""
+    directory = pathlib.Path(directory)
+    if not (directory / "model_index.json").exists():
+        return None
+    index = read_json_object(directory / "model_index.json", "give the pipeline's model_index.json intact")
+    name = index.get("_class_name")
+    if "text_encoder_2" in index or (name or "").startswith("StableDiffusionXL"):
+        raise UsageError(f"{directory} is an SDXL pipeline ({name}): a second text encoder, pooled embeddings and "
+                         "added time ids are out of scope; Stable Diffusion 1.x and 2.x pipelines import")
+    if name not in PIPELINE_PARTS:
+        raise UsageError(f"{directory} holds a {name}, which does not import as a run: pipelines that do are "
+                         f"{sorted(PIPELINE_PARTS)} (or give one model's folder with --subfolder)")
+    return PIPELINE_PARTS[name]

@@ -26,6 +26,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax import viz
 from diffusion_jax.conditioning import check_labels, guidance_enabled, labels_by_index
 from diffusion_jax.config import sampler_settings
+from diffusion_jax.prompts import prompt_encoder, read_prompts
 from diffusion_jax.generation import make_generator
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.files import claim_directory, write_json_atomically
@@ -59,8 +60,11 @@ def claim_job_directory(store: ShardDir, settings: dict) -> None:
 
 def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, method=None, steps=None,
                      options=None, eta=None, guidance_scale=None, labels=None, checkpoint=None,
-                     batch_size: int = 256, shard_size: int = 1000, progress: bool = True) -> dict:
-    """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module)."""
+                     batch_size: int = 256, shard_size: int = 1000, progress: bool = True,
+                     prompts_file=None, negative_prompt=None) -> dict:
+    """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module). A
+    text-conditioned run takes `prompts_file` (one prompt a line; sample i gets prompt i mod n):
+    the job's settings hold its path and sha256, so a changed file is another job."""
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise UsageError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
                          f"{num_samples}, {shard_size} and {batch_size}")
@@ -70,12 +74,20 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
     check_labels(c, labels)
+    prompts = None
+    if prompts_file is not None:
+        prompt_encoder(c)  # a run without text conditioning refuses prompts here, before anything is written
+        prompts = read_prompts(prompts_file)
     settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
                 "steps": steps, "options": {k: v for k, v in options.items() if k != "eta"},
                 "eta": options.get("eta"), "guidance_scale": guidance_scale,
                 "guidance_rescale": float(c.sample.get("guidance_rescale", 0.0)),
                 "labels": None if labels is None else [int(v) for v in labels], "seed": seed,
                 "num_samples": num_samples, "shard_size": shard_size}
+    if prompts is not None:
+        settings.update(prompts_file=str(pathlib.Path(prompts_file).resolve()),
+                        prompts_sha256=hashlib.sha256(pathlib.Path(prompts_file).read_bytes()).hexdigest(),
+                        negative_prompt=negative_prompt or "")
     store = ShardDir(out_dir, job=job_digest(settings))
     claim_job_directory(store, settings)
     shards = shard_ranges(num_samples, shard_size)
@@ -94,7 +106,7 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
         n = last - first + 1
         if store.verified(first, last) is None:
             images = generate(params, n, key, eta=options.get("eta"), guidance_scale=guidance_scale,
-                              labels=labels, first_index=first)
+                              labels=labels, first_index=first, prompts=prompts, negative_prompt=negative_prompt)
             index = np.arange(first, last + 1)
             shard_labels = labels_by_index(c, labels, index)
             store.write(first, last, images=viz.to_uint8(images),

@@ -57,24 +57,29 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
                       variance: str = "fixed_small", guidance_rescale=None) -> Callable:
     """denoise_fn(x, t[, cond]) as a function of (x, t) with classifier-free guidance.
 
-    With `guidance_scale` s the conditional and the null-label batches go through the model in
-    one call and out = out_uncond + s (out_cond - out_uncond) on the mean channels (for eps, x0
-    or v alike, each linear in eps at fixed x_t); a learned variance is the conditional one.
-    `guidance_rescale` phi (Lin et al. 2023, eq. 15-16) mixes in the guided output rescaled to
-    the conditional output's standard deviation per example: phi = 0 is plain guidance.
+    A condition is any pytree whose leaves have the batch axis first: class labels [B], text
+    embeddings [B, L, D], or {"embeddings": ..., "mask": ...}; `null_cond` has the same structure,
+    each leaf broadcast to its leaf of `cond` (the null label; the empty prompt's embeddings
+    [1, L, D]; negative prompts' [B, L, D]). With `guidance_scale` s the conditional and null
+    batches go through the model in one call, leaf by leaf concatenated, and out = out_uncond +
+    s (out_cond - out_uncond) on the mean channels (for eps, x0, v or velocity alike, each linear
+    in eps at fixed x_t); a learned variance is the conditional one. `guidance_rescale` phi (Lin
+    et al. 2023, eq. 15-16) mixes in the guided output rescaled to the conditional output's
+    standard deviation per example: phi = 0 is plain guidance.
     """
     if guidance_scale is None:
         if cond is None:
             return denoise_fn
         return lambda x, t: denoise_fn(x, t, cond)
     if cond is None or null_cond is None:
-        raise UsageError("guidance_scale needs both cond (labels) and null_cond (the null label)")
+        raise UsageError("guidance_scale needs both cond (the condition) and null_cond (the null condition)")
 
     def guided(x, t):
         batch = x.shape[0]
-        null = jnp.broadcast_to(jnp.asarray(null_cond, jnp.asarray(cond).dtype), jnp.shape(cond))
-        out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                         jnp.concatenate([cond, null]))
+        both = jax.tree_util.tree_map(
+            lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype), jnp.shape(c))]),
+            cond, null_cond)
+        out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
         out_c, out_u = out[:batch], out[batch:]
         mean_c, var_c = split_model_output(out_c, x, variance)
         mean_u, _ = split_model_output(out_u, x, variance)

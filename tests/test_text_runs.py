@@ -1,0 +1,79 @@
+"""Text-to-image runs from the CLI: a small StableDiffusionPipeline (tests/test_pipeline.py's)
+imported whole through its model_index.json, sampled with --prompt (and a negative prompt) and
+as a generate job over a prompts file (deterministic per sample, resumable, the file's sha256 in
+the manifest); a DDPMPipeline imports without --subfolder."""
+import json
+
+import numpy as np
+import pytest
+
+from diffusion_jax import cli
+from diffusion_jax.errors import UsageError
+from diffusion_jax.runs import load_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from tests.test_pipeline import small_pipeline  # noqa: E402,F401  (the fixture)
+
+SMALL = ["--config.eval.bpd_examples=0", "--config.train.progress=False"]
+
+
+def _cli(*argv):
+    cli.main([str(a) for a in argv])
+
+
+def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(small_pipeline, tmp_path, capsys):  # noqa: F811
+    _, saved = small_pipeline
+    run = tmp_path / "run"
+    _cli("import", "--from", saved, "--workdir", run, *SMALL)
+    config = load_config(run)
+    assert config.model.text_encoder == str(saved) and config.model.vae == str(saved)
+    assert (config.data.image_size, config.data.channels, config.sample.guidance_scale) == (16, 3, 7.5)
+
+    def sample(name, *extra):
+        _cli("sample", "--workdir", run, "--num_samples", 2, "--steps", 4, "--out", tmp_path / f"{name}.npz", *extra)
+        return np.load(tmp_path / f"{name}.npz")["samples"]
+
+    cat = sample("cat", "--prompt", "a photo of a cat")
+    assert cat.shape == (2, 16, 16, 3) and np.isfinite(cat).all()
+    np.testing.assert_array_equal(sample("cat_again", "--prompt", "a photo of a cat"), cat)  # seeded
+    horse = sample("horse", "--prompt", "a painting of a horse")
+    negative = sample("negative", "--prompt", "a photo of a cat", "--negative_prompt", "high quality")
+    assert np.abs(horse - cat).max() > 1e-3 and np.abs(negative - cat).max() > 1e-3
+    both = sample("both", "--prompt", "a photo of a cat", "--prompt", "a painting of a horse")
+    np.testing.assert_allclose(both[0], cat[0], atol=1e-5)  # sample 0 gets the first prompt either way
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na painting of a horse\n")
+    job = tmp_path / "job"
+    _cli("generate", "--workdir", run, "--num_samples", 5, "--steps", 3, "--shard_size", 2, "--batch_size", 2,
+         "--prompts", prompts, "--out", job)
+    manifest = json.loads((job / "manifest.json").read_text())
+    import hashlib
+    assert manifest["prompts_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
+    first = sorted(job.glob("*.npz"))
+    images = {p.name: np.load(p)["images"] for p in first}
+    _cli("generate", "--workdir", run, "--num_samples", 5, "--steps", 3, "--shard_size", 2, "--batch_size", 1,
+         "--prompts", prompts, "--out", job)  # resumed: nothing remade, the same images whatever the batch size
+    assert {p.name: np.load(p)["images"] for p in sorted(job.glob("*.npz"))}.keys() == images.keys()
+    prompts.write_text("another prompt\n")  # a changed prompts file is another job: refused, exit 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--workdir", str(run), "--num_samples", "5", "--steps", "3", "--shard_size", "2",
+                  "--prompts", str(prompts), "--out", str(job)])
+    assert exit_info.value.code == 2 and "prompts_sha256 was" in capsys.readouterr().err
+
+
+def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(tmp_path):
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    _cli("import", "--from", tmp_path / "ddpm", "--workdir", tmp_path / "run", *SMALL)
+    config = load_config(tmp_path / "run")
+    assert (config.data.image_size, config.data.channels, config.model.text_encoder) == (8, 1, "")
+    with pytest.raises(UsageError, match="not text-conditioned"):
+        from diffusion_jax.generation import make_generator
+        from diffusion_jax.runs import load_run
+        run = load_run(tmp_path / "run")
+        make_generator(run.model, run.schedule, run.config, batch_size=1, steps=2)(
+            run.ema_params, 1, __import__("jax").random.key(0), prompts=["a cat"])
