@@ -74,8 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 800_000
     c.train.ema_decay = 0.9999
     c.train.ema_warmup = True       # decay min(ema_decay, (1 + step) / (10 + step))
-    c.train.label_dropout = 0.0     # null-label probability for classifier-free guidance (the
-                                    # train step's; backbones never drop labels themselves)
+    c.train.label_dropout = 0.0     # the condition's dropout to the null condition (null label, empty
+                                    # prompt) for classifier-free guidance (the train step's, never a backbone's)
     c.train.steps_per_dispatch = 1  # K train steps in one lax.scan per device call
     c.train.log_every = 100
     c.train.ckpt_every = 5000
@@ -169,10 +169,10 @@ def validate_config(config) -> None:
     if config.data.use_labels and config.data.num_classes < 1:
         raise UsageError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
                          "number of classes (or use_labels=False for an unconditional model)")
-    if config.train.label_dropout > 0 and not config.data.use_labels:
-        raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no labels "
-                         "(data.use_labels is False): label dropout trains classifier-free guidance of a "
-                         "class-conditional model; set it to 0 or use labels")
+    if config.train.label_dropout > 0 and not config.data.use_labels and not config.model.get("text_encoder", ""):
+        raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no condition "
+                         "(data.use_labels is False, no model.text_encoder): dropout trains classifier-free guidance "
+                         "of a conditional model; set it to 0, or use labels or a text encoder")
     from diffusion_jax.builders import build_process
     from diffusion_jax.conditioning import guidance_enabled
 

@@ -19,15 +19,52 @@ from diffusion_jax.errors import UsageError
 
 
 def text_encoder_source(config) -> str:
-    """The run's text encoder directory ("" for a run without text conditioning)."""
+    """The run's text encoder directory, or "random" ("" for a run without text conditioning)."""
     return str(config.model.get("text_encoder", "") or "")
 
 
+RANDOM = "random"  # model.text_encoder = "random": a small frozen random encoder (offline experiments)
+RANDOM_WIDTH = 64
+
+
+def _byte_characters() -> list:
+    """The 256 printable characters byte-level BPE writes bytes as (GPT-2's table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def random_text_encoder():
+    """(TextEncoder, CLIPTokenizer): a character-level CLIP tokenizer (every byte a token, no
+    merges) and a 2-layer, 64-wide CLIPTextEncoder initialised from seed 0, frozen. A text
+    condition that needs no download: prompts that differ give different embeddings, and the
+    denoiser learns what they mean."""
+    import jax
+
+    from diffusion_jax.interop.clip import TextEncoder
+    from diffusion_jax.interop.tokenizer import BOS, EOS, CLIPTokenizer, clip_bpe
+    from diffusion_jax.models.text_encoder import CLIPTextEncoder
+
+    chars = _byte_characters()
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + [BOS, EOS])}
+    model = CLIPTextEncoder(vocab_size=len(vocab), hidden_size=RANDOM_WIDTH, intermediate_size=2 * RANDOM_WIDTH,
+                            num_layers=2, num_heads=4, eos_token_id=vocab[EOS])
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"]
+    return TextEncoder(model, params, {}), CLIPTokenizer(clip_bpe(vocab, [], EOS))
+
+
 @functools.lru_cache(maxsize=4)
-def _load(source: str, clip_skip: int) -> Callable:
+def _parts(source: str):
+    """(TextEncoder, CLIPTokenizer) of a text encoder source, loaded once per process."""
+    if source == RANDOM:
+        return random_text_encoder()
     from diffusion_jax.interop import files
     from diffusion_jax.interop.clip import load_text_encoder
-    from diffusion_jax.interop.pipeline import _encode
     from diffusion_jax.interop.tokenizer import load_tokenizer
 
     directory = files.resolve(source)
@@ -35,10 +72,26 @@ def _load(source: str, clip_skip: int) -> Callable:
         if not (pathlib.Path(directory) / part).is_dir():
             raise FileNotFoundError(f"model.text_encoder = {source!r} has no {part}/ folder: give the directory of a "
                                     "Stable Diffusion pipeline (text_encoder/ and tokenizer/)")
-    encoder = load_text_encoder(directory / "text_encoder")
-    tokenizer = load_tokenizer(directory / "tokenizer")
+    return load_text_encoder(directory / "text_encoder"), load_tokenizer(directory / "tokenizer")
+
+
+def _tokenizer(source: str):
+    return _parts(source)[1]
+
+
+def _ids_encoder(source: str, clip_skip: int) -> Callable:
+    """ids int32 [B, L] -> embeddings [B, L, D] (jitted; the parameters an argument, not constants)."""
+    from diffusion_jax.interop.pipeline import _encode
+
+    encoder = _parts(source)[0]
     encode = _encode(encoder.model, clip_skip)
-    return lambda prompts: encode(encoder.params, jnp.asarray(tokenizer(prompts)))
+    return lambda ids: encode(encoder.params, jnp.asarray(ids))
+
+
+def _load(source: str, clip_skip: int) -> Callable:
+    encode_ids = _ids_encoder(source, clip_skip)
+    tokenizer = _tokenizer(source)
+    return lambda prompts: encode_ids(tokenizer(prompts))
 
 
 def prompt_encoder(config) -> Callable:
@@ -64,3 +117,26 @@ def read_prompts(path) -> list:
 def prompts_by_index(prompts, index: np.ndarray) -> list:
     """Sample i's prompt: prompts[i % len(prompts)]."""
     return [prompts[int(i) % len(prompts)] for i in index]
+
+
+def caption_ids(config, data) -> np.ndarray:
+    """int32 [N, L]: the tokenized captions of a split (`data.captions`), for a text-conditioned
+    run's batches; a split without captions is an error naming what to give."""
+    if data.captions is None:
+        raise UsageError(f"this run is text-conditioned (model.text_encoder) but data {config.data.name!r} has no "
+                         "captions: give a folder with NAME.txt beside each image (or captions.jsonl), or the digits")
+    return np.asarray(_tokenizer(text_encoder_source(config))(list(data.captions)), np.int32)
+
+
+class TextBatches:
+    """Batch i of a `data.pipeline.Batches` (or `latents.LatentBatches`) with its caption ids
+    turned into the condition: "cond" = the frozen text encoder's embeddings [b, L, D]."""
+
+    def __init__(self, batches, config):
+        self.batches = batches
+        self.encode_ids = _ids_encoder(text_encoder_source(config), int(config.model.get("clip_skip", 0) or 0))
+
+    def __call__(self, step: int) -> dict:
+        batch = dict(self.batches(step))
+        batch["cond"] = np.asarray(self.encode_ids(batch.pop("caption_ids")))
+        return batch

@@ -77,3 +77,32 @@ def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(t
         run = load_run(tmp_path / "run")
         make_generator(run.model, run.schedule, run.config, batch_size=1, steps=2)(
             run.ema_params, 1, __import__("jax").random.key(0), prompts=["a cat"])
+
+
+def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):  # noqa: F811
+    """`train` 20 steps on images with NAME.txt captions beside them: the text encoder and the VAE
+    stay frozen (they are not in the run's parameters), the U-Net learns, the loss is finite."""
+    from PIL import Image
+
+    from diffusion_jax.runs import load_run
+
+    _, saved = small_pipeline
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(["a photo of a cat", "a painting of a horse"][i % 2])
+    run = tmp_path / "run"
+    _cli("import", "--from", saved, "--workdir", run, *SMALL, f"--config.data.name=folder:{folder}",
+         "--config.data.batch_size=8", "--config.train.label_dropout=0.1", "--config.train.log_every=5",
+         "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0")
+    before = load_run(run)
+    _cli("train", "--workdir", run, "--config.train.steps=20")
+    after = load_run(run)
+    assert after.step == 20
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(__import__("jax").tree_util.tree_leaves(before.ema_params), __import__("jax").tree_util.tree_leaves(after.ema_params))]
+    assert all(changed)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert losses and np.all(np.isfinite(losses))

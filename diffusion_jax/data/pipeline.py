@@ -27,7 +27,8 @@ class Batches:
     """Batch i of a split, for one process."""
 
     def __init__(self, data: ImageData, global_batch: int, seed: int, *, process_index: int = 0,
-                 process_count: int = 1, random_flip: bool = False, with_labels: bool = False):
+                 process_count: int = 1, random_flip: bool = False, with_labels: bool = False,
+                 caption_ids=None):
         if global_batch % process_count:
             raise UsageError(f"global batch {global_batch} is not divisible by the process count "
                              f"{process_count}: choose a multiple of {process_count}")
@@ -36,6 +37,7 @@ class Batches:
         self.global_batch = global_batch
         self.seed, self.p, self.local_shard = seed, process_index, data.process_shard
         self.random_flip, self.with_labels = random_flip, with_labels
+        self.caption_ids = caption_ids  # int32 [N, L]: the tokenized captions (a text-conditioned run)
         rows = len(data.images)
         per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
@@ -52,7 +54,8 @@ class Batches:
         return self._perm
 
     def __call__(self, step: int) -> dict:
-        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]} for train step `step` (b local)."""
+        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b], "caption_ids": int32 [b, L]}
+        for train step `step` (b local; labels and captions when the run takes them)."""
         epoch, i = divmod(int(step), self.batches_per_epoch)
         perm = self._permutation(epoch)
         b = self.local_batch_size
@@ -69,6 +72,8 @@ class Batches:
         batch = {"image": np.ascontiguousarray(to_model_range(images))}
         if self.with_labels:
             batch["label"] = self.data.labels[idx].astype(np.int32)
+        if self.caption_ids is not None:
+            batch["caption_ids"] = self.caption_ids[idx]
         return batch
 
 def stacked_batches(batches, step: int, k: int) -> dict:

@@ -13,8 +13,9 @@ All but the last hold the split in memory.
 """
 from __future__ import annotations
 
+import json
 import pathlib
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -28,6 +29,7 @@ class ImageData(NamedTuple):
     images: np.ndarray  # uint8 [N, H, W, C] (or an array-like of them: data/prepared.py)
     labels: np.ndarray  # int32 [N]
     process_shard: bool = False  # True: only this process's shard of the split (see Batches)
+    captions: Optional[list] = None  # N strings (a captioned data set), or None
 
     def model_range(self, index=slice(None)) -> np.ndarray:
         """images[index] as float32 in [-1, 1]."""
@@ -60,6 +62,17 @@ def _match_shape(images: np.ndarray, image_size: int, channels: int, name: str) 
     return images
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_CAPTIONS = ("a handwritten {d}", "the digit {w}", "a handwritten {w}", "the number {d}")
+
+
+def digit_captions(labels) -> list:
+    """A caption per digit: the templates of DIGIT_CAPTIONS in turn ("a handwritten 7", "the digit
+    seven", ...)."""
+    return [DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(d=int(y), w=DIGIT_WORDS[int(y)])
+            for i, y in enumerate(labels)]
+
+
 def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -72,7 +85,8 @@ def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData
         raise UsageError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
     idx = np.sort(parts[split])
     images = _match_shape(images[idx], image_size, channels, "digits")
-    return ImageData(images, bunch.target[idx].astype(np.int32))
+    labels = bunch.target[idx].astype(np.int32)
+    return ImageData(images, labels, captions=digit_captions(labels))
 
 
 def read_image(path, channels: int) -> np.ndarray:
@@ -110,9 +124,38 @@ def read_folder_images(files, image_size: int, channels: int) -> np.ndarray:
     return np.stack([center_crop_resize(read_image(f, channels), image_size) for f in files])
 
 
+def folder_captions(path: str, files) -> Optional[list]:
+    """The captions of a folder's images: PATH/captions.jsonl ({"file": NAME, "text": ...} a line,
+    NAME relative to PATH), else NAME.txt beside each image; None when there are neither. A
+    captioned folder must caption every image."""
+    root = pathlib.Path(path)
+    if (root / "captions.jsonl").exists():
+        table = {}
+        for n, line in enumerate((root / "captions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    table[str(row["file"])] = str(row["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise UsageError(f"{root / 'captions.jsonl'} line {n} is not {{\"file\": NAME, \"text\": CAPTION}}: "
+                                     "fix that line") from None
+        captions = [table.get(str(pathlib.Path(f).relative_to(root))) for f in files]
+    else:
+        captions = [pathlib.Path(f).with_suffix(".txt").read_text(encoding="utf-8").strip()
+                    if pathlib.Path(f).with_suffix(".txt").exists() else None for f in files]
+        if all(c is None for c in captions):
+            return None
+    missing = [str(f) for f, c in zip(files, captions) if c is None]
+    if missing:
+        raise UsageError(f"{len(missing)} image(s) of the captioned folder {path} have no caption, e.g. {missing[0]}: "
+                         "give every image its NAME.txt (or a captions.jsonl row)")
+    return captions
+
+
 def load_folder(path: str, image_size: int, channels: int) -> ImageData:
     files = folder_files(path)
-    return ImageData(read_folder_images(files, image_size, channels), np.zeros(len(files), np.int32))
+    return ImageData(read_folder_images(files, image_size, channels), np.zeros(len(files), np.int32),
+                     captions=folder_captions(path, files))
 
 
 def _tfds(name: str):

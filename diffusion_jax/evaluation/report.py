@@ -17,13 +17,14 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics, process_prediction_metrics
-from diffusion_jax.conditioning import describe_guidance
+from diffusion_jax.conditioning import describe_guidance, text_conditioned
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.ode_likelihood import ode_nll_bpd
 from diffusion_jax.processes import as_process
+from diffusion_jax.prompts import prompt_encoder
 from diffusion_jax.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,13 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
     held_out_images = held_out.model_range()
-    # Without labels a class-conditional model uses its null label: the unconditional model.
-    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=False, sigma_data=precondition_of(c))
+    # Without labels a class-conditional model uses its null label, a text-conditioned one the
+    # empty prompt: the unconditional model.
+    text = text_conditioned(c)
+    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=text, sigma_data=precondition_of(c))
+    if text:
+        null, conditioned = prompt_encoder(c)([""]), denoise
+        denoise = lambda x, t: conditioned(x, t, jnp.broadcast_to(null, (x.shape[0], *null.shape[1:])))
 
     model_inputs = held_out_images
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
@@ -128,6 +134,9 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
+    if text and c.data.name == "digits":  # does the prompt say which digit? a grid per prompt
+        metrics["prompts"] = digit_prompt_adherence(generate, run.ema_params, jax.random.PRNGKey(seed + 1),
+                                                    out / "samples_per_prompt.png")
     if fid_stats:
         features = inception_features(inception, samples)
         metrics["fid"] = frechet_distance(*feature_statistics(features), *reference)
@@ -145,6 +154,24 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     (out / "report.md").write_text(render_report(metrics))
     np.savez_compressed(out / "samples.npz", samples=samples)
     return metrics
+
+
+DIGIT_PROMPTS = tuple(f"a handwritten {d}" for d in range(10))
+
+
+def digit_prompt_adherence(generate, params, key, path, per_prompt: int = 16) -> dict:
+    """Samples for "a handwritten 0" .. "a handwritten 9" (a row each, saved as one grid at
+    `path`) and the fraction the digits classifier reads as the digit asked for."""
+    from diffusion_jax.evaluation.digits_features import digits_predict
+
+    images = [generate(params, per_prompt, jax.random.fold_in(key, d), prompts=[prompt])[0]
+              for d, prompt in enumerate(DIGIT_PROMPTS)]
+    classes, _ = digits_predict(np.concatenate(images))
+    asked = np.repeat(np.arange(10), per_prompt)
+    viz.save_grid(np.concatenate(images), path, ncols=per_prompt)
+    return {"prompts": list(DIGIT_PROMPTS), "per_prompt": per_prompt,
+            "accuracy": float(np.mean(classes == asked)),
+            "accuracy_per_prompt": [float(np.mean(classes[asked == d] == d)) for d in range(10)]}
 
 
 def render_report(m: dict) -> str:
@@ -185,6 +212,12 @@ def render_report(m: dict) -> str:
         lines += [f"Frechet distance in digits-classifier features (lower is better): {m['digits_fd']:.3f}; "
                   f"mean classifier confidence on samples {m['digits_classifier_confidence']:.3f}; "
                   f"classes {m['digits_class_histogram']}.", ""]
+    if "prompts" in m:
+        p = m["prompts"]
+        lines += [f"Prompts: {p['per_prompt']} samples for each of \"a handwritten 0\" .. \"a handwritten 9\" "
+                  f"(a row each); the digits classifier reads the digit asked for in {p['accuracy']:.1%} of them "
+                  f"(per prompt: {', '.join(f'{a:.0%}' for a in p['accuracy_per_prompt'])}).", "",
+                  "![samples per prompt](samples_per_prompt.png)", ""]
     lines += ["![samples](samples.png)", "", "Reverse process (rows: x_t, then predicted x0):", "",
               "![reverse process](reverse_process.png)", "", "![per-timestep metrics](per_timestep.png)", ""]
     return "\n".join(lines)

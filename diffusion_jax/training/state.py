@@ -7,6 +7,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import example_condition
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -36,7 +38,7 @@ def make_init_fn(model, optimizer, input_shape, seed: int):
     def init(key):
         x = jnp.zeros((1, *input_shape), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
-        params = model.init({"params": key, "dropout": key}, x, t)["params"]
+        params = model.init({"params": key, "dropout": key}, x, t, example_condition(model))["params"]
         return create_train_state(params, optimizer, seed)
 
     return init

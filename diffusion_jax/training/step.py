@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.builders import build_model, build_process, num_model_classes, precondition_of
+from diffusion_jax.conditioning import text_conditioned
+from diffusion_jax.prompts import prompt_encoder
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
 from diffusion_jax.processes.edm import precondition
@@ -22,25 +24,35 @@ from diffusion_jax.optim import make_optimizer, tree_norm
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
 
 
-def drop_labels(key, labels, probability: float, null_label: int):
-    """labels [B] with each replaced by `null_label` with `probability` (classifier-free
-    guidance training). This is the only place labels are dropped: backbones never do it."""
-    if labels is None or probability <= 0:
-        return labels
-    return jnp.where(jax.random.bernoulli(key, probability, labels.shape), null_label, labels)
+def drop_condition(key, cond, probability: float, null):
+    """The condition (a pytree, batch axis first: labels [B], text embeddings [B, L, D]) with each
+    example's replaced by the null condition (`null`, broadcast leaf by leaf: the null label, the
+    empty prompt's embeddings [1, L, D]) with `probability` (classifier-free guidance training).
+    This is the only place conditions are dropped: backbones never do it."""
+    if cond is None or probability <= 0:
+        return cond
+    first = jax.tree_util.tree_leaves(cond)[0]
+    dropped = jax.random.bernoulli(key, probability, first.shape[:1])
+
+    def drop(c, n):
+        where = dropped.reshape(dropped.shape + (1,) * (c.ndim - 1))
+        return jnp.where(where, jnp.asarray(n, c.dtype), c)
+
+    return jax.tree_util.tree_map(drop, cond, null)
 
 
 def make_train_step(model, schedule, config, optimizer):
     """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?};
     `schedule` is the run's process (DDPM's Schedule, or a continuous one: `build_process`)."""
     d, t = config.diffusion, config.train
-    null_label = num_model_classes(config)
     sigma_data = precondition_of(config)
+    # the null condition: the empty prompt's embeddings for a text run, else the null label
+    null = prompt_encoder(config)([""]) if text_conditioned(config) else num_model_classes(config)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
         key_loss, key_dropout, key_labels = jax.random.split(key, 3)
-        labels = drop_labels(key_labels, batch.get("label"), t.label_dropout, null_label)
+        labels = drop_condition(key_labels, batch.get("cond", batch.get("label")), t.label_dropout, null)
 
         def loss_fn(params):
             def denoise_fn(x_t, t_model):
