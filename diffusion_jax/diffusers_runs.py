@@ -15,7 +15,8 @@ import jax
 import ml_collections
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.files import write_json_atomically
+from diffusion_jax.files import read_json_object, write_json_atomically
+from diffusion_jax.prompts import text_encoder_source
 from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_model
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
@@ -118,6 +119,8 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
 
     run = load_run(workdir, step)
     process, d = run.schedule, run.config.diffusion
+    if text_encoder_source(run.config):
+        return export_pipeline(run, out)
     continuous = not isinstance(process, Schedule)
     if continuous:  # checked before anything is written
         process_scheduler = scheduler.process_scheduler_config(process, d.prediction)
@@ -129,3 +132,40 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
         (path / "scheduler").mkdir(exist_ok=True)
         write_json_atomically(path / "scheduler" / "scheduler_config.json", process_scheduler)
     return path
+
+
+def export_pipeline(run, out) -> pathlib.Path:
+    """A text-conditioned run as a StableDiffusionPipeline directory: model_index.json, unet/ (the
+    EMA parameters), vae/, text_encoder/, tokenizer/ and scheduler/ (the imported pipeline's
+    scheduler config when there was one, else DDIM on the run's schedule)."""
+    from diffusion_jax import latents
+    from diffusion_jax.files import ensure_new_dir
+    from diffusion_jax.interop.clip import save_text_encoder
+    from diffusion_jax.interop.tokenizer import save_tokenizer
+    from diffusion_jax.prompts import text_encoder_parts
+
+    c, d = run.config, run.config.diffusion
+    if not isinstance(run.schedule, Schedule) or not latents.vae_source(c):
+        raise UsageError("a StableDiffusionPipeline is a DDPM-schedule latent model: this text run has "
+                         f"{'no VAE' if not latents.vae_source(c) else 'process ' + repr(run.schedule.name)}")
+    encoder, tokenizer = text_encoder_parts(text_encoder_source(c))
+    vae = latents.load_vae(latents.vae_source(c))
+    ensure_new_dir(out, "--out")
+    out = pathlib.Path(out)
+    save_diffusers(out / "unet", run.model, run.ema_params, input_shape=model_input_shape(c))
+    save_diffusers(out / "vae", vae.model, vae.params, input_shape=vae.input_shape)
+    save_text_encoder(out / "text_encoder", encoder.model, encoder.params)
+    save_tokenizer(out / "tokenizer", tokenizer)
+    source = pathlib.Path(text_encoder_source(c)) / "scheduler" / "scheduler_config.json"
+    config = read_json_object(source, "") if source.exists() else {
+        **scheduler.scheduler_config(run.schedule, d.prediction, d.variance, bool(c.sample.clip_x0)),
+        "_class_name": "DDIMScheduler", "set_alpha_to_one": False, "steps_offset": 1}
+    (out / "scheduler").mkdir()
+    write_json_atomically(out / "scheduler" / "scheduler_config.json", config)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.35.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", config["_class_name"]], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+    write_json_atomically(out / "model_index.json", index)
+    return out

@@ -59,7 +59,7 @@ def random_text_encoder():
 
 
 @functools.lru_cache(maxsize=4)
-def _parts(source: str):
+def text_encoder_parts(source: str):
     """(TextEncoder, CLIPTokenizer) of a text encoder source, loaded once per process."""
     if source == RANDOM:
         return random_text_encoder()
@@ -76,14 +76,14 @@ def _parts(source: str):
 
 
 def _tokenizer(source: str):
-    return _parts(source)[1]
+    return text_encoder_parts(source)[1]
 
 
 def _ids_encoder(source: str, clip_skip: int) -> Callable:
     """ids int32 [B, L] -> embeddings [B, L, D] (jitted; the parameters an argument, not constants)."""
     from diffusion_jax.interop.pipeline import _encode
 
-    encoder = _parts(source)[0]
+    encoder = text_encoder_parts(source)[0]
     encode = _encode(encoder.model, clip_skip)
     return lambda ids: encode(encoder.params, jnp.asarray(ids))
 

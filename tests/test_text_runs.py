@@ -43,6 +43,20 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     both = sample("both", "--prompt", "a photo of a cat", "--prompt", "a painting of a horse")
     np.testing.assert_allclose(both[0], cat[0], atol=1e-5)  # sample 0 gets the first prompt either way
 
+    # export writes the pipeline back: diffusers runs it to the images load_pipeline makes of it
+    _cli("export", "--workdir", run, "--out", tmp_path / "exported")
+    from diffusion_jax.interop.pipeline import load_pipeline
+    import jax
+    back = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"), safety_checker=None)
+    back.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        theirs = back(["a photo of a cat"], num_inference_steps=4, latents=torch.from_numpy(latents),
+                      output_type="np").images
+    ours = load_pipeline(tmp_path / "exported")(["a photo of a cat"], jax.random.key(0), num_steps=4,
+                                                x_T=latents.transpose(0, 2, 3, 1))
+    assert np.abs(ours - theirs).max() <= 1e-3
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na painting of a horse\n")
     job = tmp_path / "job"

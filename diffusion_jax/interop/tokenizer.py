@@ -89,6 +89,18 @@ def clip_bpe(vocab: dict, merges: list, pad_token: str = EOS):
     return tok
 
 
+def save_tokenizer(directory, tokenizer: CLIPTokenizer) -> pathlib.Path:
+    """A tokenizer/ folder transformers' CLIPTokenizer and `load_tokenizer` read: tokenizer.json
+    and tokenizer_config.json (its special tokens and maximum length)."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer._tokenizer.save(str(directory / "tokenizer.json"))
+    settings = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length, "bos_token": BOS,
+                "eos_token": EOS, "unk_token": EOS, "pad_token": tokenizer.pad_token}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return directory
+
+
 def load_tokenizer(directory) -> CLIPTokenizer:
     """The CLIP tokenizer of a tokenizer/ folder (vocab.json and merges.txt, else tokenizer.json;
     pad token and maximum length from special_tokens_map.json and tokenizer_config.json)."""

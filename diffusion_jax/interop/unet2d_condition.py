@@ -107,7 +107,7 @@ def config_from_module(model: UNet, input_shape) -> dict:
     attn = [level in model.attn_levels for level in range(levels)]
     return {**{k: v for k, v in DEFAULTS.items()}, "_class_name": CLASS_NAME, "sample_size": size,
             "in_channels": channels, "out_channels": model.out_channels or channels,
-            "flip_sin_to_cos": model.flip_sin_to_cos, "freq_shift": model.freq_shift,
+            "flip_sin_to_cos": model.flip_sin_to_cos, "freq_shift": int(model.freq_shift),
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]],
             "block_out_channels": [model.ch * m for m in model.ch_mult], "layers_per_block": model.num_res_blocks,
