@@ -34,6 +34,10 @@ def places(tmp_path_factory):
     (root / "a_file").write_text("x")
     save_statistics(root / "stats.npz", np.zeros(3), np.eye(3))
     _bad_inputs_of_the_newer_commands(root)
+    for name, index in (("sdxl", {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "x"]}),
+                        ("inpaint_pipeline", {"_class_name": "StableDiffusionInpaintPipeline"})):
+        (root / name).mkdir()
+        (root / name / "model_index.json").write_text(__import__("json").dumps(index))
     return root
 
 
@@ -337,6 +341,15 @@ NEWER_COMMANDS = {
                                         "already holds files (config.json)"),
     "export: out is a file": (["export", "--workdir", "{root}/run", "--out", "{root}/a_file"], "is a file"),
     "export: no run": (["export", "--workdir", "{root}/nowhere", "--out", "{root}/x"], "no run in"),
+    # prompts and pipelines (text-to-image)
+    "sample: a prompt for an unconditional run": (["sample", "--workdir", "{root}/run", "--prompt", "a cat", "--out",
+                                                   "{root}/p.npz"], "this run is not text-conditioned"),
+    "generate: prompts for an unconditional run": (G + ["--prompts", "{root}/no_prompts.txt", "--out", "{root}/g"],
+                                                     "this run is not text-conditioned"),
+    "import: an SDXL pipeline": (["import", "--from", "{root}/sdxl", "--workdir", "{root}/imported_sdxl"],
+                                 "is an SDXL pipeline"),
+    "import: a pipeline that is not a run": (["import", "--from", "{root}/inpaint_pipeline", "--workdir",
+                                              "{root}/imported_inpaint"], "does not import as a run"),
 }
 assert not set(CASES) & set(NEWER_COMMANDS)
 CASES.update(NEWER_COMMANDS)
