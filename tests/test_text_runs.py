@@ -120,3 +120,23 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
     assert all(changed)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert losses and np.all(np.isfinite(losses))
+
+
+def test_digits_text_trains_on_captions_and_reports_a_grid_per_prompt(tmp_path):
+    """experiments/digits_text.py, shortened: captions through the frozen random text encoder, the
+    evaluation's grid per prompt and the classifier's agreement with the prompts; sample --prompt."""
+    import pathlib
+    config = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "digits_text.py"
+    run = tmp_path / "run"
+    _cli("train", "--config", config, "--workdir", run, "--config.train.steps=20", "--config.train.progress=False",
+         "--config.data.batch_size=64", "--config.eval.num_samples=8", "--config.eval.num_examples=64",
+         "--config.eval.bpd_examples=0", "--config.sample.steps=5")
+    _cli("evaluate", "--workdir", run)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    p = metrics["prompts"]
+    assert p["prompts"][7] == "a handwritten 7" and len(p["accuracy_per_prompt"]) == 10 and 0 <= p["accuracy"] <= 1
+    assert (run / "eval" / "samples_per_prompt.png").stat().st_size > 0
+    assert "a handwritten 0" in (run / "eval" / "report.md").read_text()
+    _cli("sample", "--workdir", run, "--num_samples", 2, "--steps", 3, "--prompt", "the digit seven",
+         "--out", tmp_path / "seven.npz")
+    assert np.load(tmp_path / "seven.npz")["samples"].shape == (2, 8, 8, 1)

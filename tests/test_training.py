@@ -203,7 +203,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.st
 
 
 def test_the_experiments_are_found():
-    assert {"digits_unet", "digits_flow", "digits_edm", "cifar10_ddpm", "cifar10_dit", "cifar10_sit",
+    assert {"digits_unet", "digits_flow", "digits_edm", "digits_text", "cifar10_ddpm", "cifar10_dit", "cifar10_sit",
             "cifar10_edm"} <= set(EXPERIMENTS)
 
 
@@ -218,7 +218,8 @@ def test_every_experiment_builds_its_model(module):
     validate_config(config)
     model = build_model(config)
     shape = input_shape(config)
-    out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),
+    from diffusion_jax.models import example_condition
+    out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, example_condition(model, 2)),
                          jax.ShapeDtypeStruct((2, *shape), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
     assert out["params"]
 
