@@ -167,3 +167,22 @@ def test_a_flow_matching_dit_with_its_scheduler_imports_as_a_flow_run_sampled_as
     _cli("export", "--workdir", run, "--out", tmp_path / "exported")
     back = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
     assert back["_class_name"] == "FlowMatchEulerDiscreteScheduler" and back["shift"] == 3.0
+
+
+def test_a_dit_pipeline_imports_whole_with_its_vae(tmp_path):
+    """A DiTPipeline directory (transformer/, vae/, scheduler/, model_index.json) imports without
+    --subfolder or --vae: its model_index.json says which parts make the run."""
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8)
+    dit = _perturbed(diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                     out_channels=8, num_layers=2, sample_size=4, patch_size=2,
+                                                     num_embeds_ada_norm=10))  # its embedder copies made equal
+    diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(
+        tmp_path / "dit_pipeline")
+    _cli("import", "--from", tmp_path / "dit_pipeline", "--workdir", tmp_path / "run", *SMALL_RUN)
+    config = load_config(tmp_path / "run")
+    assert config.model.vae == str(tmp_path / "dit_pipeline") and config.model.text_encoder == ""
+    assert (config.data.image_size, config.data.channels, config.data.num_classes) == (8, 1, 10)
+    assert _leaves_equal(load_run(tmp_path / "run").ema_params,
+                         load_diffusers(str(tmp_path / "dit_pipeline"), "transformer").params)
