@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 800_000
     c.train.ema_decay = 0.9999
     c.train.ema_warmup = True       # decay min(ema_decay, (1 + step) / (10 + step))
-    c.train.label_dropout = 0.0     # the condition's dropout to the null condition (null label, empty
+    c.train.cond_dropout = 0.0      # the condition's dropout to the null condition (null label, empty
                                     # prompt) for classifier-free guidance (the train step's, never a backbone's)
     c.train.steps_per_dispatch = 1  # K train steps in one lax.scan per device call
     c.train.log_every = 100
@@ -145,8 +145,8 @@ def validate_config(config) -> None:
         raise UsageError(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UsageError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
-    if not 0.0 <= config.train.label_dropout < 1.0:
-        raise UsageError(f"train.label_dropout must be in [0, 1), got {config.train.label_dropout}")
+    if not 0.0 <= config.train.cond_dropout < 1.0:
+        raise UsageError(f"train.cond_dropout must be in [0, 1), got {config.train.cond_dropout}")
     continuous = config.diffusion.get("process", "ddpm") != "ddpm"
     if not continuous and (config.train.get("time_sampling", "uniform") != "uniform"
                            or dict(config.train.get("time_sampling_options", {}))):
@@ -169,8 +169,8 @@ def validate_config(config) -> None:
     if config.data.use_labels and config.data.num_classes < 1:
         raise UsageError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
                          "number of classes (or use_labels=False for an unconditional model)")
-    if config.train.label_dropout > 0 and not config.data.use_labels and not config.model.get("text_encoder", ""):
-        raise UsageError(f"train.label_dropout is {config.train.label_dropout} but the run has no condition "
+    if config.train.cond_dropout > 0 and not config.data.use_labels and not config.model.get("text_encoder", ""):
+        raise UsageError(f"train.cond_dropout is {config.train.cond_dropout} but the run has no condition "
                          "(data.use_labels is False, no model.text_encoder): dropout trains classifier-free guidance "
                          "of a conditional model; set it to 0, or use labels or a text encoder")
     from diffusion_jax.builders import build_process
@@ -262,3 +262,17 @@ def config_fingerprint(config) -> dict:
     return {"model": model, "diffusion": diffusion,
             "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
                      if k in c["data"]}}
+
+
+# Settings renamed since runs were written: (section, old name, new name). A run's config.json is
+# read through `migrate_config`, so an older run reads, trains and resumes as it did.
+RENAMED = (("train", "label_dropout", "cond_dropout"),)
+
+
+def migrate_config(config: dict) -> dict:
+    """A run's config dict with renamed settings under their current names."""
+    for section, old, new in RENAMED:
+        part = config.get(section)
+        if isinstance(part, dict) and old in part and new not in part:
+            part[new] = part.pop(old)
+    return config

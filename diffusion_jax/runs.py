@@ -36,8 +36,10 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"no run in {workdir!r}: {path} is missing (train into it first)")
-    return ml_collections.ConfigDict(read_json_object(path, "the run's config.json is damaged: restore it from "
-                                                            "a config.STEP.json beside it, or train a new run"))
+    from diffusion_jax.config import migrate_config
+
+    return ml_collections.ConfigDict(migrate_config(read_json_object(
+        path, "the run's config.json is damaged: restore it from a config.STEP.json beside it, or train a new run")))
 
 
 def load_run(workdir, step: int | None = None) -> Run:

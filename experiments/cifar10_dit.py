@@ -19,7 +19,7 @@ def get_config():
     c.optim.optimizer, c.optim.learning_rate, c.optim.weight_decay = "adamw", 1e-4, 0.0
     c.optim.warmup_steps = 1000
     c.train.steps = 400_000
-    c.train.label_dropout = 0.1
+    c.train.cond_dropout = 0.1
     c.train.ckpt_every = 10_000
     c.sample.method, c.sample.steps, c.sample.guidance_scale = "ddim", 50, 1.5
     return c

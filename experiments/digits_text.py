@@ -18,7 +18,7 @@ def get_config():
     c.model.overrides.context_dim = 64  # the random text encoder's width
     c.model.overrides.attn_levels = (1,)
     c.model.overrides.level_heads = (4, 4)
-    c.train.label_dropout = 0.1  # the condition's dropout: the empty prompt, for guidance
+    c.train.cond_dropout = 0.1  # the condition's dropout: the empty prompt, for guidance
     c.sample.guidance_scale = 2.0
     return c
 

@@ -18,7 +18,7 @@ def get_config():
     c.optim.warmup_steps = 1000
     c.train.steps = 30_000
     c.train.ema_decay = 0.9995
-    c.train.label_dropout = 0.1
+    c.train.cond_dropout = 0.1
     c.train.ckpt_every = 2500
     c.train.sample_every = 5000
     c.sample.method, c.sample.steps = "ddim", 100

@@ -20,13 +20,13 @@ from diffusion_jax.training.step import make_train_step
 from tests.train_helpers import tiny_config
 
 
-@pytest.mark.parametrize("label_dropout", [0.0, 0.1])
-def test_the_model_sees_the_configured_fraction_of_null_labels(label_dropout):
+@pytest.mark.parametrize("cond_dropout", [0.0, 0.1])
+def test_the_model_sees_the_configured_fraction_of_null_labels(cond_dropout):
     """Labels reach the label embedding of a DiT (intercepted there, inside the module) with
-    exactly `train.label_dropout` of them null: dropped once, by the train step."""
+    exactly `train.cond_dropout` of them null: dropped once, by the train step."""
     batch, classes = 2048, 10
     config = tiny_config(1, **{"data.use_labels": True, "data.num_classes": classes,
-                               "data.batch_size": batch, "train.label_dropout": label_dropout})
+                               "data.batch_size": batch, "train.cond_dropout": cond_dropout})
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, 1)
     state = make_init_fn(model, optimizer, (8, 8, 1), 0)(jax.random.PRNGKey(0))
@@ -46,8 +46,8 @@ def test_the_model_sees_the_configured_fraction_of_null_labels(label_dropout):
     assert len(seen) == 1 and seen[0].shape == (batch,)
     null = seen[0] == classes
     assert np.array_equal(seen[0][~null], labels[~null])  # kept labels are unchanged
-    stderr = np.sqrt(max(label_dropout * (1 - label_dropout), 1e-12) / batch)
-    assert abs(null.mean() - label_dropout) <= 4 * stderr, null.mean()
+    stderr = np.sqrt(max(cond_dropout * (1 - cond_dropout), 1e-12) / batch)
+    assert abs(null.mean() - cond_dropout) <= 4 * stderr, null.mean()
 
 
 MEANS = jnp.array([-0.5, 0.5, 0.0])  # class 0, class 1, and the null label 2

@@ -63,3 +63,16 @@ def test_guidance_concatenates_pytree_conditions_leaf_by_leaf():
     guided = guided_denoise_fn(model, cond, null, guidance_scale=3.0)(x, t)
     c, u = model(x, t, cond), model(x, t, {k: jnp.broadcast_to(v, cond[k].shape) for k, v in null.items()})
     np.testing.assert_allclose(guided, u + 3.0 * (c - u), rtol=1e-6)
+
+
+def test_a_run_written_with_label_dropout_reads_as_cond_dropout(tmp_path):
+    """train.label_dropout was renamed train.cond_dropout (labels or text alike): an older run's
+    config.json reads under the new name."""
+    from diffusion_jax.config import base_config
+    from diffusion_jax.runs import load_config
+
+    old = base_config().to_dict()
+    old["train"]["label_dropout"] = old["train"].pop("cond_dropout") + 0.2
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = load_config(tmp_path)
+    assert config.train.cond_dropout == 0.2 and "label_dropout" not in config.train

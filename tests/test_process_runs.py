@@ -23,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("process_runs")
     ("flow", ["--config.diffusion.prediction=velocity", "--config.train.time_sampling=logit_normal",
               "--config.diffusion.process_options.shift=3.0", "--config.sample.method=euler",
               # a class-conditional DiT with diffusers' timestep embedding: one export can write
-              "--config.data.use_labels=True", "--config.data.num_classes=10", "--config.train.label_dropout=0.1",
+              "--config.data.use_labels=True", "--config.data.num_classes=10", "--config.train.cond_dropout=0.1",
               "--config.model.overrides.freq_dim=256", "--config.model.overrides.freq_shift=1.0"]),
     ("edm", ["--config.diffusion.prediction=x0", "--config.train.time_sampling=lognormal",
              "--config.diffusion.weighting=edm", "--config.model.precondition=edm", "--config.sample.method=heun",

@@ -109,7 +109,7 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
         (folder / f"{i:02d}.txt").write_text(["a photo of a cat", "a painting of a horse"][i % 2])
     run = tmp_path / "run"
     _cli("import", "--from", saved, "--workdir", run, *SMALL, f"--config.data.name=folder:{folder}",
-         "--config.data.batch_size=8", "--config.train.label_dropout=0.1", "--config.train.log_every=5",
+         "--config.data.batch_size=8", "--config.train.cond_dropout=0.1", "--config.train.log_every=5",
          "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0")
     before = load_run(run)
     _cli("train", "--workdir", run, "--config.train.steps=20")

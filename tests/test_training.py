@@ -192,7 +192,7 @@ def test_tfds_path_trains_end_to_end(tmp_path, name, size, channels):
     tfds = pytest.importorskip("tensorflow_datasets")
     config = tiny_config(2, **{"data.name": name, "data.image_size": size, "data.channels": channels,
                                "data.random_flip": True, "data.use_labels": True, "data.num_classes": 10,
-                               "train.label_dropout": 0.2})
+                               "train.cond_dropout": 0.2})
     with tfds.testing.mock_data(num_examples=32):
         state = train(config, tmp_path)
     assert int(state.step) == 2

@@ -48,9 +48,14 @@ def _unknown_config_key(error, argv):
         return None
     key = messages[-1].strip("'\"")
     hints = [line for m in messages for line in m.splitlines() if line.startswith("Did you mean")]
+    from diffusion_jax.config import RENAMED
+
+    renamed = {f"--config.{section}.{old}": f"--config.{section}.{new}" for section, old, new in RENAMED}
     for arg in argv:
         name = arg.split("=", 1)[0]
         if name.startswith("--config.") and key in name.split(".")[1:]:
+            if name in renamed:
+                return f"{name}: the setting was renamed: use {renamed[name]}"
             return (f"{name}: the config has no setting '{key}'"
                     + (f" ({hints[0]})" if hints else " (check the spelling against the experiment file)"))
     return None

@@ -73,7 +73,7 @@ class DiT(nn.Module):
 
     `num_classes` > 0 adds a label embedding with a null class (index num_classes) used when
     y is None. The module never drops labels itself: the train step replaces a fraction
-    `train.label_dropout` of them with the null class (classifier-free guidance training), so
+    `train.cond_dropout` of them with the null class (classifier-free guidance training), so
     one setting decides it for every backbone.
 
     `freq_shift` (see `timestep_embedding`) and `mlp_norm_eps` (the MLP branch's LayerNorm

@@ -52,7 +52,7 @@ def make_train_step(model, schedule, config, optimizer):
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
         key_loss, key_dropout, key_labels = jax.random.split(key, 3)
-        labels = drop_condition(key_labels, batch.get("cond", batch.get("label")), t.label_dropout, null)
+        labels = drop_condition(key_labels, batch.get("cond", batch.get("label")), t.cond_dropout, null)
 
         def loss_fn(params):
             def denoise_fn(x_t, t_model):
