@@ -43,6 +43,7 @@ def test_prepared_batches_equal_the_in_memory_batches(prepared):
     memory, streamed = load_split(_digits(), "train"), load_split(_streamed(prepared), "train")
     assert len(streamed.images) == len(memory.images) == 1497
     np.testing.assert_array_equal(streamed.labels, memory.labels)
+    assert streamed.captions == memory.captions and memory.captions[0].startswith("a handwritten")  # kept
     np.testing.assert_array_equal(streamed.images[np.array([0, 5, 1496])], memory.images[[0, 5, 1496]])
     for count in (1, 2):
         for p in range(count):

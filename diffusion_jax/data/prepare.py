@@ -37,7 +37,8 @@ class Settings(NamedTuple):
         return {"format": FORMAT, **self._asdict()}
 
 
-def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, labels: np.ndarray) -> dict:
+def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, labels: np.ndarray,
+                 captions=None) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     def fill(path):
@@ -46,7 +47,8 @@ def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, lab
             writer.write(np.ascontiguousarray(image, np.uint8).tobytes())
         writer.close()
 
-    return store.write_file(first, last, fill, labels=[int(v) for v in labels])
+    extra = {} if captions is None else {"captions": [str(c) for c in captions]}
+    return store.write_file(first, last, fill, labels=[int(v) for v in labels], **extra)
 
 
 def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_index: int = 0,
@@ -74,11 +76,13 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
         bar = tqdm(total=sum(b + 1 - a for a, b in mine), initial=sum(b + 1 - a for a, b in mine if (a, b) not in todo),
                    unit="img", desc=f"prepare {split}")
     for first, last in todo:
-        images, labels = read(first, last)
-        if len(images) != last + 1 - first or len(labels) != len(images):
+        images, labels, *rest = read(first, last)
+        captions = rest[0] if rest else None
+        if len(images) != last + 1 - first or len(labels) != len(images) or (captions is not None
+                                                                              and len(captions) != len(images)):
             raise UsageError(f"the source {data_config.name!r} gave {len(images)} images for rows {first}..{last} of "
                              f"split {split!r}: its size changed while preparing, or it cannot be read by range")
-        _write_shard(store, first, last, np.asarray(images, np.uint8), np.asarray(labels, np.int32))
+        _write_shard(store, first, last, np.asarray(images, np.uint8), np.asarray(labels, np.int32), captions)
         if bar is not None:
             bar.update(last + 1 - first)
     if bar is not None:

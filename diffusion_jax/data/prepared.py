@@ -79,8 +79,9 @@ class PreparedImages:
 
 
 def load_prepared(root, split: str, image_size: int, channels: int):
-    """(PreparedImages, labels int32 [N]) of ROOT/<split>, checked against the run's image size
-    and channels, every shard present with the size its record gives."""
+    """(PreparedImages, labels int32 [N], captions [N] or None) of ROOT/<split>, checked against
+    the run's image size and channels, every shard present with the size its record gives; the
+    captions when every shard's record holds them."""
     directory = split_dir(root, split)
     meta_path = directory / "prepared.json"
     if not meta_path.exists():
@@ -96,7 +97,7 @@ def load_prepared(root, split: str, image_size: int, channels: int):
                          f"{meta['image_size']} and data.channels={meta['channels']}, or prepare the split again "
                          "at that size into another directory")
     store = ShardDir(directory, PREFIX, SUFFIX)
-    paths, labels = [], []
+    paths, labels, captions = [], [], []
     for first, last in meta["shards"]:
         path, record_path = store.path(first, last), store.record_path(first, last)
         if not path.exists() or not record_path.exists():
@@ -108,5 +109,7 @@ def load_prepared(root, split: str, image_size: int, channels: int):
                              f"bytes, its record says {record['bytes']}): run the prepare command again to remake it")
         paths.append(path)
         labels.extend(record["labels"])
+        captions = None if captions is None or "captions" not in record else captions + list(record["captions"])
     counts = [last + 1 - first for first, last in meta["shards"]]
-    return PreparedImages(paths, (image_size, image_size, channels), counts), np.asarray(labels, np.int32)
+    return (PreparedImages(paths, (image_size, image_size, channels), counts), np.asarray(labels, np.int32),
+            captions)

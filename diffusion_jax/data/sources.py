@@ -239,22 +239,25 @@ def load_split(data_config, split: str, process_index: int = 0, process_count: i
         return load_folder(where, size, channels)
     if kind == "array_record":
         from diffusion_jax.data.prepared import load_prepared
-        return ImageData(*load_prepared(where, split, size, channels))
+        images, labels, captions = load_prepared(where, split, size, channels)
+        return ImageData(images, labels, captions=captions)
     return load_tfds(where, split, size, channels, data_config.data_dir, process_index, process_count)
 
 
 def split_rows(data_config, split: str):
-    """(count, read(first, last) -> (uint8 images [n, H, W, C], int32 labels [n])) of a split of
-    a digits / folder / tfds source, read a range at a time (what `prepare` writes shards from)."""
+    """(count, read(first, last) -> (uint8 images [n, H, W, C], int32 labels [n], captions [n] or
+    None)) of a split of a digits / folder / tfds source, read a range at a time (what `prepare`
+    writes shards from)."""
     kind, where = parse_source(data_config.name)
     size, channels = data_config.image_size, data_config.channels
     if kind == "digits":
         data = load_digits(split, size, channels)
-        return len(data.images), lambda a, b: (data.images[a:b + 1], data.labels[a:b + 1])
+        return len(data.images), lambda a, b: (data.images[a:b + 1], data.labels[a:b + 1], data.captions[a:b + 1])
     if kind == "folder":
         files = folder_files(where)
+        captions = folder_captions(where, files)
         return len(files), lambda a, b: (read_folder_images(files[a:b + 1], size, channels),
-                                         np.zeros(b + 1 - a, np.int32))
+                                         np.zeros(b + 1 - a, np.int32), captions and captions[a:b + 1])
     if kind == "array_record":
         raise UsageError(f"{data_config.name!r} is prepared already: train from it (data.name={data_config.name})")
     count = tfds_split_size(where, split, data_config.data_dir)
