@@ -128,9 +128,25 @@ def caption_ids(config, data) -> np.ndarray:
     return np.asarray(_tokenizer(text_encoder_source(config))(list(data.captions)), np.int32)
 
 
+EMBEDDINGS_IN_MEMORY = 256 * 2 ** 20  # bytes: a split's caption embeddings computed once below this
+
+
+def caption_conditions(config, data) -> tuple[np.ndarray, bool]:
+    """(per-example conditions of a split, whether they are embeddings already): the frozen text
+    encoder's embeddings [N, L, D] of every caption, computed once, when they fit in
+    EMBEDDINGS_IN_MEMORY; else the caption ids [N, L], encoded a batch at a time (`TextBatches`)."""
+    ids = caption_ids(config, data)
+    source, skip = text_encoder_source(config), int(config.model.get("clip_skip", 0) or 0)
+    width = text_encoder_parts(source)[0].model.hidden_size
+    if ids.size * width * 4 > EMBEDDINGS_IN_MEMORY:
+        return ids, False
+    encode = _ids_encoder(source, skip)
+    return np.concatenate([np.asarray(encode(ids[i:i + 256])) for i in range(0, len(ids), 256)]), True
+
+
 class TextBatches:
-    """Batch i of a `data.pipeline.Batches` (or `latents.LatentBatches`) with its caption ids
-    turned into the condition: "cond" = the frozen text encoder's embeddings [b, L, D]."""
+    """Batch i of a `data.pipeline.Batches` (or `latents.LatentBatches`) whose "cond" holds caption
+    ids, with them turned into the frozen text encoder's embeddings [b, L, D]."""
 
     def __init__(self, batches, config):
         self.batches = batches
@@ -138,5 +154,5 @@ class TextBatches:
 
     def __call__(self, step: int) -> dict:
         batch = dict(self.batches(step))
-        batch["cond"] = np.asarray(self.encode_ids(batch.pop("caption_ids")))
+        batch["cond"] = np.asarray(self.encode_ids(batch["cond"]))
         return batch

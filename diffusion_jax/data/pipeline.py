@@ -28,7 +28,7 @@ class Batches:
 
     def __init__(self, data: ImageData, global_batch: int, seed: int, *, process_index: int = 0,
                  process_count: int = 1, random_flip: bool = False, with_labels: bool = False,
-                 caption_ids=None):
+                 conditions=None):
         if global_batch % process_count:
             raise UsageError(f"global batch {global_batch} is not divisible by the process count "
                              f"{process_count}: choose a multiple of {process_count}")
@@ -37,7 +37,7 @@ class Batches:
         self.global_batch = global_batch
         self.seed, self.p, self.local_shard = seed, process_index, data.process_shard
         self.random_flip, self.with_labels = random_flip, with_labels
-        self.caption_ids = caption_ids  # int32 [N, L]: the tokenized captions (a text-conditioned run)
+        self.conditions = conditions  # [N, ...] per example: a text run's caption ids or embeddings
         rows = len(data.images)
         per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
@@ -54,8 +54,8 @@ class Batches:
         return self._perm
 
     def __call__(self, step: int) -> dict:
-        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b], "caption_ids": int32 [b, L]}
-        for train step `step` (b local; labels and captions when the run takes them)."""
+        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b], "cond": [b, ...]} for train
+        step `step` (b local; labels and conditions when the run takes them)."""
         epoch, i = divmod(int(step), self.batches_per_epoch)
         perm = self._permutation(epoch)
         b = self.local_batch_size
@@ -72,8 +72,8 @@ class Batches:
         batch = {"image": np.ascontiguousarray(to_model_range(images))}
         if self.with_labels:
             batch["label"] = self.data.labels[idx].astype(np.int32)
-        if self.caption_ids is not None:
-            batch["caption_ids"] = self.caption_ids[idx]
+        if self.conditions is not None:
+            batch["cond"] = self.conditions[idx]
         return batch
 
 def stacked_batches(batches, step: int, k: int) -> dict:
