@@ -20,7 +20,7 @@ import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 SLOW_MODULES = {"test_benchmarks", "test_cli_errors", "test_compilation_cache", "test_conditioning",
                 "test_evaluation", "test_faults", "test_generate_job", "test_inception", "test_interop_runs",
                 "test_models", "test_multihost", "test_pallas_ops", "test_prepared", "test_process_runs", "test_readme",
-                "test_sd_unet", "test_text_runs",
+                "test_pipeline", "test_sd_unet", "test_text_runs",
                 "test_training"}
 
 

@@ -159,11 +159,10 @@ def test_a_flow_matching_dit_with_its_scheduler_imports_as_a_flow_run_sampled_as
                      prediction="velocity", clip_x0=False, cond=jnp.asarray(labels), x_T=x_T)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
 
-    for method in ("euler", "heun", "dpm++_2m"):
-        _cli("sample", "--workdir", run, "--num_samples", 2, "--method", method, "--steps", 4, "--labels", "3,7",
-             "--out", tmp_path / f"{method}.npz")
-        images = np.load(tmp_path / f"{method}.npz")
-        assert images[images.files[0]].shape == (2, 8, 8, 1) and np.all(np.isfinite(images[images.files[0]]))
+    _cli("sample", "--workdir", run, "--num_samples", 2, "--method", "dpm++_2m", "--steps", 4, "--labels", "3,7",
+         "--out", tmp_path / "samples.npz")
+    images = np.load(tmp_path / "samples.npz")["samples"]
+    assert images.shape == (2, 8, 8, 1) and np.all(np.isfinite(images))
     _cli("export", "--workdir", run, "--out", tmp_path / "exported")
     back = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
     assert back["_class_name"] == "FlowMatchEulerDiscreteScheduler" and back["shift"] == 3.0
