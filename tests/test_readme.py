@@ -31,7 +31,7 @@ def test_readme_flow_matching_example_runs():
     assert len([line for line in blocks[0].splitlines() if line.strip()]) <= 13  # ten lines and the imports
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    loss = float(namespace["loss_fn"](namespace["params"], jax.random.key(5)))
+    loss = float(jax.jit(namespace["loss_fn"])(namespace["params"], jax.random.key(5)))
     assert abs(loss - 1.0) < 4 * np.sqrt(2.0 / (64 * 8 * 8)), loss
     norms = [float(np.abs(g).sum()) for g in jax.tree_util.tree_leaves(namespace["grads"])]
     assert all(np.isfinite(norms)) and max(norms) > 0

@@ -25,7 +25,7 @@ def _cli(*argv):
 
 
 def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(small_pipeline, tmp_path, capsys):  # noqa: F811
-    _, saved = small_pipeline
+    original, saved = small_pipeline
     run = tmp_path / "run"
     _cli("import", "--from", saved, "--workdir", run, *SMALL)
     config = load_config(run)
@@ -45,18 +45,17 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     np.testing.assert_allclose(both[0], negative[0], atol=1e-5)
     assert np.abs(both[1] - negative[1]).max() > 1e-3 and np.abs(negative - cat).max() > 1e-3
 
-    # export writes the pipeline back: diffusers runs it to the images load_pipeline makes of it
+    # export writes the pipeline back: diffusers runs it to the images of the pipeline imported
     _cli("export", "--workdir", run, "--out", tmp_path / "exported")
-    from diffusion_jax.interop.pipeline import load_pipeline
     back = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"), safety_checker=None)
-    back.set_progress_bar_config(disable=True)
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        theirs = back(["a photo of a cat"], num_inference_steps=4, latents=torch.from_numpy(latents),
-                      output_type="np").images
-    ours = load_pipeline(tmp_path / "exported")(["a photo of a cat"], jax.random.key(0), num_steps=4,
-                                                x_T=latents.transpose(0, 2, 3, 1))
-    assert np.abs(ours - theirs).max() <= 1e-3
+    images = []
+    for pipe in (back, original):
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images.append(pipe(["a photo of a cat"], num_inference_steps=4, latents=torch.from_numpy(latents),
+                               output_type="np").images)
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na painting of a horse\n")
@@ -76,28 +75,6 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
         cli.main(["generate", "--workdir", str(run), "--num_samples", "5", "--steps", "3", "--shard_size", "2",
                   "--prompts", str(prompts), "--out", str(job)])
     assert exit_info.value.code == 2 and "prompts_sha256 was" in capsys.readouterr().err
-
-    # fine-tuning: `train` 20 steps on images with NAME.txt captions beside them; the text encoder
-    # and the VAE stay frozen (they are not the run's parameters), every U-Net parameter moves
-    from PIL import Image
-    from diffusion_jax.runs import load_run
-
-    folder = tmp_path / "captioned"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(["a photo of a cat", "a painting of a horse"][i % 2])
-    before = load_run(run)
-    _cli("train", "--workdir", run, "--config.train.steps=20", f"--config.data.name=folder:{folder}",
-         "--config.data.batch_size=8", "--config.train.cond_dropout=0.1", "--config.train.log_every=5",
-         "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0", "--config.train.progress=False")
-    after = load_run(run)
-    assert after.step == 20
-    assert all(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree_util.tree_leaves(before.ema_params), jax.tree_util.tree_leaves(after.ema_params)))
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-    assert losses and np.all(np.isfinite(losses))
 
 
 def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(tmp_path):
@@ -131,3 +108,30 @@ def test_digits_text_trains_on_captions_and_reports_a_grid_per_prompt(tmp_path):
     assert p["prompts"][7] == "a handwritten 7" and len(p["accuracy_per_prompt"]) == 10 and 0 <= p["accuracy"] <= 1
     assert (run / "eval" / "samples_per_prompt.png").stat().st_size > 0
     assert "a handwritten 0" in (run / "eval" / "report.md").read_text()
+
+
+def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):  # noqa: F811
+    """`train` 20 steps on images with NAME.txt captions beside them: the text encoder and the VAE
+    stay frozen (they are not the run's parameters), every U-Net parameter moves."""
+    _, saved = small_pipeline
+    run = tmp_path / "run"
+    _cli("import", "--from", saved, "--workdir", run, *SMALL)
+    from PIL import Image
+    from diffusion_jax.runs import load_run
+
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(["a photo of a cat", "a painting of a horse"][i % 2])
+    before = load_run(run)
+    _cli("train", "--workdir", run, "--config.train.steps=20", f"--config.data.name=folder:{folder}",
+         "--config.data.batch_size=8", "--config.train.cond_dropout=0.1", "--config.train.log_every=5",
+         "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0", "--config.train.progress=False")
+    after = load_run(run)
+    assert after.step == 20
+    assert all(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(before.ema_params), jax.tree_util.tree_leaves(after.ema_params)))
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert losses and np.all(np.isfinite(losses))
