@@ -20,18 +20,29 @@ import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 SLOW_MODULES = {"test_benchmarks", "test_cli_errors", "test_compilation_cache", "test_conditioning",
                 "test_evaluation", "test_faults", "test_generate_job", "test_inception", "test_interop_runs",
                 "test_models", "test_multihost", "test_pallas_ops", "test_prepared", "test_process_runs", "test_readme",
-                "test_pipeline", "test_sd_unet", "test_text_runs",
+                "test_pipeline", "test_process_sampler_predictions", "test_sd_unet", "test_text_runs",
                 "test_training"}
+
+
+# Modules whose tests take longest on a fresh machine (compilations, trained runs), run first: the
+# two workers then end on short tests together instead of one waiting for the other's long one.
+LONGEST_FIRST = ("test_evaluation", "test_multihost", "test_text_runs", "test_interop_runs", "test_models",
+                 "test_readme", "test_process_runs", "test_cli_errors", "test_training", "test_sd_unet",
+                 "test_pipeline", "test_process_sampler_predictions")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Marks the tests of SLOW_MODULES slow (before -m selects). Under `--dist loadgroup`, every
-    test marked xdist_group must carry its group in its node id (xdist adds it), else the groups
-    are silently split across workers."""
+    """Marks the tests of SLOW_MODULES slow (before -m selects) and puts LONGEST_FIRST's modules
+    first (each module's own order kept). Under `--dist loadgroup`, every test marked xdist_group
+    must carry its group in its node id (xdist adds it), else the groups are silently split
+    across workers."""
+    module = lambda item: item.module.__name__.rpartition(".")[2]
     for item in items:
-        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+        if module(item) in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))
     result = yield
     if getattr(config.option, "loadgroup", False):
         ungrouped = [item.nodeid for item in items
