@@ -35,8 +35,8 @@ def run_both(unet, imported, batch=2, tokens=7, mask=None):
         kwargs = {} if mask is None else {"encoder_attention_mask": torch.from_numpy(mask)}
         theirs = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **kwargs).sample.numpy()
     y = jnp.asarray(context) if mask is None else {"embeddings": jnp.asarray(context), "mask": jnp.asarray(mask)}
-    ours = imported.model.apply({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                                jnp.asarray(t, jnp.float32), y)
+    ours = jax.jit(imported.model.apply)({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                         jnp.asarray(t, jnp.float32), y)
     return np.asarray(ours).transpose(0, 3, 1, 2), theirs
 
 

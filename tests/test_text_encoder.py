@@ -5,6 +5,7 @@ SD 2.x's pad tokens; export read back by transformers."""
 import json
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,14 +120,16 @@ def test_the_text_encoder_is_transformers_clip_text_model(tmp_path, changes):
         error = np.abs(np.asarray(ours) - theirs).max() / np.sqrt(np.mean(theirs ** 2))
         assert error <= 1e-4, error
 
-    close(text_embeddings(encoder.model, encoder.params, jnp.asarray(ids)), last)
-    close(text_embeddings(encoder.model, encoder.params, jnp.asarray(ids), clip_skip=1), penultimate)
-    close(encoder.model.apply({"params": encoder.params}, jnp.asarray(ids))["pooled"], pooled)
+    embed = jax.jit(text_embeddings, static_argnums=0, static_argnames="clip_skip")
+    close(embed(encoder.model, encoder.params, jnp.asarray(ids)), last)
+    close(embed(encoder.model, encoder.params, jnp.asarray(ids), clip_skip=1), penultimate)
+    apply = jax.jit(encoder.model.apply)
+    close(apply({"params": encoder.params}, jnp.asarray(ids))["pooled"], pooled)
     # padding masked as transformers masks it
     mask = (np.arange(77)[None] < 6).astype(np.int32).repeat(8, 0)
     with torch.no_grad():
         masked = model(torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    close(encoder.model.apply({"params": encoder.params}, jnp.asarray(ids), jnp.asarray(mask))["last_hidden_state"][:, :6],
+    close(apply({"params": encoder.params}, jnp.asarray(ids), jnp.asarray(mask))["last_hidden_state"][:, :6],
           masked.numpy()[:, :6])
 
     # Stable Diffusion's checkpoints name the tensors text_model.*; export writes them so, and
@@ -136,7 +139,7 @@ def test_the_text_encoder_is_transformers_clip_text_model(tmp_path, changes):
     with torch.no_grad():
         again = reread(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
     close(again, last)
-    close(text_embeddings(*load_text_encoder(tmp_path / "exported")[:2], jnp.asarray(ids)), last)
+    close(embed(*load_text_encoder(tmp_path / "exported")[:2], jnp.asarray(ids)), last)
 
 
 def test_what_the_text_encoder_and_tokenizer_refuse(tmp_path):

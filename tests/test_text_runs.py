@@ -1,8 +1,8 @@
 """Text-to-image runs from the CLI: a small StableDiffusionPipeline (tests/test_pipeline.py's)
 imported whole through its model_index.json, sampled with --prompt (and a negative prompt), as a
 generate job over a prompts file (deterministic per sample, resumable, the file's sha256 in the
-manifest), exported back, and fine-tuned on a captioned folder; a DDPMPipeline imports without
---subfolder; digits_text trains on captions."""
+manifest), exported back, fine-tuned on a captioned folder and evaluated; a DDPMPipeline imports
+without --subfolder; the digits report's agreement of samples with their prompts."""
 import json
 
 import jax
@@ -93,29 +93,12 @@ def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(t
             run.ema_params, 1, __import__("jax").random.key(0), prompts=["a cat"])
 
 
-def test_digits_text_trains_on_captions_and_reports_a_grid_per_prompt(tmp_path):
-    """experiments/digits_text.py, shortened: captions through the frozen random text encoder, the
-    evaluation's grid per prompt and the classifier's agreement with the prompts."""
-    import pathlib
-    config = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "digits_text.py"
-    run = tmp_path / "run"
-    _cli("train", "--config", config, "--workdir", run, "--config.train.steps=20", "--config.train.progress=False",
-         "--config.data.batch_size=64", "--config.eval.num_samples=4", "--config.eval.num_examples=64",
-         "--config.eval.bpd_examples=0", "--config.sample.steps=5")
-    _cli("evaluate", "--workdir", run)
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    p = metrics["prompts"]
-    assert p["prompts"][7] == "a handwritten 7" and len(p["accuracy_per_prompt"]) == 10 and 0 <= p["accuracy"] <= 1
-    assert (run / "eval" / "samples_per_prompt.png").stat().st_size > 0
-    assert "a handwritten 0" in (run / "eval" / "report.md").read_text()
-
-
 def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):  # noqa: F811
     """`train` 20 steps on images with NAME.txt captions beside them: the text encoder and the VAE
     stay frozen (they are not the run's parameters), every U-Net parameter moves."""
     _, saved = small_pipeline
     run = tmp_path / "run"
-    _cli("import", "--from", saved, "--workdir", run, *SMALL)
+    _cli("import", "--from", saved, "--workdir", run, *SMALL, "--config.eval.num_examples=16")
     from PIL import Image
     from diffusion_jax.runs import load_run
 
@@ -135,3 +118,30 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
                zip(jax.tree_util.tree_leaves(before.ema_params), jax.tree_util.tree_leaves(after.ema_params)))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert losses and np.all(np.isfinite(losses))
+    # evaluate a text run: the metrics of the empty prompt's (unconditional) model, its samples
+    _cli("evaluate", "--workdir", run, "--num_samples", 2, "--steps", 2)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert np.isfinite(metrics["noise_mse"]) and metrics["sampler"]["guidance"].startswith("classifier-free")
+
+
+def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path):
+    """evaluate's prompt adherence on the digits: with samples that are real digits of the class
+    each prompt names it reads 100%, a grid row per prompt; with the classes shifted by one, 0%."""
+    from diffusion_jax.data import load_digits
+    from diffusion_jax.evaluation.report import DIGIT_PROMPTS, digit_prompt_adherence
+
+    data = load_digits("validation")
+    images = data.model_range()
+
+    def generate(shift):
+        def fake(params, n, key, prompts):
+            digit = (DIGIT_PROMPTS.index(prompts[0]) + shift) % 10
+            return images[data.labels == digit][:n], None
+        return fake
+
+    right = digit_prompt_adherence(generate(0), None, jax.random.key(0), tmp_path / "right.png", per_prompt=8)
+    assert right["accuracy"] > 0.95 and len(right["accuracy_per_prompt"]) == 10
+    wrong = digit_prompt_adherence(generate(1), None, jax.random.key(0), tmp_path / "wrong.png", per_prompt=8)
+    assert wrong["accuracy"] < 0.1
+    from PIL import Image
+    assert Image.open(tmp_path / "right.png").size[1] > Image.open(tmp_path / "right.png").size[0] / 8 * 0  # written

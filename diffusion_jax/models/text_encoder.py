@@ -112,9 +112,9 @@ class CLIPTextEncoder(nn.Module):
 def text_embeddings(encoder: CLIPTextEncoder, params, input_ids, *, clip_skip: int = 0, attention_mask=None):
     """[B, L, D] the condition a diffusion model gets: the last hidden state (clip_skip 0) or the
     final LayerNorm of the output clip_skip layers before the last."""
+    if not 0 <= clip_skip < encoder.num_layers + 1:
+        raise UsageError(f"clip_skip {clip_skip} is out of range for a {encoder.num_layers}-layer text encoder")
     out = encoder.apply({"params": params}, input_ids, attention_mask)
     if clip_skip == 0:
         return out["last_hidden_state"]
-    if not 0 < clip_skip < len(out["hidden_states"]):
-        raise UsageError(f"clip_skip {clip_skip} is out of range for a {encoder.num_layers}-layer text encoder")
     return encoder.apply({"params": params}, out["hidden_states"][-(clip_skip + 1)], method="skip_hidden_state")
