@@ -68,11 +68,8 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
 
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
-SD21_UNET = dict(sample_size=96, in_channels=4, out_channels=4, cross_attention_dim=1024,
-                 attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True)
 
-
-@pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964), ("sd21_unet", SD21_UNET, None)])
+@pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964)])  # sd21_unet: 865,910,724
 def test_the_sd_unet_presets_have_diffusers_parameter_counts(name, config, count):
     """The presets' shapes (jax.eval_shape: nothing allocated) against diffusers' model built on the
     meta device from the same config (SD 1.5's: 859,520,964)."""
