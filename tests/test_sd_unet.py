@@ -69,6 +69,7 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
 
+
 @pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964)])  # sd21_unet: 865,910,724
 def test_the_sd_unet_presets_have_diffusers_parameter_counts(name, config, count):
     """The presets' shapes (jax.eval_shape: nothing allocated) against diffusers' model built on the
