@@ -27,7 +27,7 @@ RANDOM = "random"  # model.text_encoder = "random": a small frozen random encode
 RANDOM_WIDTH = 64
 
 
-def _byte_characters() -> list:
+def byte_characters() -> list:
     """The 256 printable characters byte-level BPE writes bytes as (GPT-2's table)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -50,7 +50,7 @@ def random_text_encoder():
     from diffusion_jax.interop.tokenizer import BOS, EOS, CLIPTokenizer, clip_bpe
     from diffusion_jax.models.text_encoder import CLIPTextEncoder
 
-    chars = _byte_characters()
+    chars = byte_characters()
     vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + [BOS, EOS])}
     model = CLIPTextEncoder(vocab_size=len(vocab), hidden_size=RANDOM_WIDTH, intermediate_size=2 * RANDOM_WIDTH,
                             num_layers=2, num_heads=4, eos_token_id=vocab[EOS])

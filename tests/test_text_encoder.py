@@ -14,6 +14,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.clip import load_text_encoder, save_text_encoder
 from diffusion_jax.interop.tokenizer import load_tokenizer
 from diffusion_jax.models.text_encoder import text_embeddings
+from diffusion_jax.prompts import byte_characters  # GPT-2's byte <-> printable character table
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,22 +23,10 @@ WORDS = ["a", "the", "photo", "of", "cat", "dog", "handwritten", "digit", "seven
          "riding", "horse", "on", "mars", "high", "quality", "in", "style", "van", "gogh", "'s", "and", "with"]
 
 
-def bytes_to_unicode():
-    """GPT-2's byte <-> printable character table, as CLIP's vocabulary is written."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(directory, pad_token="<|endoftext|>"):
     """A CLIP-format tokenizer folder: every byte with and without </w>, merges building WORDS."""
     directory.mkdir(parents=True, exist_ok=True)
-    chars = bytes_to_unicode()
+    chars = byte_characters()
     vocab = chars + [c + "</w>" for c in chars]
     merges = []
     for word in WORDS:
