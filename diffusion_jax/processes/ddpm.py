@@ -13,13 +13,8 @@ from diffusion_jax.processes.registry import register
 from diffusion_jax.schedules import Schedule, make_schedule, spaced_timesteps
 
 
-@jax.tree_util.register_pytree_node_class
-class DDPMProcess:
-    """The "ddpm" process of `schedule` (a pytree: the schedule is its child)."""
-
-    name = "ddpm"
-    prior_std = 1.0
-    t_clean = -1
+class _OfSchedule:
+    """A process made of a `Schedule`, a pytree whose one child is the schedule."""
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
@@ -30,6 +25,15 @@ class DDPMProcess:
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(*children)
+
+
+@jax.tree_util.register_pytree_node_class
+class DDPMProcess(_OfSchedule):
+    """The "ddpm" process of `schedule` (a pytree: the schedule is its child)."""
+
+    name = "ddpm"
+    prior_std = 1.0
+    t_clean = -1
 
     @property
     def t_noisy(self) -> int:
@@ -57,7 +61,7 @@ MIN_ABAR = 2.0 ** -24  # abar held at least here where a zero-terminal-SNR sched
 
 
 @jax.tree_util.register_pytree_node_class
-class ContinuousDDPM:
+class ContinuousDDPM(_OfSchedule):
     """A DDPM schedule in continuous time t in [0, 1]: the fractional index tau = t (T - 1), the
     log-SNR log(abar / (1 - abar)) linear in tau between the schedule's integer steps (the
     interpolation in log sigma of k-diffusion's and diffusers' sigma samplers), the model fed the
@@ -68,16 +72,6 @@ class ContinuousDDPM:
     prior_std = 1.0
     t_clean, t_noisy = 0.0, 1.0
     time_is_sigma = False
-
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
-
-    def tree_flatten(self):
-        return (self.schedule,), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
 
     def _tau(self, t):
         return jnp.asarray(t, jnp.float32) * (self.schedule.num_timesteps - 1)

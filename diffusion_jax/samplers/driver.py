@@ -28,6 +28,7 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
 from diffusion_jax.processes.ddpm import ddpm_schedule
+from diffusion_jax.samplers.chain import scan_chain
 from diffusion_jax.samplers.process import process_method, sample_process
 from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
 from diffusion_jax.schedules import Schedule
@@ -251,24 +252,10 @@ def _run(step, ctx, x, state, grid: Grid, key, keys, trajectory_every):
         x_next, state, x0 = step(ctx, x, state, inp, keys.fold_in(key, inp["i"]))
         return (x_next, state), (x, x0)
 
-    if trajectory_every is None:
-        (x, _), _ = jax.lax.scan(lambda c, inp: (body(c, inp)[0], None), (x, state), inputs)
+    x, trajectory = scan_chain(body, (x, state), inputs, K, trajectory_every)
+    if trajectory is None:
         return x
-    every = int(trajectory_every)
-    saved = -(-K // every)
-    buffers = (jnp.zeros((saved + 1,) + x.shape, jnp.float32),) * 2
-
-    def body_traj(carry, inp):
-        carry, (buf_x, buf_x0) = carry
-        carry, (x_before, x0) = body(carry, inp)
-        write, slot = inp["i"] % every == 0, inp["i"] // every
-        buf_x = buf_x.at[slot].set(jnp.where(write, x_before, buf_x[slot]))
-        buf_x0 = buf_x0.at[slot].set(jnp.where(write, x0, buf_x0[slot]))
-        return (carry, (buf_x, buf_x0)), None
-
-    ((x, _), (buf_x, buf_x0)), _ = jax.lax.scan(body_traj, ((x, state), buffers), inputs)
-    model_t = jnp.append(jnp.asarray(grid.model_t[::every]), -1)
-    return x, {"x_t": buf_x.at[saved].set(x), "pred_x0": buf_x0.at[saved].set(x), "t": model_t}
+    return x, {**trajectory, "t": jnp.append(jnp.asarray(grid.model_t[::int(trajectory_every)]), -1)}
 
 
 def encode(denoise_fn: Callable, schedule: Schedule, x0, num_steps: int = 50, *,

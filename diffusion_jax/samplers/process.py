@@ -41,6 +41,7 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import from_prediction
 from diffusion_jax.processes.targets import coefficients, ode_velocity
+from diffusion_jax.samplers.chain import scan_chain
 from diffusion_jax.samplers.sigma import CHURN_OPTIONS
 
 
@@ -274,24 +275,11 @@ def sample_process(model: Callable, process, shape, key, *, method: str = "euler
         return (x_next, state), (x, x0)
 
     inputs = {"t": jnp.asarray(grid[:-1]), "t_next": jnp.asarray(grid[1:]), "i": jnp.arange(len(grid) - 1)}
-    carry = (x, m.init_state(x))
-    if trajectory_every is None:
-        (x, _), _ = jax.lax.scan(lambda c, inp: (body(c, inp)[0], None), carry, inputs)
+    x, trajectory = scan_chain(body, (x, m.init_state(x)), inputs, len(grid) - 1, trajectory_every)
+    if trajectory is None:
         return x
-    every = int(trajectory_every)
-    saved = -(-(len(grid) - 1) // every)
-    buffers = (jnp.zeros((saved + 1,) + x.shape, jnp.float32),) * 2
-
-    def body_traj(carry, inp):
-        carry, (buf_x, buf_x0) = carry
-        carry, (x_before, x0) = body(carry, inp)
-        write, slot = inp["i"] % every == 0, inp["i"] // every
-        buf_x = buf_x.at[slot].set(jnp.where(write, x_before, buf_x[slot]))
-        buf_x0 = buf_x0.at[slot].set(jnp.where(write, x0, buf_x0[slot]))
-        return (carry, (buf_x, buf_x0)), None
-
-    ((x, _), (buf_x, buf_x0)), _ = jax.lax.scan(body_traj, (carry, buffers), inputs)
     with jax.ensure_compile_time_eval():  # host values even under jit
+        every = int(trajectory_every)
         times = np.append(np.asarray(process.model_time(grid[:-1][::every])),
                           np.asarray(process.model_time(np.float32(grid[-1]))))
-    return x, {"x_t": buf_x.at[saved].set(x), "pred_x0": buf_x0.at[saved].set(x), "t": jnp.asarray(times)}
+    return x, {**trajectory, "t": jnp.asarray(times)}
