@@ -15,9 +15,14 @@ from diffusion_jax.errors import UsageError
 NO_GUIDANCE = 1.0
 
 
+def text_encoder_source(config) -> str:
+    """The run's text encoder directory, or "random" ("" for a run without text conditioning)."""
+    return str(config.model.get("text_encoder", "") or "")
+
+
 def text_conditioned(config) -> bool:
     """Whether the run's model is conditioned on text embeddings (model.text_encoder is set)."""
-    return bool(config.model.get("text_encoder", ""))
+    return bool(text_encoder_source(config))
 
 
 def conditional(config) -> bool:

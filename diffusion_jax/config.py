@@ -169,12 +169,13 @@ def validate_config(config) -> None:
     if config.data.use_labels and config.data.num_classes < 1:
         raise UsageError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
                          "number of classes (or use_labels=False for an unconditional model)")
-    if config.train.cond_dropout > 0 and not config.data.use_labels and not config.model.get("text_encoder", ""):
+    from diffusion_jax.conditioning import conditional, guidance_enabled
+
+    if config.train.cond_dropout > 0 and not conditional(config):
         raise UsageError(f"train.cond_dropout is {config.train.cond_dropout} but the run has no condition "
                          "(data.use_labels is False, no model.text_encoder): dropout trains classifier-free guidance "
                          "of a conditional model; set it to 0, or use labels or a text encoder")
     from diffusion_jax.builders import build_process
-    from diffusion_jax.conditioning import guidance_enabled
 
     guidance_enabled(config, config.sample.guidance_scale)
     process = build_process(config)

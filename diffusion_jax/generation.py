@@ -102,7 +102,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         else:
             labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
         prompts = list(prompts) if prompts is not None else [""]  # no prompt: the null condition
-        null = encode([negative_prompt or ""]) if text else (jnp.int32(classes) if classes else None)
+        null = prompts_module.null_condition(config, negative_prompt)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
             cond = None

@@ -15,12 +15,9 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.builders import num_model_classes
+from diffusion_jax.conditioning import text_encoder_source
 from diffusion_jax.errors import UsageError
-
-
-def text_encoder_source(config) -> str:
-    """The run's text encoder directory, or "random" ("" for a run without text conditioning)."""
-    return str(config.model.get("text_encoder", "") or "")
 
 
 RANDOM = "random"  # model.text_encoder = "random": a small frozen random encoder (offline experiments)
@@ -101,6 +98,14 @@ def prompt_encoder(config) -> Callable:
         raise UsageError("prompts given, but this run is not text-conditioned (model.text_encoder is unset): "
                          "use --labels for a class-conditional run, or nothing")
     return _load(source, int(config.model.get("clip_skip", 0) or 0))
+
+
+def null_condition(config, negative_prompt: str = ""):
+    """The condition guidance contrasts with and the train step drops to: the embeddings [1, L, D]
+    of the negative (default empty) prompt for a text run, else the null label (the class count)."""
+    if text_encoder_source(config):
+        return prompt_encoder(config)([negative_prompt or ""])
+    return np.int32(num_model_classes(config))
 
 
 def read_prompts(path) -> list:

@@ -24,7 +24,7 @@ from diffusion_jax.schedules import Schedule
 from diffusion_jax.likelihood import nll_bpd
 from diffusion_jax.ode_likelihood import ode_nll_bpd
 from diffusion_jax.processes import as_process
-from diffusion_jax.prompts import prompt_encoder
+from diffusion_jax.prompts import null_condition
 from diffusion_jax.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     text = text_conditioned(c)
     denoise = denoise_fn_for(run.model, run.ema_params, with_labels=text, sigma_data=precondition_of(c))
     if text:
-        null, conditioned = prompt_encoder(c)([""]), denoise
+        null, conditioned = null_condition(c), denoise
         denoise = lambda x, t: conditioned(x, t, jnp.broadcast_to(null, (x.shape[0], *null.shape[1:])))
 
     model_inputs = held_out_images

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.builders import build_model, build_process, num_model_classes, precondition_of
-from diffusion_jax.conditioning import text_conditioned
-from diffusion_jax.prompts import prompt_encoder
+from diffusion_jax.builders import build_model, build_process, precondition_of
+from diffusion_jax.prompts import null_condition
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
 from diffusion_jax.processes.edm import precondition
@@ -46,8 +45,7 @@ def make_train_step(model, schedule, config, optimizer):
     `schedule` is the run's process (DDPM's Schedule, or a continuous one: `build_process`)."""
     d, t = config.diffusion, config.train
     sigma_data = precondition_of(config)
-    # the null condition: the empty prompt's embeddings for a text run, else the null label
-    null = prompt_encoder(config)([""]) if text_conditioned(config) else num_model_classes(config)
+    null = null_condition(config)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
