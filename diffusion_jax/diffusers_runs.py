@@ -156,8 +156,12 @@ def export_pipeline(run, out) -> pathlib.Path:
     save_diffusers(out / "vae", vae.model, vae.params, input_shape=vae.input_shape)
     save_text_encoder(out / "text_encoder", encoder.model, encoder.params)
     save_tokenizer(out / "tokenizer", tokenizer)
-    source = pathlib.Path(text_encoder_source(c)) / "scheduler" / "scheduler_config.json"
-    config = read_json_object(source, "") if source.exists() else {
+    from diffusion_jax.interop import files
+    from diffusion_jax.prompts import RANDOM
+
+    where = text_encoder_source(c)  # a local directory or a Hub id, resolved as the text encoder was
+    source = None if where == RANDOM else files.resolve(where) / "scheduler" / "scheduler_config.json"
+    config = read_json_object(source, "") if source is not None and source.exists() else {
         **scheduler.scheduler_config(run.schedule, d.prediction, d.variance, bool(c.sample.clip_x0)),
         "_class_name": "DDIMScheduler", "set_alpha_to_one": False, "steps_offset": 1}
     (out / "scheduler").mkdir()

@@ -78,10 +78,10 @@ def _tokenizer(source: str):
 
 def _ids_encoder(source: str, clip_skip: int) -> Callable:
     """ids int32 [B, L] -> embeddings [B, L, D] (jitted; the parameters an argument, not constants)."""
-    from diffusion_jax.interop.pipeline import _encode
+    from diffusion_jax.models.text_encoder import compiled_text_embeddings
 
     encoder = text_encoder_parts(source)[0]
-    encode = _encode(encoder.model, clip_skip)
+    encode = compiled_text_embeddings(encoder.model, clip_skip)
     return lambda ids: encode(encoder.params, jnp.asarray(ids))
 
 

@@ -13,7 +13,6 @@ SDXL (a second text encoder) is refused by name.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any, Optional
 
@@ -26,7 +25,7 @@ from diffusion_jax.files import read_json_object
 from diffusion_jax.interop import files, scheduler
 from diffusion_jax.interop.clip import TextEncoder, load_text_encoder
 from diffusion_jax.interop.tokenizer import CLIPTokenizer, load_tokenizer
-from diffusion_jax.models.text_encoder import text_embeddings
+from diffusion_jax.models.text_encoder import compiled_text_embeddings
 
 PIPELINE = "StableDiffusionPipeline"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -56,7 +55,7 @@ class StableDiffusion:
     def encode_prompt(self, prompts) -> jax.Array:
         """The text embeddings [B, 77, D] the U-Net is conditioned on (the condition)."""
         ids = jnp.asarray(self.tokenizer(prompts))
-        return _encode(self.text_encoder.model, self.clip_skip)(self.text_encoder.params, ids)
+        return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(self.text_encoder.params, ids)
 
     def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
                  negative_prompts=None, x_T=None, **options) -> np.ndarray:
@@ -87,11 +86,6 @@ class StableDiffusion:
                          guidance_scale=guidance_scale if guided else None, x_T=x_T, **options)
         images = self.vae.decode(latents / self.vae_scale)
         return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0), np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _encode(model, clip_skip: int):
-    return jax.jit(lambda params, ids: text_embeddings(model, params, ids, clip_skip=clip_skip))
 
 
 def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:

@@ -16,6 +16,7 @@ Stable Diffusion passes none (its padding tokens are attended to, causally, as i
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -107,6 +108,13 @@ class CLIPTextEncoder(nn.Module):
     def skip_hidden_state(self, hidden_state):
         """The final LayerNorm of an earlier layer's output: diffusers' `clip_skip` embeddings."""
         return self.final_layer_norm(hidden_state)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_text_embeddings(encoder: CLIPTextEncoder, clip_skip: int = 0):
+    """`text_embeddings` jitted once per encoder and clip_skip: (params, input_ids) -> [B, L, D]
+    (the parameters an argument, so they are not folded into the program as constants)."""
+    return jax.jit(lambda params, ids: text_embeddings(encoder, params, ids, clip_skip=clip_skip))
 
 
 def text_embeddings(encoder: CLIPTextEncoder, params, input_ids, *, clip_skip: int = 0, attention_mask=None):
