@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.use_labels = False       # feed class labels to the model
     c.data.num_classes = 0
     c.data.data_dir = ""            # tfds data_dir ("" = default)
+    c.data.caption_feature = ""     # a tfds data set's captions: "captions/text" (coco_captions), "label" (class names)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet_digits"    # a preset of diffusion_jax.models.PRESETS

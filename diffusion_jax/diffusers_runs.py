@@ -142,7 +142,7 @@ def export_pipeline(run, out) -> pathlib.Path:
     from diffusion_jax.files import ensure_new_dir
     from diffusion_jax.interop.clip import save_text_encoder
     from diffusion_jax.interop.tokenizer import save_tokenizer
-    from diffusion_jax.prompts import text_encoder_parts
+    from diffusion_jax.interop.text_encoders import text_encoder_parts
 
     c, d = run.config, run.config.diffusion
     if not isinstance(run.schedule, Schedule) or not latents.vae_source(c):
@@ -157,7 +157,7 @@ def export_pipeline(run, out) -> pathlib.Path:
     save_text_encoder(out / "text_encoder", encoder.model, encoder.params)
     save_tokenizer(out / "tokenizer", tokenizer)
     from diffusion_jax.interop import files
-    from diffusion_jax.prompts import RANDOM
+    from diffusion_jax.interop.text_encoders import RANDOM
 
     where = text_encoder_source(c)  # a local directory or a Hub id, resolved as the text encoder was
     source = None if where == RANDOM else files.resolve(where) / "scheduler" / "scheduler_config.json"

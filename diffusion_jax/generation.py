@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import latents
-from diffusion_jax import prompts as prompts_module
 from diffusion_jax.builders import denoise_fn_for, num_model_classes, precondition_of
-from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, sample_labels,
-                                        text_conditioned)
+from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, null_condition,
+                                        prompt_encoder, prompts_by_index, sample_labels, text_conditioned)
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -60,7 +59,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
 
     text = text_conditioned(config)
-    encode = prompts_module.prompt_encoder(config) if text else None
+    encode = prompt_encoder(config) if text else None
 
     @functools.partial(jax.jit, static_argnums=0)
     def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
@@ -87,7 +86,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
                  first_index: int = 0, prompts=None, negative_prompt=None):
         if prompts is not None and not text:
-            prompts_module.prompt_encoder(config)  # the error: this run is not text-conditioned
+            prompt_encoder(config)  # the error: this run is not text-conditioned
         if num_samples < 1:
             raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
         if eta is not None and not takes_eta:
@@ -102,7 +101,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         else:
             labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
         prompts = list(prompts) if prompts is not None else [""]  # no prompt: the null condition
-        null = prompts_module.null_condition(config, negative_prompt)
+        null = null_condition(config, negative_prompt)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
             cond = None
@@ -112,7 +111,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
                 cond = jnp.zeros((batch_size,), jnp.int32)
             if text:  # sample j's prompt is prompts[j % n]; the last batch padded with the next ones
                 start = (first_index if per_sample_keys else 0) + i * batch_size
-                cond = encode(prompts_module.prompts_by_index(prompts, start + np.arange(batch_size)))
+                cond = encode(prompts_by_index(prompts, start + np.arange(batch_size)))
             batch_key = jax.random.fold_in(key, i)
             if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
                 chunk = index[i * batch_size:(i + 1) * batch_size]

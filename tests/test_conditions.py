@@ -10,7 +10,7 @@ import pytest
 from diffusion_jax.data.sources import digit_captions, load_digits, load_folder
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import guided_denoise_fn
-from diffusion_jax.training.step import drop_condition
+from diffusion_jax.conditioning import drop_condition
 
 
 def test_the_digits_carry_captions_and_folders_read_name_txt_or_captions_jsonl(tmp_path):
@@ -34,6 +34,19 @@ def test_the_digits_carry_captions_and_folders_read_name_txt_or_captions_jsonl(t
     (tmp_path / "captions.jsonl").write_text("not json\n")
     with pytest.raises(UsageError, match="line 1"):
         load_folder(str(tmp_path), 8, 3)
+
+
+def test_labels_on_a_text_run_and_prompts_on_a_label_run_are_refused():
+    from diffusion_jax.conditioning import check_labels, prompt_encoder
+    from diffusion_jax.config import base_config
+    text, labelled = base_config(), base_config()
+    text.model.text_encoder = "random"
+    labelled.data.use_labels, labelled.data.num_classes = True, 10
+    with pytest.raises(UsageError, match="this run is text-conditioned .* give prompts"):
+        check_labels(text, [3])
+    with pytest.raises(UsageError, match="not text-conditioned .* use --labels"):
+        prompt_encoder(labelled)
+    assert check_labels(labelled, [3, 9]).tolist() == [3, 9]
 
 
 def test_conditions_are_dropped_to_the_null_condition_per_example():

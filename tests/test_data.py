@@ -95,3 +95,36 @@ def test_folder_images_of_16_bits_are_scaled_not_clipped(tmp_path):
     expected = np.round(gray16 / 65535 * 255) / 127.5 - 1  # the same brightness in 8 bits
     np.testing.assert_allclose(data.model_range()[0, ..., 0], expected, atol=1e-6)
     assert data.model_range().max() < 1.0  # not all white, as an 8-bit clip made it
+
+
+def test_tfds_captions_under_mock_data(tmp_path):
+    """data.caption_feature: a nested text feature (coco_captions' first caption), a ClassLabel's
+    class names, kept by `prepare`; a feature the data set lacks, or captions asked of a
+    non-tfds source, are errors naming the fix."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from diffusion_jax import cli
+    from diffusion_jax.errors import UsageError
+    c = base_config().data
+    c.name, c.image_size, c.channels, c.caption_feature = "coco_captions", 16, 3, "captions/text"
+    with tfds.testing.mock_data(num_examples=6):
+        data = load_split(c, "train")
+        texts = [ex["captions"]["text"] for ex in tfds.as_numpy(tfds.load("coco_captions", split="train"))]
+        cli.main(["prepare", "--dataset", "coco_captions", "--caption_feature", "captions/text", "--image_size", "16",
+                  "--out", str(tmp_path / "coco")])
+        c10 = base_config().data
+        c10.name, c10.image_size, c10.channels, c10.caption_feature = "cifar10", 32, 3, "label"
+        labelled = load_split(c10, "train")
+        names = tfds.builder("cifar10").info.features["label"].names
+        c.caption_feature = "caption"
+        with pytest.raises(UsageError, match="'caption' is not a feature of 'coco_captions'.*captions/text"):
+            load_split(c, "train")
+    assert data.images.shape == (6, 16, 16, 3)
+    assert data.captions == [t[0].decode("utf-8") if len(t) else "" for t in texts] and any(data.captions)
+    assert labelled.captions == [names[y] for y in labelled.labels]
+    prepared = base_config().data
+    prepared.name, prepared.image_size, prepared.channels = f"array_record:{tmp_path / 'coco'}", 16, 3
+    assert load_split(prepared, "train").captions == data.captions
+    digits = base_config().data
+    digits.caption_feature = "label"
+    with pytest.raises(UsageError, match="not a tfds data set: .* unset data.caption_feature"):
+        load_split(digits, "train")

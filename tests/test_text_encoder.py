@@ -14,7 +14,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.clip import load_text_encoder, save_text_encoder
 from diffusion_jax.interop.tokenizer import load_tokenizer
 from diffusion_jax.models.text_encoder import text_embeddings
-from diffusion_jax.prompts import byte_characters  # GPT-2's byte <-> printable character table
+from diffusion_jax.interop.tokenizer import byte_characters  # GPT-2's byte <-> printable character table
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

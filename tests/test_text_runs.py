@@ -124,7 +124,7 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
     assert np.isfinite(metrics["noise_mse"]) and metrics["sampler"]["guidance"].startswith("classifier-free")
 
 
-def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path):
+def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path, monkeypatch):
     """evaluate's prompt adherence on the digits: with samples that are real digits of the class
     each prompt names it reads 100%, a grid row per prompt; with the classes shifted by one, 0%."""
     from diffusion_jax.data import load_digits
@@ -134,14 +134,19 @@ def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path)
     images = data.model_range()
 
     def generate(shift):
-        def fake(params, n, key, prompts):
-            digit = (DIGIT_PROMPTS.index(prompts[0]) + shift) % 10
-            return images[data.labels == digit][:n], None
+        def fake(params, n, key, prompts):  # sample i: prompts[i % len(prompts)], as make_generator's
+            asked = [(DIGIT_PROMPTS.index(prompts[i % len(prompts)]) + shift) % 10 for i in range(n)]
+            return np.stack([images[data.labels == d][i // 10] for i, d in enumerate(asked)]), None
         return fake
 
     right = digit_prompt_adherence(generate(0), None, jax.random.key(0), tmp_path / "right.png", per_prompt=8)
     assert right["accuracy"] > 0.95 and len(right["accuracy_per_prompt"]) == 10
     wrong = digit_prompt_adherence(generate(1), None, jax.random.key(0), tmp_path / "wrong.png", per_prompt=8)
     assert wrong["accuracy"] < 0.1
-    from PIL import Image
-    assert Image.open(tmp_path / "right.png").size[1] > Image.open(tmp_path / "right.png").size[0] / 8 * 0  # written
+    from diffusion_jax import viz
+    from diffusion_jax.evaluation.digits_features import digits_predict
+    grids = []
+    monkeypatch.setattr(viz, "save_grid", lambda images, path, ncols=None: grids.append((images, ncols)))
+    digit_prompt_adherence(generate(0), None, jax.random.key(0), tmp_path / "again.png", per_prompt=8)
+    (grid, ncols), = grids
+    assert ncols == 8 and (digits_predict(grid)[0] == np.repeat(np.arange(10), 8)).mean() > 0.95  # row d: digit d

@@ -13,6 +13,8 @@ def register(sub) -> None:
     r.add_argument("--channels", type=at_least(1), default=3)
     r.add_argument("--shard_size", type=at_least(1), default=10_000)
     r.add_argument("--data_dir", default="")
+    r.add_argument("--caption_feature", default="", help="a tfds data set's caption feature ('captions/text'): "
+                                                         "the shards keep the captions")
     r.set_defaults(run=lambda args: prepare_command(args))
 
 
@@ -26,7 +28,7 @@ def prepare_command(args) -> None:
     import jax
 
     data = ml_collections.ConfigDict(dict(name=args.dataset, image_size=args.image_size, channels=args.channels,
-                                          data_dir=args.data_dir))
+                                          data_dir=args.data_dir, caption_feature=args.caption_feature))
     done = prepare(data, args.split, args.out, shard_size=args.shard_size, process_index=jax.process_index(),
                    process_count=jax.process_count(), progress=jax.process_index() == 0)
     if "shards" in done:

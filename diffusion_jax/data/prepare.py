@@ -32,9 +32,10 @@ class Settings(NamedTuple):
     channels: int
     shard_size: int
     count: int
+    caption_feature: str = ""  # a tfds source's captions (recorded only when named)
 
     def as_dict(self) -> dict:
-        return {"format": FORMAT, **self._asdict()}
+        return {"format": FORMAT, **{k: v for k, v in self._asdict().items() if k != "caption_feature" or v}}
 
 
 def _write_shard(store: ShardDir, first: int, last: int, images: np.ndarray, labels: np.ndarray,
@@ -62,7 +63,7 @@ def prepare(data_config, split: str, out, *, shard_size: int = 10_000, process_i
     if count == 0:
         raise UsageError(f"split {split!r} of {data_config.name!r} is empty: nothing to prepare")
     settings = Settings(data_config.name, split, int(data_config.image_size), int(data_config.channels),
-                        int(shard_size), int(count)).as_dict()
+                        int(shard_size), int(count), str(data_config.get("caption_feature", ""))).as_dict()
     directory = split_dir(out, split)
     directory.mkdir(parents=True, exist_ok=True)
     claim_directory(directory / "settings.json", settings, "a prepared split")

@@ -186,23 +186,59 @@ def tfds_split_size(name: str, split: str, data_dir: str = "") -> int:
     return count if count >= 0 else sum(1 for _ in ds)
 
 
+def tfds_captions(info, feature: str):
+    """example -> caption of a tfds data set's `feature` ("captions/text": a nested feature, "/"
+    between the names): a text feature's string (a sequence of them: the first, "" when empty), or a
+    ClassLabel's class name."""
+    names = feature.split("/")
+    try:
+        spec = info.features
+        for name in names:
+            spec = spec[name]
+    except (KeyError, TypeError):
+        raise UsageError(f"data.caption_feature = {feature!r} is not a feature of {info.name!r} (its features: "
+                         f"{', '.join(info.features.keys())}): name the feature that holds the captions, "
+                         "'/' between nested names (coco_captions: 'captions/text')") from None
+    class_names = getattr(spec, "names", None)
+
+    def caption(example) -> str:
+        value = example
+        for name in names:
+            value = value[name]
+        value = np.asarray(value)
+        if value.ndim:  # a sequence of captions: the first
+            value = value.reshape(-1)[0] if value.size else b""
+        value = value.item() if isinstance(value, np.ndarray) else value
+        if isinstance(value, bytes):
+            return value.decode("utf-8")
+        if class_names is not None:
+            return class_names[int(value)]
+        return str(value)
+
+    return caption
+
+
 def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: str = "",
-              process_index: int = 0, process_count: int = 1) -> ImageData:
-    """A tfds split, this process's shard of it only (tfds.even_splits) when several run."""
+              process_index: int = 0, process_count: int = 1, caption_feature: str = "") -> ImageData:
+    """A tfds split, this process's shard of it only (tfds.even_splits) when several run, with
+    the captions of `caption_feature` (see `tfds_captions`) when one is named."""
     tfds = _tfds(name)
     if process_count > 1:
         split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     try:
-        ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+        ds, info = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, with_info=True)
     except Exception as e:  # no network, no prepared copy, a broken optional import inside tfds
         raise FileNotFoundError(
             f"cannot load the tfds dataset {name!r} split {split!r} ({type(e).__name__}: {str(e)[:300]}): "
             "prepare it once where the network is reachable (tfds build, or a first run there) and "
             "point data.data_dir at that copy") from None
-    images, labels = [], []
+    caption = tfds_captions(info, caption_feature) if caption_feature else None
+    images, labels, captions = [], [], []
     for example in tfds.as_numpy(ds):
         images.append(example["image"])
         labels.append(example.get("label", 0))
+        if caption is not None:
+            captions.append(caption(example))
     if not images:
         raise UsageError(f"split {split!r} of {name!r} is empty")
     shapes = {im.shape for im in images}
@@ -211,7 +247,8 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
         array = _match_shape(array, image_size, channels, name)
     else:  # variable-size images (celeb_a, flowers): crop and resize one by one
         array = np.stack([_match_shape(im[None], image_size, channels, name)[0] for im in images])
-    return ImageData(array, np.asarray(labels, np.int32), process_shard=process_count > 1)
+    return ImageData(array, np.asarray(labels, np.int32), process_shard=process_count > 1,
+                     captions=captions if caption is not None else None)
 
 
 SOURCE_KINDS = ("digits", "folder", "array_record", "tfds")
@@ -228,10 +265,22 @@ def parse_source(name: str) -> tuple[str, str]:
     return "tfds", name
 
 
+def checked_source(data_config) -> tuple[str, str]:
+    """`parse_source` of data.name, after checking the settings that belong to one kind of source:
+    data.caption_feature only for tfds (digits carry their captions; a folder its NAME.txt or
+    captions.jsonl)."""
+    kind, where = parse_source(data_config.name)
+    if data_config.get("caption_feature", "") and kind != "tfds":
+        raise UsageError(f"data.caption_feature is set but data.name = {data_config.name!r} is not a tfds data set: "
+                         "digits carry captions, a folder's come from NAME.txt or captions.jsonl, a prepared "
+                         "split keeps its own; unset data.caption_feature")
+    return kind, where
+
+
 def load_split(data_config, split: str, process_index: int = 0, process_count: int = 1) -> ImageData:
     """The split named in a run's data config (see config.py), in memory (a prepared one: read
     by index from its shards)."""
-    kind, where = parse_source(data_config.name)
+    kind, where = checked_source(data_config)
     size, channels = data_config.image_size, data_config.channels
     if kind == "digits":
         return load_digits(split, size, channels)
@@ -241,14 +290,15 @@ def load_split(data_config, split: str, process_index: int = 0, process_count: i
         from diffusion_jax.data.prepared import load_prepared
         images, labels, captions = load_prepared(where, split, size, channels)
         return ImageData(images, labels, captions=captions)
-    return load_tfds(where, split, size, channels, data_config.data_dir, process_index, process_count)
+    return load_tfds(where, split, size, channels, data_config.data_dir, process_index, process_count,
+                     data_config.get("caption_feature", ""))
 
 
 def split_rows(data_config, split: str):
     """(count, read(first, last) -> (uint8 images [n, H, W, C], int32 labels [n], captions [n] or
     None)) of a split of a digits / folder / tfds source, read a range at a time (what `prepare`
     writes shards from)."""
-    kind, where = parse_source(data_config.name)
+    kind, where = checked_source(data_config)
     size, channels = data_config.image_size, data_config.channels
     if kind == "digits":
         data = load_digits(split, size, channels)
@@ -261,4 +311,11 @@ def split_rows(data_config, split: str):
     if kind == "array_record":
         raise UsageError(f"{data_config.name!r} is prepared already: train from it (data.name={data_config.name})")
     count = tfds_split_size(where, split, data_config.data_dir)
-    return count, lambda a, b: load_tfds(where, f"{split}[{a}:{b + 1}]", size, channels, data_config.data_dir)[:2]
+    feature = data_config.get("caption_feature", "")
+
+    def read(first: int, last: int):
+        data = load_tfds(where, f"{split}[{first}:{last + 1}]", size, channels, data_config.data_dir,
+                         caption_feature=feature)
+        return data.images, data.labels, data.captions
+
+    return count, read

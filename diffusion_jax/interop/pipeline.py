@@ -23,8 +23,9 @@ import numpy as np
 from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object
 from diffusion_jax.interop import files, scheduler
-from diffusion_jax.interop.clip import TextEncoder, load_text_encoder
-from diffusion_jax.interop.tokenizer import CLIPTokenizer, load_tokenizer
+from diffusion_jax.interop.clip import TextEncoder
+from diffusion_jax.interop.text_encoders import load_text_encoder_parts
+from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.models.text_encoder import compiled_text_embeddings
 
 PIPELINE = "StableDiffusionPipeline"
@@ -111,8 +112,7 @@ def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
         raise UsageError(f"{directory / 'unet'} is not a text-conditioned U-Net (UNet2DConditionModel)")
     config = read_json_object(directory / "scheduler" / "scheduler_config.json",
                               "give the pipeline's scheduler/scheduler_config.json intact")
-    return StableDiffusion(unet, vae, load_text_encoder(directory / "text_encoder"),
-                           load_tokenizer(directory / "tokenizer"), config,
+    return StableDiffusion(unet, vae, *load_text_encoder_parts(directory), config,
                            scheduler.process_from_scheduler(config), int(clip_skip))
 
 

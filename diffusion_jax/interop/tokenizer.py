@@ -23,6 +23,18 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def byte_characters() -> list:
+    """The 256 printable characters byte-level BPE writes bytes as (GPT-2's table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
 def _token(value, default: str) -> str:
     """A special token as special_tokens_map.json writes it: a string or {"content": ...}."""
     if value is None:

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax import viz
-from diffusion_jax.conditioning import check_labels, guidance_enabled, labels_by_index
+from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, prompt_encoder,
+                                        read_prompts)
 from diffusion_jax.config import sampler_settings
-from diffusion_jax.prompts import prompt_encoder, read_prompts
 from diffusion_jax.generation import make_generator
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.files import claim_directory, write_json_atomically

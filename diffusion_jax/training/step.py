@@ -14,30 +14,13 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
-from diffusion_jax.prompts import null_condition
+from diffusion_jax.conditioning import drop_condition, null_condition
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
 from diffusion_jax.processes.edm import precondition
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
 from diffusion_jax.optim import make_optimizer, tree_norm
 from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make_init_fn
-
-
-def drop_condition(key, cond, probability: float, null):
-    """The condition (a pytree, batch axis first: labels [B], text embeddings [B, L, D]) with each
-    example's replaced by the null condition (`null`, broadcast leaf by leaf: the null label, the
-    empty prompt's embeddings [1, L, D]) with `probability` (classifier-free guidance training).
-    This is the only place conditions are dropped: backbones never do it."""
-    if cond is None or probability <= 0:
-        return cond
-    first = jax.tree_util.tree_leaves(cond)[0]
-    dropped = jax.random.bernoulli(key, probability, first.shape[:1])
-
-    def drop(c, n):
-        where = dropped.reshape(dropped.shape + (1,) * (c.ndim - 1))
-        return jnp.where(where, jnp.asarray(n, c.dtype), c)
-
-    return jax.tree_util.tree_map(drop, cond, null)
 
 
 def make_train_step(model, schedule, config, optimizer):
