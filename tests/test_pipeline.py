@@ -79,3 +79,15 @@ def test_what_load_pipeline_refuses(small_pipeline, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_pipeline(tmp_path / "empty")
+
+
+def test_a_pipeline_compiles_its_chain_once_for_other_prompts_keys_and_scales(small_pipeline):
+    """The chain and decoder are one jitted program per sampler and shape: prompts, keys and the
+    guidance scale are its arguments, so a second call traces nothing (jax's cache holds one entry)."""
+    _, saved = small_pipeline
+    pipe = load_pipeline(saved)
+    first = pipe(PROMPTS, jax.random.key(0), num_steps=3, guidance_scale=7.5)
+    second = pipe(PROMPTS[::-1], jax.random.key(1), num_steps=3, guidance_scale=3.0, negative_prompts=NEGATIVE)
+    (program,) = pipe.programs.values()
+    assert program._cache_size() == 1
+    assert first.shape == second.shape == (2, 16, 16, 3) and np.abs(first - second).max() > 1e-3

@@ -44,6 +44,7 @@ class StableDiffusion:
     scheduler_config: dict
     schedule: Any
     clip_skip: int = 0
+    programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # compiled, per sampler
 
     @property
     def prediction(self) -> str:
@@ -63,8 +64,6 @@ class StableDiffusion:
         """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list); `x_T` the
         starting latents [B, h, w, C] (NHWC; default drawn from `key`). `method=None` runs the
         scheduler's own chain; another method runs with `options`."""
-        from diffusion_jax.samplers import sample
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         cond = self.encode_prompt(prompts)
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
@@ -76,17 +75,34 @@ class StableDiffusion:
             options = {**chosen, **options}
         else:
             clip_x0 = False
-        size = self.unet.input_shape
-        shape = (len(prompts), *size)
         guided = guidance_scale is not None and guidance_scale != 1.0
-        unet = self.unet
-        denoise = lambda x, t, y: unet.model.apply({"params": unet.params}, x, t, y)
-        latents = sample(denoise, self.schedule, shape, key, method=method, num_steps=num_steps,
-                         prediction=self.prediction, clip_x0=clip_x0, cond=cond,
-                         null_cond=self.encode_prompt(negative) if guided else None,
-                         guidance_scale=guidance_scale if guided else None, x_T=x_T, **options)
-        images = self.vae.decode(latents / self.vae_scale)
-        return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0), np.float32)
+        program = self.program(method, num_steps, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
+        images = program(self.unet.params, self.vae.params, cond, self.encode_prompt(negative) if guided else None,
+                         key, None if x_T is None else jnp.asarray(x_T, jnp.float32),
+                         jnp.float32(guidance_scale if guided else 1.0))
+        return np.asarray(images, np.float32)
+
+    def program(self, method: str, num_steps: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
+        """The jitted chain and decoder of one sampler and latent shape [B, h, w, C]: (U-Net params,
+        VAE params, cond, null cond, key, x_T or None, guidance scale) -> images [B, H, W, 3] in
+        [0, 1]. Compiled once and kept: a second call with other prompts, keys or scale reuses it."""
+        from diffusion_jax.samplers import sample
+
+        signature = (method, int(num_steps), tuple(sorted(options.items())), bool(clip_x0), bool(guided), tuple(shape))
+        if signature not in self.programs:
+            unet, vae, schedule, prediction, scale = self.unet.model, self.vae.model, self.schedule, \
+                self.prediction, self.vae_scale
+
+            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale):
+                denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
+                latents = sample(denoise, schedule, shape, key, method=method, num_steps=num_steps,
+                                 prediction=prediction, clip_x0=clip_x0, cond=cond, null_cond=null,
+                                 guidance_scale=guidance_scale if guided else None, x_T=x_T, **options)
+                images = vae.apply({"params": vae_params}, latents / scale, method="decode")
+                return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+            self.programs[signature] = jax.jit(run)
+        return self.programs[signature]
 
 
 def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
