@@ -1,10 +1,12 @@
 """The PyTorch peer, measured on the same machine in the same session: diffusers' UNet2DModel
 with the DDPM CIFAR-10 config (35.7M), DiTTransformer2DModel B/2 on a 32x32x4 latent, and a
-DDPMScheduler ancestral loop (a Python loop over 1000 steps). One JSON line per measurement,
+DDPMScheduler ancestral loop (a Python loop over 1000 steps), and Stable Diffusion's guided DDIM
+chain and decoder on a pipeline directory. One JSON line per measurement,
 in the format of benchmarks.train / benchmarks.sample, so BENCHMARKS.md reports ratios.
 
     pip install torch diffusers        # in a separate environment; not a dependency
     python -m benchmarks.peer_diffusers --what unet_train,dit_train,ddpm_sample --compile
+    python -m benchmarks.peer_diffusers --what sd_pipeline --pipeline /tmp/sd15   # benchmarks.pipeline --write
 
 Training: AdamW, bf16 autocast (parameters float32), MSE to the noise, synthetic data.
 """
@@ -106,6 +108,55 @@ def ddpm_sampling(batch, steps, device):
            "seconds": round(seconds, 3), "samples_per_sec": round(batch / seconds, 2)})
 
 
+def sd_pipeline(directory, batches, steps, device, guidance_scale=7.5, repeats=3):
+    """StableDiffusionPipeline's chain on the pipeline in `directory` (unet/, vae/, scheduler/ read
+    with diffusers): the latents and the 2B-row guided U-Net call of every DDIM step, the VAE
+    decoder; random text embeddings stand in for the CLIP encoder (one forward a call, not timed),
+    so transformers is not needed. float16 (the usual GPU setting) and float32; float32 on a CPU."""
+    import pathlib
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    directory = pathlib.Path(directory)
+    dtypes = [torch.float16, torch.float32] if device.startswith("cuda") else [torch.float32]
+    for dtype in dtypes:
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval()
+        scheduler = DDIMScheduler.from_pretrained(directory / "scheduler")
+        size, width = unet.config.sample_size, unet.config.cross_attention_dim
+        for batch in batches:
+            text = torch.randn(2 * batch, 77, width, device=device, dtype=dtype)
+
+            def run(seed):
+                generator = torch.Generator(device).manual_seed(seed)
+                latents = torch.randn(batch, 4, size, size, generator=generator, device=device, dtype=dtype)
+                scheduler.set_timesteps(steps)
+                latents = latents * scheduler.init_noise_sigma
+                for t in scheduler.timesteps:
+                    model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    uncond, cond = unet(model_input, t, encoder_hidden_states=text).sample.chunk(2)
+                    latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+                images = vae.decode(latents / vae.config.scaling_factor).sample
+                _sync()
+                return images
+
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                run(0)
+                first_s = time.perf_counter() - t0
+                seconds = []
+                for i in range(repeats):
+                    t0 = time.perf_counter()
+                    images = run(i + 1)
+                    seconds.append(time.perf_counter() - t0)
+            s = sorted(seconds)[len(seconds) // 2]
+            _emit({"bench": "pipeline", "model": directory.name, "batch": batch, "steps": steps, "method": "ddim",
+                   "guidance_scale": guidance_scale, "image_size": list(images.shape[2:]) + [3],
+                   "dtype": str(dtype).replace("torch.", ""), "seconds": round(s, 3),
+                   "images_per_sec": round(batch / s, 3), "first_call_s": round(first_s, 2)})
+
+
 def main(argv=None):
     import torch
 
@@ -118,6 +169,10 @@ def main(argv=None):
     p.add_argument("--sample_batch", type=int, default=256)
     p.add_argument("--sample_steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--pipeline", help="sd_pipeline: a StableDiffusionPipeline directory (benchmarks.pipeline --write)")
+    p.add_argument("--sd_batch", type=int, action="append", help="sd_pipeline: prompts per call (repeatable; 1)")
+    p.add_argument("--sd_steps", type=int, default=50)
+    p.add_argument("--sd_repeats", type=int, default=3)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     what = args.what.split(",")
@@ -133,6 +188,10 @@ def main(argv=None):
                              labels=True)
     if "ddpm_sample" in what:
         ddpm_sampling(args.sample_batch, args.sample_steps, device)
+    if "sd_pipeline" in what:
+        if not args.pipeline:
+            p.error("--what sd_pipeline needs --pipeline DIR (written by benchmarks.pipeline --write)")
+        sd_pipeline(args.pipeline, args.sd_batch or [1], args.sd_steps, device, repeats=args.sd_repeats)
 
 
 if __name__ == "__main__":

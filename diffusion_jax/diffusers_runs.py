@@ -140,36 +140,21 @@ def export_pipeline(run, out) -> pathlib.Path:
     scheduler config when there was one, else DDIM on the run's schedule)."""
     from diffusion_jax import latents
     from diffusion_jax.files import ensure_new_dir
-    from diffusion_jax.interop.clip import save_text_encoder
-    from diffusion_jax.interop.tokenizer import save_tokenizer
-    from diffusion_jax.interop.text_encoders import text_encoder_parts
+    from diffusion_jax.interop import files
+    from diffusion_jax.interop.pipeline import save_pipeline
+    from diffusion_jax.interop.text_encoders import RANDOM, text_encoder_parts
 
     c, d = run.config, run.config.diffusion
     if not isinstance(run.schedule, Schedule) or not latents.vae_source(c):
         raise UsageError("a StableDiffusionPipeline is a DDPM-schedule latent model: this text run has "
                          f"{'no VAE' if not latents.vae_source(c) else 'process ' + repr(run.schedule.name)}")
-    encoder, tokenizer = text_encoder_parts(text_encoder_source(c))
-    vae = latents.load_vae(latents.vae_source(c))
-    ensure_new_dir(out, "--out")
-    out = pathlib.Path(out)
-    save_diffusers(out / "unet", run.model, run.ema_params, input_shape=model_input_shape(c))
-    save_diffusers(out / "vae", vae.model, vae.params, input_shape=vae.input_shape)
-    save_text_encoder(out / "text_encoder", encoder.model, encoder.params)
-    save_tokenizer(out / "tokenizer", tokenizer)
-    from diffusion_jax.interop import files
-    from diffusion_jax.interop.text_encoders import RANDOM
-
     where = text_encoder_source(c)  # a local directory or a Hub id, resolved as the text encoder was
+    encoder, tokenizer = text_encoder_parts(where)
+    vae = latents.load_vae(latents.vae_source(c))
     source = None if where == RANDOM else files.resolve(where) / "scheduler" / "scheduler_config.json"
     config = read_json_object(source, "") if source is not None and source.exists() else {
         **scheduler.scheduler_config(run.schedule, d.prediction, d.variance, bool(c.sample.clip_x0)),
         "_class_name": "DDIMScheduler", "set_alpha_to_one": False, "steps_offset": 1}
-    (out / "scheduler").mkdir()
-    write_json_atomically(out / "scheduler" / "scheduler_config.json", config)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.35.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", config["_class_name"]], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
-    write_json_atomically(out / "model_index.json", index)
-    return out
+    ensure_new_dir(out, "--out")
+    unet = Imported(run.model, run.ema_params, {}, model_input_shape(c))
+    return save_pipeline(out, unet, vae, encoder, tokenizer, config)

@@ -45,3 +45,28 @@ def test_the_kernel_benchmark_times_xla_and_the_kernels_at_each_tiling(capsys, m
     assert seen == [(op, impl, tile) for op in ("adaptive_layer_norm", "bias_gelu_tanh", "group_norm_silu")
                     for impl, tile in (("pallas_interpret", 512), ("pallas_interpret", 4096), ("xla", 0))], seen
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in records)
+
+
+def test_the_pipeline_benchmark_writes_a_pipeline_that_it_and_the_pytorch_peer_both_run(tmp_path, capsys):
+    """`benchmarks.pipeline --write DIR --size tiny`: a random-weight StableDiffusionPipeline through
+    the library's writers, timed by `load_pipeline` and read by diffusers for the peer's loop; the
+    sd15 size has SD 1.5's text encoder and VAE parameter counts (the U-Net is the sd15_unet preset)."""
+    from benchmarks import pipeline
+    from diffusion_jax.interop import clip, expected_params, vae
+    from diffusion_jax.models import count_params
+
+    pipeline.main(["--write", str(tmp_path / "tiny"), "--size", "tiny", "--batch", "2", "--steps", "3",
+                   "--repeats", "1"])
+    ours = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (ours["bench"], ours["batch"], ours["steps"], ours["image_size"]) == ("pipeline", 2, 3, [16, 16, 3])
+    assert ours["images_per_sec"] > 0 and ours["first_call_s"] >= ours["seconds"]
+    pytest.importorskip("diffusers")
+    from benchmarks import peer_diffusers
+    peer_diffusers.main(["--what", "sd_pipeline", "--pipeline", str(tmp_path / "tiny"), "--sd_batch", "2",
+                         "--sd_steps", "3", "--sd_repeats", "1"])
+    theirs = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (theirs["peer"], theirs["batch"], theirs["image_size"]) == ("diffusers", 2, [16, 16, 3])
+    text_config = pipeline.SIZES["sd15"][1]
+    assert count_params(clip.param_shapes(clip.module_from_config(text_config))) == 123_060_480
+    model, shape = vae.module_from_config(pipeline.vae_config("sd15"))
+    assert count_params(expected_params(model, shape)) == 83_653_863

@@ -132,6 +132,33 @@ def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
                            scheduler.process_from_scheduler(config), int(clip_skip))
 
 
+def save_pipeline(out, unet, vae, text_encoder: TextEncoder, tokenizer: CLIPTokenizer,
+                  scheduler_config: dict) -> pathlib.Path:
+    """Write a StableDiffusionPipeline directory that diffusers and `load_pipeline` read:
+    model_index.json, unet/ and vae/ (each an `Imported`-like (model, params, input_shape): the
+    U-Net's latent shape, the VAE's image shape), text_encoder/, tokenizer/ and
+    scheduler/scheduler_config.json. `out` must not hold a pipeline already."""
+    from diffusion_jax.files import write_json_atomically
+    from diffusion_jax.interop import save_diffusers
+    from diffusion_jax.interop.clip import save_text_encoder
+    from diffusion_jax.interop.tokenizer import save_tokenizer
+
+    out = pathlib.Path(out)
+    save_diffusers(out / "unet", unet.model, unet.params, input_shape=unet.input_shape)
+    save_diffusers(out / "vae", vae.model, vae.params, input_shape=vae.input_shape)
+    save_text_encoder(out / "text_encoder", text_encoder.model, text_encoder.params)
+    save_tokenizer(out / "tokenizer", tokenizer)
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json_atomically(out / "scheduler" / "scheduler_config.json", scheduler_config)
+    index = {"_class_name": PIPELINE, "_diffusers_version": "0.35.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", scheduler_config["_class_name"]], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+    write_json_atomically(out / "model_index.json", index)
+    return out
+
+
 # What `import` takes from each pipeline class: (the backbone's folder, whether its vae/ is the
 # run's VAE, whether its text_encoder/ and tokenizer/ condition the run).
 PIPELINE_PARTS = {"DDPMPipeline": ("unet", False, False), "DDIMPipeline": ("unet", False, False),

@@ -1,0 +1,119 @@
+"""Stable Diffusion text-to-image throughput: `load_pipeline(DIR)(prompts, key)` (prompt encoding,
+the guided chain and the VAE decoder; one jitted program), one JSON line per batch size with the
+first call (compilation included) and the steady-state seconds and images/s.
+
+    python -m benchmarks.pipeline --write /tmp/sd15 --size sd15 --batch 1 --batch 4   # 512x512, DDIM-50
+    python -m benchmarks.peer_diffusers --what sd_pipeline --pipeline /tmp/sd15         # PyTorch, same weights
+
+`--write DIR --size sd15` first writes a Stable Diffusion 1.5 pipeline with random weights (the
+published shapes: U-Net 859,520,964 parameters, text encoder 123,060,480, VAE 83,653,863; a
+character-level tokenizer, as no vocabulary is downloaded) through the library's own writers, so
+diffusers' PyTorch peer reads the same weights; `--size tiny` is a CPU-sized one for a dry run.
+The scheduler is SD 1.5's DDIM (scaled-linear betas, leading spacing, steps_offset 1).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.common import emit, peak_memory_bytes
+
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False,
+             "set_alpha_to_one": False, "timestep_spacing": "leading"}
+SIZES = {  # (U-Net preset overrides, text encoder config, VAE config)
+    "sd15": ({}, dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"),
+             dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32, sample_size=512)),
+    "tiny": (dict(ch=32, ch_mult=(1, 2), attn_levels=(0,), level_heads=(2, 2), context_dim=32, num_groups=8),
+             dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, hidden_act="quick_gelu"),
+             dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, sample_size=16)),
+}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def _random_params(shapes, seed: int):
+    """N(0, 0.02) float32 arrays of a tree of ShapeDtypeStructs (weights to time, not to look at)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, dtype=np.float32), shapes)
+
+
+def vae_config(size: str) -> dict:
+    """The AutoencoderKL config.json of a size."""
+    fields = SIZES[size][2]
+    return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * len(fields["block_out_channels"]),
+            "up_block_types": ["UpDecoderBlock2D"] * len(fields["block_out_channels"]), **fields}
+
+
+def write_random_pipeline(out, size: str) -> pathlib.Path:
+    """A StableDiffusionPipeline directory of the `size` shapes with random weights."""
+    from diffusion_jax.interop import Imported, clip, expected_params, vae
+    from diffusion_jax.interop.pipeline import save_pipeline
+    from diffusion_jax.interop.text_encoders import random_text_encoder
+    from diffusion_jax.models import PRESETS, create_model
+
+    unet_fields, text_config, vae_fields = SIZES[size]
+    unet = create_model("sd15_unet", **unet_fields)
+    latent = (vae_fields["sample_size"] // 2 ** (len(vae_fields["block_out_channels"]) - 1),) * 2 + (4,)
+    assert size != "sd15" or latent == PRESETS["sd15_unet"].input_shape
+    vae_model, image_shape = vae.module_from_config(vae_config(size))
+    encoder = clip.module_from_config(text_config)
+    _, tokenizer = random_text_encoder()
+    return save_pipeline(
+        out, Imported(unet, _random_params(expected_params(unet, latent), 0), {}, latent),
+        Imported(vae_model, _random_params(expected_params(vae_model, image_shape), 1), {}, image_shape),
+        clip.TextEncoder(encoder, _random_params(clip.param_shapes(encoder), 2), text_config), tokenizer, SCHEDULER)
+
+
+def measure(directory, batch: int, steps: int, repeats: int, guidance_scale: float = 7.5) -> dict:
+    from diffusion_jax.interop.pipeline import load_pipeline
+
+    start = time.perf_counter()
+    pipe = load_pipeline(directory)
+    load_s = time.perf_counter() - start
+    prompts = [PROMPT] * batch
+    start = time.perf_counter()
+    pipe(prompts, jax.random.key(0), num_steps=steps, guidance_scale=guidance_scale)
+    first_s = time.perf_counter() - start
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        images = pipe(prompts, jax.random.key(i + 1), num_steps=steps, guidance_scale=guidance_scale)
+        seconds.append(time.perf_counter() - start)  # __call__ returns host arrays: the work is done
+    s = float(np.median(seconds))
+    memory = peak_memory_bytes()
+    return {"bench": "pipeline", "model": pathlib.Path(directory).name, "batch": batch, "steps": steps,
+            "method": "ddim", "guidance_scale": guidance_scale, "image_size": list(images.shape[1:]),
+            "dtype": "float32", "seconds": round(s, 3), "images_per_sec": round(batch / s, 3),
+            "first_call_s": round(first_s, 2), "load_s": round(load_s, 2),
+            "peak_memory_gb": None if memory is None else round(memory / 2 ** 30, 2)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pipeline", help="a StableDiffusionPipeline directory to time (or where --write puts one)")
+    p.add_argument("--write", help="first write a random-weight pipeline of --size here")
+    p.add_argument("--size", choices=sorted(SIZES), default="sd15")
+    p.add_argument("--batch", type=int, action="append", help="prompts per call (repeatable; default 1)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    directory = args.write or args.pipeline
+    if directory is None:
+        p.error("give --pipeline DIR, or --write DIR")
+    if args.write and not (pathlib.Path(args.write) / "model_index.json").exists():
+        start = time.perf_counter()
+        write_random_pipeline(args.write, args.size)
+        print(f"wrote a random {args.size} pipeline to {args.write} in {time.perf_counter() - start:.1f} s", flush=True)
+    for batch in args.batch or [1]:
+        emit(measure(directory, batch, args.steps, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
