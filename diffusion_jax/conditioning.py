@@ -57,8 +57,8 @@ def guidance_enabled(config, guidance_scale: float) -> bool:
         if float(guidance_scale) != NO_GUIDANCE:
             raise UsageError(
                 f"guidance scale {guidance_scale} given, but this run is unconditional "
-                "(data.use_labels is False): classifier-free guidance needs a class-conditional "
-                "model; drop the guidance scale (1 = no guidance)")
+                "(data.use_labels is False, no model.text_encoder): classifier-free guidance needs a "
+                "class- or text-conditional model; drop the guidance scale (1 = no guidance)")
         return False
     return float(guidance_scale) != NO_GUIDANCE
 

@@ -78,17 +78,26 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
         dx, div = _divergence(v, state[0], t, divergence, probe)
         return dx, div
 
+    # Runge-Kutta's four stages as a scan over their coefficients: stage s evaluates the model at
+    # x + a_s h k_{s-1} (the last at t_next itself) and adds b_s k_s; one model call in the program
+    # instead of four, so it compiles in about a quarter of the time.
+    stages = (jnp.asarray([0.0, 0.5, 0.5, 1.0], jnp.float32), jnp.asarray([1.0, 2.0, 2.0, 1.0], jnp.float32),
+              jnp.asarray([False, False, False, True]))
+
     def rk4(state, step):
         t, t_next = step
         h = t_next - t
         x_, logdet = state
-        k1 = f((x_,), t)
-        k2 = f((x_ + 0.5 * h * k1[0],), t + 0.5 * h)
-        k3 = f((x_ + 0.5 * h * k2[0],), t + 0.5 * h)
-        k4 = f((x_ + h * k3[0],), t_next)
-        x_next = x_ + h / 6.0 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
-        logdet = logdet + h / 6.0 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
-        return (x_next, logdet), None
+
+        def stage(carry, coefficients):
+            k, sum_dx, sum_div = carry
+            a, b, last = coefficients
+            dx, div = f((x_ + a * h * k,), jnp.where(last, t_next, t + a * h))
+            return (dx, sum_dx + b * dx, sum_div + b * div), None
+
+        zeros = jnp.zeros_like(x_)
+        (_, sum_dx, sum_div), _ = jax.lax.scan(stage, (zeros, zeros, jnp.zeros_like(logdet)), stages)
+        return (x_ + h / 6.0 * sum_dx, logdet + h / 6.0 * sum_div), None
 
     (x_T, integral), _ = jax.lax.scan(rk4, (x, jnp.zeros((x.shape[0],), jnp.float32)),
                                       (jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])))

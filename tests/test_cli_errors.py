@@ -241,6 +241,8 @@ CASES = {
     "evaluate: zero steps": (["evaluate", "--workdir", "{root}/run", "--steps", "0", "--out", "{root}/e"],
                              "--steps: must be at least 1, got 0"),
     "evaluate: no run": (["evaluate", "--workdir", "{root}/nowhere"], "no run in"),
+    "evaluate: guidance, unconditional": (["evaluate", "--workdir", "{root}/run", "--guidance_scale", "5", "--out",
+                                           "{root}/e"], "guidance scale 5.0 given, but this run is unconditional"),
     "evaluate: read-only place": (["evaluate", "--workdir", "{root}/run", "--out", "{root}/a_file/eval"], "cannot write"),
     "evaluate: missing reference": (["evaluate", "--workdir", "{root}/run", "--fid_stats", "{root}/missing.npz",
                                      "--out", "{root}/e"], "fid-stats"),

@@ -119,9 +119,10 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert losses and np.all(np.isfinite(losses))
     # evaluate a text run: the metrics of the empty prompt's (unconditional) model, its samples
-    _cli("evaluate", "--workdir", run, "--num_samples", 2, "--steps", 2)
+    _cli("evaluate", "--workdir", run, "--num_samples", 2, "--steps", 2, "--guidance_scale", 3)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert np.isfinite(metrics["noise_mse"]) and metrics["sampler"]["guidance"].startswith("classifier-free")
+    assert np.isfinite(metrics["noise_mse"]) and metrics["sampler"]["guidance_scale"] == 3.0
+    assert metrics["sampler"]["guidance"] == "classifier-free guidance scale 3"
 
 
 def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
-from diffusion_jax.cli.arguments import add_option_argument, at_least, parse_options
+from diffusion_jax.cli.arguments import add_option_argument, at_least, finite_float, parse_options
 from diffusion_jax.files import ensure_writable_dir
 from diffusion_jax.samplers import sampler_names
 
@@ -17,6 +17,8 @@ def register(sub) -> None:
     e.add_argument("--steps", type=at_least(1))
     add_option_argument(e)
     e.add_argument("--seed", type=int)
+    e.add_argument("--guidance_scale", type=finite_float, help="classifier-free guidance of the samples (default: the "
+                                                        "run's sample.guidance_scale)")
     e.add_argument("--fid_stats", help="reference statistics .npz (from fid-stats) to compute FID against")
     e.add_argument("--inception_weights", help="converted FID Inception .npz (see evaluation/inception.py)")
     e.add_argument("--out", help="where to write the report (default: the run's eval/ folder)")
@@ -36,7 +38,7 @@ def evaluate_command(args):
     m = evaluate_run(args.workdir, checkpoint=args.checkpoint, num_samples=args.num_samples,
                      sampler=args.sampler, steps=args.steps, seed=args.seed, fid_stats=args.fid_stats,
                      inception_weights=args.inception_weights, out_dir=out_dir,
-                     sampler_options=parse_options(args.option))
+                     sampler_options=parse_options(args.option), guidance_scale=args.guidance_scale)
     summary = {k: m[k] for k in ("noise_mse", "noise_rmse", "noise_mae", "noise_r2", "checkpoint_step")}
     if "bpd" in m:
         summary["bits_per_dim"] = m["bpd"]["total_bpd"]

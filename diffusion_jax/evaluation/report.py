@@ -2,6 +2,7 @@
 metrics.json, per_timestep.png, samples.png, reverse_process.png and report.md."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -17,7 +18,7 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import noise_prediction_metrics, process_prediction_metrics
-from diffusion_jax.conditioning import describe_guidance, null_condition, text_conditioned
+from diffusion_jax.conditioning import describe_guidance, guidance_enabled, null_condition, text_conditioned
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.schedules import Schedule
@@ -60,8 +61,9 @@ def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_s
 def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None,
-                 out_dir=None, sampler_options: dict | None = None) -> dict:
+                 out_dir=None, sampler_options: dict | None = None, guidance_scale: float | None = None) -> dict:
     """Evaluates the run in `workdir`; returns the metrics dict it writes to eval/metrics.json.
+    Samples are drawn at `guidance_scale` (default: the run's sample.guidance_scale).
 
     With `fid_stats` (a reference .npz from `fid-stats`) the FID of the samples is computed with
     the FID Inception network (`inception_weights`, default path in evaluation/inception.py).
@@ -76,6 +78,8 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         raise UsageError(f"the number of samples to evaluate must be at least 1, got {num_samples}")
     # checked before the metrics take their time
     method, num_steps, options = sampler_settings(c, run.schedule, sampler, steps, sampler_options)
+    guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
+    guidance_enabled(c, guidance_scale)  # an unconditional run refuses a scale
     fid_stats = fid_stats or c.eval.get("fid_stats", "")
     if fid_stats:  # the reference and the network are read first: a missing file fails fast
         from diffusion_jax.evaluation.inception import inception_features, load_inception
@@ -117,11 +121,12 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     generate = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256),
                               method=method, steps=num_steps, options=options,
                               trajectory_every=max(1, num_steps // 10))
+    generate = functools.partial(generate, guidance_scale=guidance_scale)
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
     metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": None if continuous else float(c.sample.eta),
                           "options": options,
-                          "guidance_scale": float(c.sample.guidance_scale),
-                          "guidance": describe_guidance(c, c.sample.guidance_scale),
+                          "guidance_scale": guidance_scale,
+                          "guidance": describe_guidance(c, guidance_scale),
                           "num_samples": int(num_samples)}
     if c.data.name == "digits":
         from diffusion_jax.evaluation.digits_features import digits_features, digits_predict
