@@ -104,7 +104,7 @@ def _bad_inputs_of_the_newer_commands(root):
     from diffusion_jax.models import UNet
     unet = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4, dropout=0.0,
                 mid_attn=False)
-    params = unet.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32))["params"]
+    params = jax.jit(unet.init)(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32))["params"]
     save_diffusers(root / "exported", unet, params, dj.make_schedule("linear", 100), input_shape=(8, 8, 1))
     config = json.loads((root / "exported" / "config.json").read_text())
     for name, change in (("string_for_list", {"block_out_channels": "8,16"}), ("float_for_int", {"layers_per_block": 1.5}),
