@@ -77,7 +77,9 @@ def test_what_load_pipeline_refuses(small_pipeline, tmp_path):
     index = json.loads((saved / "model_index.json").read_text())
     for changes, words in (({"_class_name": "StableDiffusionXLPipeline"}, "SDXL"),
                            ({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "SDXL"),
-                           ({"_class_name": "DDPMPipeline"}, "reads a StableDiffusionPipeline")):
+                           ({"_class_name": "DDPMPipeline"}, "reads a StableDiffusionPipeline"),
+                           ({"vae": [None, None]}, "holds a StableDiffusionPipeline without vae"),
+                           ({"tokenizer": None}, "without tokenizer")):
         broken = tmp_path / "broken"
         broken.mkdir(exist_ok=True)
         (broken / "model_index.json").write_text(json.dumps({**index, **changes}))
