@@ -16,6 +16,9 @@ def test_readme_python_example_runs():
                                                       namespace["x0"], namespace["jax"].random.key(3))
     assert np.isfinite(float(loss))
     assert namespace["images"].shape == (64, 8, 8, 1)
+    # "new params, key or eta: no recompilation": the trained parameters are sampled by the same program
+    again = namespace["sampler"](params, namespace["jax"].random.key(4), 0.5)
+    assert namespace["sampler"]._cache_size() == 1 and np.abs(np.asarray(again) - namespace["images"]).max() > 0
 
 
 def test_readme_flow_matching_example_runs():
