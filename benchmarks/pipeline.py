@@ -55,16 +55,17 @@ def write_random_pipeline(out, size: str) -> pathlib.Path:
     """A StableDiffusionPipeline directory of the `size` shapes with random weights."""
     from diffusion_jax.interop import Imported, clip, expected_params, vae
     from diffusion_jax.interop.pipeline import save_pipeline
-    from diffusion_jax.interop.text_encoders import random_text_encoder
+    from diffusion_jax.interop.text_encoders import character_tokenizer
     from diffusion_jax.models import PRESETS, create_model
 
-    unet_fields, text_config, vae_fields = SIZES[size]
+    unet_fields, text_config, _ = SIZES[size]
     unet = create_model("sd15_unet", **unet_fields)
-    latent = (vae_fields["sample_size"] // 2 ** (len(vae_fields["block_out_channels"]) - 1),) * 2 + (4,)
-    assert size != "sd15" or latent == PRESETS["sd15_unet"].input_shape
     vae_model, image_shape = vae.module_from_config(vae_config(size))
+    factor = vae_model.downsample_factor
+    latent = (image_shape[0] // factor, image_shape[1] // factor, vae_model.latent_channels)
+    assert size != "sd15" or latent == PRESETS["sd15_unet"].input_shape
     encoder = clip.module_from_config(text_config)
-    _, tokenizer = random_text_encoder()
+    tokenizer = character_tokenizer()
     return save_pipeline(
         out, Imported(unet, _random_params(expected_params(unet, latent), 0), {}, latent),
         Imported(vae_model, _random_params(expected_params(vae_model, image_shape), 1), {}, image_shape),
@@ -72,6 +73,7 @@ def write_random_pipeline(out, size: str) -> pathlib.Path:
 
 
 def measure(directory, batch: int, steps: int, repeats: int, guidance_scale: float = 7.5) -> dict:
+    from diffusion_jax.interop import scheduler
     from diffusion_jax.interop.pipeline import load_pipeline
 
     start = time.perf_counter()
@@ -89,7 +91,7 @@ def measure(directory, batch: int, steps: int, repeats: int, guidance_scale: flo
     s = float(np.median(seconds))
     memory = peak_memory_bytes()
     return {"bench": "pipeline", "model": pathlib.Path(directory).name, "batch": batch, "steps": steps,
-            "method": "ddim", "guidance_scale": guidance_scale, "image_size": list(images.shape[1:]),
+            "method": scheduler.pipeline_sampler(pipe.scheduler_config, steps)[0], "guidance_scale": guidance_scale, "image_size": list(images.shape[1:]),
             "dtype": "float32", "seconds": round(s, 3), "images_per_sec": round(batch / s, 3),
             "first_call_s": round(first_s, 2), "load_s": round(load_s, 2),
             "peak_memory_gb": None if memory is None else round(memory / 2 ** 30, 2)}

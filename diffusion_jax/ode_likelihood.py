@@ -74,13 +74,9 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
     ts = ts.astype(np.float32)
     v = _velocity(denoise_fn, process, prediction)
 
-    def f(state, t):
-        dx, div = _divergence(v, state[0], t, divergence, probe)
-        return dx, div
-
     # Runge-Kutta's four stages as a scan over their coefficients: stage s evaluates the model at
     # x + a_s h k_{s-1} (the last at t_next itself) and adds b_s k_s; one model call in the program
-    # instead of four, so it compiles in about a quarter of the time.
+    # instead of four, a smaller program to compile.
     stages = (jnp.asarray([0.0, 0.5, 0.5, 1.0], jnp.float32), jnp.asarray([1.0, 2.0, 2.0, 1.0], jnp.float32),
               jnp.asarray([False, False, False, True]))
 
@@ -92,7 +88,7 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
         def stage(carry, coefficients):
             k, sum_dx, sum_div = carry
             a, b, last = coefficients
-            dx, div = f((x_ + a * h * k,), jnp.where(last, t_next, t + a * h))
+            dx, div = _divergence(v, x_ + a * h * k, jnp.where(last, t_next, t + a * h), divergence, probe)
             return (dx, sum_dx + b * dx, sum_div + b * div), None
 
         zeros = jnp.zeros_like(x_)

@@ -21,16 +21,26 @@ RANDOM = "random"  # model.text_encoder = "random": a small frozen random encode
 RANDOM_WIDTH = 64
 
 
-def random_text_encoder() -> tuple[TextEncoder, CLIPTokenizer]:
-    """A character-level CLIP tokenizer (every byte a token, no merges) and a 2-layer, 64-wide
-    CLIPTextEncoder initialised from seed 0. Prompts that differ give different embeddings; the
-    denoiser learns what they mean."""
+def character_vocabulary() -> dict:
+    """{token: id} of a character-level CLIP vocabulary: every byte a token, alone or ending a word
+    ("</w>"), then <|startoftext|> and <|endoftext|> (514 tokens, no merges)."""
     chars = byte_characters()
-    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + [BOS, EOS])}
+    return {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + [BOS, EOS])}
+
+
+def character_tokenizer() -> CLIPTokenizer:
+    """The CLIP tokenizer of `character_vocabulary` (no download needed)."""
+    return CLIPTokenizer(clip_bpe(character_vocabulary(), [], EOS))
+
+
+def random_text_encoder() -> tuple[TextEncoder, CLIPTokenizer]:
+    """The character-level CLIP tokenizer and a 2-layer, 64-wide CLIPTextEncoder initialised from
+    seed 0. Prompts that differ give different embeddings; the denoiser learns what they mean."""
+    vocab = character_vocabulary()
     model = CLIPTextEncoder(vocab_size=len(vocab), hidden_size=RANDOM_WIDTH, intermediate_size=2 * RANDOM_WIDTH,
                             num_layers=2, num_heads=4, eos_token_id=vocab[EOS])
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))["params"]
-    return TextEncoder(model, params, {}), CLIPTokenizer(clip_bpe(vocab, [], EOS))
+    return TextEncoder(model, params, {}), character_tokenizer()
 
 
 def load_text_encoder_parts(directory) -> tuple[TextEncoder, CLIPTokenizer]:
