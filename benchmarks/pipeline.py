@@ -91,7 +91,7 @@ def measure(directory, batch: int, steps: int, repeats: int, guidance_scale: flo
     s = float(np.median(seconds))
     memory = peak_memory_bytes()
     return {"bench": "pipeline", "model": pathlib.Path(directory).name, "batch": batch, "steps": steps,
-            "method": scheduler.pipeline_sampler(pipe.scheduler_config, steps)[0], "guidance_scale": guidance_scale, "image_size": list(images.shape[1:]),
+            "method": scheduler.pipeline_sampler(pipe.scheduler_config)[0], "guidance_scale": guidance_scale, "image_size": list(images.shape[1:]),
             "dtype": "float32", "seconds": round(s, 3), "images_per_sec": round(batch / s, 3),
             "first_call_s": round(first_s, 2), "load_s": round(load_s, 2),
             "peak_memory_gb": None if memory is None else round(memory / 2 ** 30, 2)}

@@ -8,9 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.samplers import get_sampler, sampling_grid
-from diffusion_jax.processes.ddpm import ddpm_schedule
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.samplers import check_options, get_sampler, sampling_grid
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,12 +119,11 @@ def _at_least(config, key: str, minimum, what: str = "") -> None:
 
 
 def validate_config(config) -> None:
-    """Checks every training setting a user can pass before anything runs; a ValueError names
+    """Checks every training setting a user can pass before anything runs; a UsageError names
     the setting and what it accepts."""
-    from diffusion_jax.diffusion import PREDICTIONS, VARIANCES
-    from diffusion_jax.losses import CONTINUOUS_WEIGHTINGS, WEIGHTINGS
-    from diffusion_jax.processes import PREDICTIONS as PROCESS_PREDICTIONS
-    from diffusion_jax.processes import process_names
+    from diffusion_jax.diffusion import VARIANCES
+    from diffusion_jax.losses import WEIGHTINGS
+    from diffusion_jax.processes import PREDICTIONS, process_names
     from diffusion_jax.optim import DECAYS, OPTIMIZERS
     from diffusion_jax.samplers import sampler_names
     from diffusion_jax.schedules import SCHEDULE_NAMES
@@ -148,18 +145,9 @@ def validate_config(config) -> None:
         raise UsageError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if not 0.0 <= config.train.cond_dropout < 1.0:
         raise UsageError(f"train.cond_dropout must be in [0, 1), got {config.train.cond_dropout}")
-    continuous = config.diffusion.get("process", "ddpm") != "ddpm"
-    if not continuous and (config.train.get("time_sampling", "uniform") != "uniform"
-                           or dict(config.train.get("time_sampling_options", {}))):
-        raise UsageError(f"train.time_sampling {config.train.time_sampling!r} is for continuous-time processes; a "
-                         "ddpm run samples t ~ U{0..T-1}: set --config.diffusion.process=vp|edm|flow, or leave it")
-    if not continuous and config.model.get("precondition", ""):
-        raise UsageError("model.precondition 'edm' needs --config.diffusion.process=edm")
-    for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction,
-                                 PROCESS_PREDICTIONS if continuous else PREDICTIONS),
+    for key, value, allowed in (("diffusion.prediction", config.diffusion.prediction, PREDICTIONS),
                                 ("diffusion.variance", config.diffusion.variance, VARIANCES),
-                                ("diffusion.weighting", config.diffusion.weighting,
-                                 CONTINUOUS_WEIGHTINGS if continuous else WEIGHTINGS),
+                                ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
                                 ("diffusion.process", config.diffusion.get("process", "ddpm"), process_names()),
                                 ("diffusion.schedule", config.diffusion.schedule, SCHEDULE_NAMES),
                                 ("sample.method", config.sample.method, sampler_names()),
@@ -180,34 +168,42 @@ def validate_config(config) -> None:
 
     guidance_enabled(config, config.sample.guidance_scale)
     process = build_process(config)
-    if not isinstance(process, Schedule):
-        validate_process_settings(config, process)
+    validate_process_settings(config, process)
     sampler_settings(config, process)
 
 
 def validate_process_settings(config, process) -> None:
-    """The settings of a run on a continuous process: its prediction, variance, weighting, time
-    sampling and preconditioning, each checked by the code that uses it."""
+    """The run's objective on its process: prediction, variance, weighting, time sampling and
+    preconditioning, each checked by the code that uses it (on two times, eagerly)."""
     import jax
 
-    from diffusion_jax.losses import continuous_weight, sample_times
+    from diffusion_jax.likelihood import discrete_schedule
+    from diffusion_jax.losses import loss_weight, sample_times
+    from diffusion_jax.processes import as_process
+    from diffusion_jax.processes.targets import levels
 
-    d = config.diffusion
-    if d.variance != "fixed_small":
-        raise UsageError(f"diffusion.variance {d.variance!r} is DDPM's learned variance: a {process.name!r} run "
-                         "trains a fixed-variance model; set --config.diffusion.variance=fixed_small")
+    d, process = config.diffusion, as_process(process)
+    if d.variance == "learned_range" and discrete_schedule(process) is None:
+        raise UsageError(f"diffusion.variance 'learned_range' trains with a discrete posterior's variational bound: a "
+                         f"{process.name!r} run has none; set --config.diffusion.variance=fixed_small")
     times = sample_times(process, jax.random.PRNGKey(0), 2, config.train.time_sampling,
                          **dict(config.train.get("time_sampling_options", {})))
-    continuous_weight(process, times, d.prediction, d.weighting)
+    lv = levels(process, times, times, derivatives=d.prediction == "velocity")
+    loss_weight(process, lv, d.prediction, d.weighting)
+    alpha_noisy = float(process.marginal(float(process.own_grid(1)[0]))[0])
+    if d.prediction == "eps" and alpha_noisy == 0.0:
+        raise UsageError(f"diffusion.prediction 'eps' cannot be sampled: the {process.name!r} process's noisy end has "
+                         "alpha = 0, where a noise prediction says nothing of x0; predict velocity, v or x0")
     if config.model.get("precondition", "") not in ("", "edm"):
         raise UsageError(f"unknown model.precondition {config.model.precondition!r}; choose '' or 'edm'")
-    if config.model.get("precondition", "") == "edm" and (not process.time_is_sigma or d.prediction != "x0"):
+    if config.model.get("precondition", "") == "edm" and (getattr(process, "sigma_data", None) is None
+                                                          or d.prediction != "x0"):
         raise UsageError("model.precondition 'edm' makes the model an x0 predictor of sigma: it needs "
                          f"diffusion.process='edm' and diffusion.prediction='x0' (got {process.name!r}, "
                          f"{d.prediction!r})")
 
 
-def sampler_settings(config, schedule: Schedule, method=None, steps=None, options=None, eta=None):
+def sampler_settings(config, process, method=None, steps=None, options=None, eta=None):
     """(method, steps, options) to sample a run with: the arguments, else config.sample. The
     config's `sample.options` and `sample.eta` belong to its own method and apply to it only;
     `options` (and `eta`, DDIM's option of that name) are added on top, every one checked by
@@ -218,15 +214,6 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     method = s.method if method is None else method
     steps = s.steps if steps is None else steps
     options = dict(options or {})
-    if ddpm_schedule(schedule) is None:  # a continuous process: samplers/process.py's methods
-        from diffusion_jax.samplers.process import check_process_options
-        if eta is not None or "eta" in options or (own and float(s.get("eta", 0.0))):
-            raise UsageError(f"eta is DDIM's on DDPM's schedule: a {schedule.name!r} run's samplers have none; "
-                             "drop --eta (and sample.eta)")
-        merged = {**(dict(s.get("options", {})) if own else {}), **options}
-        check_process_options(method, schedule, merged)
-        return method, steps, merged
-    schedule = ddpm_schedule(schedule)
     if eta is not None:
         if "eta" in options and options["eta"] != eta:
             raise UsageError(f"eta given twice with different values ({eta} and --option eta="
@@ -234,7 +221,7 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
         options["eta"] = eta
     merged = {**(dict(s.get("options", {})) if own else {}), **options}
     config_eta = float(s.get("eta", 0.0)) if own else 0.0
-    if "eta" in get_sampler(method).step_options:
+    if "eta" in get_sampler(method).options:
         merged.setdefault("eta", config_eta)
     elif "eta" in merged:
         raise UsageError(f"eta = {merged['eta']} given, but sampler {method!r} has no eta (only ddim takes "
@@ -242,9 +229,10 @@ def sampler_settings(config, schedule: Schedule, method=None, steps=None, option
     elif config_eta:
         raise UsageError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
                          "set --config.sample.eta=0 or choose --method ddim")
-    sampling_grid(schedule, method, steps, **merged)  # a bad method, step count or option: now
-    checked = get_sampler(method).check_options(merged)
-    return method, steps, checked
+    if method == "ddpm":  # the ancestral sampler's variance is the model's
+        merged.setdefault("variance", config.diffusion.variance)
+    sampling_grid(process, method, steps, **merged)  # a bad method, step count or option: now
+    return method, steps, check_options(method, merged)
 
 
 # ---------------------------------------------------------------------------- what a checkpoint must agree with

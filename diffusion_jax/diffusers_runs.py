@@ -21,7 +21,7 @@ from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_mode
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler
 from diffusion_jax.models import DiT, UNet, param_shapes
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.likelihood import discrete_schedule
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,14 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     process, d = run.schedule, run.config.diffusion
     if text_encoder_source(run.config):
         return export_pipeline(run, out)
-    continuous = not isinstance(process, Schedule)
-    if continuous:  # checked before anything is written
+    schedule = discrete_schedule(process)  # written as a DDPMScheduler; the other processes by their own
+    if schedule is None:  # checked before anything is written
         process_scheduler = scheduler.process_scheduler_config(process, d.prediction)
     ensure_new_dir(out, "--out")
-    path = save_diffusers(out, run.model, run.ema_params, None if continuous else process,
+    path = save_diffusers(out, run.model, run.ema_params, schedule,
                           input_shape=model_input_shape(run.config), prediction=d.prediction, variance=d.variance,
                           clip_x0=bool(run.config.sample.clip_x0))
-    if continuous:
+    if schedule is None:
         (path / "scheduler").mkdir(exist_ok=True)
         write_json_atomically(path / "scheduler" / "scheduler_config.json", process_scheduler)
     return path
@@ -145,7 +145,7 @@ def export_pipeline(run, out) -> pathlib.Path:
     from diffusion_jax.interop.text_encoders import RANDOM, text_encoder_parts
 
     c, d = run.config, run.config.diffusion
-    if not isinstance(run.schedule, Schedule) or not latents.vae_source(c):
+    if discrete_schedule(run.schedule) is None or not latents.vae_source(c):
         raise UsageError("a StableDiffusionPipeline is a DDPM-schedule latent model: this text run has "
                          f"{'no VAE' if not latents.vae_source(c) else 'process ' + repr(run.schedule.name)}")
     where = text_encoder_source(c)  # a local directory or a Hub id, resolved as the text encoder was

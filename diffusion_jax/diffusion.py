@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.processes.targets import Levels, from_prediction, mean_channels  # noqa: F401 (re-exported)
+from diffusion_jax.schedules import Schedule, gather
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -58,14 +59,6 @@ def check_same_shape(**arrays) -> None:
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k} {s}" for k, s in shapes.items())
         raise UsageError(f"shape mismatch: {desc} must all have the same shape")
-
-
-def gather(table: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    """table[t], NaN wherever t lies outside [0, T) -- negative t included, which plain
-    indexing (and take's fill mode) would wrap around to the end of the table."""
-    t = jnp.asarray(t)
-    outside = (t < 0) | (t >= table.shape[0])
-    return jnp.take(table, jnp.where(outside, table.shape[0], t), axis=0, mode="fill", fill_value=jnp.nan)
 
 
 def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -121,52 +114,7 @@ def q_posterior(s: Schedule, x0, x_t, t):
     return mean, variance, log_variance
 
 
-def q_step_sample(s: Schedule, x_prev, t, noise):
-    """x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) noise: one forward step q(x_t | x_{t-1}) from
-    index t - 1 to t (RePaint's re-noising). x_prev, noise [B, ...], t [B]."""
-    check_same_shape(x_prev=x_prev, noise=noise)
-    t = _prepare(s, x_prev, t)
-    n = x_prev.ndim
-    return jnp.sqrt(extract(s.alphas, t, n)) * x_prev + jnp.sqrt(extract(s.betas, t, n)) * noise
-
-
 # ---------------------------------------------------------------------------- conversions
-def x0_from_eps(s: Schedule, x_t, t, eps):
-    """x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps."""
-    t = _prepare(s, x_t, t)
-    n = x_t.ndim
-    return extract(s.sqrt_recip_alphas_cumprod, t, n) * x_t - extract(s.sqrt_recipm1_alphas_cumprod, t, n) * eps
-
-
-def eps_from_x0(s: Schedule, x_t, t, x0):
-    """eps = (x_t / sqrt(abar) - x0) / sqrt(1/abar - 1)."""
-    t = _prepare(s, x_t, t)
-    n = x_t.ndim
-    return ((extract(s.sqrt_recip_alphas_cumprod, t, n) * x_t - x0)
-            / extract(s.sqrt_recipm1_alphas_cumprod, t, n))
-
-
-def v_from_x0_eps(s: Schedule, x0, eps, t):
-    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
-    t = _prepare(s, x0, t)
-    n = x0.ndim
-    return extract(s.sqrt_alphas_cumprod, t, n) * eps - extract(s.sqrt_one_minus_alphas_cumprod, t, n) * x0
-
-
-def x0_from_v(s: Schedule, x_t, t, v):
-    """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
-    t = _prepare(s, x_t, t)
-    n = x_t.ndim
-    return extract(s.sqrt_alphas_cumprod, t, n) * x_t - extract(s.sqrt_one_minus_alphas_cumprod, t, n) * v
-
-
-def eps_from_v(s: Schedule, x_t, t, v):
-    """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
-    t = _prepare(s, x_t, t)
-    n = x_t.ndim
-    return extract(s.sqrt_one_minus_alphas_cumprod, t, n) * x_t + extract(s.sqrt_alphas_cumprod, t, n) * v
-
-
 def split_model_output(model_output, x_t, variance: str):
     """(mean part, variance part or None): learned_range outputs 2C channels on the last axis."""
     _check_option("variance", variance, VARIANCES)
@@ -183,34 +131,14 @@ def split_model_output(model_output, x_t, variance: str):
     return model_output, None
 
 
-def mean_channels(model_output, x_t):
-    """The mean part of a model output [B, ..., C] or [B, ..., 2C]: all of it when it has x_t's
-    shape, the first C channels of a learned-variance output (improved DDPM's layout)."""
-    if model_output.shape == x_t.shape:
-        return model_output
-    return split_model_output(model_output, x_t, "learned_range")[0]
-
-
 def predict_x0_eps(s: Schedule, output, x_t, t, prediction: str = "eps", clip_x0: bool = False):
-    """(x0, eps) implied by the model's mean output under `prediction`.
-
-    With `clip_x0`, x0 is clipped to [-1, 1] and eps recomputed from the clipped x0, so the
-    pair stays consistent with x_t (as improved-diffusion's DDIM does).
-    """
+    """(x0, eps) implied by the model's mean output under `prediction` at indices t [B]
+    (`processes.targets.from_prediction` at the schedule's levels); with `clip_x0`, x0 is clipped
+    to [-1, 1] and eps recomputed from it."""
     _check_option("prediction", prediction, PREDICTIONS)
-    if prediction == "eps":
-        eps = output
-        x0 = x0_from_eps(s, x_t, t, eps)
-    elif prediction == "x0":
-        x0 = output
-        eps = eps_from_x0(s, x_t, t, x0)
-    else:
-        x0 = x0_from_v(s, x_t, t, output)
-        eps = eps_from_v(s, x_t, t, output)
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = eps_from_x0(s, x_t, t, x0)
-    return x0, eps
+    t = _prepare(s, x_t, t)
+    lv = Levels(extract(s.sqrt_alphas_cumprod, t, x_t.ndim), extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.ndim))
+    return from_prediction(prediction, lv, x_t, output, clip_x0)
 
 
 # ---------------------------------------------------------------------------- reverse process
@@ -259,35 +187,3 @@ def p_sample_step(s: Schedule, model_output, x_t, t, noise, *, prediction: str =
                           clip_x0=clip_x0)
     nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise
-
-
-def ddim_step(s: Schedule, model_output, x_t, t, t_prev, noise, *, eta=0.0,
-              prediction: str = "eps", clip_x0: bool = True):
-    """DDIM update from index t to index t_prev < t (Song et al. 2021, eq. 12).
-
-    t_prev = -1 means the last step, to x0 (abar_prev = 1). `eta` (traced) scales the noise:
-    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev);
-    eta = 0 is deterministic, eta = 1 with t_prev = t - 1 has DDPM's posterior variance.
-    A learned-variance output is accepted; its variance half is ignored.
-    """
-    check_same_shape(x_t=x_t, noise=noise)
-    t = _prepare(s, x_t, t)
-    t_prev = jnp.asarray(t_prev, dtype=jnp.int32)
-    t_prev = jnp.broadcast_to(t_prev, t.shape)
-    x0, eps = predict_x0_eps(s, mean_channels(model_output, x_t), x_t, t, prediction, clip_x0)
-    n = x_t.ndim
-    prev_ok = (t_prev >= 0).reshape((-1,) + (1,) * (n - 1))
-    t_prev = jnp.maximum(t_prev, 0)
-    # 1 - abar from the float64-derived sqrt table: 1.0 - abar in float32 cancels near t = 0.
-    one_minus_t = extract(s.sqrt_one_minus_alphas_cumprod, t, n) ** 2
-    one_minus_prev = jnp.where(prev_ok, extract(s.sqrt_one_minus_alphas_cumprod, t_prev, n) ** 2, 0.0)
-    abar_prev = jnp.where(prev_ok, extract(s.alphas_cumprod, t_prev, n), 1.0)
-    # 1 - abar_t / abar_prev without cancellation: near abar = 1 as a difference of the
-    # accurate (1 - abar) values, elsewhere from the ratio itself.
-    abar_t = extract(s.alphas_cumprod, t, n)
-    step_var = jnp.where(abar_prev > 0.5, (one_minus_t - one_minus_prev) / abar_prev,
-                         1.0 - abar_t / abar_prev)
-    step_var = jnp.maximum(step_var, 0.0)
-    sigma = eta * jnp.sqrt(one_minus_prev / one_minus_t * step_var)
-    mean = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
-    return mean + sigma * noise

@@ -20,7 +20,7 @@ from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_b
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
-from diffusion_jax.samplers import sample
+from diffusion_jax.samplers import guided_denoise_fn, sample
 from diffusion_jax.schedules import Schedule
 
 _keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
@@ -65,15 +65,14 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
         """One batch; `cond` the batch's condition (labels [B] or text embeddings [B, L, D]; None
         unconditional), `null_cond` the null condition guidance contrasts it with."""
-        kw = dict(method=method, num_steps=steps, eta=eta if takes_eta else None, clip_x0=bool(s.clip_x0),
-                  variance=config.diffusion.variance, prediction=config.diffusion.prediction,
+        kw = dict(method=method, num_steps=steps, clip_x0=bool(s.clip_x0), prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
+        if takes_eta:
+            kw.update(eta=eta)
+        denoise = denoise_fn_for(model, params, cond is not None, precondition_of(config))
         if cond is not None:
-            kw.update(cond=cond)
-            if guided:
-                kw.update(guidance_scale=guidance_scale, null_cond=null_cond, guidance_rescale=rescale)
-        out = sample(denoise_fn_for(model, params, cond is not None, precondition_of(config)), schedule, shape, key,
-                     **kw)
+            denoise = guided_denoise_fn(denoise, cond, *((null_cond, guidance_scale, rescale) if guided else ()))
+        out = sample(denoise, schedule, shape, key, **kw)
         if vae is None:
             return out
         decode = functools.partial(latents.decode_latents, vae.model, vae_params)

@@ -49,6 +49,12 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_mid))
 
 
+def discrete_schedule(process):
+    """The `Schedule` of a process with a discrete posterior (DDPM's; a Schedule itself), whose
+    variational bound this module computes; None for a process without one."""
+    return process if isinstance(process, Schedule) else getattr(process, "schedule", None)
+
+
 def prior_bpd(s: Schedule, x0):
     """KL(q(x_{T-1} | x0) || N(0, I)) in bits/dim, [B]: the L_T term (no parameters)."""
     t_last = jnp.full((x0.shape[0],), s.num_timesteps - 1, jnp.int32)
@@ -82,6 +88,7 @@ def nll_bpd(denoise_fn: Callable, s: Schedule, x0, key, *, prediction: str = "ep
     decoder at t = 0), "kl_bpd" [B] (sum of the t > 0 terms), "decoder_bpd" [B],
     "x0_mse" and "eps_mse" [B, T] (the model's prediction errors at each t).
     """
+    s = discrete_schedule(s)
     x0 = x0.astype(jnp.float32)
     B = x0.shape[0]
     T = s.num_timesteps

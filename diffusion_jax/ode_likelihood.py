@@ -1,9 +1,9 @@
 """The exact likelihood of a process's probability-flow ODE (score_sde, Song et al. 2021, App. D.2):
 log p_0(x) = log p_T(x_T) + integral from t_clean to t_noisy of div_x v(x_t, t) dt, where
 dx/dt = v(x, t) = alpha'(t) x0_hat + sigma'(t) eps_hat is the model's ODE, x_T its solution from
-x, and p_T = N(0, prior_std^2). A DDPM schedule is taken in continuous time
-(`DDPMProcess.continuous`), its model fed fractional timesteps. Integrated with classical Runge-Kutta (4 model evaluations a step)
-on the process's grid run backwards, in one `lax.scan`; the divergence exactly (one VJP per
+x, and p_T = N(0, prior_std^2). A DDPM schedule is taken in continuous time (its fractional
+indices, the model fed fractional timesteps). Integrated with classical Runge-Kutta (4 model
+evaluations a step) on the process's `likelihood_times`, in one `lax.scan`; the divergence exactly (one VJP per
 dimension: for small data) or by Hutchinson's estimator (a Rademacher probe, one VJP).
 
 Images dequantised as score_sde does: x in [-1, 1] from 256 levels plus uniform noise, so
@@ -29,7 +29,7 @@ def _velocity(denoise_fn, process, prediction):
     """v(x [B, ...], t scalar) -> dx/dt [B, ...] of the model's probability-flow ODE."""
     def v(x, t):
         tb = jnp.full((x.shape[0],), t, jnp.float32)
-        return ode_velocity(prediction, process, tb, x, denoise_fn(x, process.model_time(tb)))[0]
+        return ode_velocity(prediction, process, tb, x, denoise_fn(x, process.model_time(tb)))
     return v
 
 
@@ -58,8 +58,6 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
     process = as_process(process)
     if divergence not in DIVERGENCES:
         raise UsageError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if hasattr(process, "continuous"):  # a discrete process: its continuous-time view (processes/ddpm.py)
-        process = process.continuous()
     if (dequantize or divergence == "hutchinson") and key is None:
         raise UsageError("give a key: it draws the dequantisation noise and the Hutchinson probe")
     x = jnp.asarray(x, jnp.float32)
@@ -68,10 +66,7 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
         x = (jnp.round((x + 1.0) * 127.5) + jax.random.uniform(key_deq, x.shape)) / 128.0 - 1.0
     probe = (jax.random.rademacher(key_probe, x.shape).astype(jnp.float32) if divergence == "hutchinson"
              else None)
-    ts = np.asarray(process.default_grid(int(num_steps)), np.float64)[::-1].copy()
-    if ts[0] == process.t_clean:  # the model is not asked at the clean end itself (sigma = 0)
-        ts[0] = ts[1] * 1e-2 if process.time_is_sigma else 1e-5
-    ts = ts.astype(np.float32)
+    ts = np.asarray(process.likelihood_times(int(num_steps)), np.float32)
     v = _velocity(denoise_fn, process, prediction)
 
     # Runge-Kutta's four stages as a scan over their coefficients: stage s evaluates the model at

@@ -46,6 +46,14 @@ class Schedule(NamedTuple):
         return int(self.betas.shape[0])
 
 
+def gather(table: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """table[t], NaN wherever t lies outside [0, T) -- negative t included, which plain
+    indexing (and take's fill mode) would wrap around to the end of the table."""
+    t = jnp.asarray(t)
+    outside = (t < 0) | (t >= table.shape[0])
+    return jnp.take(table, jnp.where(outside, table.shape[0], t), axis=0, mode="fill", fill_value=jnp.nan)
+
+
 def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     """The float64 tables of DDPM / improved DDPM from float64 betas [T]."""
     betas = np.asarray(betas, dtype=np.float64)

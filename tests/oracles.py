@@ -16,7 +16,7 @@ def gaussian_optimal_eps(alphas_cumprod, mu, sigma):
     abar = jnp.asarray(np.asarray(alphas_cumprod, np.float64), jnp.float32)
 
     def denoise_fn(x_t, t_model, *unused):
-        a = abar[t_model].reshape((-1,) + (1,) * (x_t.ndim - 1))
+        a = abar[jnp.round(jnp.asarray(t_model)).astype(jnp.int32)].reshape((-1,) + (1,) * (x_t.ndim - 1))
         return jnp.sqrt(1 - a) / (a * sigma**2 + 1 - a) * (x_t - jnp.sqrt(a) * mu)
 
     return denoise_fn
@@ -65,7 +65,7 @@ def gaussian_optimal_learned_range(alphas_cumprod, mu, sigma):
     eps_fn = gaussian_optimal_eps(alphas_cumprod, mu, sigma)
 
     def denoise_fn(x_t, t_model, *unused):
-        v_t = jnp.broadcast_to(v[t_model].reshape((-1,) + (1,) * (x_t.ndim - 1)), x_t.shape)
+        v_t = jnp.broadcast_to(v[jnp.round(jnp.asarray(t_model)).astype(jnp.int32)].reshape((-1,) + (1,) * (x_t.ndim - 1)), x_t.shape)
         return jnp.concatenate([eps_fn(x_t, t_model), v_t], axis=-1)
 
     return denoise_fn
@@ -136,16 +136,17 @@ def gaussian_optimal_continuous(alphas_cumprod, mu, sigma, prediction="eps"):
     return denoise_fn
 
 
-# ---------------------------------------------------------------------------- continuous processes
-# model time -> time of the processes at their defaults (vp sees 999 t, edm sigma, flow 1000 t)
+# ---------------------------------------------------------------------------- any process
+# model time -> time of the processes at their defaults (vp sees 999 t, edm sigma, flow 1000 t, ddpm its index)
 PROCESS_TIME_OF = {"vp": lambda m: m / 999.0, "edm": lambda m: m, "flow": lambda m: m / 1000.0,
-                   "ddpm_continuous": lambda m: m / 999.0}  # of a 1000-step schedule
+                   "ddpm": lambda m: m}
 
 
 def process_coefficients64(name, t):
     """(alpha, sigma, alpha', sigma') in float64 of the processes at their defaults, written out
     from their definitions (vp: score_sde's linear beta 0.1 .. 20; edm: alpha = 1, sigma = t;
-    flow: alpha = 1 - t, sigma = t)."""
+    flow: alpha = 1 - t, sigma = t; ddpm: the linear 1000-step schedule, log-SNR linear between
+    its integer steps)."""
     t = np.asarray(t, np.float64)
     if name == "vp":
         a = np.exp(-0.25 * t ** 2 * 19.9 - 0.05 * t)
@@ -154,6 +155,11 @@ def process_coefficients64(name, t):
         return a, s, da, -a * da / np.maximum(s, 1e-300)
     if name == "edm":
         return np.ones_like(t), t, np.zeros_like(t), np.ones_like(t)
+    if name == "ddpm":
+        abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+        log_snr = np.interp(t, np.arange(1000), np.log(abar) - np.log1p(-abar))
+        a, s = np.sqrt(1 / (1 + np.exp(-log_snr))), np.sqrt(1 / (1 + np.exp(log_snr)))
+        return a, s, np.full_like(t, np.nan), np.full_like(t, np.nan)
     return 1 - t, t, -np.ones_like(t), np.ones_like(t)
 
 
@@ -161,15 +167,15 @@ def gaussian_exact_process_model(process, prediction, mu, sigma):
     """model(x_t [B, ...], model_time [B]) -> E[target | x_t] for data x0 ~ N(mu, sigma^2) in every
     dimension: x0_hat = mu + alpha sigma^2 / (alpha^2 sigma^2 + s^2) (x_t - alpha mu), its eps, and
     the target of `prediction` from them (linear in both, so the conditional mean)."""
-    from diffusion_jax.processes import prediction_target
+    from diffusion_jax.processes.targets import levels, prediction_target
 
     time_of = PROCESS_TIME_OF[process.name]
 
-    def model(x, model_time):
-        t = time_of(model_time)
-        a, s = process.marginal(t)
-        a, s = a.reshape(-1, *(1,) * (x.ndim - 1)), s.reshape(-1, *(1,) * (x.ndim - 1))
+    def model(x, model_time, *unused):
+        t = time_of(jnp.asarray(model_time, jnp.float32))
+        lv = levels(process, t, x, derivatives=prediction == "velocity")
+        a, s = lv.alpha, lv.sigma
         x0 = mu + a * sigma ** 2 / (a ** 2 * sigma ** 2 + s ** 2) * (x - a * mu)
-        return prediction_target(prediction, process, t, x0, (x - a * x0) / s)
+        return prediction_target(prediction, lv, x0, (x - a * x0) / s)
 
     return model

@@ -44,16 +44,18 @@ def test_dequantised_bits_per_dim_add_the_offset_and_what_is_refused():
 
 @pytest.mark.parametrize("schedule,prediction", [("linear", "eps"), ("cosine", "v")])
 def test_a_ddpm_model_has_the_likelihood_of_its_continuous_time_view(schedule, prediction):
-    """A DDPM schedule in continuous time (log-SNR linear between its steps): the exact model of
-    Gaussian data there has the closed-form likelihood of x at the first noise level,
-    N(x; alpha_0 mu, alpha_0^2 s^2 + sigma_0^2), within 0.01 bits/dim."""
+    """A DDPM schedule in continuous time (log-SNR linear between its steps, fractional indices):
+    the exact model of Gaussian data there has the closed-form likelihood of x at the first noise
+    level, N(x; alpha_0 mu, alpha_0^2 s^2 + sigma_0^2), within 0.01 bits/dim."""
+    import jax.numpy as jnp
+
     ddpm = dj.make_schedule(schedule, 1000)
-    view = dj.make_process("ddpm", schedule=schedule).continuous()
-    a0, s0 = (float(v) for v in view.marginal(0.0))
+    view = dj.make_process("ddpm", schedule=schedule)
+    a0, s0 = (float(v) for v in view.marginal(jnp.float32(0.0)))
     abar = np.asarray(ddpm.alphas_cumprod, np.float64)
-    np.testing.assert_allclose([a0 ** 2, float(view.marginal(1.0)[0]) ** 2], [abar[0], max(abar[-1], 2.0 ** -24)],
-                               rtol=1e-5)  # abar held at 2^-24 at least, as the sigma samplers
-    np.testing.assert_allclose(float(view.model_time(0.5)), 499.5, rtol=1e-6)
+    np.testing.assert_allclose([a0 ** 2, float(view.marginal(jnp.float32(999.0))[0]) ** 2],
+                               [abar[0], max(abar[-1], 2.0 ** -24)], rtol=1e-5)  # abar held at 2^-24 at least
+    np.testing.assert_allclose(float(view.model_time(jnp.float32(499.5))), 499.5, rtol=1e-6)
     model = gaussian_exact_process_model(view, prediction, MU, S)
     x = MU + S * np.random.default_rng(3).standard_normal((128, 2, 2, 1)).astype(np.float32)
     bpd = np.asarray(ode_nll_bpd(model, ddpm, x, jax.random.key(1), prediction=prediction, num_steps=64,

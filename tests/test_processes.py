@@ -9,8 +9,13 @@ import pytest
 
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
-from diffusion_jax.processes import (PREDICTIONS, as_process, from_prediction, make_process, prediction_target,
-                                     process_names)
+from diffusion_jax.processes import PREDICTIONS, as_process, from_prediction, make_process, process_names
+from diffusion_jax.processes.targets import levels, prediction_target
+
+
+def grid_of(process, steps):
+    """A process's own grid and then its clean end, as diffusers and NVlabs/edm list them."""
+    return np.append(process.own_grid(steps), 0.0)
 
 CONTINUOUS = {"vp": make_process("vp"), "vp_cosine": make_process("vp", schedule="cosine"),
               "edm": make_process("edm"), "flow": make_process("flow"), "flow_shift3": make_process("flow", shift=3.0)}
@@ -30,7 +35,8 @@ def test_the_registry_has_the_four_processes_and_refuses_bad_options():
                        (lambda: make_process("vp", schedule="quadratic"), "schedule = 'quadratic'"),
                        (lambda: make_process("flow", shift=0.0), "shift = 0.0"),
                        (lambda: make_process("flow", bogus=1), "bogus"),
-                       (lambda: make_process("flow", use_dynamic_shifting=True).default_grid(4), "give mu")):
+                       (lambda: make_process("flow", use_dynamic_shifting=True).own_grid(4), "give mu"),
+                       (lambda: make_process("vp", beta_max=0.2), "keeps alpha = 0.9")):
         with pytest.raises(UsageError, match=words):
             bad()
 
@@ -39,7 +45,9 @@ def test_a_process_is_one_file_and_nothing_outside_branches_on_its_name():
     """The four members are four files in diffusion_jax/processes/, each registering itself; no
     module outside that package compares a process's name with a continuous member's (what
     differs between processes is asked of the process: its time mapping, whether t is sigma,
-    ...; "ddpm", the default, is the one discrete process, whose code paths are DDPM's own)."""
+    ...). "ddpm" is read by name in one place, `builders.build_process`: its options live in the
+    config's diffusion section itself, as in every run written before the other processes; and no
+    module outside processes/ asks whether a process is DDPM (`ddpm_schedule`, `time_is_sigma`)."""
     import pathlib
     import re
 
@@ -52,6 +60,11 @@ def test_a_process_is_one_file_and_nothing_outside_branches_on_its_name():
     offenders = [f"{path.relative_to(package)}:{i}: {line.strip()}"
                  for path in package.rglob("*.py") if "processes" not in path.parts
                  for i, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert not offenders, offenders
+    asks = re.compile(r"ddpm_schedule|time_is_sigma|isinstance\([^)]*Schedule\)|\.continuous\(")
+    offenders = [f"{path.relative_to(package)}:{i}: {line.strip()}"
+                 for path in package.rglob("*.py") if "processes" not in path.parts and path.name != "likelihood.py"
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if asks.search(line)]
     assert not offenders, offenders
 
 
@@ -85,7 +98,7 @@ def test_the_vp_marginals_equal_their_float64_formulas_and_the_discrete_limit():
     alpha_c, sigma_c = (np.asarray(a, np.float64) for a in make_process("vp", schedule="cosine").marginal(t))
     expected = np.cos((t + s) / (1 + s) * np.pi / 2) / np.cos(s / (1 + s) * np.pi / 2)
     np.testing.assert_allclose(alpha_c, np.clip(expected, 0, 1), atol=2e-6)
-    assert alpha_c[-1] == 0.0 and sigma_c[-1] == 1.0
+    assert alpha_c[-1] < 1e-15 and sigma_c[-1] == 1.0  # float64: cos(pi / 2)
 
 
 def test_the_flow_grid_is_diffusers_flow_match_euler_scheduler():
@@ -95,7 +108,7 @@ def test_the_flow_grid_is_diffusers_flow_match_euler_scheduler():
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**options)
         for steps in (1, 4, 28):
             scheduler.set_timesteps(steps, mu=mu)
-            ours = make_process("flow", mu=mu, **options).default_grid(steps)
+            ours = grid_of(make_process("flow", mu=mu, **options), steps)
             np.testing.assert_allclose(ours, scheduler.sigmas.numpy(), rtol=1e-6, atol=1e-7)
             np.testing.assert_allclose(make_process("flow").model_time(ours[:-1]) / 1000.0, ours[:-1], rtol=1e-6)
 
@@ -106,7 +119,7 @@ def test_the_edm_grid_is_nvlabs_edm_samplers():
     for steps in (2, 18, 35):  # edm_sampler's t_steps, float64, rounded by EDMPrecond (identity), then 0
         i = torch.arange(steps, dtype=torch.float64)
         t = (80.0 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
-        np.testing.assert_allclose(process.default_grid(steps), torch.cat([t, torch.zeros(1, dtype=torch.float64)]),
+        np.testing.assert_allclose(grid_of(process, steps), torch.cat([t, torch.zeros(1, dtype=torch.float64)]),
                                    rtol=1e-12)
     alpha, sigma = process.marginal(np.array([0.5, 80.0]))
     assert np.all(np.asarray(alpha) == 1.0) and np.asarray(sigma).tolist() == [0.5, 80.0]
@@ -120,13 +133,14 @@ def test_every_target_converts_back_to_the_data_and_the_noise(name, prediction):
     x0, eps = jax.random.normal(key[0], (64, 3, 3, 2)), jax.random.normal(key[1], (64, 3, 3, 2))
     t = jnp.asarray(np.random.default_rng(0).integers(1, 999, 64)) if name == "ddpm" else jnp.asarray(times(name), jnp.float32)
     if name == "ddpm" and prediction == "velocity":
-        with pytest.raises(UsageError, match="continuous-time process"):
-            prediction_target(prediction, process, t, x0, eps)
+        with pytest.raises(UsageError, match="continuous time"):
+            levels(process, t, x0, derivatives=True)
         return
     alpha, sigma = process.marginal(t)
     x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
-    out = prediction_target(prediction, process, t, x0, eps)
-    x0_back, eps_back = from_prediction(prediction, process, t, x_t, out)
+    lv = levels(process, t, x0, derivatives=prediction == "velocity")
+    out = prediction_target(prediction, lv, x0, eps)
+    x0_back, eps_back = from_prediction(prediction, lv, x_t, out)
     scale = 1.0 + np.abs(np.asarray(sigma))[:, None, None, None]  # EDM's x_t grows with sigma
     np.testing.assert_allclose(np.asarray(x0_back) / scale, np.asarray(x0) / scale, atol=2e-5)
     np.testing.assert_allclose(np.asarray(eps_back) * np.asarray(alpha)[:, None, None, None] / scale,
@@ -156,7 +170,8 @@ def test_the_velocity_is_the_time_derivative_of_the_path(name):
 
     h = 1e-6 * np.maximum(t, 1.0)
     numerical = (path(t + h) - path(t - h)) / (2 * h[:, None])
-    ours = np.asarray(prediction_target("velocity", process, jnp.asarray(t, jnp.float32), x0, eps), np.float64)
+    lv = levels(process, jnp.asarray(t, jnp.float32), x0, derivatives=True)
+    ours = np.asarray(prediction_target("velocity", lv, x0, eps), np.float64)
     np.testing.assert_allclose(ours, numerical, rtol=2e-4, atol=2e-4 * (1 + np.abs(numerical).max()))
     if name.startswith("flow"):
         np.testing.assert_allclose(ours, eps - x0, atol=1e-6)
@@ -211,7 +226,7 @@ def test_a_flow_scheduler_config_imports_as_the_flow_process_and_exports_back(op
     mu = 0.9 if options.get("use_dynamic_shifting") else None
     process = make_process("flow", mu=mu, **flow_process_options(config))
     theirs.set_timesteps(10, mu=mu)
-    np.testing.assert_allclose(process.default_grid(10), theirs.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grid_of(process, 10), theirs.sigmas.numpy(), rtol=1e-6, atol=1e-7)
     back = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow_scheduler_config(process))
     back.set_timesteps(10, mu=mu)
     np.testing.assert_array_equal(back.sigmas.numpy(), theirs.sigmas.numpy())

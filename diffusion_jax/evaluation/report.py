@@ -17,12 +17,11 @@ from diffusion_jax import latents, viz
 from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
-from diffusion_jax.evaluation.metrics import noise_prediction_metrics, process_prediction_metrics
+from diffusion_jax.evaluation.metrics import prediction_metrics
 from diffusion_jax.conditioning import describe_guidance, guidance_enabled, null_condition, text_conditioned
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.likelihood import nll_bpd
+from diffusion_jax.likelihood import discrete_schedule, nll_bpd
 from diffusion_jax.ode_likelihood import ode_nll_bpd
 from diffusion_jax.processes import as_process
 from diffusion_jax.runs import load_run
@@ -37,7 +36,7 @@ def ode_bits_per_dim(denoise_fn, process, x0, *, key, prediction, batch_size=64,
                                           divergence="hutchinson"))
     process = as_process(process)
     name = process.name
-    if hasattr(process, "continuous"):  # a discrete process, in its continuous-time view
+    if discrete_schedule(process) is not None:  # taken in continuous time
         name += " (in continuous time: log-SNR linear between the schedule's steps)"
     values = [np.asarray(fn(jnp.asarray(x0[start:start + batch_size]), jax.random.fold_in(key, i)))
               for i, start in enumerate(range(0, len(x0), batch_size))]
@@ -71,7 +70,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     started = time.perf_counter()
     run = load_run(workdir, checkpoint)
     c = run.config
-    continuous = not isinstance(run.schedule, Schedule)
+    bound = discrete_schedule(run.schedule)  # the variational bound's, where the process has one
     seed = c.eval.seed if seed is None else seed
     num_samples = c.eval.num_samples if num_samples is None else num_samples
     if num_samples < 1:
@@ -102,17 +101,16 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images
         vae = latents.load_vae(latents.vae_source(c))
         model_inputs = latents.encode_images(vae, held_out_images[: c.eval.num_examples], jax.random.PRNGKey(seed))
-    metric_fn = process_prediction_metrics if continuous else noise_prediction_metrics
-    metrics = metric_fn(denoise, run.schedule, model_inputs, num_examples=c.eval.num_examples, seed=seed,
-                        prediction=c.diffusion.prediction)
+    metrics = prediction_metrics(denoise, run.schedule, model_inputs, num_examples=c.eval.num_examples, seed=seed,
+                                 prediction=c.diffusion.prediction)
     bpd_images = held_out_images[: c.eval.bpd_examples]
     if len(bpd_images) and latents.vae_source(c):
         log.info("bits/dim skipped: the VLB of a latent model bounds the latents' likelihood, not the images'")
-    elif len(bpd_images) and continuous:
+    elif len(bpd_images) and bound is None:
         metrics["bpd"] = ode_bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
                                           prediction=c.diffusion.prediction)
     elif len(bpd_images):
-        metrics["bpd"] = bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
+        metrics["bpd"] = bits_per_dim(denoise, bound, bpd_images, key=jax.random.PRNGKey(seed),
                                       prediction=c.diffusion.prediction, variance=c.diffusion.variance)
         if c.eval.get("ode_bpd", True):  # the exact likelihood of its continuous-time view, beside the bound
             metrics["bpd_ode"] = ode_bits_per_dim(denoise, run.schedule, bpd_images, key=jax.random.PRNGKey(seed),
@@ -123,7 +121,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
                               trajectory_every=max(1, num_steps // 10))
     generate = functools.partial(generate, guidance_scale=guidance_scale)
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
-    metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": None if continuous else float(c.sample.eta),
+    metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": options.get("eta"),
                           "options": options,
                           "guidance_scale": guidance_scale,
                           "guidance": describe_guidance(c, guidance_scale),
@@ -188,7 +186,7 @@ def render_report(m: dict) -> str:
         f"| MSE | {m['noise_mse']:.5f} |", f"| RMSE | {m['noise_rmse']:.5f} |",
         f"| MAE | {m['noise_mae']:.5f} |", f"| R² | {m['noise_r2']:.4f} |", "",
     ]
-    if "process" in m:  # a continuous process: the eps the output implies above, the model's own target here
+    if m.get("target", "eps") != "eps":  # the eps the output implies above, the model's own target here
         lines += [f"Process `{m['process']}`; times spread evenly over its range (sigma log-uniform for edm). "
                   f"The model's own target (`{m['target']}`): MSE {m['target_mse']:.5f}, RMSE {m['target_rmse']:.5f}, "
                   f"MAE {m['target_mae']:.5f}, R² {m['target_r2']:.4f}.", ""]
@@ -206,7 +204,8 @@ def render_report(m: dict) -> str:
             lines += ["", "## Likelihood (exact, of the probability-flow ODE)",
                       f"{b['total_bpd']:.4f} bits/dim over {b['num_images']} held-out images: {b['likelihood']}."]
     lines += ["", "## Samples",
-              f"{s['num_samples']} samples, sampler `{s['method']}` with {s['steps']} steps, eta {s['eta']}, "
+              f"{s['num_samples']} samples, sampler `{s['method']}` with {s['steps']} steps"
+              f"{'' if s['eta'] is None else ', eta ' + str(s['eta'])}, "
               f"{s['guidance']}.", ""]
     if "fid" in m:
         lines += [f"FID {m['fid']:.3f} against `{m['fid_reference']}` ({s['num_samples']} samples, "

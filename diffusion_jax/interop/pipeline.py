@@ -6,7 +6,7 @@ transformers:
     images = pipe(["a photo of a cat"], jax.random.key(0))   # [B, 512, 512, 3] in [0, 1]
 
 The chain is the library's sampler the scheduler config names (`scheduler.pipeline_sampler`:
-DDIM, Euler, Euler ancestral, DPM-Solver++(2M) on the scheduler's own timesteps), with
+DDIM, Euler, Euler ancestral, DPM-Solver++(2M), UniPC on the scheduler's own timesteps), with
 classifier-free guidance against the empty prompt's embeddings (or the negative prompts').
 SDXL (a second text encoder) is refused by name.
 """
@@ -29,6 +29,7 @@ from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.models.text_encoder import compiled_text_embeddings
 
 PIPELINE = "StableDiffusionPipeline"
+STEPS_QUANTUM = 50  # a pipeline's programs run any step count up to the next multiple of this
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -63,7 +64,9 @@ class StableDiffusion:
                  negative_prompts=None, x_T=None, **options) -> np.ndarray:
         """Images [B, H, W, 3] float32 in [0, 1] for `prompts` (a string or a list); `x_T` the
         starting latents [B, h, w, C] (NHWC; default drawn from `key`). `method=None` runs the
-        scheduler's own chain; another method runs with `options`."""
+        scheduler's own chain; another method runs with `options`. The program is compiled once
+        per sampler, latent shape and bound on the step count (the next multiple of
+        `STEPS_QUANTUM`): other prompts, keys, guidance scales and step counts up to the bound reuse it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         cond = self.encode_prompt(prompts)
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
@@ -71,33 +74,36 @@ class StableDiffusion:
         if len(negative) != len(prompts):
             raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one per prompt")
         if method is None:
-            method, chosen, clip_x0 = scheduler.pipeline_sampler(self.scheduler_config, num_steps)
+            method, chosen, clip_x0 = scheduler.pipeline_sampler(self.scheduler_config)
             options = {**chosen, **options}
         else:
             clip_x0 = False
+        if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+            raise UsageError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
+        bound = -(-int(num_steps) // STEPS_QUANTUM) * STEPS_QUANTUM
         guided = guidance_scale is not None and guidance_scale != 1.0
-        program = self.program(method, num_steps, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
+        program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
         images = program(self.unet.params, self.vae.params, cond, self.encode_prompt(negative) if guided else None,
                          key, None if x_T is None else jnp.asarray(x_T, jnp.float32),
-                         jnp.float32(guidance_scale if guided else 1.0))
+                         jnp.float32(guidance_scale if guided else 1.0), jnp.int32(num_steps))
         return np.asarray(images, np.float32)
 
-    def program(self, method: str, num_steps: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
-        """The jitted chain and decoder of one sampler and latent shape [B, h, w, C]: (U-Net params,
-        VAE params, cond, null cond, key, x_T or None, guidance scale) -> images [B, H, W, 3] in
-        [0, 1]. Compiled once and kept: a second call with other prompts, keys or scale reuses it."""
-        from diffusion_jax.samplers import sample
+    def program(self, method: str, bound: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
+        """The jitted chain and decoder of one sampler, step bound and latent shape [B, h, w, C]: (U-Net
+        params, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
+        [B, H, W, 3] in [0, 1]. Compiled once and kept."""
+        from diffusion_jax.samplers import guided_denoise_fn, sample
 
-        signature = (method, int(num_steps), tuple(sorted(options.items())), bool(clip_x0), bool(guided), tuple(shape))
+        signature = (method, int(bound), tuple(sorted(options.items())), bool(clip_x0), bool(guided), tuple(shape))
         if signature not in self.programs:
             unet, vae, schedule, prediction, scale = self.unet.model, self.vae.model, self.schedule, \
                 self.prediction, self.vae_scale
 
-            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale):
+            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
                 denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
-                latents = sample(denoise, schedule, shape, key, method=method, num_steps=num_steps,
-                                 prediction=prediction, clip_x0=clip_x0, cond=cond, null_cond=null,
-                                 guidance_scale=guidance_scale if guided else None, x_T=x_T, **options)
+                model = guided_denoise_fn(denoise, cond, *((null, guidance_scale) if guided else ()))
+                latents = sample(model, schedule, shape, key, method=method, num_steps=num_steps, max_steps=bound,
+                                 prediction=prediction, clip_x0=clip_x0, x_T=x_T, **options)
                 images = vae.apply({"params": vae_params}, latents / scale, method="decode")
                 return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 

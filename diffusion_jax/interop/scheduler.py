@@ -183,59 +183,61 @@ SCHEDULERS_OF_PROCESSES = {"flow": (flow_scheduler_config, "velocity")}
 # diffusers' default timestep_spacing of each scheduler class a pipeline may name.
 _SPACING_DEFAULTS = {"DDIMScheduler": "leading", "PNDMScheduler": "leading", "EulerDiscreteScheduler": "linspace",
                      "EulerAncestralDiscreteScheduler": "linspace", "DPMSolverMultistepScheduler": "linspace",
-                     "DDPMScheduler": "leading"}
+                     "UniPCMultistepScheduler": "linspace", "DDPMScheduler": "leading"}
+# Fields a pipeline's scheduler may set only to diffusers' default here: (class, field, default).
+_FIXED = (("DPMSolverMultistepScheduler", "final_sigmas_type", "zero"), ("DPMSolverMultistepScheduler", "solver_order", 2),
+          ("UniPCMultistepScheduler", "final_sigmas_type", "zero"), ("UniPCMultistepScheduler", "solver_order", 2),
+          ("UniPCMultistepScheduler", "solver_type", "bh2"), ("UniPCMultistepScheduler", "predict_x0", True),
+          ("UniPCMultistepScheduler", "lower_order_final", True), ("UniPCMultistepScheduler", "disable_corrector", []),
+          ("UniPCMultistepScheduler", "solver_p", None))
+_UNMODELLED = ("use_beta_sigmas", "use_flow_sigmas", "use_lu_lambdas", "thresholding")
 
 
-def inference_timesteps(config: dict, num_steps: int):
-    """The model timesteps (int64, noisiest first) a diffusers scheduler's `set_timesteps(num_steps)`
-    visits, from its config (timestep_spacing, steps_offset; DPMSolverMultistep's grid of n + 1
-    points less the last); None where they are fractional (Euler's "linspace": the sigma grid's
-    own spacing="linspace" gives them)."""
+def pipeline_sampler(config: dict) -> tuple[str, dict, bool]:
+    """(method, its options, clip_x0) that run the chain a pipeline's scheduler config names, step
+    for step, for any step count: DDIM (with set_alpha_to_one), Euler, Euler ancestral,
+    DPM-Solver++(2M) (and its SDE form) and UniPC on the scheduler's own timesteps or sigmas;
+    PNDM's PLMS, which is not registered here, runs as its nearest, DPM-Solver++(2M) on PNDM's
+    timesteps. A field whose effect is not modelled is an error naming it."""
     name = config.get("_class_name", "DDIMScheduler")
-    T, n = int(config.get("num_train_timesteps", 1000)), int(num_steps)
     spacing = config.get("timestep_spacing", _SPACING_DEFAULTS.get(name, "leading"))
-    offset = int(config.get("steps_offset", 0) or 0)
     if spacing not in ("linspace", "leading", "trailing"):
         raise _unsupported("timestep_spacing", spacing, "linspace, leading or trailing")
-    if name == "DPMSolverMultistepScheduler":
-        if spacing == "linspace":
-            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        if spacing == "leading":
-            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
-        return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
-    if spacing == "linspace":
-        return None if "Euler" in name else np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-    if spacing == "leading":
-        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
-    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-
-
-def pipeline_sampler(config: dict, num_steps: int) -> tuple[str, dict, bool]:
-    """(method, its options, clip_x0) that run the chain a pipeline's scheduler config names, step
-    for step: DDIM (with set_alpha_to_one), Euler, Euler ancestral and DPM-Solver++(2M) (and its
-    SDE form) on the scheduler's own timesteps; PNDM's PLMS, which is not registered here, runs
-    as its nearest, DPM-Solver++(2M) on PNDM's timesteps."""
-    name = config.get("_class_name", "DDIMScheduler")
-    ts = inference_timesteps(config, num_steps)
-    given = {} if ts is None else {"timesteps": tuple(int(t) for t in ts)}
-    spacing = {"spacing": "linspace"} if ts is None else {}
+    for cls, field, default in _FIXED:
+        if name == cls and config.get(field, default) != default:
+            raise _unsupported(field, config[field], f"{cls} runs here with {field} = {default!r}")
+    for field in _UNMODELLED:
+        if config.get(field):
+            raise _unsupported(field, config[field], "its grid or update is not modelled here")
+    grid = {"sigmas": "process", "spacing": spacing, "steps_offset": int(config.get("steps_offset", 0) or 0)}
+    if config.get("use_karras_sigmas"):
+        grid = {"sigmas": "karras"}
+    elif config.get("use_exponential_sigmas"):
+        grid = {"sigmas": "exponential"}
+    elif name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+        grid.update(sigmas="model")  # fractional linspace timesteps
+    elif name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        grid.update(points="steps+1")
     if name == "DDIMScheduler":
-        return "ddim", {**given, "last_step_to": "x0" if config.get("set_alpha_to_one", True) else "t0"}, \
+        return "ddim", {**grid, "last_step_to": "x0" if config.get("set_alpha_to_one", True) else "t0"}, \
             bool(config.get("clip_sample", True))
     if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
-        if config.get("use_karras_sigmas"):
-            return ("euler" if name == "EulerDiscreteScheduler" else "euler_ancestral"), {"sigmas": "karras"}, False
-        return ("euler" if name == "EulerDiscreteScheduler" else "euler_ancestral"), \
-            {"sigmas": "model", **given, **spacing}, False
+        return ("euler" if name == "EulerDiscreteScheduler" else "euler_ancestral"), grid, False
     if name == "DPMSolverMultistepScheduler":
         algorithm = config.get("algorithm_type", "dpmsolver++")
         methods = {"dpmsolver++": "dpm++_2m", "sde-dpmsolver++": "dpm++_2m_sde"}
-        if algorithm not in methods or int(config.get("solver_order", 2)) != 2:
-            raise _unsupported("algorithm_type", algorithm, "dpmsolver++ or sde-dpmsolver++ with solver_order 2")
-        if config.get("use_karras_sigmas"):
-            return methods[algorithm], {"sigmas": "karras"}, False
-        return methods[algorithm], {"sigmas": "model", **given}, False
+        if algorithm not in methods:
+            raise _unsupported("algorithm_type", algorithm, "dpmsolver++ or sde-dpmsolver++")
+        return methods[algorithm], grid, False
+    if name == "UniPCMultistepScheduler":
+        return "unipc", grid, False
+    if name == "DDPMScheduler":
+        variance = _VARIANCES.get(config.get("variance_type") or "fixed_small")
+        if variance is None:
+            raise _unsupported("variance_type", config["variance_type"], f"one of {sorted(_VARIANCES)}")
+        return "ddpm", {**grid, "variance": variance}, bool(config.get("clip_sample", True))
     if name == "PNDMScheduler":
-        return "dpm++_2m", {"sigmas": "model", **given}, False
-    raise _unsupported("_class_name", name, "a pipeline runs DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, "
-                       "EulerAncestralDiscreteScheduler or DPMSolverMultistepScheduler")
+        return "dpm++_2m", grid, False
+    raise _unsupported("_class_name", name, "a pipeline runs DDPMScheduler, DDIMScheduler, PNDMScheduler, "
+                       "EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler or "
+                       "UniPCMultistepScheduler")

@@ -12,20 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.processes.registry import check_positive, register
+from diffusion_jax.processes.registry import ContinuousTime, array_of, check_positive, register
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class EDMProcess:
+class EDMProcess(ContinuousTime):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     rho: float = 7.0
 
     name: ClassVar[str] = "edm"
-    t_clean: ClassVar[float] = 0.0
-    time_is_sigma: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("edm", sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
@@ -37,16 +35,18 @@ class EDMProcess:
     def prior_std(self) -> float:
         return float(self.sigma_max)
 
-    @property
-    def t_noisy(self) -> float:
-        return float(self.sigma_max)
-
     def marginal(self, t):
-        sigma = jnp.asarray(t, jnp.float32)
-        return jnp.ones_like(sigma), sigma
+        xp, sigma = array_of(t)
+        return xp.ones_like(sigma), sigma
 
     def model_time(self, t):
-        return jnp.asarray(t, jnp.float32)
+        return array_of(t)[1]
+
+    def time_at(self, ve_sigma):
+        return array_of(ve_sigma)[1]
+
+    def ve_sigma_range(self) -> tuple[float, float]:
+        return float(self.sigma_min), float(self.sigma_max)
 
     def training_time(self, u):
         """sigma uniform on [sigma_min, sigma_max] (EDM trains with `lognormal` instead)."""
@@ -56,15 +56,20 @@ class EDMProcess:
         """sigma log-uniform on [sigma_min, sigma_max]."""
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
 
-    def default_grid(self, num_steps: int) -> np.ndarray:
+    def near_clean(self, first: float) -> float:
+        return first * 1e-2
+
+    def own_grid(self, num_steps: int) -> np.ndarray:
         """EDM eq. 5 in float64: sigma_i = (sigma_max^(1/rho) + i / (K - 1) (sigma_min^(1/rho) -
-        sigma_max^(1/rho)))^rho for i < K, then 0."""
-        k = int(num_steps)
-        if k < 1:
-            raise UsageError(f"num_steps must be at least 1, got {num_steps}")
-        ramp = np.arange(k, dtype=np.float64) / max(k - 1, 1)
-        hi, lo = self.sigma_max ** (1.0 / self.rho), self.sigma_min ** (1.0 / self.rho)
-        return np.append((hi + ramp * (lo - hi)) ** self.rho, 0.0)
+        sigma_max^(1/rho)))^rho for i < K (the clean end, 0, follows)."""
+        return karras_sigmas(self.sigma_min, self.sigma_max, int(num_steps), self.rho)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, uniform in sigma^(1/rho) (EDM eq. 5), float64."""
+    ramp = np.arange(n, dtype=np.float64) / max(n - 1, 1)
+    hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
 
 
 def precondition(backbone_fn, sigma_data: float = 0.5):

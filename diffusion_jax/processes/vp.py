@@ -10,18 +10,18 @@ import math
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.processes.registry import check_positive, register
+from diffusion_jax.processes.registry import ContinuousTime, array_of, check_positive, register
 
 VP_SCHEDULES = ("linear", "cosine")
+T_MIN = 1e-3  # the least noisy time of the sigma grids (score_sde's sampling eps)
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class VPProcess:
+class VPProcess(ContinuousTime):
     schedule: str = "linear"
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -29,45 +29,44 @@ class VPProcess:
 
     name: ClassVar[str] = "vp"
     prior_std: ClassVar[float] = 1.0
-    t_noisy: ClassVar[float] = 1.0
-    t_clean: ClassVar[float] = 0.0
-    time_is_sigma: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.schedule not in VP_SCHEDULES:
             raise UsageError(f"process 'vp' option schedule = {self.schedule!r}: choose one of {VP_SCHEDULES}")
         check_positive("vp", beta_min=self.beta_min, beta_max=self.beta_max, cosine_s=self.cosine_s)
 
-    def log_alpha(self, t):
-        """log alpha(t), float32 (the linear schedule's in closed form)."""
-        t = jnp.asarray(t, jnp.float32)
-        if self.schedule == "linear":
-            return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        return jnp.log(jnp.maximum(self.alpha_cosine(t), 1e-30))
-
-    def alpha_cosine(self, t):
-        s = self.cosine_s
-        return jnp.maximum(jnp.cos(0.5 * math.pi * (t + s) / (1.0 + s)) / math.cos(0.5 * math.pi * s / (1.0 + s)), 0.0)
+    def _cosine_end(self) -> float:
+        return math.cos(0.5 * math.pi * self.cosine_s / (1.0 + self.cosine_s))
 
     def marginal(self, t):
-        t = jnp.asarray(t, jnp.float32)
+        xp, t = array_of(t)
         if self.schedule == "linear":
-            log_alpha = self.log_alpha(t)
-            return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-        alpha = jnp.minimum(self.alpha_cosine(t), 1.0)
-        return alpha, jnp.sqrt(jnp.maximum(1.0 - alpha * alpha, 0.0))
+            log_alpha = -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+            return xp.exp(log_alpha), xp.sqrt(-xp.expm1(2.0 * log_alpha))
+        s = self.cosine_s
+        alpha = xp.clip(xp.cos(0.5 * math.pi * (t + s) / (1.0 + s)) / self._cosine_end(), 0.0, 1.0)
+        return alpha, xp.sqrt(xp.maximum(1.0 - alpha * alpha, 0.0))
 
     def model_time(self, t):
-        return 999.0 * jnp.asarray(t, jnp.float32)
+        return 999.0 * array_of(t)[1]
 
-    def default_grid(self, num_steps: int) -> np.ndarray:
-        """num_steps + 1 times evenly spaced from 1 down to 0."""
-        return np.linspace(1.0, 0.0, int(num_steps) + 1)
+    def time_at(self, ve_sigma):
+        """The t with sigma / alpha = ve_sigma: log alpha = -log(1 + s^2) / 2 solved for t."""
+        xp, s = array_of(ve_sigma)
+        log_alpha = -0.5 * xp.log1p(s * s)
+        if self.schedule == "linear":
+            a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+            return (xp.sqrt(b * b - 4.0 * a * log_alpha) - b) / (2.0 * a)
+        arc = xp.arccos(xp.exp(log_alpha) * self._cosine_end())
+        return arc * (1.0 + self.cosine_s) / (0.5 * math.pi) - self.cosine_s
 
-    def training_time(self, u):
-        return u
+    def ve_sigma_range(self) -> tuple[float, float]:
+        (a0, a1), (s0, s1) = self.marginal(np.array([T_MIN, 1.0]))
+        return float(s0 / a0), float(s1 / a1)
 
-    spread_time = training_time
+    def own_grid(self, num_steps: int) -> np.ndarray:
+        """num_steps times evenly spaced from 1 down to 1 / num_steps."""
+        return np.linspace(1.0, 0.0, int(num_steps) + 1)[:-1]
 
 
 register("vp", VPProcess)

@@ -1,9 +1,10 @@
 """Samplers: the registry of methods (`sampler_names()`), the driver `sample` that runs any of
-them in one `lax.scan`, and DDIM inversion (`encode`/`decode`).
+them on any process, the grids they walk, and DDIM inversion (`encode`/`decode`).
 
-Importing this package registers the samplers of `discrete.py` and `sigma.py`.
+Importing this package registers the samplers of `methods.py` and `unipc.py`.
 """
-from diffusion_jax.samplers import discrete, sigma  # register the samplers
-from diffusion_jax.samplers.driver import decode, encode, guided_denoise_fn, model_calls, sample, sampling_grid
-from diffusion_jax.samplers.registry import Grid, Sampler, get_sampler, register, sampler_names
-
+from diffusion_jax.samplers import methods, unipc  # register the samplers
+from diffusion_jax.samplers.driver import (Edit, check_options, decode, default_steps, encode, guided_denoise_fn, model_calls,
+                                           sample, sampler_options, sampling_grid)
+from diffusion_jax.samplers.grids import Grid, make_grid
+from diffusion_jax.samplers.registry import Sampler, get_sampler, register, sampler_names

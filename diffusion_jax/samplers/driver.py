@@ -1,62 +1,79 @@
-"""The reverse process from noise to data: any registered sampler, run in one `lax.scan`.
+"""The reverse process from noise to data: any registered sampler on any process, in one loop.
 
-`sample(denoise_fn, schedule, shape, key, ...)` is pure; jit it with the model, schedule and
-shape closed over (they fix the program) and everything users sweep as traced arguments:
+`sample(denoise_fn, process, shape, key, ...)` is pure; jit it with the model, process and shape
+closed over (they fix the program) and what users sweep as traced arguments:
 
-    sampler = jax.jit(functools.partial(sample, denoise_fn, schedule, shape, method="ddim",
-                                        num_steps=50))
-    x0 = sampler(key, eta=0.5)           # a new key or eta: same compiled program
+    sampler = jax.jit(functools.partial(sample, denoise_fn, process, shape, method="ddim", max_steps=100))
+    x0 = sampler(key, num_steps=50, eta=0.5)   # another key, step count (<= 100) or eta: the same program
 
-Static (change the program): `denoise_fn`, `schedule`, `shape`, `method`, `num_steps`, the
-sampler's grid options (`spacing`, `sigmas`, `rho`), `prediction`, `variance`, `clip_x0`,
-`start_step`, `trajectory_every`, `repaint_resamples`, `sharding`, and whether
-`cond`/`known`/`start_x`/`x_T`/`guidance_rescale` are given. Traced: `key`, `eta`, the
-sampler's step options (`s_churn`, `s_tmin`, `s_tmax`, `s_noise`), `guidance_scale`,
-`guidance_rescale`, `cond`, `null_cond`, `known`, `mask`, `start_x`, `x_T`.
-
-The samplers (`sampler_names()`) live in `discrete.py` and `sigma.py`; guidance, inpainting
-(RePaint), SDEdit and the trajectory buffer wrap any of them here.
+Static (a new program): the model, process, shape, method, the grid options (`grids.py`), the
+sampler's own choices, `prediction`, `clip_x0`, `trajectory_every`, `sharding`, `num_steps` unless
+`max_steps` is given, what `edit` holds and whether `x_T` is given. Traced: `key`, `num_steps`
+with `max_steps`, the samplers' number options (eta, s_churn, ...), `x_T`, the arrays of `edit`.
+Guidance is the model's: `guided_denoise_fn` makes the (x, t) function `sample` takes.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.diffusion import mean_channels, predict_x0_eps, q_sample, split_model_output
-from diffusion_jax.processes.ddpm import ddpm_schedule
-from diffusion_jax.samplers.chain import scan_chain
-from diffusion_jax.samplers.process import process_method, sample_process
-from diffusion_jax.samplers.registry import Grid, StepContext, concrete_schedule, get_sampler
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.processes import as_process
+from diffusion_jax.processes.targets import mean_channels
+from diffusion_jax.samplers.grids import GRID_OPTIONS, Grid, grid_table, make_grid
+from diffusion_jax.samplers.methods import denoise_at
+from diffusion_jax.samplers.registry import StepContext, StepLevel, get_sampler
 
 
-def sampling_grid(schedule: Schedule, method: str, num_steps: int | None = None,
-                  start_step: int | None = None, **options) -> Grid:
+def check_options(method: str, options: dict) -> dict:
+    """The options given to `method`, each checked and converted by its declaration (the grid's
+    and the sampler's own); an option it does not take is an error naming those it does."""
+    declared = {**GRID_OPTIONS, **get_sampler(method).options}
+    unknown = set(options) - set(declared)
+    if unknown:
+        raise UsageError(f"sampler {method!r} has no option(s) {sorted(unknown)}; it takes {sorted(declared)}")
+    return {k: declared[k].check(method, k, v) for k, v in options.items()}
+
+
+def sampler_options(method: str, process, options: dict) -> tuple[dict, dict]:
+    """(grid options, the sampler's own options) of `method` on `process`, checked (`check_options`),
+    defaults filled in (a grid the sampler prefers where the process lets it choose)."""
+    sampler, process = get_sampler(method), as_process(process)
+    checked = check_options(method, options)
+    grid = {k: o.default for k, o in GRID_OPTIONS.items()}
+    grid.update(sampler.grid_defaults)
+    grid["sigmas"] = process.default_sigmas(grid["sigmas"])
+    grid.update({k: v for k, v in checked.items() if k in GRID_OPTIONS})
+    own = {k: checked.get(k, o.default) for k, o in sampler.options.items()}
+    return grid, own
+
+
+def default_steps(method: str, process) -> int:
+    limit = as_process(process).max_steps
+    steps = get_sampler(method).default_steps
+    return (limit or 1000) if steps is None else min(steps, limit or steps)
+
+
+def sampling_grid(process, method: str, num_steps: Optional[int] = None, **options) -> Grid:
     """The grid `sample` walks for these settings (checks the method, step count and options)."""
-    sampler = get_sampler(method)
-    grid_options, _ = sampler.split_options(options)
-    if num_steps is None:
-        num_steps = sampler.default_steps(schedule.num_timesteps)
-    with jax.ensure_compile_time_eval():  # host values even when called under jit
-        grid = sampler.make_grid(schedule, num_steps, **grid_options)
-    return grid if start_step is None else grid.starting_at(start_step)
+    process = as_process(process)
+    grid_options, _ = sampler_options(method, process, options)
+    grid_options.pop("max_steps")
+    return make_grid(process, default_steps(method, process) if num_steps is None else num_steps, **grid_options)
 
 
-def model_calls(method: str, schedule, num_steps: int) -> int:
-    """The model evaluations `num_steps` steps of `method` cost on `schedule` (a DDPM schedule or a
-    process): Heun's 2K - 1, K for the others."""
-    if ddpm_schedule(schedule) is None:
-        return process_method(method, schedule).model_calls(num_steps)
+def model_calls(method: str, process, num_steps: int) -> int:
+    """The model evaluations `num_steps` steps of `method` cost: Heun's 2K - 1, K for the others."""
     return get_sampler(method).model_calls(num_steps)
 
 
 def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_scale=None,
-                      variance: str = "fixed_small", guidance_rescale=None) -> Callable:
-    """denoise_fn(x, t[, cond]) as a function of (x, t) with classifier-free guidance.
+                      guidance_rescale=None) -> Callable:
+    """denoise_fn(x, t[, cond]) as a function of (x, t), with classifier-free guidance.
 
     A condition is any pytree whose leaves have the batch axis first: class labels [B], text
     embeddings [B, L, D], or {"embeddings": ..., "mask": ...}; `null_cond` has the same structure,
@@ -64,14 +81,12 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
     [1, L, D]; negative prompts' [B, L, D]). With `guidance_scale` s the conditional and null
     batches go through the model in one call, leaf by leaf concatenated, and out = out_uncond +
     s (out_cond - out_uncond) on the mean channels (for eps, x0, v or velocity alike, each linear
-    in eps at fixed x_t); a learned variance is the conditional one. `guidance_rescale` phi (Lin
-    et al. 2023, eq. 15-16) mixes in the guided output rescaled to the conditional output's
-    standard deviation per example: phi = 0 is plain guidance.
+    in eps at fixed x_t); a learned variance (twice the channels) is the conditional one.
+    `guidance_rescale` phi (Lin et al. 2023, eq. 15-16) mixes in the guided output rescaled to the
+    conditional output's standard deviation per example: phi = 0 is plain guidance.
     """
     if guidance_scale is None:
-        if cond is None:
-            return denoise_fn
-        return lambda x, t: denoise_fn(x, t, cond)
+        return denoise_fn if cond is None else (lambda x, t: denoise_fn(x, t, cond))
     if cond is None or null_cond is None:
         raise UsageError("guidance_scale needs both cond (the condition) and null_cond (the null condition)")
 
@@ -81,97 +96,42 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
             lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype), jnp.shape(c))]),
             cond, null_cond)
         out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-        out_c, out_u = out[:batch], out[batch:]
-        mean_c, var_c = split_model_output(out_c, x, variance)
-        mean_u, _ = split_model_output(out_u, x, variance)
+        mean_c, mean_u = mean_channels(out[:batch], x), mean_channels(out[batch:], x)
         mean = mean_u + guidance_scale * (mean_c - mean_u)
         if guidance_rescale is not None:
             axes = tuple(range(1, x.ndim))
-            rescaled = mean * (jnp.std(mean_c, axis=axes, keepdims=True)
-                               / jnp.std(mean, axis=axes, keepdims=True))
+            rescaled = mean * (jnp.std(mean_c, axis=axes, keepdims=True) / jnp.std(mean, axis=axes, keepdims=True))
             mean = guidance_rescale * rescaled + (1.0 - guidance_rescale) * mean
-        return mean if var_c is None else jnp.concatenate([mean, var_c], axis=-1)
+        return jnp.concatenate([mean, out[:batch, ..., x.shape[-1]:]], axis=-1)
 
     return guided
 
 
-def _check_wrappers(known, mask, repaint_resamples, start_x, start_step):
-    if (known is None) != (mask is None):
-        raise UsageError("inpainting needs both known (the image) and mask (1 = keep)")
-    if repaint_resamples > 1 and known is None:
-        raise UsageError("repaint_resamples > 1 needs known and mask (RePaint inpainting)")
-    if start_x is not None and start_step is None:
-        raise UsageError("start_x (SDEdit) needs start_step, the timestep to noise it to")
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """What a chain keeps of a given image.
 
-
-def sample(denoise_fn: Callable, schedule: Schedule, shape, key, *, method: str = "ddpm",
-           num_steps: int | None = None, eta=None, prediction: str = "eps",
-           variance: str = "fixed_small", clip_x0: bool = True, guidance_scale=None,
-           guidance_rescale=None, cond=None, null_cond=None, known=None, mask=None,
-           repaint_resamples: int = 1, start_x=None, start_step: int | None = None, x_T=None,
-           trajectory_every: int | None = None, sharding=None, **options):
-    """Generates a batch x0 of `shape` ([B, H, W, C]) with the sampler named `method`.
-
-    Args:
-      denoise_fn: (x_t, t_model) -> model output, or (x_t, t_model, cond) when `cond` is given.
-      num_steps: the sampler's steps (its default when None); `options` are its grid and step
-        options (see `get_sampler(method)`, each declared with its range); `eta` is the option
-        of that name (DDIM's): given to a sampler without it, it is an error, not ignored.
-      known, mask: inpainting; after every step the pixels with mask = 1 are replaced by `known`
-        noised to the level of the new state (by `known` itself at the end).
-        `repaint_resamples` r > 1 re-noises each step's result back to the step's level r - 1
-        times (RePaint, jump length 1).
-      start_x, start_step: image-to-image (SDEdit): start_x noised to the grid's first step at
-        or below model timestep `start_step` (a continuous process: its model time, 1000 t for
-        "flow", sigma for "edm"), then the chain from there.
-      key: one key for the batch, or one key per sample ([B] typed keys): then image i is a
-        function of its own key alone (see `key_ops`).
-      x_T: the starting noise (default: drawn from `key`); the DDIM decoder of `encode`.
-      trajectory_every: also return {"x_t", "pred_x0": [N, *shape], "t": [N]}, the state before
-        every k-th step and the final sample (N = ceil(K / k) + 1 for K steps).
-      sharding: a `jax.sharding.Sharding` for [B, ...] arrays (batch on a data axis); the noise
-        is drawn as one global array, so every device gets its own noise and the result equals
-        the unsharded one for the same key.
-    Returns:
-      x0 [B, ...] float32 (and the trajectory dict when `trajectory_every` is set).
+    Inpainting: `known` [B, ...] and `mask` (1 = keep): after every step the kept pixels become
+    `known` noised to the new level; `repaint_resamples` r > 1 takes each step r times, going back
+    up between with the forward kernel (RePaint, jump length 1). SDEdit: `start_x` noised to the
+    grid's first level at or below model time `start_step` (the model's units: DDPM's timestep,
+    1000 t for "flow", sigma for "edm"), then the chain from there.
     """
-    shape = tuple(shape)
-    constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
-    _check_wrappers(known, mask, repaint_resamples, start_x, start_step)
-    if ddpm_schedule(schedule) is None:  # a continuous-time process: samplers/process.py
-        if eta is not None or variance != "fixed_small":
-            raise UsageError(f"{'eta' if eta is not None else 'variance'} is not available on a {schedule.name!r} "
-                             "process: euler_ancestral and dpm++_2m_sde are its stochastic samplers; a learned "
-                             "variance needs DDPM")
-        model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
-        return sample_process(model, schedule, shape, key, method=method, num_steps=num_steps,
-                              prediction=prediction, clip_x0=clip_x0, x_T=x_T,
-                              keys=key_ops(key, shape, constrain), options=options,
-                              trajectory_every=trajectory_every, known=known, mask=mask,
-                              repaint_resamples=repaint_resamples, start_x=start_x, start_step=start_step)
-    schedule, sampler = ddpm_schedule(schedule), get_sampler(method)
-    if eta is not None:
-        options = dict(options, eta=eta)
-    _, step_options = sampler.split_options(options)
-    grid = sampling_grid(concrete_schedule(schedule), method, num_steps, start_step, **options)
-    keys = key_ops(key, shape, constrain)
-    normal = keys.normal
-    model = guided_denoise_fn(denoise_fn, cond, null_cond, guidance_scale, variance, guidance_rescale)
-    ctx = StepContext(model, grid.schedule, prediction, variance, clip_x0, grid.num_steps, normal,
-                      {k: jnp.asarray(v, jnp.float32) for k, v in step_options.items()})
-    key_init, key_steps = keys.split(key)
-    if x_T is not None:
-        x = constrain(jnp.asarray(x_T, jnp.float32).reshape(shape))
-    elif start_x is not None:
-        x = grid.signal[0] * constrain(start_x.astype(jnp.float32)) + grid.noise[0] * normal(key_init)
-    else:
-        x = normal(key_init)
-    step = _with_known(sampler.step, known, mask, keys)
-    if known is not None and x_T is None and start_x is None:
-        x = _merge_known(x, known, mask, grid.signal[0], grid.noise[0], normal(keys.fold_in(key_init, 1)))
-    if repaint_resamples > 1:
-        step = _with_repaint(step, repaint_resamples, keys)
-    return _run(step, ctx, x, sampler.init_state(x), grid, key_steps, keys, trajectory_every)
+
+    known: Any = None
+    mask: Any = None
+    start_x: Any = None
+    repaint_resamples: int = dataclasses.field(default=1, metadata=dict(static=True))
+    start_step: Optional[float] = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def check(self):
+        if (self.known is None) != (self.mask is None):
+            raise UsageError("inpainting needs both known (the image) and mask (1 = keep)")
+        if self.repaint_resamples > 1 and self.known is None:
+            raise UsageError("repaint_resamples > 1 needs known and mask (RePaint inpainting)")
+        if (self.start_x is None) != (self.start_step is None):
+            raise UsageError("SDEdit needs both start_x (the image) and start_step (the model time to noise it to)")
 
 
 class KeyOps(NamedTuple):
@@ -203,89 +163,146 @@ def key_ops(key, shape, constrain) -> KeyOps:
     return KeyOps(split, fold_in, lambda k: constrain(normal(k)))
 
 
-def _merge_known(x, known, mask, signal, noise, fresh):
-    noised = signal * known.astype(jnp.float32) + noise * fresh
-    return mask * noised + (1.0 - mask) * x
+def _chain_grid(process, method, num_steps, grid_options, edit):
+    """(grid arrays [K + 1], the steps to run, the first step, the grid's alphas on the host): one
+    grid for a fixed `num_steps`, or with `max_steps` the table's row of a (traced) `num_steps`."""
+    bound = grid_options.pop("max_steps")
+    if bound is None:
+        grid = make_grid(process, default_steps(method, process) if num_steps is None else num_steps, **grid_options)
+        start = 0 if edit.start_step is None else grid.num_steps - grid.starting_at(edit.start_step).num_steps
+        return Grid(*(jnp.asarray(a) for a in grid)), grid.num_steps, start, grid.alpha[start:start + 1]
+    table = grid_table(process, bound, **grid_options)
+    if num_steps is None or (not isinstance(num_steps, jax.core.Tracer) and not 1 <= int(num_steps) <= bound):
+        raise UsageError(f"num_steps must be in [1, max_steps = {bound}] with max_steps, got {num_steps!r}")
+    row = jnp.asarray(num_steps, jnp.int32) - 1
+    grid = Grid(*(jnp.asarray(a)[row] for a in table.grids))
+    # a traced step count outside [1, bound] cannot be refused: its chain is NaN, never a clamped one
+    grid = grid._replace(alpha=jnp.where((row >= 0) & (row < bound), grid.alpha, jnp.nan))
+    steps = jnp.asarray(table.steps)[row]
+    start = 0 if edit.start_step is None else jnp.argmax(grid.model_t <= edit.start_step)
+    return grid, steps, start, table.grids.alpha[:, 0]
 
 
-def _with_known(step, known, mask, keys):
-    """The step, then (when inpainting) the known pixels noised to the new state's level."""
+def sample(denoise_fn: Callable, process, shape, key, *, method: str = "ddpm", num_steps=None,
+           prediction: str = "eps", clip_x0: bool = True, x_T=None, edit: Optional[Edit] = None,
+           trajectory_every: Optional[int] = None, sharding=None, **options):
+    """Generates a batch x0 of `shape` ([B, H, W, C]) with the sampler named `method`.
 
-    def known_step(ctx, x, state, inputs, key):
-        k_step, k_known = keys.split(key)  # split even without inpainting: one key scheme
-        x_next, state, x0 = step(ctx, x, state, inputs, k_step)
+    Args:
+      denoise_fn: (x_t, model time [B]) -> model output (`guided_denoise_fn` adds a condition and
+        guidance); `process`: any process, or a DDPM `Schedule`.
+      num_steps: the sampler's steps (its default when None); a traced value with the grid option
+        `max_steps` (its bound). `options`: the grid's and the sampler's (`sampler_options`).
+      key: one key for the batch, or one key per sample ([B] typed keys): then image i is a
+        function of its own key alone (see `key_ops`).
+      x_T: the starting noise [B, ...] (default: prior_std N(0, I) from `key`); `edit`: inpainting,
+        RePaint and SDEdit (`Edit`).
+      trajectory_every: also return {"x_t", "pred_x0": [N, *shape], "t": [N]}, the state before
+        every k-th step and the final sample (N = ceil(K / k) + 1; "t" the model times, -1 at the end).
+      sharding: a `jax.sharding.Sharding` for [B, ...] arrays (batch on a data axis); the noise
+        is drawn as one global array, so every device gets its own noise and the result equals
+        the unsharded one for the same key.
+    Returns:
+      x0 [B, ...] float32 (and the trajectory dict when `trajectory_every` is set).
+    """
+    shape, process, edit = tuple(shape), as_process(process), edit or Edit()
+    edit.check()
+    sampler = get_sampler(method)
+    grid_options, own = sampler_options(method, process, options)
+    grid, steps, start, first_alphas = _chain_grid(process, method, num_steps, grid_options, edit)
+    if prediction == "eps" and np.any(first_alphas == 0.0):
+        raise UsageError(f"an eps-prediction model cannot start a {process.name!r} chain where alpha = 0 (x0 cannot be "
+                         "told from the noise there): train it to predict velocity, v or x0")
+    constrain = (lambda a: a) if sharding is None else (lambda a: jax.lax.with_sharding_constraint(a, sharding))
+    keys = key_ops(key, shape, constrain)
+    ctx = StepContext(denoise_fn, process, prediction, clip_x0, steps - start, keys.normal,
+                      {k: (jnp.asarray(v, jnp.float32) if sampler.options[k].traced else v) for k, v in own.items()})
+    key_init, key_steps = keys.split(key)
+    if x_T is not None:
+        if jnp.shape(x_T) != shape:
+            raise UsageError(f"x_T has shape {jnp.shape(x_T)}, the samples {shape}: give it in the model's layout "
+                             "(NHWC), one per sample")
+        x = constrain(jnp.asarray(x_T, jnp.float32))
+    elif edit.start_x is not None:
+        x = grid.alpha[start] * constrain(jnp.asarray(edit.start_x, jnp.float32)) + grid.sigma[start] * keys.normal(key_init)
+    else:
+        x = process.prior_std * keys.normal(key_init)
+    known = None if edit.known is None else (jnp.asarray(edit.known, jnp.float32), jnp.asarray(edit.mask, jnp.float32))
+    if known is not None and x_T is None and edit.start_x is None:
+        x = _merge(x, known, grid.alpha[start], grid.sigma[start], keys.normal(keys.fold_in(key_init, 1)))
+
+    def step(x, state, lv, key):
+        """One step, then (inpainting) the known pixels noised to the new level."""
+        k_step, k_known = keys.split(key)
+        x_next, state, x0 = sampler.step(ctx, x, state, lv, k_step)
         if known is not None:
-            x_next = _merge_known(x_next, known, mask, inputs["signal_next"], inputs["noise_next"],
-                                  keys.normal(k_known))
+            x_next = _merge(x_next, known, lv.alpha_next, lv.sigma_next, keys.normal(k_known))
         return x_next, state, x0
 
-    return known_step
-
-
-def _with_repaint(step, resamples, keys):
-    """RePaint (Lugmayr et al. 2022): r - 1 times, take the step and re-noise its result back
-    to the step's level with the forward kernel between the two levels, then take it for good."""
-
-    def repaint_step(ctx, x, state, inputs, key):
-        ratio = (inputs["signal"] / inputs["signal_next"]) ** 2  # abar_now / abar_next
-
-        def resample(j, x_cur):
+    def repaint(x, state, lv, key):
+        """RePaint (Lugmayr et al. 2022): r - 1 times, take the step and go back up with the
+        forward kernel between the two levels, then take it for good."""
+        def again(j, x_cur):
             k = keys.fold_in(key, j)
-            x_next, _, _ = step(ctx, x_cur, state, inputs, k)
-            return jnp.sqrt(ratio) * x_next + jnp.sqrt(1.0 - ratio) * keys.normal(keys.fold_in(k, 7))
+            x_next, _, _ = step(x_cur, state, lv, k)
+            return lv.alpha / lv.alpha_next * x_next + jnp.sqrt(lv.var) * keys.normal(keys.fold_in(k, 7))
 
-        x = jax.lax.fori_loop(0, resamples - 1, resample, x)
-        return step(ctx, x, state, inputs, keys.fold_in(key, resamples))
+        x = jax.lax.fori_loop(0, edit.repaint_resamples - 1, again, x)
+        return step(x, state, lv, keys.fold_in(key, edit.repaint_resamples))
 
-    return repaint_step
+    take = repaint if edit.repaint_resamples > 1 else step
 
+    def body(i, carry):
+        x, state, buffers = carry
+        j = i - start
+        lv = StepLevel(grid.t[i], grid.alpha[i], grid.sigma[i], grid.model_t[i], grid.t[i + 1], grid.alpha[i + 1],
+                       grid.sigma[i + 1], grid.model_t[i + 1], grid.var[i], j)
+        x_next, state, x0 = take(x, state, lv, keys.fold_in(key_steps, j))
+        if buffers is not None:
+            write, slot = j % trajectory_every == 0, j // trajectory_every
+            buffers = tuple(b.at[slot].set(jnp.where(write, v, b[slot])) for b, v in zip(buffers, (x, x0)))
+        return x_next, state, buffers
 
-def _run(step, ctx, x, state, grid: Grid, key, keys, trajectory_every):
-    """The chain in one lax.scan, keeping every k-th state in a buffer when asked (never all)."""
-    K = grid.num_steps
-    inputs = {k: jnp.asarray(v) for k, v in grid.steps.items()}
-    inputs.update(i=jnp.arange(K), signal=jnp.asarray(grid.signal[:-1]),
-                  signal_next=jnp.asarray(grid.signal[1:]), noise_next=jnp.asarray(grid.noise[1:]))
-
-    def body(carry, inp):
-        x, state = carry
-        x_next, state, x0 = step(ctx, x, state, inp, keys.fold_in(key, inp["i"]))
-        return (x_next, state), (x, x0)
-
-    x, trajectory = scan_chain(body, (x, state), inputs, K, trajectory_every)
-    if trajectory is None:
+    slots = None
+    if trajectory_every is not None:
+        trajectory_every = int(trajectory_every)
+        longest = (len(grid.var) if isinstance(steps, jax.Array) else steps) - (0 if isinstance(start, jax.Array) else start)
+        slots = -(-longest // trajectory_every) + 1
+    buffers = None if slots is None else (jnp.zeros((slots, *shape), jnp.float32),) * 2
+    x, _, buffers = jax.lax.fori_loop(start, steps, body, (x, sampler.init_state(x), buffers))
+    if buffers is None:
         return x
-    return x, {**trajectory, "t": jnp.append(jnp.asarray(grid.model_t[::int(trajectory_every)]), -1)}
+    last = -(-(steps - start) // trajectory_every)
+    index = jnp.arange(slots)
+    times = jnp.where(index < last, grid.model_t[jnp.minimum(start + index * trajectory_every, len(grid.var))], -1.0)
+    return x, {"x_t": buffers[0].at[last].set(x), "pred_x0": buffers[1].at[last].set(x), "t": times}
 
 
-def encode(denoise_fn: Callable, schedule: Schedule, x0, num_steps: int = 50, *,
-           prediction: str = "eps", cond=None):
-    """DDIM inversion: runs the deterministic DDIM update forward from x0 to x_{T-1}.
+def _merge(x, known, alpha, sigma, fresh):
+    image, mask = known
+    return mask * (alpha * image + sigma * fresh) + (1.0 - mask) * x
 
-    The grid is the one `sample(method="ddim", num_steps=num_steps)` walks down, so
-    `decode(denoise_fn, schedule, encode(...), num_steps)` returns x0 up to the discretisation
-    error, which falls as `num_steps` grows. x0 [B, ...] -> x_T [B, ...].
-    """
-    grid = np.asarray(sampling_grid(schedule, "ddim", num_steps).steps["t"])[::-1]
-    model = guided_denoise_fn(denoise_fn, cond)
-    B = x0.shape[0]
 
-    def body(x, inputs):
-        t, t_next = inputs
-        tt = jnp.full((B,), t, jnp.int32)
-        out = model(x, schedule.timesteps[tt])
-        x0_hat, eps = predict_x0_eps(schedule, mean_channels(out, x), x, tt, prediction, clip_x0=False)
-        return q_sample(schedule, x0_hat, jnp.full((B,), t_next, jnp.int32), eps), None
+def encode(denoise_fn: Callable, process, x0, num_steps: int = 50, *, prediction: str = "eps"):
+    """DDIM inversion: the deterministic DDIM update run forward from x0, taken as the state at the
+    least noisy level of `sample(method="ddim", num_steps=num_steps)`'s grid, up to its noisiest.
+    `decode(denoise_fn, process, encode(...), num_steps)` returns x0 up to the discretisation
+    error, which falls as `num_steps` grows. x0 [B, ...] -> x_T [B, ...]."""
+    process = as_process(process)
+    grid = sampling_grid(process, "ddim", num_steps)
+    ctx = StepContext(denoise_fn, process, prediction, False, num_steps, None, {})
+    levels = [jnp.asarray(a[:-1][::-1]) for a in (grid.t, grid.alpha, grid.sigma, grid.model_t)]
 
-    x = x0.astype(jnp.float32)
-    if len(grid) > 1:
-        x, _ = jax.lax.scan(body, x, (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])))
+    def body(x, j):
+        lv = StepLevel(*(a[j] for a in levels), *(None,) * 4, None, j)
+        x0_hat, eps = denoise_at(ctx, x, lv)
+        return levels[1][j + 1] * x0_hat + levels[2][j + 1] * eps, None
+
+    x, _ = jax.lax.scan(body, jnp.asarray(x0, jnp.float32), jnp.arange(grid.num_steps - 1))
     return x
 
 
-def decode(denoise_fn: Callable, schedule: Schedule, x_T, num_steps: int = 50, *,
-           prediction: str = "eps", cond=None):
+def decode(denoise_fn: Callable, process, x_T, num_steps: int = 50, *, prediction: str = "eps"):
     """Deterministic DDIM (eta = 0, no clipping) from a given x_T: the inverse of `encode`."""
-    return sample(denoise_fn, schedule, x_T.shape, jax.random.key(0), method="ddim",
-                  num_steps=num_steps, eta=0.0, prediction=prediction, clip_x0=False, cond=cond,
-                  x_T=x_T)
+    return sample(denoise_fn, process, x_T.shape, jax.random.key(0), method="ddim", num_steps=num_steps,
+                  prediction=prediction, clip_x0=False, x_T=x_T)
