@@ -36,7 +36,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
-# The quick tier for the edit-test loop: pure functions and oracles (tests/conftest.py's SLOW_MODULES are left out).
+# The quick tier for the edit-test loop: pure functions and oracles (the modules marked slow are left out).
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not slow" --durations=10 tests
 

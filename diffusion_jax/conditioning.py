@@ -26,6 +26,7 @@ import numpy as np
 
 from diffusion_jax.builders import num_model_classes
 from diffusion_jax.errors import UsageError
+from diffusion_jax.files import read_text
 
 NO_GUIDANCE = 1.0
 
@@ -144,7 +145,7 @@ def read_prompts(path) -> list:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompts file {path}: give a text file with one prompt a line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path, "the prompts file").splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"the prompts file {path} holds no prompt: write one prompt a line")
     return prompts

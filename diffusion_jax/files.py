@@ -68,14 +68,22 @@ def write_json_atomically(path, value) -> None:
     write_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
+def read_text(path, what: str) -> str:
+    """A UTF-8 text file as editors write it: a byte-order mark dropped, CRLF or CR line ends read as
+    LF; a file that is not UTF-8 is a UsageError naming it and `what` it should be."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save {what} as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_json(path, fix: str):
     """The JSON value in `path`; an unreadable or invalid file is a ValueError that names the file,
     what is wrong, and `fix` (what the user should do)."""
     path = pathlib.Path(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a text file: {fix}") from None
+    text = read_text(path, f"it ({fix})")
     if not text.strip():
         raise UsageError(f"{path} is empty: {fix}")
     try:

@@ -13,34 +13,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 
 
-# The two tiers, decided here. `make test-fast` (-m "not slow") runs the pure-function and oracle
-# tests (float64 formulas, Monte Carlo moments, the Gaussian data set, diffusers' own schedulers
-# and models); `make test` runs everything, the modules below too: they train runs, run
-# commands, start processes, or compile whole models.
-SLOW_MODULES = {"test_benchmarks", "test_cli_errors", "test_compilation_cache", "test_conditioning",
-                "test_evaluation", "test_faults", "test_generate_job", "test_inception", "test_interop_runs",
-                "test_models", "test_multihost", "test_pallas_ops", "test_prepared", "test_process_runs", "test_readme",
-                "test_pipeline", "test_process_sampler_predictions", "test_sd_unet", "test_text_runs",
-                "test_training"}
+# The two tiers: `make test-fast` (-m "not slow") runs the pure-function and oracle tests (float64
+# formulas, Monte Carlo moments, the Gaussian data set, diffusers' own schedulers and models);
+# `make test` runs everything. A module of the full tier only says so beside its tests:
+# `pytestmark = pytest.mark.slow` (it trains runs, runs commands, starts processes, or compiles
+# whole models).
 
 
 # Modules whose tests take longest on a fresh machine (compilations, trained runs), run first: the
 # two workers then end on short tests together instead of one waiting for the other's long one.
 LONGEST_FIRST = ("test_evaluation", "test_multihost", "test_text_runs", "test_interop_runs", "test_models",
                  "test_readme", "test_process_runs", "test_cli_errors", "test_training", "test_sd_unet",
-                 "test_pipeline", "test_process_sampler_predictions")
+                 "test_pipeline")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Marks the tests of SLOW_MODULES slow (before -m selects) and puts LONGEST_FIRST's modules
-    first (each module's own order kept). Under `--dist loadgroup`, every test marked xdist_group
+    """Puts LONGEST_FIRST's modules first (each module's own order kept). Under `--dist loadgroup`, every test marked xdist_group
     must carry its group in its node id (xdist adds it), else the groups are silently split
     across workers."""
     module = lambda item: item.module.__name__.rpartition(".")[2]
-    for item in items:
-        if module(item) in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module(item), len(rank)))
     result = yield

@@ -9,6 +9,8 @@ from benchmarks.trace_summary import hlo_origins, operation
 from diffusion_jax.models import pallas_ops
 
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 def test_hlo_origins_names_each_fusion_s_shape_and_jax_operation():
     """A GPU profile names kernels after the optimised HLO's fusions: `hlo_origins` maps each
     instruction of that HLO to its output shape and the JAX operation it came from."""

@@ -12,7 +12,7 @@ from diffusion_jax.evaluation.frechet import save_statistics
 from tests.train_helpers import tiny_config, write_untrained_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("cli_errors")  # one worker: the runs below are made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli_errors")]  # one worker: the runs below are made once
 DIGITS = str(REPO / "experiments" / "digits_unet.py")
 
 
@@ -154,7 +154,7 @@ CASES = {
     "negative sample_every": (train_args("--config.train.sample_every=-1"), "train.sample_every must be"),
     "zero keep_ckpts": (train_args("--config.train.keep_ckpts=0"), "train.keep_ckpts must be"),
     "zero sample steps": (train_args("--config.sample.steps=0"), "sample.steps must be"),
-    "sample steps above T": (train_args("--config.sample.steps=5000"), "num_steps must be in [1, 1000]"),
+    "sample steps above T": (train_args("--config.sample.steps=5000"), "num_steps must be an integer in [1, 1000]"),
     "batch not divisible": (train_args("--config.data.batch_size=12"), "not divisible by the device count 8"),
     "unknown preset": (train_args("--config.model.name=unet_huge"), "unknown model preset 'unet_huge'"),
     "unknown dataset": (train_args("--config.data.name=not_a_dataset"), "unknown dataset 'not_a_dataset'"),
@@ -181,16 +181,16 @@ CASES = {
     "ema decay of 1": (train_args("--config.train.ema_decay=1.0"), "train.ema_decay must be in [0, 1)"),
     "mistyped key": (train_args("--config.train.no_such_key=3"), "no setting 'no_such_key'"),
     "unknown process": (train_args("--config.diffusion.process=ve"), "unknown diffusion.process 've'"),
-    "velocity on ddpm": (train_args("--config.diffusion.prediction=velocity"), "unknown diffusion.prediction 'velocity'"),
-    "time sampling on ddpm": (train_args("--config.train.time_sampling=logit_normal"), "is for continuous-time processes"),
+    "velocity on ddpm": (train_args("--config.diffusion.prediction=velocity"), "velocity target needs a continuous time"),
+    "unknown time sampling": (train_args("--config.train.time_sampling=bogus"), "unknown time_sampling 'bogus'"),
     "preconditioning a flow run": (train_args("--config.diffusion.process=flow", "--config.diffusion.prediction=velocity",
                                               "--config.model.precondition=edm", "--config.sample.method=euler"),
                                    "needs diffusion.process='edm'"),
     "a bad process option": (train_args("--config.diffusion.process=flow", "--config.diffusion.prediction=velocity",
                                         "--config.diffusion.process_options.shift=-1.0", "--config.sample.method=euler"),
                              "shift = -1.0"),
-    "a discrete sampler on flow": (train_args("--config.diffusion.process=flow", "--config.diffusion.prediction=velocity",
-                                              "--config.sample.method=ddpm"), "does not run a 'flow' process"),
+    "eps prediction on flow": (train_args("--config.diffusion.process=flow", "--config.diffusion.prediction=eps",
+                                          "--config.sample.method=euler"), "noisy end has alpha = 0"),
     "mistyped section": (train_args("--config.trian.steps=3"), 'Did you mean "train"'),
     "wrong type": (train_args("--config.train.steps=many"), "steps"),
     "unknown model field": (train_args("--config.model.overrides.no_such_field=3"), "no_such_field"),
@@ -205,7 +205,7 @@ CASES = {
     "sample: zero steps": (["sample", "--workdir", "{root}/run", "--steps", "0", "--out", "{root}/s.npz"],
                            "--steps: must be at least 1, got 0"),
     "sample: ddpm, 5000 steps": (["sample", "--workdir", "{root}/run", "--method", "ddpm", "--steps", "5000",
-                                  "--out", "{root}/s.npz"], "num_steps must be in [1, 100]"),
+                                  "--out", "{root}/s.npz"], "num_steps must be an integer in [1, 100]"),
     "sample: zero samples": (["sample", "--workdir", "{root}/run", "--num_samples", "0", "--out", "{root}/s.npz"],
                              "--num_samples: must be at least 1, got 0"),
     "sample: guidance, unconditional": (["sample", "--workdir", "{root}/run", "--guidance_scale", "5",
@@ -217,15 +217,15 @@ CASES = {
     "sample: label -1": (["sample", "--workdir", "{root}/labelled", "--labels", "-1", "--out", "{root}/s.npz"],
                          "labels must be classes in [0, 10)"),
     "sample: option of another sampler": (["sample", "--workdir", "{root}/run", "--method", "ddim", "--option",
-                                           "sigmas=karras", "--out", "{root}/s.npz"], "has no option(s) ['sigmas']"),
+                                           "s_churn=1", "--out", "{root}/s.npz"], "has no option(s) ['s_churn']"),
     "sample: option without a value": (["sample", "--workdir", "{root}/run", "--option", "sigmas",
                                         "--out", "{root}/s.npz"], "write --option KEY=VALUE"),
     "sample: unknown sigma grid": (["sample", "--workdir", "{root}/run", "--method", "euler", "--option",
                                     "sigmas=cosine", "--out", "{root}/s.npz"], "option sigmas = 'cosine' is not one it takes"),
     "evaluate: unknown option": (["evaluate", "--workdir", "{root}/run", "--option", "bogus=1", "--out", "{root}/e"],
                                  "has no option(s) ['bogus']"),
-    "sampler option in the config": (train_args("--config.sample.options.sigmas=karras"),
-                                     "sampler 'ddpm' has no option(s) ['sigmas']"),
+    "sampler option in the config": (train_args("--config.sample.options.s_churn=1.0"),
+                                     "sampler 'ddpm' has no option(s) ['s_churn']"),
     "zero SNR with eps": (train_args("--config.diffusion.zero_terminal_snr=True"), "zero terminal SNR"),
     "sample: labels not numbers": (["sample", "--workdir", "{root}/labelled", "--labels", "cat,dog",
                                     "--out", "{root}/s.npz"], "--labels 'cat,dog'"),

@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from diffusion_jax import compilation_cache
 from tests.train_helpers import tiny_config, write_untrained_run
+
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 HIT = "Persistent compilation cache hit for '"
 

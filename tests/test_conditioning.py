@@ -13,12 +13,14 @@ from diffusion_jax.builders import build_model, build_schedule
 from diffusion_jax.evaluation.report import render_report
 from diffusion_jax.conditioning import describe_guidance
 from diffusion_jax.generation import make_generator
-from diffusion_jax.samplers import sample
+from diffusion_jax.samplers import guided_denoise_fn, sample
 from diffusion_jax.optim import make_optimizer
 from diffusion_jax.training.state import make_init_fn
 from diffusion_jax.training.step import make_train_step
 from tests.train_helpers import tiny_config
 
+
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 @pytest.mark.parametrize("cond_dropout", [0.0, 0.1])
 def test_the_model_sees_the_configured_fraction_of_null_labels(cond_dropout):
@@ -56,7 +58,7 @@ SCHEDULE = dj.make_schedule("linear", 1000)
 
 def class_oracle(x, t, y, sigma=0.5):
     """The optimal eps of Gaussian data N(MEANS[y], sigma^2) per class (t = model timestep)."""
-    a = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a = SCHEDULE.alphas_cumprod[jnp.round(t).astype(jnp.int32)].reshape(-1, 1, 1, 1)
     mu = MEANS[y].reshape(-1, 1, 1, 1)
     return jnp.sqrt(1 - a) / (a * sigma**2 + 1 - a) * (x - jnp.sqrt(a) * mu)
 
@@ -80,15 +82,16 @@ def test_a_labelled_run_samples_conditionally_by_default_and_says_no_guidance():
     generate = make_generator(OracleModel(), SCHEDULE, config, batch_size=32)
     key = jax.random.key(0)
     labels = jnp.arange(32) % 2
-    direct = functools.partial(sample, class_oracle, SCHEDULE, (32, 2, 2, 1), jax.random.fold_in(key, 0),
-                               method="ddim", num_steps=20, clip_x0=False, cond=labels)
+    direct = lambda *guidance, cond=labels: sample(guided_denoise_fn(class_oracle, cond, *guidance), SCHEDULE,
+                                                   (32, 2, 2, 1), jax.random.fold_in(key, 0), method="ddim",
+                                                   num_steps=20, clip_x0=False)
     conditional, unconditional = direct(), direct(cond=jnp.full(32, 2))
     by_default = generate(None, 32, key)  # never set sample.guidance_scale
     np.testing.assert_allclose(by_default, conditional, atol=1e-5)
     assert np.abs(by_default - np.asarray(unconditional)).max() > 0.1
     np.testing.assert_allclose(generate(None, 32, key, guidance_scale=0.0), unconditional, atol=1e-5)
     np.testing.assert_allclose(generate(None, 32, key, guidance_scale=3.0),
-                               direct(null_cond=2, guidance_scale=3.0), atol=1e-5)
+                               direct(2, 3.0), atol=1e-5)
     assert describe_guidance(config, config.sample.guidance_scale) == "no guidance (conditional model, scale 1)"
     assert describe_guidance(config, 3.0) == "classifier-free guidance scale 3"
     unconditional_run = tiny_config(1)

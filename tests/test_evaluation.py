@@ -9,9 +9,12 @@ import pytest
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from diffusion_jax.evaluation import (feature_statistics, frechet_distance, load_statistics,
-                                      noise_prediction_metrics, regression_metrics, save_statistics)
-from diffusion_jax.evaluation.metrics import evaluation_inputs, timestep_buckets
+                                      prediction_metrics, regression_metrics, save_statistics)
+import diffusion_jax as dj
+from diffusion_jax.evaluation.metrics import evaluation_inputs, time_buckets
 
+
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 def test_regression_metrics_match_sklearn():
     rng = np.random.default_rng(0)
@@ -25,15 +28,17 @@ def test_regression_metrics_match_sklearn():
     assert m["r2"] == pytest.approx(r2_score(t, p), rel=1e-12)
 
 
-def test_timestep_buckets_cover_every_t_once():
+def test_time_buckets_cover_every_t_once():
     T, buckets = 1000, 10
-    b = timestep_buckets(np.arange(T), T, buckets)
+    b = time_buckets(np.arange(T), buckets)
     assert np.bincount(b, minlength=buckets).tolist() == [100] * 10
     assert np.all(np.diff(b) >= 0)  # contiguous ranges
-    _, t, _ = evaluation_inputs(np.zeros((7, 2, 2, 1)), T, 500, seed=0)
-    assert np.bincount(timestep_buckets(t, T, buckets)).tolist() == [50] * 10
+    process = dj.as_process(dj.make_schedule("linear", T))
+    _, t, _ = evaluation_inputs(process, np.zeros((7, 2, 2, 1)), 500, seed=0)
+    assert np.bincount(time_buckets(t, buckets)).tolist() == [50] * 10
+    assert np.bincount(t // 100).tolist() == [50] * 10  # the equal counts are equal ranges of [0, T)
     # Seeded: the same inputs every time.
-    a, b_ = evaluation_inputs(np.ones((3, 2, 2, 1)), T, 20, 5), evaluation_inputs(np.ones((3, 2, 2, 1)), T, 20, 5)
+    a, b_ = (evaluation_inputs(process, np.ones((3, 2, 2, 1)), 20, 5) for _ in range(2))
     for x, y in zip(a, b_):
         np.testing.assert_array_equal(x, y)
 
@@ -135,7 +140,7 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     held_out = load_digits("validation").model_range()
     zero_params = jax.tree_util.tree_map(np.zeros_like, run.ema_params)
     denoise = lambda p: (lambda x, t: run.model.apply({"params": p}, x, t))
-    initial = noise_prediction_metrics(denoise(zero_params), run.schedule, held_out, num_examples=300)
+    initial = prediction_metrics(denoise(zero_params), run.schedule, held_out, num_examples=300)
     from diffusion_jax import cli
     cli.main(["evaluate", "--workdir", str(digits_run)])  # the README's command
     m1 = json.loads((digits_run / "eval" / "metrics.json").read_text())
@@ -154,7 +159,7 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
     report = (out / "report.md").read_text()
     assert "Noise prediction" in report and "variational bound" in report and "probability-flow ODE" in report
     # seeded: the report's noise metrics are those of the EMA parameters on the run's evaluation set
-    again = noise_prediction_metrics(denoise(run.ema_params), run.schedule, held_out, num_examples=300,
+    again = prediction_metrics(denoise(run.ema_params), run.schedule, held_out, num_examples=300,
                                      seed=run.config.eval.seed)
     assert again["noise_mse"] == m1["noise_mse"] and again["per_timestep"] == m1["per_timestep"]
 

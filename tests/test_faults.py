@@ -18,6 +18,8 @@ from diffusion_jax.runs import load_run
 from diffusion_jax.training import train
 from tests.train_helpers import corrupt_checkpoint_data, state_arrays, tiny_config
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

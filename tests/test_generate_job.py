@@ -12,6 +12,8 @@ from diffusion_jax.jobs.generate import generate_samples
 from diffusion_jax.shards import ShardDir
 from tests.train_helpers import tiny_config
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A labelled tiny DiT whose (EMA) parameters are random, so the model does real work."""

@@ -10,6 +10,8 @@ from diffusion_jax.evaluation.inception import (inception_features, load_incepti
 from diffusion_jax.models import count_params
 
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 def synthetic_weights(seed=0):
     """He-initialised kernels and identity batch norms, written with NumPy (no jit init)."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,8 @@ from diffusion_jax.interop import load_diffusers  # noqa: E402
 from diffusion_jax.runs import load_config, load_run  # noqa: E402
 from tests.test_interop import _perturbed  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 SMALL_RUN = ["--config.data.batch_size=16", "--config.eval.bpd_examples=0", "--config.eval.num_examples=64",
              "--config.optim.warmup_steps=0", "--config.train.num_sample_images=0", "--config.train.log_every=10",
              "--config.train.progress=False"]
@@ -155,8 +157,8 @@ def test_a_flow_matching_dit_with_its_scheduler_imports_as_a_flow_run_sampled_as
     theirs = x.numpy().transpose(0, 2, 3, 1)
     import diffusion_jax as dj
     denoise = lambda x, t, y: imported.model.apply({"params": imported.ema_params}, x, t, y)
-    ours = dj.sample(denoise, imported.schedule, x_T.shape, jax.random.key(0), method="euler", num_steps=K,
-                     prediction="velocity", clip_x0=False, cond=jnp.asarray(labels), x_T=x_T)
+    ours = dj.sample(dj.guided_denoise_fn(denoise, jnp.asarray(labels)), imported.schedule, x_T.shape, jax.random.key(0),
+                     method="euler", num_steps=K, prediction="velocity", clip_x0=False, x_T=x_T)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
 
     _cli("sample", "--workdir", run, "--num_samples", 2, "--method", "dpm++_2m", "--steps", 4, "--labels", "3,7",

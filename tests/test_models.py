@@ -16,6 +16,8 @@ from diffusion_jax.models.ops import adaptive_layer_norm, gelu_tanh, group_norm
 from diffusion_jax.models.unet import _resample
 
 # Published figures: DDPM (Ho et al. 2020, 35.7M / 114M), DiT (Peebles & Xie 2022, Table 4).
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 PUBLISHED = {"ddpm_cifar10": (35.7e6, 0.005), "ddpm_celebahq256": (114e6, 0.01),
              "ddpm_lsun256": (114e6, 0.01), "dit_s2": (33e6, 0.01), "dit_b2": (130e6, 0.01),
              "dit_l2": (458e6, 0.01), "dit_xl2": (675e6, 0.01)}

@@ -14,7 +14,7 @@ from diffusion_jax.models import ops, pallas_ops
 from diffusion_jax.models.ops import adaptive_layer_norm, bias_gelu_tanh, group_norm, resolve_ops_impl
 from tests.test_models import _numerical_grad, assert_same_loss_and_gradients, tiny
 
-pytestmark = pytest.mark.skipif(not pallas_ops.available(), reason="this jax has no Pallas Triton API")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not pallas_ops.available(), reason="this jax has no Pallas Triton API")]
 
 
 def adaln64(x, shift, scale, epsilon=1e-6):

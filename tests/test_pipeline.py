@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 from tests.test_interop import _perturbed  # noqa: E402
 from tests.test_text_encoder import write_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
 PROMPTS = ["a photo of a cat", "a painting of a horse in the style of van gogh"]

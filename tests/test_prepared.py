@@ -16,6 +16,8 @@ from diffusion_jax.data.prepare import prepare  # noqa: E402
 from diffusion_jax.config import base_config  # noqa: E402
 from tests.train_helpers import state_arrays, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 SHARD = 200  # digits train: 1,497 images in 8 shards, the last one short
 
 

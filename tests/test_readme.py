@@ -3,6 +3,9 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from tests.test_pipeline import small_pipeline  # noqa: E402,F401  (the fixture)
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 SMALL = ["--config.eval.bpd_examples=0", "--config.train.progress=False"]
 
 

@@ -21,6 +21,8 @@ from diffusion_jax.training.state import ema_decay
 from diffusion_jax.training.step import build_train_program
 from tests.train_helpers import state_arrays, tiny_config
 
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

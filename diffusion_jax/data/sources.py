@@ -21,6 +21,7 @@ import numpy as np
 
 from diffusion_jax.viz import to_model_range
 from diffusion_jax.errors import UsageError
+from diffusion_jax.files import read_text
 
 DIGITS_VALIDATION = 300
 
@@ -128,20 +129,25 @@ def folder_captions(path: str, files) -> Optional[list]:
     """The captions of a folder's images: PATH/captions.jsonl ({"file": NAME, "text": ...} a line,
     NAME relative to PATH), else NAME.txt beside each image; None when there are neither. A
     captioned folder must caption every image."""
-    root = pathlib.Path(path)
+    root, table = pathlib.Path(path), {}
     if (root / "captions.jsonl").exists():
-        table = {}
-        for n, line in enumerate((root / "captions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(root / "captions.jsonl", "the captions file").splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
-                    table[str(row["file"])] = str(row["text"])
+                    name, text = str(row["file"]), row["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise UsageError(f"{root / 'captions.jsonl'} line {n} is not {{\"file\": NAME, \"text\": CAPTION}}: "
-                                     "fix that line") from None
+                    name, text = None, None
+                if not isinstance(text, str):
+                    raise UsageError(f"{root / 'captions.jsonl'} line {n} is not {{\"file\": NAME, \"text\": CAPTION}} "
+                                     "with a string caption: fix that line")
+                if name in table:
+                    raise UsageError(f"{root / 'captions.jsonl'} captions {name} twice (line {n} again): keep one row "
+                                     "an image")
+                table[name] = text
         captions = [table.get(str(pathlib.Path(f).relative_to(root))) for f in files]
     else:
-        captions = [pathlib.Path(f).with_suffix(".txt").read_text(encoding="utf-8").strip()
+        captions = [read_text(pathlib.Path(f).with_suffix(".txt"), "the caption").strip()
                     if pathlib.Path(f).with_suffix(".txt").exists() else None for f in files]
         if all(c is None for c in captions):
             return None

@@ -67,7 +67,17 @@ class StableDiffusion:
         scheduler's own chain; another method runs with `options`. The program is compiled once
         per sampler, latent shape and bound on the step count (the next multiple of
         `STEPS_QUANTUM`): other prompts, keys, guidance scales and step counts up to the bound reuse it."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UsageError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        prompts = list(prompts)
+        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float, np.number))
+                                           or isinstance(guidance_scale, bool) or not np.isfinite(guidance_scale)):
+            raise UsageError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) and jnp.shape(key) != (2,):
+            raise UsageError(f"key must be a JAX random key (jax.random.key(seed)), got {type(key).__name__} "
+                             f"{jnp.shape(key)}")
         cond = self.encode_prompt(prompts)
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
