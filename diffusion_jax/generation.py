@@ -84,7 +84,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
                  first_index: int = 0, prompts=None, negative_prompt=None):
-        if prompts is not None and not text:
+        if (prompts is not None or negative_prompt) and not text:
             prompt_encoder(config)  # the error: this run is not text-conditioned
         if num_samples < 1:
             raise UsageError(f"the number of samples must be at least 1, got {num_samples}")

@@ -102,3 +102,48 @@ def test_what_load_pipeline_refuses(small_pipeline, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_pipeline(tmp_path / "empty")
 
+
+
+def test_a_damaged_pipeline_is_refused_at_import_and_load_naming_the_part(small_pipeline, tmp_path):
+    """Each damage, refused by `load_pipeline` and by `import` (exit 2, one line) before anything
+    is written: a missing component folder, a text encoder of another width, a U-Net of other
+    channels than the VAE's latents, a vocabulary larger than the embedding table."""
+    import shutil
+
+    from diffusion_jax import cli
+
+    _, saved = small_pipeline
+
+    def damaged(name, edit):
+        copy = tmp_path / name
+        shutil.copytree(saved, copy)
+        edit(copy)
+        return copy
+
+    def replaced(folder, model):  # the component saved anew: another model of the same class
+        def edit(copy):
+            shutil.rmtree(copy / folder)
+            model.save_pretrained(copy / folder)
+        return edit
+
+    text_encoder = lambda **kw: transformers.CLIPTextModel(transformers.CLIPTextConfig(**{
+        "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "max_position_embeddings": 77, "eos_token_id": 2, **kw}))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                                  layers_per_block=1, latent_channels=8, norm_num_groups=8, sample_size=16)
+
+    cases = {"no scheduler": (lambda c: shutil.rmtree(c / "scheduler"), "has no scheduler/scheduler_config.json"),
+             "no tokenizer": (lambda c: shutil.rmtree(c / "tokenizer"), "has no tokenizer/"),
+             "no text encoder weights": (lambda c: (c / "text_encoder" / "model.safetensors").unlink(), "text_encoder"),
+             "width": (replaced("text_encoder", text_encoder(hidden_size=48)), "cross_attention_dim"),
+             "vocabulary too small": (replaced("text_encoder", text_encoder(vocab_size=300)), "embedding table"),
+             "channels": (replaced("vae", vae), "8-channel latents")}
+    for name, (edit, words) in cases.items():
+        copy = damaged(name.replace(" ", "_"), edit)
+        with pytest.raises((UsageError, FileNotFoundError, ValueError), match=words):
+            load_pipeline(copy)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["import", "--from", str(copy), "--workdir", str(tmp_path / f"run_{name.replace(' ', '_')}")])
+        assert exit_info.value.code == 2, name
+        assert not (tmp_path / f"run_{name.replace(' ', '_')}" / "checkpoints").exists(), name

@@ -139,13 +139,43 @@ def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
     if name != PIPELINE or missing:
         raise UsageError(f"{directory} holds a {name}{' without ' + ', '.join(missing) if missing else ''}: "
                          f"load_pipeline reads a {PIPELINE} ({', '.join(COMPONENTS)})")
+    check_component_folders(directory, COMPONENTS)
     unet, vae = load_diffusers(str(directory / "unet")), load_diffusers(str(directory / "vae"))
-    if not getattr(unet.model, "context_dim", 0):
-        raise UsageError(f"{directory / 'unet'} is not a text-conditioned U-Net (UNet2DConditionModel)")
     config = read_json_object(directory / "scheduler" / "scheduler_config.json",
                               "give the pipeline's scheduler/scheduler_config.json intact")
-    return StableDiffusion(unet, vae, *load_text_encoder_parts(directory), config,
-                           scheduler.process_from_scheduler(config), int(clip_skip))
+    encoder, tokenizer = load_text_encoder_parts(directory)
+    check_parts_fit(directory, unet, vae, encoder, tokenizer)
+    return StableDiffusion(unet, vae, encoder, tokenizer, config, scheduler.process_from_scheduler(config),
+                           int(clip_skip))
+
+
+def check_component_folders(directory, components) -> None:
+    """Each component a pipeline run uses has its folder (and the scheduler its config), or a
+    UsageError names the one missing and the fix."""
+    for component in components:
+        where = pathlib.Path(component) / ("scheduler_config.json" if component == "scheduler" else "")
+        if not (directory / where).exists():
+            raise UsageError(f"{directory} has no {where}{'' if where.suffix else '/'}, which its model_index.json names: "
+                             f"save the whole pipeline again (save_pretrained) or copy its {component}/ folder back")
+
+
+def check_parts_fit(directory, unet, vae, encoder: TextEncoder, tokenizer: CLIPTokenizer) -> None:
+    """The parts work together: the U-Net is text-conditioned on the text encoder's width and takes
+    the VAE's latent channels, and every id the tokenizer gives has a row in the encoder's
+    embedding table (else its images would be NaN); each mismatch names the parts."""
+    context = int(getattr(unet.model, "context_dim", 0) or 0)
+    if not context:
+        raise UsageError(f"{directory / 'unet'} is not a text-conditioned U-Net (UNet2DConditionModel)")
+    if encoder.model.hidden_size != context:
+        raise UsageError(f"{directory}: the text encoder's width {encoder.model.hidden_size} is not the U-Net's "
+                         f"cross_attention_dim {context}: the text_encoder/ and unet/ come from different pipelines")
+    if unet.input_shape[2] != vae.model.latent_channels:
+        raise UsageError(f"{directory}: the U-Net takes {unet.input_shape[2]} channels but the VAE makes "
+                         f"{vae.model.latent_channels}-channel latents: the unet/ and vae/ come from different pipelines")
+    if tokenizer.vocab_size > encoder.model.vocab_size:
+        raise UsageError(f"{directory}: the tokenizer gives ids up to {tokenizer.vocab_size - 1} but the text encoder's "
+                         f"embedding table has {encoder.model.vocab_size} rows: the tokenizer/ and text_encoder/ come "
+                         "from different models")
 
 
 def save_pipeline(out, unet, vae, text_encoder: TextEncoder, tokenizer: CLIPTokenizer,
@@ -195,4 +225,9 @@ def pipeline_parts(directory) -> Optional[tuple]:
     if name not in PIPELINE_PARTS:
         raise UsageError(f"{directory} holds a {name}, which does not import as a run: pipelines that do are "
                          f"{sorted(PIPELINE_PARTS)} (or give one model's folder with --subfolder)")
+    backbone, uses_vae, uses_text = PIPELINE_PARTS[name]
+    if uses_text:  # every part the text run will use, checked before anything is written
+        load_pipeline(directory)
+    else:
+        check_component_folders(directory, (backbone,) + (("vae",) if uses_vae else ()))
     return PIPELINE_PARTS[name]

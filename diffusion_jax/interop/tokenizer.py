@@ -58,6 +58,11 @@ class CLIPTokenizer:
         self._tokenizer = tokenizer
         self._warned = False
 
+    @property
+    def vocab_size(self) -> int:
+        """How many ids the tokenizer gives (its added tokens included)."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
     def untruncated(self, prompt: str) -> list:
         return self._tokenizer.encode(prompt).ids
 

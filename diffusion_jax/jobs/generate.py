@@ -75,8 +75,9 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
     check_labels(c, labels)
     prompts = None
-    if prompts_file is not None:
+    if prompts_file is not None or negative_prompt:
         prompt_encoder(c)  # a run without text conditioning refuses prompts here, before anything is written
+    if prompts_file is not None:
         prompts = read_prompts(prompts_file)
     settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
                 "steps": steps, "options": {k: v for k, v in options.items() if k != "eta"},
@@ -88,6 +89,8 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
         settings.update(prompts_file=str(pathlib.Path(prompts_file).resolve()),
                         prompts_sha256=hashlib.sha256(pathlib.Path(prompts_file).read_bytes()).hexdigest(),
                         negative_prompt=negative_prompt or "")
+    elif negative_prompt:  # the empty prompt's images against another negative: another job
+        settings.update(negative_prompt=negative_prompt)
     store = ShardDir(out_dir, job=job_digest(settings))
     claim_job_directory(store, settings)
     shards = shard_ranges(num_samples, shard_size)
