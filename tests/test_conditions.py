@@ -31,9 +31,29 @@ def test_the_digits_carry_captions_and_folders_read_name_txt_or_captions_jsonl(t
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file": f"img{i}.png", "text": f"row {i}"})
                                                        for i in range(3)))
     assert load_folder(str(tmp_path), 8, 3).captions == ["row 0", "row 1", "row 2"]
-    (tmp_path / "captions.jsonl").write_text("not json\n")
-    with pytest.raises(UsageError, match="line 1"):
+    for rows, words in (("not json\n", "line 1"), ('{"file": "img0.png", "text": null}\n', "string caption"),
+                        ('{"file": "img0.png", "text": "a"}\n{"file": "img0.png", "text": "b"}\n', "img0.png twice")):
+        (tmp_path / "captions.jsonl").write_text(rows)
+        with pytest.raises(UsageError, match=words):
+            load_folder(str(tmp_path), 8, 3)
+    # as Windows editors write them: a byte-order mark and CRLF read as the plain file; not UTF-8 is refused
+    (tmp_path / "captions.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(
+        json.dumps({"file": f"img{i}.png", "text": f"row {i}"}) for i in range(3)).encode())
+    assert load_folder(str(tmp_path), 8, 3).captions == ["row 0", "row 1", "row 2"]
+    (tmp_path / "captions.jsonl").write_bytes(b'{"file": "img0.png", "text": "\xff"}')
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
         load_folder(str(tmp_path), 8, 3)
+
+
+def test_a_prompts_file_reads_as_editors_write_it(tmp_path):
+    from diffusion_jax.conditioning import read_prompts
+
+    (tmp_path / "plain.txt").write_text("a cat\na dog\n")
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")
+    assert read_prompts(tmp_path / "windows.txt") == read_prompts(tmp_path / "plain.txt") == ["a cat", "a dog"]
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="latin1.txt is not UTF-8 text"):
+        read_prompts(tmp_path / "latin1.txt")
 
 
 def test_labels_on_a_text_run_and_prompts_on_a_label_run_are_refused():

@@ -103,6 +103,28 @@ def test_what_load_pipeline_refuses(small_pipeline, tmp_path):
         load_pipeline(tmp_path / "empty")
 
 
+def test_what_the_pipelines_python_call_refuses(small_pipeline):
+    """The Python call's arguments, each a clear exception naming the argument (never NaN images,
+    a reshaped x_T or JAX's own error)."""
+    pipe = load_pipeline(small_pipeline[1])
+    key, x_T = jax.random.key(0), np.zeros((1, 8, 8, 4), np.float32)
+    for kwargs, words in (({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+                          ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
+                          ({"guidance_scale": np.ones(2)}, "guidance_scale must be a finite number"),
+                          ({"num_steps": 0}, "num_steps must be a whole number >= 1"),
+                          ({"num_steps": -3}, "num_steps must be a whole number >= 1"),
+                          ({"num_steps": 2.5}, "num_steps must be a whole number >= 1"),
+                          ({"num_steps": 1001}, r"num_steps must be an integer in \[1, 1000\]"),
+                          ({"x_T": x_T.transpose(0, 3, 1, 2)}, r"x_T has shape \(1, 4, 8, 8\)"),
+                          ({"prompts": None}, "prompts must be a string or a non-empty list"),
+                          ({"prompts": []}, "prompts must be a string or a non-empty list"),
+                          ({"key": 0}, "key must be a JAX random key"),
+                          ({"negative_prompts": ["a", "b"]}, "2 negative prompts for 1 prompts")):
+        call = {"prompts": "a cat", "key": key, "num_steps": 2, **kwargs}
+        with pytest.raises(UsageError, match=words):
+            pipe(call.pop("prompts"), call.pop("key"), **call)
+
+
 
 def test_a_damaged_pipeline_is_refused_at_import_and_load_naming_the_part(small_pipeline, tmp_path):
     """Each damage, refused by `load_pipeline` and by `import` (exit 2, one line) before anything

@@ -77,6 +77,13 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
         cli.main(["generate", "--workdir", str(run), "--num_samples", "5", "--steps", "3", "--shard_size", "2",
                   "--prompts", str(prompts), "--out", str(job)])
     assert exit_info.value.code == 2 and "prompts_sha256 was" in capsys.readouterr().err
+    # without a prompts file the negative prompt is part of the job too: another one is another job
+    _cli("generate", "--workdir", run, "--num_samples", 2, "--steps", 3, "--negative_prompt", "blurry",
+         "--out", tmp_path / "empty_prompt")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--workdir", str(run), "--num_samples", "2", "--steps", "3", "--negative_prompt",
+                  "sharp", "--out", str(tmp_path / "empty_prompt")])
+    assert exit_info.value.code == 2 and "negative_prompt" in capsys.readouterr().err
 
 
 def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(tmp_path):

@@ -27,6 +27,7 @@ from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.models.text_encoder import compiled_text_embeddings
+from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
 STEPS_QUANTUM = 50  # a pipeline's programs run any step count up to the next multiple of this
@@ -90,7 +91,11 @@ class StableDiffusion:
             clip_x0 = False
         if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
             raise UsageError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
-        bound = -(-int(num_steps) // STEPS_QUANTUM) * STEPS_QUANTUM
+        limit = as_process(self.schedule).max_steps
+        if num_steps > limit:
+            raise UsageError(f"num_steps must be an integer in [1, {limit}] (the scheduler's training steps), got "
+                             f"{num_steps}")
+        bound = min(-(-int(num_steps) // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
         program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
         images = program(self.unet.params, self.vae.params, cond, self.encode_prompt(negative) if guided else None,

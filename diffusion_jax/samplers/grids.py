@@ -113,8 +113,10 @@ def make_grid(process, num_steps, sigmas: str = "process", spacing: str = "linsp
         t = _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps)
         alpha, sigma = (np.asarray(a, np.float64) for a in process.marginal(t))
         if np.any(~np.isfinite(alpha)) or np.any(t[:-1] <= t[1:]):
-            raise UsageError(f"the grid's times {np.round(t, 4).tolist()} must decrease within the process's "
-                             f"range (num_steps {K}, sigmas {sigmas!r}, timesteps {timesteps})")
+            shown = np.round(t, 4).tolist()
+            raise UsageError(f"the grid's times {shown[:4] + ['...'] + shown[-2:] if len(shown) > 6 else shown} must "
+                             f"decrease within the process's range (num_steps {K}, sigmas {sigmas!r}; "
+                             f"{'the times given' if timesteps is not None else 'a spacing or offset'} leaves it)")
         model_t = np.asarray(process.model_time(t), np.float64)
         end = np.float64(0.0) if last_step_to == "t0" else np.nan
         if last_step_to == "t0":
