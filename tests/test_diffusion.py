@@ -170,10 +170,9 @@ def test_training_loss_jit_vmap_grad():
         assert float(grads[name]) == pytest.approx(float(fd), rel=1e-2, abs=1e-4)
     losses = jax.vmap(lambda k: loss_fn(params, k))(jax.random.split(key, 3))
     assert losses.shape == (3,) and len(set(np.asarray(losses).tolist())) == 3
-    for prediction in ("eps", "x0", "v"):
-        for weighting in ("none", "min_snr", "p2"):
-            value = jax.jit(functools.partial(loss_fn, prediction=prediction, weighting=weighting))(params, key)
-            assert np.isfinite(float(value))
+    every = jax.jit(lambda p, k: [loss_fn(p, k, prediction=prediction, weighting=weighting)  # one program
+                                  for prediction in ("eps", "x0", "v") for weighting in ("none", "min_snr", "p2")])
+    assert np.all(np.isfinite(np.asarray(every(params, key))))
 
 
 def test_loss_weights_match_formulas():
