@@ -169,3 +169,26 @@ def test_a_damaged_pipeline_is_refused_at_import_and_load_naming_the_part(small_
             cli.main(["import", "--from", str(copy), "--workdir", str(tmp_path / f"run_{name.replace(' ', '_')}")])
         assert exit_info.value.code == 2, name
         assert not (tmp_path / f"run_{name.replace(' ', '_')}" / "checkpoints").exists(), name
+
+
+@pytest.mark.parametrize("form", ["fp16 variant", "sharded"])
+def test_a_pipeline_saved_as_the_hub_has_them_loads_and_samples(small_pipeline, form, tmp_path):
+    """diffusers' variant="fp16" (every component's weights in float16, upcast here) and
+    max_shard_size (each model's weights in several files and an index) load whole: the images
+    are those of the float32 single-file pipeline (fp16: to float16's rounding)."""
+    pipe, saved = small_pipeline
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")
+    out = tmp_path / form.replace(" ", "_")
+    if form == "fp16 variant":
+        pipe.to(torch.float16).save_pretrained(out, variant="fp16")
+        pipe.to(torch.float32)
+        assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    else:
+        pipe.save_pretrained(out, max_shard_size="200KB")
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    x_T = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    call = dict(num_steps=4, guidance_scale=7.5, x_T=x_T)
+    reference = load_pipeline(saved)(PROMPTS, jax.random.key(0), **call)
+    ours = load_pipeline(out)(PROMPTS, jax.random.key(0), **call)
+    assert np.abs(ours - reference).max() <= (2e-2 if form == "fp16 variant" else 1e-6), np.abs(ours - reference).max()

@@ -112,18 +112,46 @@ def check_field_types(config: dict, defaults: dict, nullable=()) -> None:
                              f"{json.dumps(list(default) if isinstance(default, tuple) else default)})")
 
 
+def _load_safetensors(path: pathlib.Path) -> dict:
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise UsageError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
+                         "incomplete; download it again") from None
+
+
+def _sharded(directory: pathlib.Path, index_name: str) -> dict:
+    """The tensors of a sharded checkpoint: NAME.safetensors.index.json's weight_map, shard by shard."""
+    index = read_json_object(directory / index_name, "the sharded checkpoint's index must be intact")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{directory / index_name} has no weight_map: the sharded checkpoint's index is damaged")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).exists():
+            raise FileNotFoundError(f"{directory / index_name} names the shard {shard}, which is missing: download it")
+        tensors.update(_load_safetensors(directory / shard))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise UsageError(f"the shards of {directory} hold no {missing[0]} (and {len(missing) - 1} more), which the "
+                         "index names: the checkpoint is incomplete")
+    return tensors
+
+
 def read_tensors(directory: pathlib.Path, weights: str = WEIGHTS, weights_bin: str = WEIGHTS_BIN) -> dict:
-    """{name: float32 NumPy array} of the model's weights file (diffusers' names by default;
-    transformers' are model.safetensors and pytorch_model.bin)."""
-    path = directory / weights
-    if path.exists():
-        from safetensors.numpy import load_file
-        try:
-            tensors = load_file(str(path))
-        except Exception as error:
-            raise UsageError(f"{path} could not be read as safetensors ({error}): the file is damaged or "
-                             "incomplete; download it again") from None
-        return {name: _float32(name, value) for name, value in tensors.items()}
+    """{name: float32 NumPy array} of the model's weights (diffusers' names by default; transformers'
+    are model.safetensors and pytorch_model.bin), in the forms the Hub has them: one file, the fp16
+    variant (NAME.fp16.safetensors, upcast to float32), or shards with NAME.safetensors.index.json."""
+    stem = weights.removesuffix(".safetensors")
+    for name in (weights, f"{stem}.fp16.safetensors"):
+        if (directory / name).exists():
+            if name != weights:
+                log.info("%s: the fp16 variant, read as float32", directory / name)
+            return {k: _float32(k, v) for k, v in _load_safetensors(directory / name).items()}
+    for name in (f"{weights}.index.json", f"{stem}.safetensors.index.fp16.json", f"{stem}.fp16.safetensors.index.json"):
+        if (directory / name).exists():
+            return {k: _float32(k, v) for k, v in _sharded(directory, name).items()}
     bin_path = directory / weights_bin
     if bin_path.exists():
         try:
@@ -133,7 +161,8 @@ def read_tensors(directory: pathlib.Path, weights: str = WEIGHTS, weights_bin: s
                              "convert it to safetensors once (diffusers' save_pretrained writes safetensors)") from None
         state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         return {name: _float32(name, value.float().numpy()) for name, value in state.items()}
-    raise FileNotFoundError(f"{directory} has a {CONFIG} but no weights file ({weights} or {weights_bin})")
+    raise FileNotFoundError(f"{directory} has a {CONFIG} but no weights file ({weights}, its fp16 variant, its shards' "
+                            f"index or {weights_bin})")
 
 
 def _float32(name, value) -> np.ndarray:
