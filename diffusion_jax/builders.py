@@ -79,6 +79,10 @@ def build_process(config):
     continuous processes used) or a continuous process (diffusion.process, its process_options)."""
     name = config.diffusion.get("process", "ddpm")
     if name == "ddpm":
+        if dict(config.diffusion.get("process_options", {})):
+            raise UsageError(f"diffusion.process_options {dict(config.diffusion.process_options)} are a continuous "
+                             "process's: a ddpm run's schedule is diffusion.schedule, num_timesteps, schedule_options "
+                             "and zero_terminal_snr; drop them, or set --config.diffusion.process=vp|edm|flow")
         return build_schedule(config)
     return make_process(name, **dict(config.diffusion.get("process_options", {})))
 

@@ -44,6 +44,10 @@ def sampler_options(method: str, process, options: dict) -> tuple[dict, dict]:
     defaults filled in (a grid the sampler prefers where the process lets it choose)."""
     sampler, process = get_sampler(method), as_process(process)
     checked = check_options(method, options)
+    low, high = checked.get("s_tmin", 0.0), checked.get("s_tmax", float("inf"))
+    if not any(isinstance(v, jax.core.Tracer) for v in (low, high)) and low > high:
+        raise UsageError(f"sampler {method!r}: the churn window [s_tmin, s_tmax] = [{low:g}, {high:g}] is empty: give "
+                         "s_tmin <= s_tmax")
     grid = {k: o.default for k, o in GRID_OPTIONS.items()}
     grid.update(sampler.grid_defaults)
     grid["sigmas"] = process.default_sigmas(grid["sigmas"])
