@@ -1,6 +1,5 @@
 """Class conditioning: the null-label fraction a model sees in training is the configured one,
 and guidance follows diffusers' convention (1 = conditional, no guidance; the default)."""
-import functools
 
 import flax.linen as nn
 import jax
