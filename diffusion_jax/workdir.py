@@ -122,7 +122,9 @@ def write_config(workdir, config, resumed_step: int | None) -> list[str]:
             old = json.loads(path.read_text())
         except ValueError:
             old = {}
-        changes = differences(old, config.to_dict())
+        from diffusion_jax.config import migrate_config  # a renamed setting is not a change
+
+        changes = differences(migrate_config(old) if isinstance(old, dict) else {}, config.to_dict())
         kept = workdir / f"config.{resumed_step or 0}.json"
         if changes and not kept.exists():
             kept.write_text(path.read_text())

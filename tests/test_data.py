@@ -128,3 +128,34 @@ def test_tfds_captions_under_mock_data(tmp_path):
     digits.caption_feature = "label"
     with pytest.raises(UsageError, match="not a tfds data set: .* unset data.caption_feature"):
         load_split(digits, "train")
+
+
+def test_a_tfds_failure_names_its_cause(monkeypatch):
+    """Not "the network" for everything: tensorflow-datasets not installed, a module a builder
+    needs, an unknown split and a missing prepared copy each say what they are."""
+    import sys
+
+    from diffusion_jax.data.sources import _load_failure, _tfds
+    from diffusion_jax.errors import UsageError
+
+    missing = ModuleNotFoundError("No module named 'pycocotools'", name="pycocotools")
+    assert isinstance(_load_failure("coco", "train", missing), UsageError)
+    assert "pip install pycocotools" in str(_load_failure("coco", "train", missing))
+    unknown = ValueError('Unknown split "validation". Should be one of [\'test\', \'train\'].')
+    assert "has no split 'validation'" in str(_load_failure("mnist", "validation", unknown))
+    absent = _load_failure("mnist", "train", OSError("not found in /data"))
+    assert isinstance(absent, FileNotFoundError) and "data.data_dir" in str(absent)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(UsageError, match=r"pip install 'diffusion_jax\[data\]'"):
+        _tfds("mnist")
+
+
+def test_a_renamed_setting_is_not_logged_as_a_change(tmp_path):
+    import json
+
+    from diffusion_jax.workdir import write_config
+
+    old = base_config().to_dict()
+    old["train"]["label_dropout"] = old["train"].pop("cond_dropout")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert write_config(tmp_path, base_config(), 10) == []

@@ -3,6 +3,7 @@ written here) run by diffusers (torch CPU float32) and by `load_pipeline(...)(..
 latents and prompts, guidance 7.5 and a negative prompt, with SD's DDIM, Euler and
 DPMSolverMultistep configs (scaled-linear betas, leading spacing, steps_offset 1,
 set_alpha_to_one False): the final images agree within 1e-3."""
+import copy
 import json
 
 import jax
@@ -180,9 +181,8 @@ def test_a_pipeline_saved_as_the_hub_has_them_loads_and_samples(small_pipeline, 
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.save_config(saved / "scheduler")
     out = tmp_path / form.replace(" ", "_")
-    if form == "fp16 variant":
-        pipe.to(torch.float16).save_pretrained(out, variant="fp16")
-        pipe.to(torch.float32)
+    if form == "fp16 variant":  # a copy: the module's pipeline keeps its float32 weights
+        copy.deepcopy(pipe).to(torch.float16).save_pretrained(out, variant="fp16")
         assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
     else:
         pipe.save_pretrained(out, max_shard_size="200KB")
@@ -192,3 +192,20 @@ def test_a_pipeline_saved_as_the_hub_has_them_loads_and_samples(small_pipeline, 
     reference = load_pipeline(saved)(PROMPTS, jax.random.key(0), **call)
     ours = load_pipeline(out)(PROMPTS, jax.random.key(0), **call)
     assert np.abs(ours - reference).max() <= (2e-2 if form == "fp16 variant" else 1e-6), np.abs(ours - reference).max()
+
+
+def test_a_pipeline_without_its_model_index_says_so_instead_of_a_subfolder_circle(small_pipeline, tmp_path):
+    import shutil
+
+    from diffusion_jax import cli
+
+    copy = tmp_path / "no_index"
+    shutil.copytree(small_pipeline[1], copy)
+    (copy / "model_index.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["import", "--from", str(copy), "--workdir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    from diffusion_jax.interop import load_diffusers
+
+    with pytest.raises(FileNotFoundError, match="no model_index.json, which says how they fit"):
+        load_diffusers(str(copy))

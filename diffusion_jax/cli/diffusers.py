@@ -49,5 +49,9 @@ def import_command(args, overrides) -> None:
 def export_command(args) -> None:
     from diffusion_jax.diffusers_runs import export_run
 
-    out = export_run(args.workdir, args.out, args.checkpoint)
-    print(f"wrote {out} (diffusers format: config.json, diffusion_pytorch_model.safetensors, scheduler/)")
+    import pathlib
+
+    out = pathlib.Path(export_run(args.workdir, args.out, args.checkpoint))
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    kind = "a StableDiffusionPipeline" if (out / "model_index.json").exists() else "a diffusers model"
+    print(f"wrote {out} ({kind}, diffusers format: {', '.join(written)})")

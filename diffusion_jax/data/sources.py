@@ -167,13 +167,29 @@ def load_folder(path: str, image_size: int, channels: int) -> ImageData:
 def _tfds(name: str):
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("tfds datasets need tensorflow-datasets and tensorflow-cpu: "
-                          "pip install 'diffusion_jax[data]'") from e
+    except ImportError as e:  # the user's install to complete: one line, no traceback
+        raise UsageError(f"data.name {name!r} is a tensorflow-datasets data set, which needs tensorflow-datasets and "
+                         f"tensorflow-cpu ({e}): pip install 'diffusion_jax[data]', or use digits, folder:DIR or "
+                         "array_record:DIR") from None
     if name not in tfds.list_builders():
         raise UsageError(f"unknown dataset {name!r}: not 'digits', 'folder:/path', 'array_record:DIR' or a "
                          "tensorflow-datasets builder (see tfds.list_builders())")
     return tfds
+
+
+def _load_failure(name: str, split: str, error: Exception) -> Exception:
+    """Why a tfds split could not be loaded, named by its cause: a module the builder imports that is
+    not installed, an unknown split, or no prepared copy where tfds looks (it downloads only when
+    the network is reachable)."""
+    detail = f"{type(error).__name__}: {str(error)[:300]}"
+    if isinstance(error, ImportError):
+        return UsageError(f"the tfds builder {name!r} needs a module that is not installed ({detail}): pip install "
+                          f"{getattr(error, 'name', None) or 'it'}")
+    if "unknown split" in str(error).lower():
+        return UsageError(f"{name!r} has no split {split!r} ({detail}): name one of its splits (data.train_split, "
+                          "data.eval_split)")
+    return FileNotFoundError(f"cannot load the tfds dataset {name!r} split {split!r} ({detail}): prepare it once (tfds "
+                             "build, or a first run where it can download) and point data.data_dir at that copy")
 
 
 def tfds_split_size(name: str, split: str, data_dir: str = "") -> int:
@@ -186,8 +202,7 @@ def tfds_split_size(name: str, split: str, data_dir: str = "") -> int:
     try:
         ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
     except Exception as e:
-        raise FileNotFoundError(f"cannot load the tfds dataset {name!r} split {split!r} ({type(e).__name__}: "
-                                f"{str(e)[:200]}): prepare it once where the network is reachable") from None
+        raise _load_failure(name, split, e) from None
     count = int(ds.cardinality())
     return count if count >= 0 else sum(1 for _ in ds)
 
@@ -233,11 +248,8 @@ def load_tfds(name: str, split: str, image_size: int, channels: int, data_dir: s
         split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     try:
         ds, info = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False, with_info=True)
-    except Exception as e:  # no network, no prepared copy, a broken optional import inside tfds
-        raise FileNotFoundError(
-            f"cannot load the tfds dataset {name!r} split {split!r} ({type(e).__name__}: {str(e)[:300]}): "
-            "prepare it once where the network is reachable (tfds build, or a first run there) and "
-            "point data.data_dir at that copy") from None
+    except Exception as e:  # no prepared copy, a missing module tfds needs, ...
+        raise _load_failure(name, split, e) from None
     caption = tfds_captions(info, caption_feature) if caption_feature else None
     images, labels, captions = [], [], []
     for example in tfds.as_numpy(ds):

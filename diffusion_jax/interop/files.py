@@ -48,6 +48,9 @@ def resolve(source: str) -> pathlib.Path:
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(
             source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except ImportError as error:  # a module the Hub client needs, not the network
+        raise UsageError(f"downloading {source} needs a module that is not installed ({error}): pip install "
+                         f"{error.name or 'it'}") from None
     except Exception as error:  # offline, unknown repository, no permission: all the user's to fix
         raise UsageError(f"could not download {source} from the Hugging Face Hub ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'no details'}): check the repository "
@@ -57,6 +60,11 @@ def resolve(source: str) -> pathlib.Path:
 def read_config(directory: pathlib.Path) -> dict:
     path = directory / CONFIG
     if not path.exists():
+        parts = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG}"))
+        if parts and not (directory / "model_index.json").exists():
+            raise FileNotFoundError(f"{directory} holds the parts of a pipeline ({', '.join(parts)}) but no "
+                                    "model_index.json, which says how they fit: copy the pipeline's model_index.json "
+                                    "back (or save the pipeline again with save_pretrained)")
         raise FileNotFoundError(f"{directory} has no {CONFIG}: is it a diffusers model directory? (a pipeline "
                                 "keeps each model in a subfolder: pass subfolder='unet', 'transformer' or 'vae')")
     return read_json_object(path, "give a diffusers model directory whose config.json is intact (download it again)")
