@@ -160,3 +160,24 @@ def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path,
     digit_prompt_adherence(generate(0), None, jax.random.key(0), tmp_path / "again.png", per_prompt=8)
     (grid, ncols), = grids
     assert ncols == 8 and (digits_predict(grid)[0] == np.repeat(np.arange(10), 8)).mean() > 0.95  # row d: digit d
+
+
+def test_an_imported_run_keeps_its_frozen_parts_with_copy_parts(small_pipeline, tmp_path, capsys):  # noqa: F811
+    """A run imported from a pipeline reads its VAE and text encoder there: with the pipeline moved
+    away it is refused saying so; `--copy_parts` makes the run whole in itself."""
+    import shutil
+
+    source = tmp_path / "pipeline"
+    shutil.copytree(small_pipeline[1], source)
+    _cli("import", "--from", source, "--workdir", tmp_path / "kept", "--copy_parts", *SMALL)
+    _cli("import", "--from", source, "--workdir", tmp_path / "linked", *SMALL)
+    shutil.rmtree(source)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sample", "--workdir", str(tmp_path / "linked"), "--num_samples", "1", "--steps", "2",
+                  "--prompt", "a cat", "--out", str(tmp_path / "linked.npz")])
+    assert exit_info.value.code == 2 and "--copy_parts" in capsys.readouterr().err
+    _cli("sample", "--workdir", tmp_path / "kept", "--num_samples", 1, "--steps", 2, "--prompt", "a cat",
+         "--out", tmp_path / "kept.npz")
+    assert np.isfinite(np.load(tmp_path / "kept.npz")["samples"]).all()
+    assert (tmp_path / "kept" / "parts" / "text_encoder").is_dir() and (tmp_path / "kept" / "parts" / "vae").is_dir()

@@ -13,6 +13,9 @@ def register(sub) -> None:
     m.add_argument("--subfolder", help="the model's subfolder in a pipeline: unet, transformer")
     m.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
                                              "or a pipeline with a vae/ folder)")
+    m.add_argument("--copy_parts", action="store_true",
+                   help="copy the frozen parts the run reads (a pipeline's vae/, text_encoder/, tokenizer/, scheduler/) "
+                        "into WORKDIR/parts, so the run does not depend on the source directory")
     m.set_defaults(run=lambda args, overrides: import_command(args, overrides), takes_overrides=True)
     x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
     x.add_argument("--workdir", required=True, help="the run to export")
@@ -39,11 +42,36 @@ def import_command(args, overrides) -> None:
             vae = vae or (str(directory) if uses_vae else "")
             text_encoder = str(directory) if uses_text else ""
     imported = load_diffusers(args.source, subfolder)
+    if args.copy_parts:
+        vae, text_encoder = copy_parts(args.workdir, vae, text_encoder)
     config = config_overrides.from_dict(run_config(imported, base_config(), vae, text_encoder), overrides)
     workdir = args.workdir
     write_imported_run(imported, config, workdir)
     print(f"imported {imported.config['_class_name']} ({count_params(imported.params):,} parameters) into "
           f"{workdir}: sample, evaluate or train it (train --workdir {workdir} --config.train.steps=N)")
+
+
+def copy_parts(workdir, vae: str, text_encoder: str) -> tuple[str, str]:
+    """(vae, text_encoder) sources copied into WORKDIR/parts: the frozen parts of the run, so that
+    moving or deleting the pipeline it came from leaves the run whole."""
+    import pathlib
+    import shutil
+
+    from diffusion_jax.interop import files
+
+    parts = pathlib.Path(workdir) / "parts"
+    copied = {}
+    for source, folders in ((vae, ("vae",)), (text_encoder, ("text_encoder", "tokenizer", "scheduler"))):
+        if not source:
+            continue
+        directory = files.resolve(source)
+        if (directory / files.CONFIG).exists():  # a model's own folder (--vae DIR): the VAE itself
+            shutil.copytree(directory, parts / "vae", dirs_exist_ok=True)
+        for folder in folders:
+            if (directory / folder).is_dir():
+                shutil.copytree(directory / folder, parts / folder, dirs_exist_ok=True)
+        copied[source] = str(parts.resolve())
+    return copied.get(vae, vae), copied.get(text_encoder, text_encoder)
 
 
 def export_command(args) -> None:

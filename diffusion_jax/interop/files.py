@@ -38,7 +38,8 @@ def resolve(source: str) -> pathlib.Path:
         return path
     if not looks_like_repo_id(source):
         raise FileNotFoundError(f"no directory {source}: give a diffusers model directory or a Hugging Face "
-                                "repository id such as google/ddpm-cifar10-32")
+                                "repository id such as google/ddpm-cifar10-32 (a run imported from a pipeline reads "
+                                "its VAE and text encoder there: put it back, or import again with --copy_parts)")
     try:
         import huggingface_hub
     except ImportError:
