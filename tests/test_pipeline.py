@@ -158,6 +158,8 @@ def test_a_damaged_pipeline_is_refused_at_import_and_load_naming_the_part(small_
 
     cases = {"no scheduler": (lambda c: shutil.rmtree(c / "scheduler"), "has no scheduler/scheduler_config.json"),
              "no tokenizer": (lambda c: shutil.rmtree(c / "tokenizer"), "has no tokenizer/"),
+             "tokenizer not UTF-8": (lambda c: (c / "tokenizer" / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'),
+                                     "tokenizer_config.json is not UTF-8 text"),
              "no text encoder weights": (lambda c: (c / "text_encoder" / "model.safetensors").unlink(), "text_encoder"),
              "width": (replaced("text_encoder", text_encoder(hidden_size=48)), "cross_attention_dim"),
              "vocabulary too small": (replaced("text_encoder", text_encoder(vocab_size=300)), "embedding table"),
@@ -191,6 +193,11 @@ def test_a_pipeline_saved_as_the_hub_has_them_loads_and_samples(small_pipeline, 
     call = dict(num_steps=4, guidance_scale=7.5, x_T=x_T)
     reference = load_pipeline(saved)(PROMPTS, jax.random.key(0), **call)
     ours = load_pipeline(out)(PROMPTS, jax.random.key(0), **call)
+    from diffusion_jax import cli
+    from diffusion_jax.runs import load_config
+
+    cli.main(["import", "--from", str(out), "--workdir", str(tmp_path / "run")])  # and it imports as a run
+    assert load_config(tmp_path / "run").model.text_encoder == str(out)
     assert np.abs(ours - reference).max() <= (2e-2 if form == "fp16 variant" else 1e-6), np.abs(ours - reference).max()
 
 

@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.files import read_json_object
+from diffusion_jax.files import read_json_object, read_text
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,14 @@ def load_tokenizer(directory) -> CLIPTokenizer:
     settings = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (directory / name).exists():
-            settings.update(json.loads((directory / name).read_text(encoding="utf-8")))
+            settings.update(read_json_object(directory / name, f"give the tokenizer's {name} intact"))
     max_length = settings.get("model_max_length", 77)
     if not isinstance(max_length, int) or max_length > 10_000:  # transformers' "no limit" is a huge number
         max_length = 77
     pad_token = _token(settings.get("pad_token"), EOS)
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         vocab = read_json_object(directory / "vocab.json", "give the tokenizer's vocab.json intact")
-        lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        lines = read_text(directory / "merges.txt", "the tokenizer's merges.txt").splitlines()
         tokenizer = clip_bpe(vocab, [line for line in lines if line and not line.startswith("#version")], pad_token)
     elif (directory / "tokenizer.json").exists():
         from tokenizers import Tokenizer
