@@ -305,3 +305,10 @@ def test_a_repository_id_without_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="could not download google/ddpm-cifar10-32.*network"):
         load_diffusers("google/ddpm-cifar10-32")
+    # a module the Hub client needs is named, not the network
+    def needs_a_module(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'hf_xet'", name="hf_xet")
+
+    monkeypatch.setattr(hub, "snapshot_download", needs_a_module)
+    with pytest.raises(ValueError, match="needs a module that is not installed.*pip install hf_xet"):
+        load_diffusers("google/ddpm-cifar10-32")

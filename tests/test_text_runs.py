@@ -48,7 +48,10 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     assert np.abs(both[1] - negative[1]).max() > 1e-3 and np.abs(negative - cat).max() > 1e-3
 
     # export writes the pipeline back: diffusers runs it to the images of the pipeline imported
+    capsys.readouterr()
     _cli("export", "--workdir", run, "--out", tmp_path / "exported")
+    said = capsys.readouterr().out  # every part written, not the U-Net's files alone
+    assert "a StableDiffusionPipeline" in said and "text_encoder/model.safetensors" in said and "vae/config.json" in said
     back = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"), safety_checker=None)
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
     images = []
