@@ -54,8 +54,10 @@ def literal(text: str):
         return text
 
 
-OPTION_HELP = ("a sampler option, repeatable: sigmas=karras|exponential|model, "
-               "spacing=linspace|leading|trailing, rho=7, s_churn=..., s_tmin, s_tmax, s_noise")
+OPTION_HELP = ("a sampler option, repeatable: the grid's sigmas=process|model|karras|exponential|logsnr, "
+               "spacing=linspace|leading|trailing, steps_offset=1, points=steps+1, rho=7, last_step_to=t0; the "
+               "sampler's own: eta (ddim), s_churn, s_tmin, s_tmax, s_noise (euler, heun), variance (ddpm), "
+               "lower_order_final (dpm++)")
 
 
 def add_option_argument(p) -> None:
