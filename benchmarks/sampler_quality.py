@@ -32,7 +32,7 @@ from diffusion_jax.samplers import model_calls, sampler_names
 
 def steps_for_budget(method: str, schedule, budget: int) -> int:
     """The most steps whose model evaluations fit in `budget`."""
-    return max(k for k in range(1, budget + 1) if model_calls(method, schedule, k) <= budget)
+    return max(k for k in range(1, budget + 1) if model_calls(method, k) <= budget)
 
 
 def line_name(row) -> str:
@@ -120,7 +120,7 @@ def measure(run, label, methods, budgets, num_samples, seed):
             fd = frechet_distance(*feature_statistics(digits_features(images)), *real)
             row = {"bench": "sampler_quality", "run": label, "process": run.config.diffusion.process,
                    "prediction": run.config.diffusion.prediction, "method": method, "budget": budget,
-                   "steps": steps, "model_calls": model_calls(method, run.schedule, steps), "digits_fd": float(fd),
+                   "steps": steps, "model_calls": model_calls(method, steps), "digits_fd": float(fd),
                    "num_samples": num_samples, "seconds_with_compile": round(seconds, 1),
                    "checkpoint_step": run.step, **device_facts()}
             emit(row)

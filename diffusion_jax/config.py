@@ -180,6 +180,7 @@ def validate_process_settings(config, process) -> None:
     from diffusion_jax.likelihood import discrete_schedule
     from diffusion_jax.losses import loss_weight, sample_times
     from diffusion_jax.processes import as_process
+    from diffusion_jax.processes.registry import noisy_end
     from diffusion_jax.processes.targets import levels
 
     d, process = config.diffusion, as_process(process)
@@ -190,8 +191,7 @@ def validate_process_settings(config, process) -> None:
                          **dict(config.train.get("time_sampling_options", {})))
     lv = levels(process, times, times, derivatives=d.prediction == "velocity")
     loss_weight(process, lv, d.prediction, d.weighting)
-    alpha_noisy = float(process.marginal(float(process.own_grid(1)[0]))[0])
-    if d.prediction == "eps" and alpha_noisy == 0.0:
+    if d.prediction == "eps" and noisy_end(process)[0] == 0.0:
         raise UsageError(f"diffusion.prediction 'eps' cannot be sampled: the {process.name!r} process's noisy end has "
                          "alpha = 0, where a noise prediction says nothing of x0; predict velocity, v or x0")
     if config.model.get("precondition", "") not in ("", "edm"):
@@ -229,7 +229,7 @@ def sampler_settings(config, process, method=None, steps=None, options=None, eta
     elif config_eta:
         raise UsageError(f"the run's config sets sample.eta = {s.eta} but its sampler {method!r} has no eta: "
                          "set --config.sample.eta=0 or choose --method ddim")
-    if method == "ddpm":  # the ancestral sampler's variance is the model's
+    if "variance" in get_sampler(method).options:  # the ancestral sampler's variance is the model's
         merged.setdefault("variance", config.diffusion.variance)
     sampling_grid(process, method, steps, **merged)  # a bad method, step count or option: now
     return method, steps, check_options(method, merged)

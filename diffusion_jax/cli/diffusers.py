@@ -31,7 +31,7 @@ def import_command(args, overrides) -> None:
     from diffusion_jax.config import base_config
 
     from diffusion_jax.interop import files
-    from diffusion_jax.interop.pipeline import pipeline_parts
+    from diffusion_jax.interop.pipeline import load_pipeline, pipeline_parts
 
     vae, text_encoder, subfolder = args.vae, "", args.subfolder
     if not subfolder:  # a whole pipeline: its model_index.json says which parts make the run
@@ -41,7 +41,10 @@ def import_command(args, overrides) -> None:
             subfolder, uses_vae, uses_text = parts
             vae = vae or (str(directory) if uses_vae else "")
             text_encoder = str(directory) if uses_text else ""
-    imported = load_diffusers(args.source, subfolder)
+    if text_encoder:  # every part the text run will use, loaded and checked to fit before anything is written
+        imported = load_pipeline(text_encoder).unet
+    else:
+        imported = load_diffusers(args.source, subfolder)
     if args.copy_parts:
         vae, text_encoder = copy_parts(args.workdir, vae, text_encoder)
     config = config_overrides.from_dict(run_config(imported, base_config(), vae, text_encoder), overrides)

@@ -89,13 +89,11 @@ class StableDiffusion:
             options = {**chosen, **options}
         else:
             clip_x0 = False
-        if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-            raise UsageError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
+        from diffusion_jax.samplers.grids import check_num_steps
+
         limit = as_process(self.schedule).max_steps
-        if num_steps > limit:
-            raise UsageError(f"num_steps must be an integer in [1, {limit}] (the scheduler's training steps), got "
-                             f"{num_steps}")
-        bound = min(-(-int(num_steps) // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
+        num_steps = check_num_steps(num_steps, limit)
+        bound = min(-(-num_steps // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
         program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
         images = program(self.unet.params, self.vae.params, cond, self.encode_prompt(negative) if guided else None,
@@ -218,7 +216,8 @@ PIPELINE_PARTS = {"DDPMPipeline": ("unet", False, False), "DDIMPipeline": ("unet
 
 def pipeline_parts(directory) -> Optional[tuple]:
     """(backbone subfolder, uses vae/, uses text_encoder/) of the pipeline in `directory` (by its
-    model_index.json), or None when `directory` is a single model's folder."""
+    model_index.json), its folders checked present, or None when `directory` is a single model's
+    folder. A text pipeline's parts are checked to fit where they load (`load_pipeline`)."""
     directory = pathlib.Path(directory)
     if not (directory / "model_index.json").exists():
         return None
@@ -231,8 +230,5 @@ def pipeline_parts(directory) -> Optional[tuple]:
         raise UsageError(f"{directory} holds a {name}, which does not import as a run: pipelines that do are "
                          f"{sorted(PIPELINE_PARTS)} (or give one model's folder with --subfolder)")
     backbone, uses_vae, uses_text = PIPELINE_PARTS[name]
-    if uses_text:  # every part the text run will use, checked before anything is written
-        load_pipeline(directory)
-    else:
-        check_component_folders(directory, (backbone,) + (("vae",) if uses_vae else ()))
+    check_component_folders(directory, COMPONENTS if uses_text else (backbone,) + (("vae",) if uses_vae else ()))
     return PIPELINE_PARTS[name]

@@ -115,13 +115,19 @@ def make_process(name: str, **options) -> Process:
         process = _REGISTRY[name](**options)
     except TypeError as error:  # an option the process does not take
         raise UsageError(f"process {name!r}: {error}") from None
-    alpha, sigma = process.marginal(np.float64(process.own_grid(1)[0]))
+    alpha, sigma = noisy_end(process)
     if alpha > MAX_TERMINAL_SNR_ROOT * sigma:
         raise UsageError(f"process {name!r} with {options or 'its defaults'} keeps alpha = {alpha:.3g} against "
                          f"sigma = {sigma:.3g} at its noisy end, so sampling from N(0, {process.prior_std:g}^2) would "
                          f"be wrong: choose options whose noisy end destroys the signal (alpha / sigma <= "
                          f"{MAX_TERMINAL_SNR_ROOT})")
     return process
+
+
+def noisy_end(process) -> tuple[float, float]:
+    """(alpha, sigma) of the process at its noisiest sampling time (float64)."""
+    alpha, sigma = process.marginal(np.float64(process.own_grid(1)[0]))
+    return float(alpha), float(sigma)
 
 
 def check_positive(name: str, **values) -> None:

@@ -25,7 +25,7 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import mean_channels
 from diffusion_jax.samplers.grids import GRID_OPTIONS, Grid, grid_table, make_grid
-from diffusion_jax.samplers.methods import denoise_at
+from diffusion_jax.samplers.methods import denoised, model_output
 from diffusion_jax.samplers.registry import StepContext, StepLevel, get_sampler
 
 
@@ -44,15 +44,12 @@ def sampler_options(method: str, process, options: dict) -> tuple[dict, dict]:
     defaults filled in (a grid the sampler prefers where the process lets it choose)."""
     sampler, process = get_sampler(method), as_process(process)
     checked = check_options(method, options)
-    low, high = checked.get("s_tmin", 0.0), checked.get("s_tmax", float("inf"))
-    if not any(isinstance(v, jax.core.Tracer) for v in (low, high)) and low > high:
-        raise UsageError(f"sampler {method!r}: the churn window [s_tmin, s_tmax] = [{low:g}, {high:g}] is empty: give "
-                         "s_tmin <= s_tmax")
     grid = {k: o.default for k, o in GRID_OPTIONS.items()}
     grid.update(sampler.grid_defaults)
     grid["sigmas"] = process.default_sigmas(grid["sigmas"])
     grid.update({k: v for k, v in checked.items() if k in GRID_OPTIONS})
     own = {k: checked.get(k, o.default) for k, o in sampler.options.items()}
+    sampler.check_options(method, own)
     return grid, own
 
 
@@ -70,7 +67,7 @@ def sampling_grid(process, method: str, num_steps: Optional[int] = None, **optio
     return make_grid(process, default_steps(method, process) if num_steps is None else num_steps, **grid_options)
 
 
-def model_calls(method: str, process, num_steps: int) -> int:
+def model_calls(method: str, num_steps: int) -> int:
     """The model evaluations `num_steps` steps of `method` cost: Heun's 2K - 1, K for the others."""
     return get_sampler(method).model_calls(num_steps)
 
@@ -295,12 +292,11 @@ def encode(denoise_fn: Callable, process, x0, num_steps: int = 50, *, prediction
     process = as_process(process)
     grid = sampling_grid(process, "ddim", num_steps)
     ctx = StepContext(denoise_fn, process, prediction, False, num_steps, None, {})
-    levels = [jnp.asarray(a[:-1][::-1]) for a in (grid.t, grid.alpha, grid.sigma, grid.model_t)]
+    t, alpha, sigma, model_t = (jnp.asarray(a[:-1][::-1]) for a in (grid.t, grid.alpha, grid.sigma, grid.model_t))
 
     def body(x, j):
-        lv = StepLevel(*(a[j] for a in levels), *(None,) * 4, None, j)
-        x0_hat, eps = denoise_at(ctx, x, lv)
-        return levels[1][j + 1] * x0_hat + levels[2][j + 1] * eps, None
+        x0_hat, eps = denoised(ctx, x, t[j], alpha[j], sigma[j], model_output(ctx, x, model_t[j]))
+        return alpha[j + 1] * x0_hat + sigma[j + 1] * eps, None
 
     x, _ = jax.lax.scan(body, jnp.asarray(x0, jnp.float32), jnp.arange(grid.num_steps - 1))
     return x

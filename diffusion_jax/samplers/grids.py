@@ -98,8 +98,7 @@ def _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps):
 
 
 def make_grid(process, num_steps, sigmas: str = "process", spacing: str = "linspace", steps_offset: int = 0,
-              points: str = "steps", rho: float = 7.0, timesteps=None, last_step_to: str = "x0",
-              max_steps=None) -> Grid:
+              points: str = "steps", rho: float = 7.0, timesteps=None, last_step_to: str = "x0") -> Grid:
     """The grid of `num_steps` steps (module docstring); a setting that would do nothing is an error."""
     if isinstance(num_steps, jax.core.Tracer):
         raise UsageError("a traced num_steps needs max_steps, the grid's bound: pass max_steps=N (N >= any "

@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.errors import UsageError
 from diffusion_jax.processes.ddpm import MIN_ABAR
 from diffusion_jax.processes.targets import Levels, from_prediction, mean_channels
 from diffusion_jax.samplers.registry import Sampler, flag, name, register, traced
@@ -70,8 +71,8 @@ def ancestral_step(ctx, x, state, lv, key):
     else:  # improved DDPM: v in [-1, 1] between log(posterior variance) and log(var)
         frac = (out[..., x.shape[-1]:].astype(jnp.float32) + 1.0) / 2.0
         log_var = frac * jnp.log(lv.var) + (1.0 - frac) * jnp.log(lv.var * ratio)
-    noise = jnp.where(lv.sigma_next > 0, jnp.exp(0.5 * log_var), 0.0) * ctx.normal(key)
-    return mean + jnp.where(lv.sigma_next > 0, noise, 0.0), state, x0
+    noise = jnp.where(lv.sigma_next > 0, jnp.exp(0.5 * log_var), 0.0) * ctx.normal(key)  # none onto the clean end
+    return mean + noise, state, x0
 
 
 def ddim_step(ctx, x, state, lv, key, eta=None):
@@ -149,14 +150,24 @@ def dpm_step(ctx, x, state, lv, key, sde: bool = False):
 
 CHURN = {"s_churn": traced(0.0, minimum=0.0), "s_tmin": traced(0.0, minimum=0.0),
          "s_tmax": traced(float("inf"), minimum=0.0, infinite=True), "s_noise": traced(1.0, minimum=0.0)}
+
+
+def check_churn_window(method: str, options: dict) -> None:
+    low, high = options["s_tmin"], options["s_tmax"]
+    if not any(isinstance(v, jax.core.Tracer) for v in (low, high)) and low > high:
+        raise UsageError(f"sampler {method!r}: the churn window [s_tmin, s_tmax] = [{low:g}, {high:g}] is empty: give "
+                         "s_tmin <= s_tmax")
+
+
 DPM = {"lower_order_final": flag(False)}
 
 register(Sampler("ddpm", ancestral_step, None, {"variance": name("fixed_small", VARIANCES)}))
 register(Sampler("ddim", ddim_step, 50, {"eta": traced(0.0, minimum=0.0, maximum=1.0)}))
 register(Sampler("dpm_solver++", dpm_step, 20, {"lower_order_final": flag(True)}, {"sigmas": "logsnr"},
                  init_state=dpm_init))
-register(Sampler("euler", euler_step, 50, CHURN, {"sigmas": "karras"}))
-register(Sampler("heun", heun_step, 18, CHURN, {"sigmas": "karras"}, model_calls=lambda k: 2 * k - 1))
+register(Sampler("euler", euler_step, 50, CHURN, {"sigmas": "karras"}, check_options=check_churn_window))
+register(Sampler("heun", heun_step, 18, CHURN, {"sigmas": "karras"}, model_calls=lambda k: 2 * k - 1,
+                 check_options=check_churn_window))
 register(Sampler("euler_ancestral", functools.partial(ddim_step, eta=1.0), 50, {}, {"sigmas": "karras"}))
 register(Sampler("dpm++_2m", dpm_step, 20, DPM, {"sigmas": "karras"}, init_state=dpm_init))
 register(Sampler("dpm++_2m_sde", functools.partial(dpm_step, sde=True), 20, DPM, {"sigmas": "karras"},

@@ -138,8 +138,9 @@ def flag(default: bool) -> Option:
 class Sampler:
     """One sampling method: its step, its own `options` ({name: Option}), its defaults of the grid
     options (`grid_defaults`, e.g. sigmas="karras" where the process lets a sampler choose), its
-    step count when none is given (`default_steps`; None: all of the process's), and how many
-    model evaluations K steps cost (`model_calls`)."""
+    step count when none is given (`default_steps`; None: all of the process's), how many model
+    evaluations K steps cost (`model_calls`), and a check of its options together (`check_options`:
+    raises a UsageError, e.g. an empty churn window)."""
 
     name: str
     step: Callable
@@ -148,6 +149,7 @@ class Sampler:
     grid_defaults: dict = dataclasses.field(default_factory=dict)
     init_state: Callable = lambda x: ()
     model_calls: Callable = lambda k: k
+    check_options: Callable = lambda method, options: None
 
 
 _REGISTRY: dict[str, Sampler] = {}

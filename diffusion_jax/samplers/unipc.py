@@ -24,7 +24,7 @@ from diffusion_jax.samplers.registry import Sampler, register
 def unipc_init(x):
     zeros = jnp.zeros(x.shape, jnp.float32)
     return {"x": zeros, "m": zeros, "m_prev": zeros, "lam": jnp.zeros(3, jnp.float32),
-            "alpha": jnp.ones((), jnp.float32), "sigma": jnp.ones((), jnp.float32), "order": jnp.ones((), jnp.int32)}
+            "sigma": jnp.ones((), jnp.float32), "order": jnp.ones((), jnp.int32)}
 
 
 def _update(x, m0, sigma, sigma_next, alpha_next, h):
@@ -59,7 +59,7 @@ def unipc_step(ctx, x, state, lv, key):
     second_order = -lv.alpha_next * b * 0.5 * (state["m"] - m) / rk
     x_next = jnp.where(order == 2, x_next + second_order, x_next)
     return x_next, {"x": x, "m": m, "m_prev": state["m"], "lam": jnp.stack([lam_next, lam, state["lam"][1]]),
-                    "alpha": lv.alpha, "sigma": lv.sigma, "order": order}, m
+                    "sigma": lv.sigma, "order": order}, m
 
 
 register(Sampler("unipc", unipc_step, 20, {}, {"sigmas": "logsnr"}, init_state=unipc_init))
