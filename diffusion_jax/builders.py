@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.conditions import model_fields as condition_fields
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models import create_model
 from diffusion_jax.processes import make_process
@@ -15,23 +16,19 @@ from diffusion_jax.schedules import Schedule, make_schedule
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def num_model_classes(config) -> int:
-    """Classes the model is conditioned on: data.num_classes with data.use_labels, else 0."""
-    return int(config.data.num_classes) if config.data.use_labels else 0
-
-
 # Module fields a run decides outside model.overrides (`run_fields`), and fields of how a module
 # computes rather than what it is: neither is part of a model's description (import, export).
-RUN_FIELDS = ("dtype", "remat", "learn_sigma", "num_classes")
+RUN_FIELDS = ("dtype", "remat", "learn_sigma", "num_classes", "cond_dim")
 IMPLEMENTATION_FIELDS = ("parent", "name", "param_dtype", "attention_impl", "autodiff_ops", "ops_impl")
 
 
 def run_fields(config) -> dict:
-    """{field: value} of RUN_FIELDS for the run's module: dtype, remat, labels and learned sigma."""
+    """{field: value} of RUN_FIELDS for the run's module: dtype, remat, learned sigma and what its
+    condition kind feeds the model (`conditions.model_fields`)."""
     if config.model.dtype not in DTYPES:
         raise UsageError(f"unknown model.dtype {config.model.dtype!r}; choose one of {sorted(DTYPES)}")
     fields = dict(dtype=DTYPES[config.model.dtype], remat=config.model.remat,
-                  learn_sigma=config.diffusion.variance == "learned_range", num_classes=num_model_classes(config))
+                  learn_sigma=config.diffusion.variance == "learned_range", **condition_fields(config))
     assert tuple(fields) == RUN_FIELDS
     return fields
 
@@ -112,9 +109,9 @@ def input_shape(config, vae=None) -> tuple:
     return (size // factor, size // factor, vae.latent_channels)
 
 
-def denoise_fn_for(model, params, with_labels: bool, sigma_data=None):
+def denoise_fn_for(model, params, conditional: bool, sigma_data=None):
     """The `denoise_fn(x_t, t[, y])` closure of a model and its parameters (inference mode); with
     `sigma_data` (`precondition_of`), inside EDM's preconditioning."""
-    fn = ((lambda x, t, y: model.apply({"params": params}, x, t, y)) if with_labels
+    fn = ((lambda x, t, y: model.apply({"params": params}, x, t, y)) if conditional
           else (lambda x, t: model.apply({"params": params}, x, t)))
     return fn if sigma_data is None else precondition(fn, sigma_data)

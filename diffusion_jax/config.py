@@ -23,7 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.batch_size = 128         # global batch, over all processes and devices
     c.data.random_flip = False      # random horizontal flips, drawn per example and step
-    c.data.use_labels = False       # feed class labels to the model
+    c.data.use_labels = False       # feed class labels to the model (the condition kind "labels")
+    c.data.condition = ""           # a condition kind by name ("labels", "text", "module:name"); "" = the
+                                    # one its settings imply (use_labels: labels; model.text_encoder: text)
     c.data.num_classes = 0
     c.data.data_dir = ""            # tfds data_dir ("" = default)
     c.data.caption_feature = ""     # a tfds data set's captions: "captions/text" (coco_captions), "label" (class names)
@@ -155,15 +157,15 @@ def validate_config(config) -> None:
                                 ("optim.decay", config.optim.decay, tuple(DECAYS))):
         if value not in allowed:
             raise UsageError(f"unknown {key} {value!r}; choose one of {tuple(allowed)}")
-    if config.data.use_labels and config.data.num_classes < 1:
-        raise UsageError("data.use_labels is True but data.num_classes is 0: set data.num_classes to the "
-                         "number of classes (or use_labels=False for an unconditional model)")
-    from diffusion_jax.conditioning import conditional, guidance_enabled
+    from diffusion_jax.conditions import condition_kind, guidance_enabled
 
-    if config.train.cond_dropout > 0 and not conditional(config):
+    kind = condition_kind(config)
+    if kind is not None:
+        kind.check_config(config)
+    if config.train.cond_dropout > 0 and kind is None:
         raise UsageError(f"train.cond_dropout is {config.train.cond_dropout} but the run has no condition "
-                         "(data.use_labels is False, no model.text_encoder): dropout trains classifier-free guidance "
-                         "of a conditional model; set it to 0, or use labels or a text encoder")
+                         "(no data.condition, data.use_labels is False, no model.text_encoder): dropout trains "
+                         "classifier-free guidance of a conditional model; set it to 0, or give the run a condition")
     from diffusion_jax.builders import build_process
 
     guidance_enabled(config, config.sample.guidance_scale)
@@ -249,9 +251,10 @@ def config_fingerprint(config) -> dict:
                                   (diffusion, "process", "ddpm"), (diffusion, "process_options", {})):
         if section.get(key, default) == default:
             section.pop(key, None)
-    return {"model": model, "diffusion": diffusion,
-            "data": {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels")
-                     if k in c["data"]}}
+    data = {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels") if k in c["data"]}
+    if c["data"].get("condition", ""):
+        data["condition"] = c["data"]["condition"]
+    return {"model": model, "diffusion": diffusion, "data": data}
 
 
 # Settings renamed since runs were written: (section, old name, new name). A run's config.json is

@@ -16,7 +16,7 @@ import ml_collections
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object, write_json_atomically
-from diffusion_jax.conditioning import text_encoder_source
+from diffusion_jax.conditions.text import text_encoder_source
 from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_model
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.interop import Imported, save_diffusers, scheduler

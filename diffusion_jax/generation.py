@@ -3,7 +3,8 @@
     generate = make_generator(run.model, run.schedule, run.config, batch_size=64)
     x0 = generate(run.ema_params, num_samples=64, key=jax.random.key(0))
 
-Labels and guidance are decided in `conditioning`, the sampler settings in `config`.
+Conditions and guidance are decided by the run's condition kind (`conditions`), the sampler
+settings in `config`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import latents
-from diffusion_jax.builders import denoise_fn_for, num_model_classes, precondition_of
-from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, null_condition,
-                                        prompt_encoder, prompts_by_index, sample_labels, text_conditioned)
+from diffusion_jax.builders import denoise_fn_for, precondition_of
+from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, refuse_unless
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -29,16 +29,19 @@ _keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
                    steps=None, options=None, eta=None, trajectory_every=None, mesh=None,
                    per_sample_keys: bool = False):
-    """A function generate(params, num_samples, key, eta=None, guidance_scale=None, labels=None,
-    first_index=0) -> images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over
-    `mesh`; labels (classes of the run, cycled to N) default to 0, 1, 2, ... for a
-    class-conditional run. A text-conditioned run (model.text_encoder) takes `prompts` (sample i
-    gets prompts[i % len(prompts)]; none: the empty prompt) and guides against
-    `negative_prompt` (default the empty prompt).
+    """A function generate(params, num_samples, key, eta=None, guidance_scale=None, conditions=None,
+    first_index=0, labels=None, prompts=None, negative_prompt=None) -> images [N, H, W, C] in
+    [-1, 1] (NumPy), sampling in batches sharded over `mesh`.
 
-    With `per_sample_keys`, sample i (counted from `first_index`) draws all its noise from
-    fold_in(key, i) and gets label labels[i % len(labels)] (default i % classes): a pure function
-    of (parameters, settings, key, i), whatever the batch size, devices or split into calls.
+    A conditional run's sample i gets conditions[i % len(conditions)], values of the run's
+    condition kind (`conditions`; by default its `default_values`: classes 0, 1, 2, ... of a
+    class-conditional run, the empty prompt of a text run). `labels=` and `prompts=` give them
+    by name, refused by a run of another kind; a text run guides against `negative_prompt`
+    (default the empty prompt).
+
+    Samples are counted from 0, or with `per_sample_keys` from `first_index`, and sample i then
+    draws all its noise from fold_in(key, i): a pure function of (parameters, settings, key, i),
+    whatever the batch size, devices or split into calls.
 
     Compiled on first use, once for unguided and once for guided sampling; the key, eta and
     guidance scale are traced, so calls with other values reuse the program. Sampler settings
@@ -54,16 +57,14 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     rescale = float(s.get("guidance_rescale", 0.0)) or None
     mesh = mesh or make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
-    classes = num_model_classes(config)
     shape = (batch_size, *latents.model_input_shape(config))
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
-
-    text = text_conditioned(config)
-    encode = prompt_encoder(config) if text else None
+    kind = condition_kind(config)
+    encode = kind.encoder(config) if kind else None
 
     @functools.partial(jax.jit, static_argnums=0)
     def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
-        """One batch; `cond` the batch's condition (labels [B] or text embeddings [B, L, D]; None
+        """One batch; `cond` the batch's condition (its kind's encoding, batch first; None
         unconditional), `null_cond` the null condition guidance contrasts it with."""
         kw = dict(method=method, num_steps=steps, clip_x0=bool(s.clip_x0), prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
@@ -82,10 +83,10 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
                                     "pred_x0": jax.lax.map(decode, trajectory["pred_x0"])}
         return decode(out)
 
-    def generate(params, num_samples: int, key, eta=None, guidance_scale=None, labels=None,
-                 first_index: int = 0, prompts=None, negative_prompt=None):
-        if (prompts is not None or negative_prompt) and not text:
-            prompt_encoder(config)  # the error: this run is not text-conditioned
+    def generate(params, num_samples: int, key, eta=None, guidance_scale=None, conditions=None,
+                 first_index: int = 0, labels=None, prompts=None, negative_prompt=None):
+        if negative_prompt:
+            refuse_unless(config, "text", "a negative prompt")
         if num_samples < 1:
             raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
         if eta is not None and not takes_eta:
@@ -93,28 +94,21 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         eta = default_eta if eta is None else eta
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_enabled(config, guidance_scale)
-        labels = check_labels(config, labels)
-        index = first_index + np.arange(num_samples)
-        if per_sample_keys:
-            labels = labels_by_index(config, labels, index)
-        else:
-            labels = sample_labels(config, num_samples) if labels is None else np.resize(labels, num_samples)
-        prompts = list(prompts) if prompts is not None else [""]  # no prompt: the null condition
-        null = null_condition(config, negative_prompt)
+        _, values = given_values(config, conditions)
+        for name, given, what in (("labels", labels, "labels"), ("text", prompts, "prompts")):
+            if given is not None:
+                _, values = given_values(config, given, expected=name, what=what)
+        if kind is not None and values is None:
+            values = kind.default_values(config)
+        null = kind.null(config, negative_prompt) if kind else None
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
-            cond = None
-            if labels is not None:
-                cond = jnp.asarray(np.resize(labels[i * batch_size:(i + 1) * batch_size], (batch_size,)))
-            elif classes:
-                cond = jnp.zeros((batch_size,), jnp.int32)
-            if text:  # sample j's prompt is prompts[j % n]; the last batch padded with the next ones
-                start = (first_index if per_sample_keys else 0) + i * batch_size
-                cond = encode(prompts_by_index(prompts, start + np.arange(batch_size)))
+            # the batch's sample indices, the last batch padded with the next ones
+            index = (first_index if per_sample_keys else 0) + i * batch_size + np.arange(batch_size)
+            cond = None if kind is None else encode(by_index(values, index))
             batch_key = jax.random.fold_in(key, i)
-            if per_sample_keys:  # the batch's indices, the last batch padded with the next ones
-                chunk = index[i * batch_size:(i + 1) * batch_size]
-                batch_key = _keys_for(key, jnp.asarray(chunk[0] + np.arange(batch_size), jnp.int32))
+            if per_sample_keys:
+                batch_key = _keys_for(key, jnp.asarray(index, jnp.int32))
             result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
                          jnp.float32(guidance_scale), cond, null)
             if trajectory_every:

@@ -365,9 +365,9 @@ NEWER_COMMANDS = {
     "export: no run": (["export", "--workdir", "{root}/nowhere", "--out", "{root}/x"], "no run in"),
     # prompts and pipelines (text-to-image)
     "sample: a prompt for an unconditional run": (["sample", "--workdir", "{root}/run", "--prompt", "a cat", "--out",
-                                                   "{root}/p.npz"], "this run is not text-conditioned"),
+                                                   "{root}/p.npz"], "not text-conditioned (model.text_encoder): drop them"),
     "generate: prompts for an unconditional run": (G + ["--prompts", "{root}/no_prompts.txt", "--out", "{root}/g"],
-                                                     "this run is not text-conditioned"),
+                                                     "not text-conditioned (model.text_encoder): drop them"),
     "import: an SDXL pipeline": (["import", "--from", "{root}/sdxl", "--workdir", "{root}/imported_sdxl"],
                                  "is an SDXL pipeline"),
     "import: a pipeline that is not a run": (["import", "--from", "{root}/inpaint_pipeline", "--workdir",

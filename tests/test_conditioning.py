@@ -10,7 +10,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.builders import build_model, build_schedule
 from diffusion_jax.evaluation.report import render_report
-from diffusion_jax.conditioning import describe_guidance
+from diffusion_jax.conditions import describe_guidance
 from diffusion_jax.generation import make_generator
 from diffusion_jax.samplers import guided_denoise_fn, sample
 from diffusion_jax.optim import make_optimizer
@@ -42,7 +42,7 @@ def test_the_model_sees_the_configured_fraction_of_null_labels(cond_dropout):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.block_until_ready(jax.jit(step)(state, {"image": images, "label": labels}))
+        jax.block_until_ready(jax.jit(step)(state, {"image": images, "cond": labels}))
     jax.effects_barrier()
     assert len(seen) == 1 and seen[0].shape == (batch,)
     null = seen[0] == classes

@@ -21,16 +21,16 @@ def test_digits_split_is_fixed_and_disjoint():
 
 def test_batches_are_a_function_of_the_step_and_processes_split_them():
     data = load_digits("train")
-    whole = Batches(data, 32, seed=3, random_flip=True, with_labels=True)
+    whole = Batches(data, 32, seed=3, random_flip=True, conditions=data.labels)
     halves = [Batches(data, 32, seed=3, process_index=p, process_count=2, random_flip=True,
-                      with_labels=True) for p in range(2)]
+                      conditions=data.labels) for p in range(2)]
     for step in (0, 5, 46, 47, 1000):  # 46 batches an epoch: 46 and 47 are in the next epoch
         b = whole(step)
         np.testing.assert_array_equal(np.concatenate([h(step)["image"] for h in halves]), b["image"])
         np.testing.assert_array_equal(whole(step)["image"], b["image"])  # recomputable
     assert not np.array_equal(whole(0)["image"], whole(1)["image"])
     # Every image appears once per epoch.
-    seen = np.concatenate([whole(s)["label"] for s in range(whole.batches_per_epoch)])
+    seen = np.concatenate([whole(s)["cond"] for s in range(whole.batches_per_epoch)])
     assert len(seen) == 46 * 32
 
 

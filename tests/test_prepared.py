@@ -49,13 +49,14 @@ def test_prepared_batches_equal_the_in_memory_batches(prepared):
     np.testing.assert_array_equal(streamed.images[np.array([0, 5, 1496])], memory.images[[0, 5, 1496]])
     for count in (1, 2):
         for p in range(count):
-            a = Batches(memory, 32, seed=7, process_index=p, process_count=count, random_flip=True, with_labels=True)
+            a = Batches(memory, 32, seed=7, process_index=p, process_count=count, random_flip=True,
+                        conditions=memory.labels)
             b = Batches(streamed, 32, seed=7, process_index=p, process_count=count, random_flip=True,
-                        with_labels=True)
+                        conditions=streamed.labels)
             for step in (0, 3, 46, 1000):  # the same order and flips, across epochs
                 x, y = a(step), b(step)
                 np.testing.assert_array_equal(x["image"], y["image"])
-                np.testing.assert_array_equal(x["label"], y["label"])
+                np.testing.assert_array_equal(x["cond"], y["cond"])
 
 
 READER = """
@@ -66,8 +67,8 @@ from diffusion_jax.config import base_config
 c = base_config().data
 c.name, c.image_size, c.channels = "array_record:" + sys.argv[1], 8, 1
 p = int(sys.argv[2])
-batches = Batches(load_split(c, "train", p, 2), 64, seed=11, process_index=p, process_count=2, random_flip=True,
-                  with_labels=True)
+data = load_split(c, "train", p, 2)
+batches = Batches(data, 64, seed=11, process_index=p, process_count=2, random_flip=True, conditions=data.labels)
 np.savez(sys.argv[3], **{f"{k}{s}": v for s in (0, 9, 30) for k, v in batches(s).items()})
 """
 
@@ -78,10 +79,11 @@ def test_two_processes_each_read_their_half_of_every_global_batch(prepared, tmp_
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     halves = [np.load(tmp_path / f"{p}.npz") for p in range(2)]
-    whole = Batches(load_split(_streamed(prepared), "train"), 64, seed=11, random_flip=True, with_labels=True)
+    data = load_split(_streamed(prepared), "train")
+    whole = Batches(data, 64, seed=11, random_flip=True, conditions=data.labels)
     for step in (0, 9, 30):
         expected = whole(step)
-        for key in ("image", "label"):
+        for key in ("image", "cond"):
             parts = [h[f"{key}{step}"] for h in halves]
             assert len(parts[0]) == len(parts[1]) == 32
             np.testing.assert_array_equal(np.concatenate(parts), expected[key])

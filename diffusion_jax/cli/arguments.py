@@ -84,6 +84,8 @@ def add_sampler_arguments(p, labels_help: str) -> None:
     p.add_argument("--guidance_scale", type=finite_float,
                    help="classifier-free guidance: 1 = none (the default), > 1 guided, 0 = unconditional")
     p.add_argument("--labels", help=labels_help)
+    p.add_argument("--condition", action="append", help="a run of another condition kind (data.condition): a value "
+                                                        "of its kind (repeat it for several, cycled over the samples)")
     p.add_argument("--negative_prompt", help="a text-conditioned run: what guidance steers away from "
                                              "(default the empty prompt)")
     p.add_argument("--seed", type=int, default=0)

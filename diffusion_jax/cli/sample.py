@@ -27,6 +27,8 @@ def register(sub) -> None:
     add_sampler_arguments(g, "comma-separated class labels: sample i gets labels[i %% len(labels)]")
     g.add_argument("--prompts", help="a text-conditioned run: a file of prompts, one a line; sample i gets "
                                      "prompt i %% n")
+    g.add_argument("--conditions", help="a run of another condition kind: a file of its values, one a line; "
+                                        "sample i gets value i %% n")
     g.set_defaults(run=lambda args: generate_command(args))
 
 
@@ -50,7 +52,7 @@ def sample_command(args):
                               options=parse_options(args.option), eta=args.eta)
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed),
                       guidance_scale=args.guidance_scale, labels=labels, prompts=args.prompt,
-                      negative_prompt=args.negative_prompt)
+                      negative_prompt=args.negative_prompt, conditions=args.condition)
     if jax.process_index() == 0:
         np.savez_compressed(out, samples=images.astype(np.float32))
         png = viz.save_grid(images[:256], out.with_suffix(".png"))
@@ -78,7 +80,8 @@ def generate_command(args):
                                 guidance_scale=args.guidance_scale, labels=parse_labels(args.labels),
                                 checkpoint=args.checkpoint, batch_size=args.batch_size,
                                 shard_size=args.shard_size, prompts_file=args.prompts,
-                                negative_prompt=args.negative_prompt)
+                                negative_prompt=args.negative_prompt, conditions=args.condition,
+                                conditions_file=args.conditions)
     import jax
 
     if jax.process_index() == 0:

@@ -27,8 +27,7 @@ class Batches:
     """Batch i of a split, for one process."""
 
     def __init__(self, data: ImageData, global_batch: int, seed: int, *, process_index: int = 0,
-                 process_count: int = 1, random_flip: bool = False, with_labels: bool = False,
-                 conditions=None):
+                 process_count: int = 1, random_flip: bool = False, conditions=None):
         if global_batch % process_count:
             raise UsageError(f"global batch {global_batch} is not divisible by the process count "
                              f"{process_count}: choose a multiple of {process_count}")
@@ -36,8 +35,8 @@ class Batches:
         self.local_batch_size = global_batch // process_count
         self.global_batch = global_batch
         self.seed, self.p, self.local_shard = seed, process_index, data.process_shard
-        self.random_flip, self.with_labels = random_flip, with_labels
-        self.conditions = conditions  # [N, ...] per example: a text run's caption ids or embeddings
+        self.random_flip = random_flip
+        self.conditions = conditions  # [N, ...] per example: its condition kind's (labels, caption embeddings)
         rows = len(data.images)
         per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
@@ -54,8 +53,8 @@ class Batches:
         return self._perm
 
     def __call__(self, step: int) -> dict:
-        """{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b], "cond": [b, ...]} for train
-        step `step` (b local; labels and conditions when the run takes them)."""
+        """{"image": float32 [b, H, W, C] in [-1, 1], "cond": [b, ...]} for train step `step` (b
+        local; the conditions when given)."""
         epoch, i = divmod(int(step), self.batches_per_epoch)
         perm = self._permutation(epoch)
         b = self.local_batch_size
@@ -70,8 +69,6 @@ class Batches:
         if self.random_flip:
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         batch = {"image": np.ascontiguousarray(to_model_range(images))}
-        if self.with_labels:
-            batch["label"] = self.data.labels[idx].astype(np.int32)
         if self.conditions is not None:
             batch["cond"] = self.conditions[idx]
         return batch

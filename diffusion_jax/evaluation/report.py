@@ -18,7 +18,7 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import prediction_metrics
-from diffusion_jax.conditioning import describe_guidance, guidance_enabled, null_condition, text_conditioned
+from diffusion_jax.conditions import condition_kind, describe_guidance, guidance_enabled
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.likelihood import discrete_schedule, nll_bpd
@@ -89,12 +89,11 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     out.mkdir(parents=True, exist_ok=True)
     held_out = load_split(c.data, c.data.eval_split)
     held_out_images = held_out.model_range()
-    # Without labels a class-conditional model uses its null label, a text-conditioned one the
-    # empty prompt: the unconditional model.
-    text = text_conditioned(c)
-    denoise = denoise_fn_for(run.model, run.ema_params, with_labels=text, sigma_data=precondition_of(c))
-    if text:
-        null, conditioned = null_condition(c), denoise
+    # The held-out metrics are the unconditional model's: a conditional one given its null condition.
+    kind = condition_kind(c)
+    denoise = denoise_fn_for(run.model, run.ema_params, kind is not None, sigma_data=precondition_of(c))
+    if kind is not None:
+        null, conditioned = jnp.asarray(kind.null(c)), denoise
         denoise = lambda x, t: conditioned(x, t, jnp.broadcast_to(null, (x.shape[0], *null.shape[1:])))
 
     model_inputs = held_out_images
@@ -136,7 +135,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
-    if text and c.data.name == "digits":  # does the prompt say which digit? a grid per prompt
+    if kind is not None and kind.name == "text" and c.data.name == "digits":  # does the prompt say which digit? a grid per prompt
         metrics["prompts"] = digit_prompt_adherence(generate, run.ema_params, jax.random.PRNGKey(seed + 1),
                                                     out / "samples_per_prompt.png")
     if fid_stats:

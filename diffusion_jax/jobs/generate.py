@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax import viz
-from diffusion_jax.conditioning import (check_labels, guidance_enabled, labels_by_index, prompt_encoder,
-                                        read_prompts)
+from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, refuse_unless
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.parallel import make_mesh, replicated
@@ -61,10 +60,13 @@ def claim_job_directory(store: ShardDir, settings: dict) -> None:
 def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, method=None, steps=None,
                      options=None, eta=None, guidance_scale=None, labels=None, checkpoint=None,
                      batch_size: int = 256, shard_size: int = 1000, progress: bool = True,
-                     prompts_file=None, negative_prompt=None) -> dict:
-    """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module). A
-    text-conditioned run takes `prompts_file` (one prompt a line; sample i gets prompt i mod n):
-    the job's settings hold its path and sha256, so a changed file is another job."""
+                     prompts_file=None, negative_prompt=None, conditions=None, conditions_file=None) -> dict:
+    """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module).
+
+    Conditions are values of the run's condition kind (`conditions`): given as a list
+    (`conditions`; `labels` for a class-conditional run) or a file, one value a line
+    (`conditions_file`; `prompts_file` for a text run), sample i getting value i mod n. A file's
+    path and sha256 are in the job's settings, so a changed file is another job."""
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise UsageError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
                          f"{num_samples}, {shard_size} and {batch_size}")
@@ -73,24 +75,36 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     method, steps, options = sampler_settings(c, run.schedule, method, steps, options, eta=eta)
     guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
-    check_labels(c, labels)
-    prompts = None
-    if prompts_file is not None or negative_prompt:
-        prompt_encoder(c)  # a run without text conditioning refuses prompts here, before anything is written
+    kind = condition_kind(c)
+    if negative_prompt:
+        refuse_unless(c, "text", "a negative prompt")
+    values = None
+    if labels is not None:
+        values = given_values(c, labels, expected="labels", what="labels")[1]
+    if conditions is not None:
+        values = given_values(c, conditions)[1]
     if prompts_file is not None:
-        prompts = read_prompts(prompts_file)
+        kind, conditions_file = refuse_unless(c, "text", "prompts"), prompts_file
+    if conditions_file is not None:
+        if kind is None:
+            given_values(c, [], what="a conditions file")  # the error: this run is unconditional
+        values = given_values(c, kind.read_values(conditions_file))[1]
     settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
                 "steps": steps, "options": {k: v for k, v in options.items() if k != "eta"},
                 "eta": options.get("eta"), "guidance_scale": guidance_scale,
                 "guidance_rescale": float(c.sample.get("guidance_rescale", 0.0)),
-                "labels": None if labels is None else [int(v) for v in labels], "seed": seed,
-                "num_samples": num_samples, "shard_size": shard_size}
-    if prompts is not None:
-        settings.update(prompts_file=str(pathlib.Path(prompts_file).resolve()),
-                        prompts_sha256=hashlib.sha256(pathlib.Path(prompts_file).read_bytes()).hexdigest(),
-                        negative_prompt=negative_prompt or "")
-    elif negative_prompt:  # the empty prompt's images against another negative: another job
+                "labels": None, "seed": seed, "num_samples": num_samples, "shard_size": shard_size}
+    if conditions_file is not None:
+        path = pathlib.Path(conditions_file)
+        settings.update({f"{kind.file_key}_file": str(path.resolve()),
+                         f"{kind.file_key}_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                         "negative_prompt": negative_prompt or ""})
+    elif kind is not None:
+        settings.update(kind.job_settings(values))
+    if negative_prompt:  # the empty prompt's images against another negative: another job
         settings.update(negative_prompt=negative_prompt)
+    if kind is not None and values is None:
+        values = kind.default_values(c)
     store = ShardDir(out_dir, job=job_digest(settings))
     claim_job_directory(store, settings)
     shards = shard_ranges(num_samples, shard_size)
@@ -109,9 +123,8 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
         n = last - first + 1
         if store.verified(first, last) is None:
             images = generate(params, n, key, eta=options.get("eta"), guidance_scale=guidance_scale,
-                              labels=labels, first_index=first, prompts=prompts, negative_prompt=negative_prompt)
-            index = np.arange(first, last + 1)
-            shard_labels = labels_by_index(c, labels, index)
+                              conditions=values, first_index=first, negative_prompt=negative_prompt)
+            shard_labels = kind.shard_labels(by_index(values, np.arange(first, last + 1))) if kind else None
             store.write(first, last, images=viz.to_uint8(images),
                         labels=np.full(n, -1, np.int32) if shard_labels is None else shard_labels)
             made += n

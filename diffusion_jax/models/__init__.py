@@ -92,9 +92,12 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 def example_condition(model: nn.Module, batch: int = 1):
     """A condition of the right shape for initialising `model`: text embeddings [B, 77, D] for a
-    text-conditioned one, else None (labels are optional)."""
-    context_dim = getattr(model, "context_dim", 0)
-    return jnp.zeros((batch, 77, context_dim), jnp.float32) if context_dim else None
+    text-conditioned one, a vector [B, cond_dim] for one that takes a condition vector, else None
+    (labels are optional)."""
+    context_dim, cond_dim = getattr(model, "context_dim", 0), getattr(model, "cond_dim", 0)
+    if context_dim:
+        return jnp.zeros((batch, 77, context_dim), jnp.float32)
+    return jnp.zeros((batch, cond_dim), jnp.float32) if cond_dim else None
 
 
 def param_shapes(model: nn.Module, input_shape, batch: int = 1):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import DenseGELU, MultiHeadSelfAttention, embed_labels, timestep_embedding
+from diffusion_jax.models.layers import (DenseGELU, MultiHeadSelfAttention, embed_labels, embed_vector,
+                                        timestep_embedding)
 from diffusion_jax.models.ops import adaptive_layer_norm
 
 Dtype = Any
@@ -87,6 +88,7 @@ class DiT(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     num_classes: int = 1000
+    cond_dim: int = 0  # > 0: y is a condition vector [B, cond_dim] (a condition kind's), added to c
     learn_sigma: bool = True
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
@@ -124,6 +126,8 @@ class DiT(nn.Module):
         c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
         if self.num_classes:
             c = c + embed_labels(y, B, self.num_classes, self.hidden, self.param_dtype, "y_embedder")
+        if self.cond_dim:
+            c = c + embed_vector(y, self.hidden, self.param_dtype, "cond_embedder")
         c = c.astype(self.dtype)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock

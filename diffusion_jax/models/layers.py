@@ -146,3 +146,13 @@ def embed_labels(y, batch: int, num_classes: int, features: int, param_dtype, na
     module's compact method: the table is that module's nn.Embed `name`, num_classes + 1 rows."""
     labels = jnp.full((batch,), num_classes, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
     return nn.Embed(num_classes + 1, features, param_dtype=param_dtype, name=name)(labels).astype(jnp.float32)
+
+
+def embed_vector(y, features: int, param_dtype, name: str):
+    """The embedding float32 [batch, features] of a condition vector y [batch, cond_dim] (a kind's
+    own encoding, its null included): Dense, SiLU, Dense, as the time embedding. Called inside a
+    module's compact method; the layers are `name`_0 and `name`_1."""
+    if y is None or jnp.ndim(y) != 2:
+        raise UsageError(f"this model takes a condition vector y [B, cond_dim], got {None if y is None else jnp.shape(y)}")
+    dense = lambda i: nn.Dense(features, dtype=jnp.float32, param_dtype=param_dtype, name=f"{name}_{i}")
+    return dense(1)(nn.silu(dense(0)(jnp.asarray(y, jnp.float32))))

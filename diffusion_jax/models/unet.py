@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import GroupNorm32, MultiHeadSelfAttention, embed_labels, timestep_embedding
+from diffusion_jax.models.layers import (GroupNorm32, MultiHeadSelfAttention, embed_labels, embed_vector,
+                                        timestep_embedding)
 from diffusion_jax.models.transformer2d import SpatialTransformer
 
 Dtype = Any
@@ -141,6 +142,7 @@ class UNet(nn.Module):
     out_channels: Optional[int] = None
     learn_sigma: bool = False
     num_classes: int = 0
+    cond_dim: int = 0  # > 0: y is a condition vector [B, cond_dim] (a condition kind's), added to temb
     scale_shift_norm: bool = False
     resblock_updown: bool = False
     resamp_with_conv: bool = True
@@ -205,6 +207,8 @@ class UNet(nn.Module):
         temb = dense(4 * self.ch, "temb_dense1")(nn.silu(temb))
         if self.num_classes:
             temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
+        if self.cond_dim:
+            temb = temb + embed_vector(y, 4 * self.ch, self.param_dtype, "cond_emb")
         temb = temb.astype(self.dtype)
 
         levels = len(self.ch_mult)

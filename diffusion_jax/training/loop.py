@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import jax
 
 from diffusion_jax import latents, parallel, viz
-from diffusion_jax.conditioning import TextBatches, caption_conditions, text_conditioned
+from diffusion_jax.conditions import condition_kind
 from diffusion_jax.data import Batches, load_split, prefetch
 from diffusion_jax.data.pipeline import stacked_batches
 from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
@@ -42,13 +42,26 @@ __all__ = ["NonFiniteLoss", "Preempted", "train"]
 def make_batches(config) -> Batches:
     """This process's batches of the training split (batch i a pure function of seed and i)."""
     data = load_split(config.data, config.data.train_split, jax.process_index(), jax.process_count())
-    conditions, encoded = caption_conditions(config, data) if text_conditioned(config) else (None, True)
+    kind = condition_kind(config)
+    conditions, encode = kind.training_conditions(config, data) if kind else (None, None)
     batches = Batches(data, config.data.batch_size, config.seed, process_index=jax.process_index(),
-                      process_count=jax.process_count(), random_flip=config.data.random_flip,
-                      with_labels=config.data.use_labels, conditions=conditions)
+                      process_count=jax.process_count(), random_flip=config.data.random_flip, conditions=conditions)
     if latents.vae_source(config):
         batches = latents.LatentBatches(batches, config, jax.process_index())
-    return batches if encoded else TextBatches(batches, config)
+    return batches if encode is None else EncodedBatches(batches, encode)
+
+
+class EncodedBatches:
+    """Batch i of `batches` with its "cond" (what the condition kind's data gave, e.g. caption ids)
+    through `encode` (e.g. the frozen text encoder: embeddings [b, L, D])."""
+
+    def __init__(self, batches, encode: Callable):
+        self.batches, self.encode = batches, encode
+
+    def __call__(self, step: int) -> dict:
+        batch = dict(self.batches(step))
+        batch["cond"] = self.encode(batch["cond"])
+        return batch
 
 
 def restore_or_init(ckpt: Checkpointer, program: TrainProgram, config, workdir) -> TrainState:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
-from diffusion_jax.conditioning import drop_condition, null_condition
+from diffusion_jax.conditions import condition_kind, drop_condition
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
 from diffusion_jax.processes.edm import precondition
@@ -24,20 +24,21 @@ from diffusion_jax.training.state import TrainState, ema_decay, ema_update, make
 
 
 def make_train_step(model, schedule, config, optimizer):
-    """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "label"?};
-    `schedule` is the run's process (DDPM's Schedule, or a continuous one: `build_process`)."""
+    """train_step(state, batch) -> (state, metrics) for batch {"image" [B, H, W, C], "cond"?: the
+    condition kind's [B, ...]}; `schedule` is the run's process (`build_process`)."""
     d, t = config.diffusion, config.train
     sigma_data = precondition_of(config)
-    null = null_condition(config)
+    kind = condition_kind(config)
+    null = kind.null(config) if kind else None
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
         key_loss, key_dropout, key_labels = jax.random.split(key, 3)
-        labels = drop_condition(key_labels, batch.get("cond", batch.get("label")), t.cond_dropout, null)
+        cond = drop_condition(key_labels, batch.get("cond"), t.cond_dropout, null)
 
         def loss_fn(params):
             def denoise_fn(x_t, t_model):
-                return model.apply({"params": params}, x_t, t_model, labels, train=True,
+                return model.apply({"params": params}, x_t, t_model, cond, train=True,
                                    rngs={"dropout": key_dropout})
             if sigma_data is not None:
                 denoise_fn = precondition(denoise_fn, sigma_data)
