@@ -30,7 +30,7 @@ def test_the_model_sees_the_configured_fraction_of_null_labels(cond_dropout):
                                "data.batch_size": batch, "train.cond_dropout": cond_dropout})
     model, schedule = build_model(config), build_schedule(config)
     optimizer = make_optimizer(config.optim, 1)
-    state = make_init_fn(model, optimizer, (8, 8, 1), 0)(jax.random.PRNGKey(0))
+    state = jax.jit(make_init_fn(model, optimizer, (8, 8, 1), 0))(jax.random.PRNGKey(0))
     step = make_train_step(model, schedule, config, optimizer)
     labels = np.arange(batch, dtype=np.int32) % classes
     images = np.zeros((batch, 8, 8, 1), np.float32)

@@ -17,6 +17,12 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(rows(train) & rows(val)) < 10  # a few digits are pixel-identical duplicates
     np.testing.assert_array_equal(load_digits("validation").labels, val.labels)
     assert set(val.labels.tolist()) == set(range(10))
+    # read from the file scikit-learn ships, without importing it: its loader's numbers
+    from sklearn.datasets import load_digits as sk_digits
+    from diffusion_jax.data.sources import digits_table
+    pixels, digits = digits_table()
+    np.testing.assert_array_equal(pixels, sk_digits().images)
+    np.testing.assert_array_equal(digits, sk_digits().target)
 
 
 def test_batches_are_a_function_of_the_step_and_processes_split_them():

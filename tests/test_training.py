@@ -36,6 +36,19 @@ def test_exact_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]  # the second call started at step 10
+    # the TensorBoard event files hold the same scalars, read back by TensorFlow, which checks
+    # every record's CRC-32C (a flipped byte is a DataLossError)
+    import tensorflow as tf
+    files = sorted((tmp_path / "b" / "tensorboard").iterdir())
+    events = [e for f in files for e in tf.compat.v1.train.summary_iterator(str(f))]
+    losses = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "loss"}
+    assert losses == {r["step"]: np.float32(r["loss"]) for r in rows}
+    assert events[0].file_version == "brain.Event:2"
+    data = bytearray(files[-1].read_bytes())
+    data[-6] ^= 1
+    files[-1].write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError):
+        list(tf.compat.v1.train.summary_iterator(str(files[-1])))
 
 
 _INITIAL = {}

@@ -74,11 +74,25 @@ def digit_captions(labels) -> list:
             for i, y in enumerate(labels)]
 
 
-def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData:
-    from sklearn.datasets import load_digits as sk_digits
+def digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels float64 [1797, 8, 8] in 0..16, digits int [1797]): scikit-learn's digits, read from
+    the file it ships (importing scikit-learn itself takes seconds); its loader if the file moved."""
+    import importlib.util
 
-    bunch = sk_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
+    spec = importlib.util.find_spec("sklearn")
+    path = pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sk_digits
+
+        bunch = sk_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData:
+    pixels, digits = digits_table()
+    images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
     order = np.random.default_rng(0).permutation(len(images))
     parts = {"train": order[DIGITS_VALIDATION:], "validation": order[:DIGITS_VALIDATION],
              "test": order[:DIGITS_VALIDATION], "all": order}
@@ -86,7 +100,7 @@ def load_digits(split: str, image_size: int = 8, channels: int = 1) -> ImageData
         raise UsageError(f"unknown split {split!r} for digits; choose one of {sorted(parts)}")
     idx = np.sort(parts[split])
     images = _match_shape(images[idx], image_size, channels, "digits")
-    labels = bunch.target[idx].astype(np.int32)
+    labels = digits[idx].astype(np.int32)
     return ImageData(images, labels, captions=digit_captions(labels))
 
 
