@@ -36,13 +36,12 @@ def test_a_continuous_process_run_trains_and_samples_from_the_cli(process, extra
     assert loaded.step == 6 and loaded.schedule.name == process
     config = json.loads((run / "config.json").read_text())
     assert config["diffusion"]["process"] == process
-    # each process's own sampler and DPM-Solver++(2M) from the CLI (every method on every process: test_process_samplers)
-    for method in ({"flow": "euler", "edm": "heun"}[process], "dpm++_2m"):
-        out = tmp_path / f"{method}.npz"
-        cli.main(["sample", "--workdir", str(run), "--num_samples", "4", "--method", method, "--steps", "3",
-                  "--out", str(out)])
-        samples = np.load(out)["samples"]
-        assert samples.shape == (4, 8, 8, 1) and np.isfinite(samples).all()
+    # the process's own sampler from the CLI (every method on every process: test_samplers)
+    method = {"flow": "euler", "edm": "heun"}[process]
+    cli.main(["sample", "--workdir", str(run), "--num_samples", "4", "--method", method, "--steps", "3",
+              "--out", str(tmp_path / "s.npz")])
+    samples = np.load(tmp_path / "s.npz")["samples"]
+    assert samples.shape == (4, 8, 8, 1) and np.isfinite(samples).all()
     cli.main(["evaluate", "--workdir", str(run), "--num_samples", "8", "--steps", "3"])
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["process"] == process and metrics["target"] == config["diffusion"]["prediction"]

@@ -7,6 +7,7 @@ NHWC in and the same spatial shape out, and a registry of published presets.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -101,7 +102,13 @@ def example_condition(model: nn.Module, batch: int = 1):
 
 
 def param_shapes(model: nn.Module, input_shape, batch: int = 1):
-    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated; traced once
+    per module and shape, a fresh copy of the tree each call)."""
+    return jax.tree_util.tree_map(lambda s: s, _param_shapes(model, tuple(input_shape), batch))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(model: nn.Module, input_shape: tuple, batch: int):
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return jax.eval_shape(lambda k, x, t: model.init(k, x, t, example_condition(model, batch)),
