@@ -103,7 +103,12 @@ def example_condition(model: nn.Module, batch: int = 1):
 
 def param_shapes(model: nn.Module, input_shape, batch: int = 1):
     """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated; traced once
-    per module and shape, a fresh copy of the tree each call)."""
+    per module and shape, a fresh copy of the tree each call; a module with unhashable fields
+    is traced every time)."""
+    try:
+        hash(model)
+    except TypeError:
+        return _param_shapes.__wrapped__(model, tuple(input_shape), batch)
     return jax.tree_util.tree_map(lambda s: s, _param_shapes(model, tuple(input_shape), batch))
 
 
