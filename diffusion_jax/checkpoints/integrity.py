@@ -1,8 +1,7 @@
 """What makes a saved train state trustworthy: a digest of every array's bits, finiteness, and
-the layout (name and shape of every array); `verify` says why a restored state cannot be used.
-Each array's digest and sum of squares is one small program per (shape, dtype), shared by the
-parameters, their EMA and the optimizer's moments (one program over the whole state took
-seconds to compile for every model)."""
+the layout (name and shape of every array), computed in one compiled program per state layout
+(the same for saving and for verifying, so a second process reads it from the compilation
+cache); `verify` says why a restored state cannot be used."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,28 +25,29 @@ def _bits(x) -> jnp.ndarray:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
+def _digests(tree) -> jnp.ndarray:
+    """uint32 [n]: one digest per array of a pytree, sum_i bits_i * (2654435761 i + 1) mod 2^32.
+    Every factor is odd, so a change to any one element changes it; integer sums are exact, so
+    the value does not depend on the sharding or the order of the reduction."""
+    digests = []
+    for x in jax.tree_util.tree_leaves(tree):
+        bits = _bits(x).reshape(-1)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        digests.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return jnp.stack(digests) if digests else jnp.zeros((0,), jnp.uint32)
+
+
+def _sum_of_squares(tree) -> jnp.ndarray:
+    """float32 sum of the squares of every float array: not finite iff an entry is not (or the
+    weights are so large that it overflows, which is divergence too)."""
+    floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in floats), jnp.float32(0))
+
+
 @jax.jit
-def _leaf_summary(x):
-    """(uint32 digest, float32 sum of squares) of one array. The digest is sum_i bits_i
-    (2654435761 i + 1) mod 2^32: every factor is odd, so a change to any one element changes it,
-    and the integer sum is exact, so it does not depend on the sharding or the reduction's order.
-    The sum of squares (0 for integer arrays) is not finite iff an entry is not, or the weights
-    are so large that it overflows, which is divergence too."""
-    bits = _bits(x).reshape(-1)
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-    floating = jnp.issubdtype(x.dtype, jnp.floating)
-    square = jnp.sum(jnp.square(x.astype(jnp.float32))) if floating else jnp.float32(0)
-    return jnp.sum(bits * weights, dtype=jnp.uint32), square
-
-
-def _digests_and_squares(groups: dict, squared: tuple):
-    """({name: uint32 [n] digests of its arrays} of every group, {name: float32 sum of squares} of
-    the groups named in `squared`), on the host."""
-    summaries = jax.device_get({name: [_leaf_summary(x) for x in jax.tree_util.tree_leaves(tree)]
-                                for name, tree in groups.items()})
-    digests = {name: np.asarray([d for d, _ in rows], np.uint32) for name, rows in summaries.items()}
-    squares = {name: np.float32(sum((s for _, s in summaries[name]), np.float32(0))) for name in squared}
-    return digests, squares
+def _digests_and_squares(groups: dict):
+    """({name: digests} and {name: sum of squares} of every group)."""
+    return {name: _digests(tree) for name, tree in groups.items()}, {name: _sum_of_squares(tree) for name, tree in groups.items()}
 
 
 def _combine(digests) -> int:
@@ -67,8 +67,8 @@ class StateSummary(NamedTuple):
 
 
 def summarize(state) -> StateSummary:
-    """Digests, finiteness and parameter norm of a TrainState."""
-    digests, squares = _digests_and_squares(state_groups(state), ("params", "ema_params"))
+    """Digests, finiteness and parameter norm of a TrainState, in one compiled program."""
+    digests, squares = jax.device_get(_digests_and_squares(state_groups(state)))
     return StateSummary({name: _combine(d) for name, d in digests.items()},
                         bool(np.isfinite(squares["params"]) and np.isfinite(squares["ema_params"])),
                         float(np.sqrt(squares["params"])))
@@ -84,7 +84,7 @@ def verify(groups: dict, record: dict) -> str | None:
     all of them or some) must have the digests saved in `record`, and the parameters among them
     must be finite."""
     checked = tuple(name for name in ("params", "ema_params") if name in groups)
-    digests, squares = _digests_and_squares(dict(groups), checked)
+    digests, squares = jax.device_get(_digests_and_squares(dict(groups)))
     saved = record.get("digest") or {}
     bad = sorted(name for name in groups if name in saved and saved[name] != _combine(digests[name]))
     if bad:
