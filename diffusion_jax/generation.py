@@ -16,7 +16,7 @@ import numpy as np
 
 from diffusion_jax import latents
 from diffusion_jax.builders import denoise_fn_for, precondition_of
-from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, refuse_unless
+from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, taking_kind
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -86,7 +86,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, conditions=None,
                  first_index: int = 0, labels=None, prompts=None, negative_prompt=None):
         if negative_prompt:
-            refuse_unless(config, "text", "a negative prompt")
+            taking_kind(config, "negative_prompt")
         if num_samples < 1:
             raise UsageError(f"the number of samples must be at least 1, got {num_samples}")
         if eta is not None and not takes_eta:
@@ -94,10 +94,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         eta = default_eta if eta is None else eta
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_enabled(config, guidance_scale)
-        _, values = given_values(config, conditions)
-        for name, given, what in (("labels", labels, "labels"), ("text", prompts, "prompts")):
-            if given is not None:
-                _, values = given_values(config, given, expected=name, what=what)
+        values = given_values(config, conditions=conditions, labels=labels, prompts=prompts)
         if kind is not None and values is None:
             values = kind.default_values(config)
         null = kind.null(config, negative_prompt) if kind else None

@@ -46,8 +46,8 @@ def test_the_digits_carry_captions_and_folders_read_name_txt_or_captions_jsonl(t
 
 
 def test_a_prompts_file_reads_as_editors_write_it(tmp_path):
-    from diffusion_jax.conditions.text import TEXT
-    read_prompts = TEXT.read_values
+    from diffusion_jax.conditions import read_values
+    read_prompts = lambda path: read_values(path, "prompts")
 
     (tmp_path / "plain.txt").write_text("a cat\na dog\n")
     (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")
@@ -64,12 +64,12 @@ def test_labels_on_a_text_run_and_prompts_on_a_label_run_are_refused():
     text.model.text_encoder = "random"
     labelled.data.use_labels, labelled.data.num_classes = True, 10
     with pytest.raises(UsageError, match="this run is text-conditioned .* give prompts"):
-        given_values(text, [3], expected="labels", what="labels")
+        given_values(text, labels=[3])
     with pytest.raises(UsageError, match="not text-conditioned .*: use --labels"):
-        given_values(labelled, ["a cat"], expected="text", what="prompts")
-    assert given_values(labelled, [3, 9], expected="labels")[1].tolist() == [3, 9]
+        given_values(labelled, prompts=["a cat"])
+    assert given_values(labelled, labels=[3, 9]).tolist() == [3, 9]
     with pytest.raises(UsageError, match=r"labels must be classes in \[0, 10\)"):
-        given_values(labelled, [10])
+        given_values(labelled, conditions=[10])
 
 
 def test_conditions_are_dropped_to_the_null_condition_per_example():

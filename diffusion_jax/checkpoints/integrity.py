@@ -47,7 +47,8 @@ def _sum_of_squares(tree) -> jnp.ndarray:
 @jax.jit
 def _digests_and_squares(groups: dict):
     """({name: digests} and {name: sum of squares} of every group)."""
-    return {name: _digests(tree) for name, tree in groups.items()}, {name: _sum_of_squares(tree) for name, tree in groups.items()}
+    return ({name: _digests(tree) for name, tree in groups.items()},
+            {name: _sum_of_squares(tree) for name, tree in groups.items()})
 
 
 def _combine(digests) -> int:

@@ -3,6 +3,7 @@ label is the class count (guidance's other half and what dropout trains). A run 
 data.use_labels (and data.num_classes)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.conditions.registry import ConditionKind, register_kind
@@ -48,7 +49,6 @@ class Labels(ConditionKind):
         return np.arange(num_classes(config), dtype=np.int32)
 
     def encoder(self, config):
-        import jax.numpy as jnp
         return lambda values: jnp.asarray(np.asarray(values, np.int32))
 
     def null(self, config, negative=None):

@@ -8,8 +8,8 @@ A kind (class labels, text, or one a user defines) says, in one file:
   - what the data gives: `training_conditions(config, data)`, per-example conditions [N, ...] of a
     split and, when they are encoded a batch at a time, the function that does it;
   - what a user gives at sampling: `values(config, given)` checks a list (from Python, the CLI's
-    `--labels` / `--prompt` / `--condition`, or a file read by `read_values`); `default_values`
-    when nothing is given; sample i gets values[i % len(values)];
+    `--labels` / `--prompt` / `--condition`, or a file read by `read_values`; `given_values` is
+    the one entry); `default_values` when nothing is given; sample i gets values[i % len(values)];
   - `encoder(config)`: a batch of values -> the model's condition [B, ...] (a pytree, batch first);
   - `null(config, negative)`: the null condition, broadcast leaf by leaf (guidance's other half,
     and what dropout trains), and what a generate job records (`job_settings`, `shard_labels`).
@@ -57,16 +57,6 @@ class ConditionKind:
 
     def training_conditions(self, config, data) -> tuple[np.ndarray, Callable | None]:
         raise NotImplementedError
-
-    def read_values(self, path) -> list:
-        """The values of a text file, one a line (blank lines skipped); an empty file is an error."""
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no {self.name} file {path}: give a text file with one value a line")
-        values = [line.strip() for line in read_text(path, f"the {self.name} file").splitlines() if line.strip()]
-        if not values:
-            raise UsageError(f"the {self.name} file {path} holds no value: write one a line")
-        return values
 
     def values(self, config, given) -> list:
         return list(given)
@@ -132,29 +122,45 @@ def describe(kind: ConditionKind | None) -> str:
     return kind.description if kind else "unconditional (no data.condition, data.use_labels or model.text_encoder)"
 
 
-def refuse_unless(config, expected: str, what: str) -> ConditionKind:
-    """The run's kind when it is `expected`; else the error naming what was given and what to give."""
+# What a user gives, by argument: (the kind that takes it, or None for the run's own; its words in messages).
+ARGUMENTS = {"conditions": (None, "conditions"), "labels": ("labels", "labels"), "prompts": ("text", "prompts"),
+             "negative_prompt": ("text", "a negative prompt")}
+
+
+def taking_kind(config, argument: str) -> ConditionKind:
+    """The run's kind, when it takes `argument` (an ARGUMENTS key); else the error naming what was
+    given and what to give instead."""
     kind = condition_kind(config)
-    if kind is None or kind.name != expected:
-        how = kind.how_to_give if kind else "drop them"
-        raise UsageError(f"{what} given, but this run is {describe(kind)}, not {KINDS[expected].description}: {how}")
+    expected, what = ARGUMENTS[argument]
+    if kind is None or (expected is not None and kind.name != expected):
+        wanted = f", not {KINDS[expected].description}" if expected is not None else ""
+        raise UsageError(f"{what} given, but this run is {describe(kind)}{wanted}: "
+                         f"{kind.how_to_give if kind else 'drop them'}")
     return kind
 
 
-def given_values(config, conditions=None, *, expected: str | None = None, what: str = "conditions"):
-    """(kind, checked values or None) of conditions a user gave for sampling (`expected`: the kind
-    a named argument implies, e.g. labels= the labels kind)."""
-    kind = condition_kind(config)
-    if conditions is None:
-        return kind, None
-    if expected is not None:
-        kind = refuse_unless(config, expected, what)
-    elif kind is None:
-        raise UsageError(f"{what} given, but this run is {describe(None)}: drop them")
-    values = kind.values(config, list(conditions))
-    if not len(values):
-        raise UsageError(f"{what} given but empty: give at least one, or none for the default")
-    return kind, values
+def given_values(config, **given):
+    """The checked values of the conditions a user gave for sampling, by argument: conditions= (the
+    run's own kind), labels=, prompts= (refused by a run of another kind); None when nothing was."""
+    values = None
+    for argument, value in given.items():
+        if value is not None:
+            values = taking_kind(config, argument).values(config, list(value))
+            if not len(values):
+                raise UsageError(f"{ARGUMENTS[argument][1]} given but empty: give at least one, or none for the "
+                                 "default")
+    return values
+
+
+def read_values(path, what: str = "conditions") -> list:
+    """The values of a text file, one a line (blank lines skipped); an empty file is an error."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file {path}: give a text file with one value a line")
+    values = [line.strip() for line in read_text(path, f"the {what} file").splitlines() if line.strip()]
+    if not values:
+        raise UsageError(f"the {what} file {path} holds no value: write one a line")
+    return values
 
 
 def by_index(values, index) -> list:

@@ -62,12 +62,6 @@ class Text(ConditionKind):
             return ids, lambda batch_ids: np.asarray(encode(batch_ids))
         return np.concatenate([np.asarray(encode(ids[i:i + 256])) for i in range(0, len(ids), 256)]), None
 
-    def read_values(self, path) -> list:
-        try:
-            return super().read_values(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no prompts file {path}: give a text file with one prompt a line") from None
-
     def values(self, config, given) -> list:
         return [str(v) for v in given]
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax import viz
-from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, refuse_unless
+from diffusion_jax.conditions import (by_index, condition_kind, given_values, guidance_enabled, read_values,
+                                      taking_kind)
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.parallel import make_mesh, replicated
@@ -77,18 +78,12 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
     kind = condition_kind(c)
     if negative_prompt:
-        refuse_unless(c, "text", "a negative prompt")
-    values = None
-    if labels is not None:
-        values = given_values(c, labels, expected="labels", what="labels")[1]
-    if conditions is not None:
-        values = given_values(c, conditions)[1]
-    if prompts_file is not None:
-        kind, conditions_file = refuse_unless(c, "text", "prompts"), prompts_file
-    if conditions_file is not None:
-        if kind is None:
-            given_values(c, [], what="a conditions file")  # the error: this run is unconditional
-        values = given_values(c, kind.read_values(conditions_file))[1]
+        taking_kind(c, "negative_prompt")
+    values = given_values(c, conditions=conditions, labels=labels)
+    argument = "prompts" if prompts_file is not None else "conditions"
+    conditions_file = prompts_file if prompts_file is not None else conditions_file
+    if conditions_file is not None:  # the kind is checked before the file is read
+        values = given_values(c, **{argument: read_values(conditions_file, taking_kind(c, argument).file_key)})
     settings = {"run": str(pathlib.Path(workdir).resolve()), "checkpoint": run.step, "method": method,
                 "steps": steps, "options": {k: v for k, v in options.items() if k != "eta"},
                 "eta": options.get("eta"), "guidance_scale": guidance_scale,
