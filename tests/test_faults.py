@@ -91,6 +91,40 @@ def replace_with_garbage_that_restores(workdir, step: int) -> None:
     ckpt.close()
 
 
+def test_a_states_digest_is_its_formula_for_any_sharding_and_sees_any_changed_bit():
+    """The digest of each array is sum_i bits_i (2654435761 i + 1) mod 2^32 over its flat index i
+    (Python integers here), the same whether the array is on one device, split over 8 or split on
+    two axes and replicated on the others; one flipped bit changes it, a NaN makes the group not finite."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from diffusion_jax.checkpoints.integrity import _digests_and_squares
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(8, 4)).astype(np.float32), "b": rng.normal(size=(16,)).astype(jax.numpy.bfloat16),
+            "n": np.arange(5, dtype=np.int32) - 2, "key": jax.random.key(3)}
+
+    def formula(x):
+        x = np.asarray(jax.random.key_data(x) if isinstance(x, jax.Array) else x).reshape(-1)
+        bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.int64)
+        return sum(int(b) * (2654435761 * i + 1) for i, b in enumerate(bits)) % 2**32
+
+    expected = [formula(x) for x in jax.tree_util.tree_leaves(tree)]
+    squares = sum(float(np.sum(np.asarray(tree[k], np.float64) ** 2)) for k in ("w", "b"))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    for spec in (None, P("fsdp"), P("data", "fsdp"), P(None, "data")):
+        placed = dict(tree) if spec is None else {
+            **tree, "w": jax.device_put(tree["w"], NamedSharding(mesh, spec)),
+            "b": jax.device_put(tree["b"], NamedSharding(mesh, P(spec[0] if len(spec) else None)))}
+        digests, sums = _digests_and_squares({"params": placed})
+        assert digests["params"].tolist() == expected, spec
+        np.testing.assert_allclose(sums["params"], squares, rtol=1e-12)
+    flipped = dict(tree, w=tree["w"].copy())
+    flipped["w"].view(np.uint32)[3, 2] ^= 1 << 7
+    changed = _digests_and_squares({"params": flipped})[0]["params"].tolist()
+    assert [a != b for a, b in zip(changed, expected)] == [False, False, False, True]  # leaves b, key, n, w
+    flipped["w"][0, 0] = np.nan
+    assert not np.isfinite(_digests_and_squares({"params": flipped})[1]["params"])
+
+
 @pytest.mark.xdist_group("faults")
 @pytest.mark.parametrize("damage", ["restorable_garbage", "flipped_bytes"])
 def test_a_corrupted_checkpoint_is_skipped_by_train_sample_and_evaluate(run_of_20_steps, tmp_path, capsys, caplog,

@@ -1,7 +1,6 @@
 """What makes a saved train state trustworthy: a digest of every array's bits, finiteness, and
-the layout (name and shape of every array), computed in one compiled program per state layout
-(the same for saving and for verifying, so a second process reads it from the compilation
-cache); `verify` says why a restored state cannot be used."""
+the layout (name and shape of every array), computed on the host from what each process holds
+(nothing to compile); `verify` says why a restored state cannot be used."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,42 +12,72 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
-def _bits(x) -> jnp.ndarray:
-    """The bits of every element of x as uint32 (floats bitcast, narrower types widened)."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+def _bits(x: np.ndarray) -> np.ndarray:
+    """The bits of every element of a host array as uint32 (floats bitcast, narrower types widened)."""
+    if x.dtype == np.bool_:
+        return x.astype(np.uint32)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    return x.view(unsigned).astype(np.uint32)
+
+
+def _global_flat_index(index: tuple, shape: tuple) -> np.ndarray:
+    """uint32 [shard shape]: the row-major flat index in the whole array (of `shape`) of every element
+    of the shard at `index` (a tuple of slices), modulo 2^32."""
+    flat = np.zeros((), np.uint64)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        start, stop, _ = index[axis].indices(shape[axis])
+        coordinates = np.arange(start, stop, dtype=np.uint64) * np.uint64(stride)
+        flat = flat + coordinates.reshape((-1,) + (1,) * (len(shape) - 1 - axis))
+        stride *= shape[axis]
+    return flat.astype(np.uint32)
+
+
+def _local_pieces(x):
+    """(global index, host data) of the parts of array x this process holds and counts: each shard
+    once over its replicas; a host (NumPy) value only on process 0, which every process holds."""
+    if isinstance(x, jax.Array):
+        return [(shard.index, np.asarray(shard.data)) for shard in x.addressable_shards if shard.replica_id == 0]
+    x = np.asarray(x)
+    return [(tuple(slice(None) for _ in x.shape), x)] if jax.process_index() == 0 else []
+
+
+def _leaf_sums(x) -> tuple[int, float, bool]:
+    """(digest, sum of squares, all finite) of this process's part of array x: the digest is
+    sum_i bits_i * (2654435761 i + 1) mod 2^32 over the global flat index i. Every factor is odd, so
+    a change to any one element changes it; integer sums are exact, so the processes' parts add up
+    to the same value for any sharding and any order."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    digest, squares, finite = 0, 0.0, True
+    for index, data in _local_pieces(x):
+        weights = _global_flat_index(index, x.shape) * np.uint32(2654435761) + np.uint32(1)
+        digest = (digest + int(np.sum(_bits(data) * weights, dtype=np.uint32))) % 2**32
+        if jnp.issubdtype(data.dtype, jnp.floating):
+            values = data.astype(np.float64)
+            squares += float(np.sum(values * values))
+            finite = finite and bool(np.all(np.isfinite(values)))
+    return digest, squares, finite
 
 
-def _digests(tree) -> jnp.ndarray:
-    """uint32 [n]: one digest per array of a pytree, sum_i bits_i * (2654435761 i + 1) mod 2^32.
-    Every factor is odd, so a change to any one element changes it; integer sums are exact, so
-    the value does not depend on the sharding or the order of the reduction."""
-    digests = []
-    for x in jax.tree_util.tree_leaves(tree):
-        bits = _bits(x).reshape(-1)
-        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-        digests.append(jnp.sum(bits * weights, dtype=jnp.uint32))
-    return jnp.stack(digests) if digests else jnp.zeros((0,), jnp.uint32)
-
-
-def _sum_of_squares(tree) -> jnp.ndarray:
-    """float32 sum of the squares of every float array: not finite iff an entry is not (or the
-    weights are so large that it overflows, which is divergence too)."""
-    floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in floats), jnp.float32(0))
-
-
-@jax.jit
 def _digests_and_squares(groups: dict):
-    """({name: digests} and {name: sum of squares} of every group)."""
-    return ({name: _digests(tree) for name, tree in groups.items()},
-            {name: _sum_of_squares(tree) for name, tree in groups.items()})
+    """({name: uint32 digest of each array} and {name: sum of squares of its float arrays, inf when
+    one is not finite}) of every group, computed on the host from the parts this process holds and
+    added up over the processes (no program to compile: the arrays are read once, as saving does)."""
+    names = list(groups)
+    leaves = {name: jax.tree_util.tree_leaves(groups[name]) for name in names}
+    sums = {name: [_leaf_sums(x) for x in leaves[name]] for name in names}
+    digests = np.asarray([d for name in names for d, _, _ in sums[name]], np.uint32)
+    squares = np.asarray([sum(s for _, s, _ in sums[name]) if all(f for _, _, f in sums[name]) else np.inf
+                          for name in names], np.float64)
+    if jax.process_count() > 1:
+        digests = np.sum(multihost_utils.process_allgather(digests), axis=0, dtype=np.uint32)
+        squares = np.sum(multihost_utils.process_allgather(squares), axis=0)
+    split = np.cumsum([len(leaves[name]) for name in names])[:-1]
+    return dict(zip(names, np.split(digests, split))), dict(zip(names, squares))
 
 
 def _combine(digests) -> int:
@@ -68,8 +97,8 @@ class StateSummary(NamedTuple):
 
 
 def summarize(state) -> StateSummary:
-    """Digests, finiteness and parameter norm of a TrainState, in one compiled program."""
-    digests, squares = jax.device_get(_digests_and_squares(state_groups(state)))
+    """Digests, finiteness and parameter norm of a TrainState."""
+    digests, squares = _digests_and_squares(state_groups(state))
     return StateSummary({name: _combine(d) for name, d in digests.items()},
                         bool(np.isfinite(squares["params"]) and np.isfinite(squares["ema_params"])),
                         float(np.sqrt(squares["params"])))
@@ -85,7 +114,7 @@ def verify(groups: dict, record: dict) -> str | None:
     all of them or some) must have the digests saved in `record`, and the parameters among them
     must be finite."""
     checked = tuple(name for name in ("params", "ema_params") if name in groups)
-    digests, squares = jax.device_get(_digests_and_squares(dict(groups)))
+    digests, squares = _digests_and_squares(dict(groups))
     saved = record.get("digest") or {}
     bad = sorted(name for name in groups if name in saved and saved[name] != _combine(digests[name]))
     if bad:
