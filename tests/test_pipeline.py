@@ -216,3 +216,92 @@ def test_a_pipeline_without_its_model_index_says_so_instead_of_a_subfolder_circl
 
     with pytest.raises(FileNotFoundError, match="no model_index.json, which says how they fit"):
         load_diffusers(str(copy))
+
+
+def _peft_lora(pipe, seed: int, rank: int, alpha: float, patterns: bool):
+    """A LoRA made by PEFT on copies of the pipeline's U-Net and text encoder (random, non-zero up
+    weights; with `patterns`, a rank and an alpha pattern), as (U-Net state dict, text encoder state
+    dict, their metadata)."""
+    peft = pytest.importorskip("peft")
+    unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    torch.manual_seed(seed)
+    unet_config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1",
+                                                  "ff.net.2", "time_emb_proj"],
+                                  rank_pattern={"conv1": 2} if patterns else {},
+                                  alpha_pattern={"to_k": 2 * alpha} if patterns else {})
+    text_config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                  target_modules=["q_proj", "v_proj", "out_proj", "fc1"])
+    peft.inject_adapter_in_model(unet_config, unet)
+    peft.inject_adapter_in_model(text_config, text_encoder)
+    shrink = lambda state: {k: 0.5 * v.detach().clone() for k, v in state.items()}
+    return (shrink(peft.get_peft_model_state_dict(unet)), shrink(peft.get_peft_model_state_dict(text_encoder)),
+            unet_config.to_dict(), text_config.to_dict())
+
+
+def _as_kohya(unet_state, text_state, unet_meta, text_meta) -> dict:
+    """The same LoRA in kohya's names: lora_unet_ / lora_te_ + the module's dots as underscores,
+    lora_down / lora_up, and each module's alpha (its pattern's, else lora_alpha)."""
+    from diffusion_jax.lora import _pattern_value
+
+    out = {}
+    for prefix, state, meta in (("lora_unet_", unet_state, unet_meta), ("lora_te_", text_state, text_meta)):
+        for key, value in state.items():
+            module, _, which = key.rpartition(".lora_")
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(_pattern_value(meta["alpha_pattern"], module, meta["lora_alpha"])))
+    return out
+
+
+def test_loras_from_diffusers_and_kohya_files_give_diffusers_images(small_pipeline, tmp_path):
+    """A LoRA on the U-Net (attention, projections, 3x3 convolutions, the time embedding; a rank and
+    an alpha pattern) and the text encoder, written by diffusers' save_lora_weights with its
+    metadata, and one in kohya's names: our images are diffusers' load_lora_weights images within
+    1e-3 at weight 1 and 0.7 (set_adapters), and with two LoRAs at once; the weight is an argument
+    of the program (no new compile). Kohya's per-module alphas are applied as its format says:
+    the patterned LoRA in kohya's names gives our images of its PEFT file (diffusers drops the
+    alphas of attention layers from kohya files, so it is compared with diffusers without them)."""
+    import safetensors.torch
+
+    pipe, saved = small_pipeline
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")
+    loras = {}
+    for name, seed, rank, alpha, patterns in (("a", 1, 4, 8.0, True), ("b", 2, 3, 3.0, False)):
+        unet_state, text_state, unet_meta, text_meta = _peft_lora(pipe, seed, rank, alpha, patterns)
+        diffusers.StableDiffusionPipeline.save_lora_weights(
+            tmp_path / name, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+            unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=text_meta)
+        loras[name] = tmp_path / name / "pytorch_lora_weights.safetensors"
+        safetensors.torch.save_file(_as_kohya(unet_state, text_state, unet_meta, text_meta),
+                                    tmp_path / f"kohya_{name}.safetensors")
+        loras[f"kohya_{name}"] = tmp_path / f"kohya_{name}.safetensors"
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+    def theirs(adapters, weights):
+        for name in adapters:
+            pipe.load_lora_weights(str(loras[name].parent), weight_name=loras[name].name, adapter_name=name)
+        try:
+            pipe.set_adapters(adapters, adapter_weights=weights)
+            with torch.no_grad():
+                return pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
+                            latents=torch.from_numpy(latents), output_type="np").images
+        finally:
+            pipe.unload_lora_weights()
+
+    base = load_pipeline(saved)
+    ours = {}
+    for adapters, weights in ((["a"], [1.0]), (["a"], [0.7]), (["kohya_a"], [0.7]), (["kohya_b"], [1.0]),
+                              (["a", "b"], [1.0, 0.7])):
+        ours_pipe = base.with_loras([(loras[n], w) for n, w in zip(adapters, weights)])
+        ours[tuple(adapters), weights[0]] = ours_pipe(PROMPTS, jax.random.key(0), num_steps=6, negative_prompts=NEGATIVE,
+                                                      x_T=latents.transpose(0, 2, 3, 1))
+        if adapters != ["kohya_a"]:
+            reference = theirs(adapters, weights)
+            assert np.abs(ours[tuple(adapters), weights[0]] - reference).max() <= 1e-3, (adapters, weights)
+    np.testing.assert_allclose(ours[("kohya_a",), 0.7], ours[("a",), 0.7], atol=1e-6)
+    plain = base(PROMPTS, jax.random.key(0), num_steps=6, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
+    assert min(np.abs(images - plain).max() for images in ours.values()) > 0.02  # each LoRA changes the images
+    (program,) = base.programs.values()  # one trace per layout: none, LoRA a's (any weight, either format), b's, both
+    assert program._cache_size() == 4

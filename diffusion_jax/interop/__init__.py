@@ -109,6 +109,11 @@ def from_state_dict(config: dict, tensors: dict, where: str = "state dict") -> I
     return Imported(model, jax.tree_util.tree_map(jnp.asarray, params), config, input_shape)
 
 
+def entries_of(imported: Imported) -> list:
+    """The parameter table (`tensors.Entry`) of an imported model: its diffusers module names."""
+    return architecture(imported.config, "model").entries(imported.model, imported.input_shape)[0]
+
+
 def expected_params(model, input_shape):
     """The module's params tree of ShapeDtypeStructs (nothing allocated)."""
     if isinstance(model, AutoencoderKL):
@@ -142,4 +147,4 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     return path
 
 
-__all__ = ["ARCHITECTURES", "Imported", "from_state_dict", "load_diffusers", "save_diffusers"]
+__all__ = ["ARCHITECTURES", "Imported", "entries_of", "from_state_dict", "load_diffusers", "save_diffusers"]

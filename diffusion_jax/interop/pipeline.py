@@ -13,6 +13,7 @@ SDXL (a second text encoder) is refused by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Optional
 
@@ -26,7 +27,8 @@ from diffusion_jax.interop import files, scheduler
 from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
-from diffusion_jax.models.text_encoder import compiled_text_embeddings
+from diffusion_jax.lora import with_adapters
+from diffusion_jax.models.text_encoder import text_embeddings
 from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
@@ -46,6 +48,7 @@ class StableDiffusion:
     scheduler_config: dict
     schedule: Any
     clip_skip: int = 0
+    loras: dict = dataclasses.field(default_factory=dict)  # {"unet" / "text_encoder": LoraLayers} (`lora`)
     programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # compiled, per sampler
 
     @property
@@ -59,7 +62,24 @@ class StableDiffusion:
     def encode_prompt(self, prompts) -> jax.Array:
         """The text embeddings [B, 77, D] the U-Net is conditioned on (the condition)."""
         ids = jnp.asarray(self.tokenizer(prompts))
-        return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(self.text_encoder.params, ids)
+        return _adapted_text_embeddings(self.text_encoder.model, self.clip_skip)(
+            self.text_encoder.params, self.loras.get("text_encoder", ()), ids)
+
+    def with_loras(self, loras) -> "StableDiffusion":
+        """The pipeline with the LoRA files `loras` ([(path, weight), ...]: diffusers / PEFT or kohya
+        format) on its U-Net and text encoder, in place of any it had; the base parameters are
+        shared, never copied, and the adapted kernels are computed inside the programs."""
+        from diffusion_jax import interop, lora
+        from diffusion_jax.interop import clip
+
+        models = {"unet": interop.entries_of(self.unet), "text_encoder": clip.entries(self.text_encoder.model)}
+        layers = {component: () for component in models}
+        for path, weight in loras:
+            for component, adapted in lora.read_lora(path, models, weight).items():
+                params = self.unet.params if component == "unet" else self.text_encoder.params
+                lora.check_fits(adapted, params, str(path))
+                layers[component] += adapted
+        return dataclasses.replace(self, loras={c: v for c, v in layers.items() if v})  # the same programs
 
     def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
                  negative_prompts=None, x_T=None, **options) -> np.ndarray:
@@ -96,14 +116,14 @@ class StableDiffusion:
         bound = min(-(-num_steps // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
         program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
-        images = program(self.unet.params, self.vae.params, cond, self.encode_prompt(negative) if guided else None,
+        images = program(self.unet.params, self.loras.get("unet", ()), self.vae.params, cond, self.encode_prompt(negative) if guided else None,
                          key, None if x_T is None else jnp.asarray(x_T, jnp.float32),
                          jnp.float32(guidance_scale if guided else 1.0), jnp.int32(num_steps))
         return np.asarray(images, np.float32)
 
     def program(self, method: str, bound: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
         """The jitted chain and decoder of one sampler, step bound and latent shape [B, h, w, C]: (U-Net
-        params, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
+        params, its LoRA layers, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
         [B, H, W, 3] in [0, 1]. Compiled once and kept."""
         from diffusion_jax.samplers import guided_denoise_fn, sample
 
@@ -112,7 +132,8 @@ class StableDiffusion:
             unet, vae, schedule, prediction, scale = self.unet.model, self.vae.model, self.schedule, \
                 self.prediction, self.vae_scale
 
-            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
+            def run(unet_params, unet_loras, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
+                unet_params = with_adapters(unet_params, unet_loras)
                 denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
                 model = guided_denoise_fn(denoise, cond, *((null, guidance_scale) if guided else ()))
                 latents = sample(model, schedule, shape, key, method=method, num_steps=num_steps, max_steps=bound,
@@ -124,8 +145,16 @@ class StableDiffusion:
         return self.programs[signature]
 
 
-def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
-    """The StableDiffusionPipeline saved in `path` (its model_index.json and component folders)."""
+@functools.lru_cache(maxsize=8)
+def _adapted_text_embeddings(encoder, clip_skip: int):
+    """(text encoder params, its LoRA layers, input ids) -> embeddings [B, L, D], jitted once."""
+    return jax.jit(lambda params, loras, ids: text_embeddings(encoder, with_adapters(params, loras), ids,
+                                                              clip_skip=clip_skip))
+
+
+def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:
+    """The StableDiffusionPipeline saved in `path` (its model_index.json and component folders), with
+    the LoRA files `loras` ([(path, weight), ...]) on its U-Net and text encoder (`with_loras`)."""
     from diffusion_jax.interop import load_diffusers
 
     directory = files.resolve(str(path))
@@ -148,8 +177,9 @@ def load_pipeline(path, *, clip_skip: int = 0) -> StableDiffusion:
                               "give the pipeline's scheduler/scheduler_config.json intact")
     encoder, tokenizer = load_text_encoder_parts(directory)
     check_parts_fit(directory, unet, vae, encoder, tokenizer)
-    return StableDiffusion(unet, vae, encoder, tokenizer, config, scheduler.process_from_scheduler(config),
-                           int(clip_skip))
+    pipeline = StableDiffusion(unet, vae, encoder, tokenizer, config, scheduler.process_from_scheduler(config),
+                               int(clip_skip))
+    return pipeline.with_loras(loras) if loras else pipeline
 
 
 def check_component_folders(directory, components) -> None:

@@ -1,0 +1,292 @@
+"""LoRA: low-rank adapters on a model's Dense layers and convolutions, as a transformation of its
+parameters, and the files people share them in.
+
+An adapted layer's kernel is W + s (down @ up): `down` [..., in, r] (a Dense layer's [in, r], a
+convolution's [kh, kw, in, r]), `up` [r, out], s = (alpha / r) x the adapter's weight (alpha /
+sqrt(r) with rsLoRA). `with_adapters(params, layers)` computes the adapted kernels inside the
+program that calls it, so the base parameters are never copied, and a weight is a traced number
+(changing it compiles nothing). Several adapters are the concatenation of their layers.
+
+    layers = read_lora("pytorch_lora_weights.safetensors", {"unet": unet_entries}, weight=0.7)["unet"]
+    out = model.apply({"params": with_adapters(params, layers)}, x, t, y)
+
+Files: diffusers / PEFT (`unet.` / `text_encoder.` / `text_encoder_2.` prefixes, `lora_A` / `lora_B`,
+the older `to_q_lora.down` and `lora.down` / `lora_linear_layer.down` names, the adapter metadata
+in the safetensors header: r, lora_alpha, rank_pattern, alpha_pattern, use_rslora; alpha = r
+without it) and kohya's (`lora_unet_`, `lora_te_` / `lora_te1_` / `lora_te2_` with the module's
+dots as underscores, `.lora_down` / `.lora_up` / `.alpha`). Names are matched against the
+model's table of diffusers module names (`interop.tensors.Entry`): a key that matches no layer is
+an error naming it. `write_lora` writes the PEFT format with its metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.errors import UsageError
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+_ADAPTABLE = ("conv", "dense", "linear")
+_QKV = ("to_q", "to_k", "to_v")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraLayer:
+    """One adapted layer: `down` [..., in, r], `up` [r, out] and `scale` () (alpha / r x weight);
+    `path` the kernel's place in the params tree, `part` which of q, k, v it adapts in a fused
+    [C, 3C] kernel (None: all of it), `name` the diffusers module it is in files."""
+
+    down: Any
+    up: Any
+    scale: Any
+    path: tuple = dataclasses.field(metadata=dict(static=True))
+    part: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+    name: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[0])
+
+
+def delta(layer: LoraLayer):
+    """s (down @ up): the change to the kernel (or to its part), [..., in, out] float32."""
+    return layer.scale * jnp.matmul(jnp.asarray(layer.down, jnp.float32), jnp.asarray(layer.up, jnp.float32))
+
+
+def with_adapters(params, layers) -> Any:
+    """`params` with every layer's delta added to its kernel (pure: jit it, or call it inside the
+    program that applies the model). Only the dicts along the adapted paths are new."""
+    if not layers:
+        return params
+    params = dict(params)
+    for layer in layers:
+        node, parents = params, []
+        for key in layer.path:
+            parents.append(node)
+            node = node[key]
+            if isinstance(node, dict):
+                node = dict(node)
+                parents[-1][key] = node
+        kernel = node
+        change = delta(layer).astype(kernel.dtype)
+        if layer.part is not None:
+            width = kernel.shape[-1] // 3
+            change = jnp.zeros_like(kernel).at[..., layer.part * width:(layer.part + 1) * width].set(change)
+        parents[-1][layer.path[-1]] = kernel + change
+    return params
+
+
+@jax.jit
+def merge(params, layers):
+    """The base parameters with the adapters folded in (a new tree: serving without LoRA's cost)."""
+    return with_adapters(params, layers)
+
+
+def unmerge(params, layers):
+    """The inverse of `merge` (up to rounding)."""
+    return merge(params, tuple(dataclasses.replace(layer, scale=-layer.scale) for layer in layers))
+
+
+def layer_table(entries) -> dict:
+    """{diffusers module name: (kernel path, kind, part)} of the layers a LoRA can adapt, from a
+    model's `interop.tensors` table (a fused q/k/v entry gives its three modules)."""
+    table = {}
+    for entry in entries:
+        if entry.kind == "qkv":
+            for part, name in enumerate(_QKV):
+                table[f"{entry.name}.{name}"] = (entry.path + ("kernel",), "dense", part)
+        elif entry.kind in _ADAPTABLE:
+            table[entry.name] = (entry.path + ("kernel",), entry.kind, None)
+    return table
+
+
+# ---------------------------------------------------------------------------------------- files
+_PEFT = re.compile(r"^(?P<module>.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+                   r"lora_linear_layer\.up)\.weight$")
+_PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>down|up)\.weight$")
+
+
+def _is_down(key: str) -> bool:
+    return any(part in key for part in (".lora_A.", ".lora.down.", ".lora_linear_layer.down.", "_lora.down.",
+                                        ".lora_down."))
+
+
+def _module_of(key: str) -> tuple[str, str]:
+    """(component, module name) of a LoRA tensor's key in any of the formats read."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            return component, key[len(prefix):].split(".")[0]  # underscores: matched by `_kohya_name`
+    component, _, rest = key.partition(".")
+    if rest.endswith(".alpha"):  # diffusers' older files: the network alpha beside the pair
+        return component, rest[:-len(".alpha")]
+    match = _PROCESSOR.match(rest)
+    if match:
+        proj = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+        return component, f"{match['attn']}.{proj}"
+    match = _PEFT.match(rest)
+    if match:
+        return component, match["module"]
+    raise UsageError(f"LoRA tensor {key!r} is in no format this reads (PEFT's lora_A / lora_B, diffusers' older "
+                     "to_q_lora.down, kohya's lora_unet_ / lora_te_ with lora_down / lora_up)")
+
+
+def _kohya_name(module: str) -> str:
+    return module.replace(".", "_")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: the first key that matches the module's name at its end."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def read_metadata(path) -> dict:
+    """The adapter metadata diffusers writes into a LoRA file's safetensors header ({} without)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        header = f.metadata() or {}
+    try:
+        return json.loads(header.get(METADATA_KEY) or "{}")
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}: its {METADATA_KEY} header entry is not JSON: the file is damaged") from None
+
+
+def read_lora(path, models: dict, weight: float = 1.0) -> dict:
+    """{component: tuple of LoraLayer} of a LoRA file, for the models named in `models`
+    ({component: its `interop.tensors` table}, e.g. {"unet": ..., "text_encoder": ...}); `weight`
+    multiplies every layer's scale. Every tensor must adapt a layer of one of the models with
+    the kernel's shape, or a UsageError names it."""
+    from safetensors.numpy import load_file
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file {path}: give a .safetensors file (diffusers' save_lora_weights, "
+                                "PEFT or kohya)")
+    if not isinstance(weight, (int, float, np.number)) or isinstance(weight, bool) or not math.isfinite(weight):
+        raise UsageError(f"LoRA weight {weight!r} for {path.name} must be a finite number")
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise UsageError(f"{path} is not a readable safetensors file ({error})") from None
+    metadata = read_metadata(path)
+    pairs: dict = {}
+    alphas: dict = {}
+    for key, value in tensors.items():
+        component, module = _module_of(key)
+        if key.endswith(".alpha"):
+            alphas[(component, module)] = float(np.asarray(value).reshape(-1)[0])
+            continue
+        pairs.setdefault((component, module), {})["down" if _is_down(key) else "up"] = (key, np.asarray(value))
+    tables = {c: layer_table(entries) for c, entries in models.items()}
+    kohya = {c: {_kohya_name(name): name for name in table} for c, table in tables.items()}
+    layers: dict = {c: [] for c in models}
+    for (component, module), pair in pairs.items():
+        key = next(iter(pair.values()))[0]
+        if component not in tables:
+            raise UsageError(f"{path.name}: tensor {key!r} adapts the {component!r}, which this model does not have "
+                             f"(it has {sorted(tables)}): the LoRA is for another model")
+        if key.startswith(tuple(KOHYA_PREFIXES)):
+            module_name = kohya[component].get(module) or kohya[component].get(module.removeprefix("text_model_"))
+        else:
+            module_name = module.removeprefix("text_model.") if component.startswith("text_encoder") else module
+            module_name = module_name if module_name in tables[component] else None
+        if module_name is None:
+            raise UsageError(f"{path.name}: tensor {key!r} matches no layer of the {component} a LoRA can adapt "
+                             "(its Dense layers and convolutions): the LoRA is for another model")
+        if set(pair) != {"down", "up"}:
+            raise UsageError(f"{path.name}: {module} has a LoRA {'up' if 'up' in pair else 'down'} tensor without its "
+                             f"{'down' if 'up' in pair else 'up'} one: the file is incomplete")
+        layer_path, kind, part = tables[component][module_name]
+        down, up = _flax_factors(pair["down"][1], pair["up"][1], kind, path.name, module)
+        rank = up.shape[0]
+        meta = {k[len(component) + 1:]: v for k, v in metadata.items() if k.startswith(component + ".")}
+        alpha = alphas.get((component, module))
+        if meta:
+            declared = int(_pattern_value(meta.get("rank_pattern"), module_name, meta.get("r", rank)))
+            if declared != rank:
+                raise UsageError(f"{path.name}: {module} has rank {rank} but the file's metadata says {declared}: the "
+                                 "file is inconsistent")
+            alpha = float(_pattern_value(meta.get("alpha_pattern"), module_name, meta.get("lora_alpha", rank)))
+            if meta.get("use_dora"):
+                raise UsageError(f"{path.name} is a DoRA adapter (use_dora): only LoRA is supported")
+        alpha = rank if alpha is None else alpha
+        scale = alpha / (math.sqrt(rank) if meta.get("use_rslora") else rank)
+        layers[component].append(LoraLayer(jnp.asarray(down), jnp.asarray(up), jnp.float32(scale * weight),
+                                           layer_path, part, module_name))
+    order = {c: {name: i for i, name in enumerate(table)} for c, table in tables.items()}
+    return {c: tuple(sorted(v, key=lambda layer: order[c][layer.name])) for c, v in layers.items()}
+
+
+def _flax_factors(down: np.ndarray, up: np.ndarray, kind: str, file: str, module: str):
+    """(down [..., in, r], up [r, out]) of PyTorch's lora_A [r, in(, kh, kw)] and lora_B [out, r(, 1, 1)]."""
+    if down.ndim != up.ndim or down.ndim not in (2, 4) or up.shape[1] != down.shape[0] or \
+            (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        raise UsageError(f"{file}: {module}'s LoRA tensors have shapes {down.shape} (down) and {up.shape} (up), which "
+                         "are not a low-rank pair")
+    if (down.ndim == 4) != (kind == "conv"):
+        raise UsageError(f"{file}: {module} is a {'convolution' if kind == 'conv' else 'Dense layer'} here but its LoRA "
+                         f"tensors have shape {down.shape}: the LoRA is for another model")
+    up = up.reshape(up.shape[:2]).T
+    down = down.transpose(2, 3, 1, 0) if down.ndim == 4 else down.T
+    return down.astype(np.float32), up.astype(np.float32)
+
+
+def check_fits(layers, params, what: str) -> None:
+    """Each layer's kernel exists and has the shape down @ up gives, or a UsageError names it."""
+    for layer in layers:
+        node = params
+        for key in layer.path:
+            node = node[key]
+        want = tuple(node.shape[:-1]) + ((node.shape[-1] // 3,) if layer.part is not None else (node.shape[-1],))
+        got = tuple(layer.down.shape[:-1]) + (layer.up.shape[-1],)
+        if got != want:
+            raise UsageError(f"{what}: the LoRA of {layer.name} changes a kernel of shape {got}, the model's is {want}: "
+                             "the LoRA is for another model")
+
+
+def write_lora(path, layers: dict) -> pathlib.Path:
+    """Write {component: LoraLayers} (one adapter, its weight 1) as a PEFT LoRA file with diffusers'
+    metadata (r, lora_alpha, target_modules, rank_pattern, alpha_pattern), which diffusers'
+    `load_lora_weights` reads."""
+    from safetensors.numpy import save_file
+
+    tensors, metadata = {}, {}
+    for component, component_layers in layers.items():
+        if not component_layers:
+            continue
+        prefix = f"{component}.text_model." if component.startswith("text_encoder") else f"{component}."
+        ranks = {layer.name: layer.rank for layer in component_layers}
+        alphas = {layer.name: float(layer.scale) * layer.rank for layer in component_layers}
+        r = max(set(ranks.values()), key=list(ranks.values()).count)
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        for layer in component_layers:
+            down, up = np.asarray(layer.down, np.float32), np.asarray(layer.up, np.float32)
+            conv = down.ndim == 4
+            tensors[f"{prefix}{layer.name}.lora_A.weight"] = np.ascontiguousarray(
+                down.transpose(3, 2, 0, 1) if conv else down.T)
+            tensors[f"{prefix}{layer.name}.lora_B.weight"] = np.ascontiguousarray(
+                up.T[:, :, None, None] if conv else up.T)
+        metadata.update({f"{component}.r": r, f"{component}.lora_alpha": alpha,
+                         f"{component}.target_modules": sorted(ranks),
+                         f"{component}.rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
+                         f"{component}.alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha}})
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True),
+                                            "format": "pt"})
+    return path
