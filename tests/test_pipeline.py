@@ -305,3 +305,70 @@ def test_loras_from_diffusers_and_kohya_files_give_diffusers_images(small_pipeli
     assert min(np.abs(images - plain).max() for images in ours.values()) > 0.02  # each LoRA changes the images
     (program,) = base.programs.values()  # one trace per layout: none, LoRA a's (any weight, either format), b's, both
     assert program._cache_size() == 4
+
+
+def test_a_lora_we_write_loads_in_diffusers_merges_into_the_weights_and_bad_files_are_refused(small_pipeline,
+                                                                                             tmp_path):
+    """`write_lora` writes a PEFT file with its metadata that diffusers' load_lora_weights reads to
+    our images (within 1e-3); `merge` folds the adapters into the weights (the same images) and
+    `unmerge` takes them out again; a key that matches no layer, a LoRA for another model and a
+    weight that is not a finite number are refused naming the problem."""
+    import safetensors.torch
+    from safetensors.numpy import load_file, save_file
+
+    from diffusion_jax import lora
+
+    pipe, saved = small_pipeline
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")
+    unet_state, text_state, unet_meta, text_meta = _peft_lora(pipe, 3, 4, 4.0, True)
+    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "theirs", unet_lora_layers=unet_state,
+                                                        text_encoder_lora_layers=text_state,
+                                                        unet_lora_adapter_metadata=unet_meta,
+                                                        text_encoder_lora_adapter_metadata=text_meta)
+    base = load_pipeline(saved)
+    adapted = base.with_loras([(tmp_path / "theirs" / "pytorch_lora_weights.safetensors", 1.0)])
+    lora.write_lora(tmp_path / "ours" / "pytorch_lora_weights.safetensors", adapted.loras)
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    call = dict(num_steps=6, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
+    ours = adapted(PROMPTS, jax.random.key(0), **call)
+    pipe.load_lora_weights(str(tmp_path / "ours"), adapter_name="ours")
+    try:
+        with torch.no_grad():
+            theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
+                          latents=torch.from_numpy(latents), output_type="np").images
+    finally:
+        pipe.unload_lora_weights()
+    assert np.abs(ours - theirs).max() <= 1e-3 and np.abs(ours - base(PROMPTS, jax.random.key(0), **call)).max() > 0.02
+
+    import dataclasses
+    unet_merged = lora.merge(base.unet.params, adapted.loras["unet"])
+    text_merged = lora.merge(base.text_encoder.params, adapted.loras["text_encoder"])
+    merged = dataclasses.replace(base, unet=dataclasses.replace(base.unet, params=unet_merged),
+                                 text_encoder=base.text_encoder._replace(params=text_merged))
+    np.testing.assert_allclose(merged(PROMPTS, jax.random.key(0), **call), ours, atol=1e-5)
+    for restored, original in zip(jax.tree_util.tree_leaves(lora.unmerge(unet_merged, adapted.loras["unet"])),
+                                  jax.tree_util.tree_leaves(base.unet.params)):
+        np.testing.assert_allclose(restored, original, atol=1e-6)
+
+    ours_file = tmp_path / "ours" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(str(ours_file))
+    key = next(k for k in tensors if k.startswith("unet.") and k.endswith("attn1.to_q.lora_A.weight"))
+    cases = {"a key that matches nothing": ({**tensors, "unet.down_blocks.0.nothing.lora_A.weight": tensors[key],
+                                             "unet.down_blocks.0.nothing.lora_B.weight": tensors[key.replace("_A", "_B")]},
+                                            "down_blocks.0.nothing.lora_A.weight' matches no layer of the unet"),
+             "another model's widths": ({**tensors, key: np.zeros((4, 48), np.float32)},
+                                        "LoRA of .*attn1.to_q changes a kernel of shape \\(48, .*the LoRA is for another model"),
+             "a second text encoder": ({**tensors, "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A."
+                                        "weight": np.zeros((4, 32), np.float32)},
+                                       "adapts the 'text_encoder_2', which this model does not have")}
+    for name, (damaged, words) in cases.items():
+        save_file(damaged, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(UsageError, match=words):
+            base.with_loras([(tmp_path / "bad.safetensors", 1.0)])
+    for weight in (float("nan"), float("inf"), "0.7", True):
+        with pytest.raises(UsageError, match="must be a finite number"):
+            base.with_loras([(ours_file, weight)])
+    safetensors.torch.save_file({"unet.x.lora_A.weight": torch.zeros(1)}, tmp_path / "odd.safetensors")
+    with pytest.raises(UsageError, match="matches no layer"):
+        base.with_loras([(tmp_path / "odd.safetensors", 1.0)])
