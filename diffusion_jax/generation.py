@@ -4,7 +4,7 @@
     x0 = generate(run.ema_params, num_samples=64, key=jax.random.key(0))
 
 Conditions and guidance are decided by the run's condition kind (`conditions`), the sampler
-settings in `config`.
+settings in `config`, LoRA files by `config.sample.loras` (`interop.adapters.with_sample_loras`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, taking_kind
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
+from diffusion_jax.interop.adapters import backbone_component, run_loras
+from diffusion_jax.lora import with_adapters
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
 from diffusion_jax.samplers import guided_denoise_fn, sample
 from diffusion_jax.schedules import Schedule
@@ -61,11 +63,14 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
     kind = condition_kind(config)
     encode = kind.encoder(config) if kind else None
+    loras = run_loras(config).get(backbone_component(model), ())  # LoRA files' layers (sample.loras)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
+    def run(guided, params, loras, vae_params, key, eta, guidance_scale, cond, null_cond):
         """One batch; `cond` the batch's condition (its kind's encoding, batch first; None
-        unconditional), `null_cond` the null condition guidance contrasts it with."""
+        unconditional), `null_cond` the null condition guidance contrasts it with; `loras` the
+        backbone's adapters, added to its kernels here."""
+        params = with_adapters(params, loras)
         kw = dict(method=method, num_steps=steps, clip_x0=bool(s.clip_x0), prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
         if takes_eta:
@@ -106,7 +111,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             batch_key = jax.random.fold_in(key, i)
             if per_sample_keys:
                 batch_key = _keys_for(key, jnp.asarray(index, jnp.int32))
-            result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
+            result = run(guided, params, loras, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
                          jnp.float32(guidance_scale), cond, null)
             if trajectory_every:
                 result, traj = result

@@ -154,6 +154,20 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def parse_spec(spec: str) -> tuple[str, float]:
+    """(path, weight) of a command line's LoRA, "FILE" (weight 1) or "FILE:WEIGHT"."""
+    path, colon, weight = str(spec).rpartition(":")
+    if not colon or not path:
+        return str(spec), 1.0
+    try:
+        number = float(weight)
+    except ValueError:
+        return str(spec), 1.0  # a colon in the file's name
+    if not math.isfinite(number):
+        raise UsageError(f"--lora {spec}: the weight {weight!r} must be a finite number (FILE:WEIGHT, e.g. FILE:0.7)")
+    return path, number
+
+
 def read_metadata(path) -> dict:
     """The adapter metadata diffusers writes into a LoRA file's safetensors header ({} without)."""
     from safetensors import safe_open

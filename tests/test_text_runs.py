@@ -15,7 +15,7 @@ from diffusion_jax.runs import load_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from tests.test_pipeline import small_pipeline  # noqa: E402,F401  (the fixture)
+from tests.test_pipeline import _peft_lora, small_pipeline  # noqa: E402,F401  (the fixture)
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -41,6 +41,17 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     cat = sample("cat", "--prompt", "a photo of a cat")
     assert cat.shape == (2, 16, 16, 3) and np.isfinite(cat).all()
     np.testing.assert_array_equal(sample("cat_again", "--prompt", "a photo of a cat"), cat)  # seeded
+    # a LoRA file (diffusers' save_lora_weights) on the run's U-Net and text encoder: at weight 0 the
+    # run's own images, at 0.7 others (the LoRA's images are diffusers' by test_pipeline)
+    unet_state, text_state, unet_meta, text_meta = _peft_lora(original, 5, 4, 4.0, False)
+    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=unet_state,
+                                                        text_encoder_lora_layers=text_state,
+                                                        unet_lora_adapter_metadata=unet_meta,
+                                                        text_encoder_lora_adapter_metadata=text_meta)
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    np.testing.assert_allclose(sample("lora0", "--prompt", "a photo of a cat", "--lora", f"{lora_file}:0"), cat,
+                               atol=1e-5)
+    assert np.abs(sample("lora", "--prompt", "a photo of a cat", "--lora", f"{lora_file}:0.7") - cat).max() > 0.02
     both = sample("both", "--prompt", "a photo of a cat", "--prompt", "a painting of a horse",
                   "--negative_prompt", "high quality")  # sample i gets prompt i mod 2
     negative = sample("negative", "--prompt", "a photo of a cat", "--negative_prompt", "high quality")
@@ -80,6 +91,18 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
         cli.main(["generate", "--workdir", str(run), "--num_samples", "5", "--steps", "3", "--shard_size", "2",
                   "--prompts", str(prompts), "--out", str(job)])
     assert exit_info.value.code == 2 and "prompts_sha256 was" in capsys.readouterr().err
+    # the LoRA files are part of the job: each one's sha256 recorded, resumed, a changed file refused
+    lora_job = ["generate", "--workdir", str(run), "--num_samples", "2", "--steps", "3", "--out", str(tmp_path / "lora_job"),
+                "--lora", f"{lora_file}:0.7"]
+    _cli(*lora_job)
+    manifest = json.loads((tmp_path / "lora_job" / "manifest.json").read_text())
+    assert manifest["loras"] == [{"file": str(lora_file.resolve()), "weight": 0.7,
+                                  "sha256": hashlib.sha256(lora_file.read_bytes()).hexdigest()}]
+    _cli(*lora_job)
+    lora_file.write_bytes(lora_file.read_bytes().replace(b"lora_alpha", b"lora_alphb"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(lora_job)
+    assert exit_info.value.code == 2 and "loras was" in capsys.readouterr().err
     # without a prompts file the negative prompt is part of the job too: another one is another job
     _cli("generate", "--workdir", run, "--num_samples", 2, "--steps", 3, "--negative_prompt", "blurry",
          "--out", tmp_path / "empty_prompt")

@@ -17,6 +17,7 @@ def register(sub) -> None:
     add_sampler_arguments(s, "comma-separated class labels, cycled")
     s.add_argument("--prompt", action="append", help="a text-conditioned run: the prompt (repeat it for several, "
                                                      "cycled over the samples)")
+    add_lora_argument(s)
     s.set_defaults(run=lambda args: sample_command(args))
     g = sub.add_parser("generate", help="a batch job: N samples as verified, resumable shards (uint8)")
     g.add_argument("--workdir", required=True, help="the run to sample")
@@ -29,7 +30,14 @@ def register(sub) -> None:
                                      "prompt i %% n")
     g.add_argument("--conditions", help="a run of another condition kind: a file of its values, one a line; "
                                         "sample i gets value i %% n")
+    add_lora_argument(g)
     g.set_defaults(run=lambda args: generate_command(args))
+
+
+def add_lora_argument(parser) -> None:
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="a LoRA file (diffusers/PEFT or kohya .safetensors) on the run's backbone and text encoder, "
+                             "at WEIGHT (default 1); repeat it for several")
 
 
 def sample_command(args):
@@ -44,9 +52,14 @@ def sample_command(args):
     out = sample_path(args.out)
     ensure_writable_dir(out.parent, "--out")
     labels = parse_labels(args.labels)
+    from diffusion_jax.interop.adapters import with_sample_loras
+    from diffusion_jax.lora import parse_spec
+
+    loras = [parse_spec(spec) for spec in args.lora]
     maybe_initialize_distributed()
     run = load_run(args.workdir, args.checkpoint)
-    generate = make_generator(run.model, run.schedule, run.config,
+    config = with_sample_loras(run.config, loras) if loras else run.config
+    generate = make_generator(run.model, run.schedule, config,
                               batch_size=min(args.num_samples, args.batch_size),
                               method=args.method, steps=args.steps,
                               options=parse_options(args.option), eta=args.eta)
@@ -57,7 +70,7 @@ def sample_command(args):
         np.savez_compressed(out, samples=images.astype(np.float32))
         png = viz.save_grid(images[:256], out.with_suffix(".png"))
         print(f"wrote {images.shape[0]} samples {images.shape[1:]} to {out} and {png} "
-              f"(checkpoint step {run.step}, EMA parameters)")
+              f"(checkpoint step {run.step}, EMA parameters{', ' + str(len(loras)) + ' LoRA file(s)' if loras else ''})")
 
 
 def sample_path(out) -> pathlib.Path:
@@ -71,6 +84,7 @@ def sample_path(out) -> pathlib.Path:
 
 def generate_command(args):
     from diffusion_jax.jobs.generate import generate_samples
+    from diffusion_jax.lora import parse_spec
     from diffusion_jax.parallel import maybe_initialize_distributed
 
     ensure_writable_dir(args.out, "--out")
@@ -81,7 +95,7 @@ def generate_command(args):
                                 checkpoint=args.checkpoint, batch_size=args.batch_size,
                                 shard_size=args.shard_size, prompts_file=args.prompts,
                                 negative_prompt=args.negative_prompt, conditions=args.condition,
-                                conditions_file=args.conditions)
+                                conditions_file=args.conditions, loras=[parse_spec(spec) for spec in args.lora])
     import jax
 
     if jax.process_index() == 0:

@@ -111,7 +111,21 @@ def from_state_dict(config: dict, tensors: dict, where: str = "state dict") -> I
 
 def entries_of(imported: Imported) -> list:
     """The parameter table (`tensors.Entry`) of an imported model: its diffusers module names."""
-    return architecture(imported.config, "model").entries(imported.model, imported.input_shape)[0]
+    return entries_for(imported.model, imported.input_shape)
+
+
+def entries_for(model, input_shape) -> list:
+    """The parameter table (`tensors.Entry`) of one of this library's models at input shape (H, W, C):
+    the diffusers module name of each of its parameters."""
+    return _architecture_of(model).entries(model, tuple(input_shape))[0]
+
+
+def _architecture_of(model):
+    arch = unet2d_condition if getattr(model, "context_dim", 0) else _BY_MODULE.get(type(model))
+    if arch is None:
+        raise UsageError(f"a {type(model).__name__} has no diffusers counterpart: supported are "
+                         f"{sorted(c.__name__ for c in _BY_MODULE)}")
+    return arch
 
 
 def expected_params(model, input_shape):
@@ -129,9 +143,7 @@ def save_diffusers(path, model, params, schedule: Optional[Schedule] = None, *, 
     DDPMScheduler with `prediction`, `variance` (default: learned_range for a model that
     learns sigma, else fixed_small) and `clip_x0`). `input_shape` (H, W, C) is the size the
     model is for (diffusers' sample_size)."""
-    arch = unet2d_condition if getattr(model, "context_dim", 0) else _BY_MODULE.get(type(model))
-    if arch is None:
-        raise UsageError(f"cannot export a {type(model).__name__}: supported are {sorted(c.__name__ for c in _BY_MODULE)}")
+    arch = _architecture_of(model)
     input_shape = tuple(input_shape)
     config = arch.config_from_module(model, input_shape)
     table, copies = arch.entries(model, input_shape)

@@ -13,7 +13,6 @@ SDXL (a second text encoder) is refused by name.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any, Optional
 
@@ -28,7 +27,7 @@ from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.lora import with_adapters
-from diffusion_jax.models.text_encoder import text_embeddings
+from diffusion_jax.models.text_encoder import compiled_text_embeddings
 from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
@@ -62,24 +61,18 @@ class StableDiffusion:
     def encode_prompt(self, prompts) -> jax.Array:
         """The text embeddings [B, 77, D] the U-Net is conditioned on (the condition)."""
         ids = jnp.asarray(self.tokenizer(prompts))
-        return _adapted_text_embeddings(self.text_encoder.model, self.clip_skip)(
-            self.text_encoder.params, self.loras.get("text_encoder", ()), ids)
+        return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(
+            self.text_encoder.params, ids, self.loras.get("text_encoder", ()))
 
     def with_loras(self, loras) -> "StableDiffusion":
         """The pipeline with the LoRA files `loras` ([(path, weight), ...]: diffusers / PEFT or kohya
         format) on its U-Net and text encoder, in place of any it had; the base parameters are
         shared, never copied, and the adapted kernels are computed inside the programs."""
-        from diffusion_jax import interop, lora
-        from diffusion_jax.interop import clip
+        from diffusion_jax.interop.adapters import read_loras
 
-        models = {"unet": interop.entries_of(self.unet), "text_encoder": clip.entries(self.text_encoder.model)}
-        layers = {component: () for component in models}
-        for path, weight in loras:
-            for component, adapted in lora.read_lora(path, models, weight).items():
-                params = self.unet.params if component == "unet" else self.text_encoder.params
-                lora.check_fits(adapted, params, str(path))
-                layers[component] += adapted
-        return dataclasses.replace(self, loras={c: v for c, v in layers.items() if v})  # the same programs
+        loras = read_loras(loras, {"unet": (self.unet.model, self.unet.input_shape, self.unet.params),
+                                   "text_encoder": (self.text_encoder.model, None, self.text_encoder.params)})
+        return dataclasses.replace(self, loras=loras)  # the same programs: the adapters are their arguments
 
     def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
                  negative_prompts=None, x_T=None, **options) -> np.ndarray:
@@ -143,13 +136,6 @@ class StableDiffusion:
 
             self.programs[signature] = jax.jit(run)
         return self.programs[signature]
-
-
-@functools.lru_cache(maxsize=8)
-def _adapted_text_embeddings(encoder, clip_skip: int):
-    """(text encoder params, its LoRA layers, input ids) -> embeddings [B, L, D], jitted once."""
-    return jax.jit(lambda params, loras, ids: text_embeddings(encoder, with_adapters(params, loras), ids,
-                                                              clip_skip=clip_skip))
 
 
 def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:

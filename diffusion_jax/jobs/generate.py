@@ -28,6 +28,7 @@ from diffusion_jax.conditions import (by_index, condition_kind, given_values, gu
                                       taking_kind)
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
+from diffusion_jax.interop.adapters import lora_settings, with_sample_loras
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.files import claim_directory, write_json_atomically
 from diffusion_jax.runs import load_run
@@ -61,18 +62,21 @@ def claim_job_directory(store: ShardDir, settings: dict) -> None:
 def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, method=None, steps=None,
                      options=None, eta=None, guidance_scale=None, labels=None, checkpoint=None,
                      batch_size: int = 256, shard_size: int = 1000, progress: bool = True,
-                     prompts_file=None, negative_prompt=None, conditions=None, conditions_file=None) -> dict:
+                     prompts_file=None, negative_prompt=None, conditions=None, conditions_file=None,
+                     loras=()) -> dict:
     """Makes (or completes) the job's shards in `out_dir`; returns the manifest (see module).
 
     Conditions are values of the run's condition kind (`conditions`): given as a list
     (`conditions`; `labels` for a class-conditional run) or a file, one value a line
     (`conditions_file`; `prompts_file` for a text run), sample i getting value i mod n. A file's
-    path and sha256 are in the job's settings, so a changed file is another job."""
+    path and sha256 are in the job's settings, so a changed file is another job; so are those of the
+    LoRA files `loras` ([(path, weight), ...]) the run samples with."""
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise UsageError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
                          f"{num_samples}, {shard_size} and {batch_size}")
+    lora_files = lora_settings(loras) if loras else None  # a missing file is named before the run is read
     run = load_run(workdir, checkpoint)
-    c = run.config
+    c = with_sample_loras(run.config, loras) if loras else run.config
     method, steps, options = sampler_settings(c, run.schedule, method, steps, options, eta=eta)
     guidance_scale = float(c.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guidance_enabled(c, guidance_scale)  # checked now, not after the first shard
@@ -98,6 +102,8 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
         settings.update(kind.job_settings(values))
     if negative_prompt:  # the empty prompt's images against another negative: another job
         settings.update(negative_prompt=negative_prompt)
+    if lora_files:
+        settings.update(loras=lora_files)
     if kind is not None and values is None:
         values = kind.default_values(c)
     store = ShardDir(out_dir, job=job_digest(settings))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
+from diffusion_jax.lora import with_adapters
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -112,9 +113,10 @@ class CLIPTextEncoder(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def compiled_text_embeddings(encoder: CLIPTextEncoder, clip_skip: int = 0):
-    """`text_embeddings` jitted once per encoder and clip_skip: (params, input_ids) -> [B, L, D]
-    (the parameters an argument, so they are not folded into the program as constants)."""
-    return jax.jit(lambda params, ids: text_embeddings(encoder, params, ids, clip_skip=clip_skip))
+    """`text_embeddings` jitted once per encoder and clip_skip: (params, input_ids, LoRA layers) -> [B,
+    L, D] (the parameters and the adapters, `lora.with_adapters`, arguments, not constants)."""
+    return jax.jit(lambda params, ids, loras=(): text_embeddings(encoder, with_adapters(params, loras), ids,
+                                                                 clip_skip=clip_skip))
 
 
 def text_embeddings(encoder: CLIPTextEncoder, params, input_ids, *, clip_skip: int = 0, attention_mask=None):
