@@ -63,6 +63,12 @@ def _bad_inputs_of_the_newer_commands(root):
 
     from safetensors.numpy import load_file, save_file
     # reference statistics, damaged in every way the probe found
+    q = np.zeros((4, 32), np.float32)  # LoRA files: one for a U-Net, one whose layer the DiT does not have
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": q,
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": q.T.copy()},
+              str(root / "unet_lora.safetensors"))
+    save_file({"transformer.nothing.lora_A.weight": q, "transformer.nothing.lora_B.weight": q.T.copy()},
+              str(root / "odd_lora.safetensors"))
     np.save(root / "stats.npy", np.zeros(3))
     whole = (root / "stats.npz").read_bytes()
     (root / "stats_cut.npz").write_bytes(whole[: len(whole) // 2])
@@ -368,6 +374,16 @@ NEWER_COMMANDS = {
                                                    "{root}/p.npz"], "not text-conditioned (model.text_encoder): drop them"),
     "generate: prompts for an unconditional run": (G + ["--prompts", "{root}/no_prompts.txt", "--out", "{root}/g"],
                                                      "not text-conditioned (model.text_encoder): drop them"),
+    "sample: a LoRA for a U-Net on a DiT run": (["sample", "--workdir", "{root}/run", "--lora", "{root}/unet_lora.safetensors",
+                                                 "--out", "{root}/l.npz"], "adapts the 'unet', which this model does not have"),
+    "sample: a LoRA key that matches no layer": (["sample", "--workdir", "{root}/run", "--lora",
+                                                  "{root}/odd_lora.safetensors", "--out", "{root}/l.npz"],
+                                                 "'transformer.nothing.lora_A.weight' matches no layer of the transformer"),
+    "sample: a LoRA weight that is not a number": (["sample", "--workdir", "{root}/run", "--lora",
+                                                    "{root}/odd_lora.safetensors:nan", "--out", "{root}/l.npz"],
+                                                   "the weight 'nan' must be a finite number"),
+    "generate: a LoRA file that is not there": (G + ["--lora", "{root}/none.safetensors", "--out", "{root}/g_lora"],
+                                                "no LoRA file"),
     "import: an SDXL pipeline": (["import", "--from", "{root}/sdxl", "--workdir", "{root}/imported_sdxl"],
                                  "is an SDXL pipeline"),
     "import: a pipeline that is not a run": (["import", "--from", "{root}/inpaint_pipeline", "--workdir",
