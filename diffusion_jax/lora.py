@@ -180,11 +180,11 @@ def read_metadata(path) -> dict:
         raise UsageError(f"{path}: its {METADATA_KEY} header entry is not JSON: the file is damaged") from None
 
 
-def read_lora(path, models: dict, weight: float = 1.0) -> dict:
+def read_lora(path, models: dict, weight: float = 1.0, skip=()) -> dict:
     """{component: tuple of LoraLayer} of a LoRA file, for the models named in `models`
     ({component: its `interop.tensors` table}, e.g. {"unet": ..., "text_encoder": ...}); `weight`
-    multiplies every layer's scale. Every tensor must adapt a layer of one of the models with
-    the kernel's shape, or a UsageError names it."""
+    multiplies every layer's scale. Every tensor must adapt a layer of one of the models, or a
+    UsageError names it; the tensors of the components in `skip` (read elsewhere) are left out."""
     from safetensors.numpy import load_file
 
     path = pathlib.Path(path)
@@ -202,6 +202,8 @@ def read_lora(path, models: dict, weight: float = 1.0) -> dict:
     alphas: dict = {}
     for key, value in tensors.items():
         component, module = _module_of(key)
+        if component in skip:
+            continue
         if key.endswith(".alpha"):
             alphas[(component, module)] = float(np.asarray(value).reshape(-1)[0])
             continue
@@ -213,7 +215,7 @@ def read_lora(path, models: dict, weight: float = 1.0) -> dict:
         key = next(iter(pair.values()))[0]
         if component not in tables:
             raise UsageError(f"{path.name}: tensor {key!r} adapts the {component!r}, which this model does not have "
-                             f"(it has {sorted(tables)}): the LoRA is for another model")
+                             f"(it has {sorted(set(tables) | set(skip))}): the LoRA is for another model")
         if key.startswith(tuple(KOHYA_PREFIXES)):
             module_name = kohya[component].get(module) or kohya[component].get(module.removeprefix("text_model_"))
         else:

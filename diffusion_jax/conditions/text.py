@@ -34,11 +34,12 @@ def ids_encoder(config) -> Callable:
     """ids int32 [B, L] -> embeddings [B, L, D] (jitted; the parameters an argument, not constants)."""
     from diffusion_jax.models.text_encoder import compiled_text_embeddings
 
-    from diffusion_jax.interop.adapters import run_loras
+    from diffusion_jax.interop.adapters import BACKBONES, run_loras
 
     encoder = _parts(config)[0]
     encode = compiled_text_embeddings(encoder.model, int(config.model.get("clip_skip", 0) or 0))
-    loras = run_loras(config).get("text_encoder", ())  # a LoRA file's layers on the encoder (sample.loras)
+    parts = {"text_encoder": (encoder.model, None, encoder.params)}
+    loras = run_loras(config, parts, skip=BACKBONES).get("text_encoder", ())  # LoRA files' layers on the encoder (sample.loras)
     return lambda ids: encode(encoder.params, jnp.asarray(ids), loras)
 
 

@@ -16,6 +16,9 @@ from diffusion_jax import lora
 from diffusion_jax.errors import UsageError
 
 
+BACKBONES = ("unet", "transformer")
+
+
 def backbone_component(model) -> str:
     """The component name a LoRA file gives the backbone: diffusers' `transformer` for a DiT."""
     from diffusion_jax.models.dit import DiT
@@ -23,10 +26,10 @@ def backbone_component(model) -> str:
     return "transformer" if isinstance(model, DiT) else "unet"
 
 
-def read_loras(specs, parts: dict) -> dict:
+def read_loras(specs, parts: dict, skip=()) -> dict:
     """{component: LoraLayers} of the LoRA files `specs` ([(path, weight), ...]) on `parts`
-    ({component: (module, input shape or None, params or their shapes)}); every layer checked
-    to fit its kernel."""
+    ({component: (module, input shape or None for a text encoder, params or their shapes)}), every
+    layer checked to fit its kernel; the tensors of the components in `skip` are left out."""
     from diffusion_jax import interop
     from diffusion_jax.interop import clip
 
@@ -34,7 +37,7 @@ def read_loras(specs, parts: dict) -> dict:
               for component, (module, shape, _) in parts.items()}
     layers = {component: () for component in parts}
     for path, weight in specs:
-        for component, adapted in lora.read_lora(path, tables, weight).items():
+        for component, adapted in lora.read_lora(path, tables, weight, skip).items():
             lora.check_fits(adapted, parts[component][2], str(path))
             layers[component] += adapted
     return {component: value for component, value in layers.items() if value}
@@ -62,24 +65,12 @@ def sample_loras(config) -> list:
     return [(str(path), float(weight)) for path, weight in (config.sample.get("loras") or [])]
 
 
-def run_loras(config) -> dict:
-    """{component: LoraLayers} of the run's `sample.loras` on its backbone and text encoder."""
+def run_loras(config, parts: dict, skip=()) -> dict:
+    """{component: LoraLayers} of the run's `sample.loras` on its `parts` (as `read_loras` takes them:
+    the generator gives the backbone, the text condition the text encoder); the tensors of the
+    components in `skip`, the run's other parts, are left to the reader of those."""
     specs = sample_loras(config)
-    if not specs:
-        return {}
-    from diffusion_jax.builders import build_model
-    from diffusion_jax.conditions.text import text_encoder_source
-    from diffusion_jax.latents import model_input_shape
-    from diffusion_jax.models import param_shapes
-
-    model, shape = build_model(config), model_input_shape(config)
-    parts = {backbone_component(model): (model, shape, param_shapes(model, shape))}
-    if text_encoder_source(config):
-        from diffusion_jax.interop.text_encoders import text_encoder_parts
-
-        encoder = text_encoder_parts(text_encoder_source(config))[0]
-        parts["text_encoder"] = (encoder.model, None, encoder.params)
-    return read_loras(specs, parts)
+    return read_loras(specs, parts, skip) if specs else {}
 
 
 def lora_settings(specs) -> list:
