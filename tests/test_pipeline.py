@@ -372,3 +372,27 @@ def test_a_lora_we_write_loads_in_diffusers_merges_into_the_weights_and_bad_file
     safetensors.torch.save_file({"unet.x.lora_A.weight": torch.zeros(1)}, tmp_path / "odd.safetensors")
     with pytest.raises(UsageError, match="matches no layer"):
         base.with_loras([(tmp_path / "odd.safetensors", 1.0)])
+
+
+def test_a_pipeline_whose_scheduler_is_lcm_gives_diffusers_images_at_one_and_four_steps(small_pipeline, monkeypatch):
+    """LCMScheduler (skipping timesteps of original_inference_steps, boundary scalings, fresh noise
+    between steps) runs as the `lcm` sampler: diffusers' images within 1e-3 at one step (the
+    one-step generator: no noise) and at four, diffusers given our noise through its randn_tensor."""
+    pipe, saved = small_pipeline
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=40)
+    pipe.scheduler.save_config(saved / "scheduler")
+    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    key_steps = jax.random.split(jax.random.key(0))[1]
+    ours_pipe = load_pipeline(saved)
+    for steps in (1, 4):
+        noises = iter([np.asarray(jax.random.normal(jax.random.split(jax.random.fold_in(key_steps, i))[0], (2, 8, 8, 4)))
+                       for i in range(steps)])
+        monkeypatch.setattr(diffusers.schedulers.scheduling_lcm, "randn_tensor",
+                            lambda *a, **k: torch.from_numpy(next(noises).transpose(0, 3, 1, 2).copy()))
+        with torch.no_grad():
+            theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=1.5,
+                          latents=torch.from_numpy(latents), output_type="np").images
+        ours = ours_pipe(PROMPTS, jax.random.key(0), num_steps=steps, guidance_scale=1.5, negative_prompts=NEGATIVE,
+                         x_T=latents.transpose(0, 2, 3, 1))
+        assert np.abs(ours - theirs).max() <= 1e-3, (steps, np.abs(ours - theirs).max())
+        assert theirs.std() > 0.01

@@ -21,7 +21,7 @@ MU, S = 0.3, 0.5
 PROCESSES = {"ddpm": dj.as_process(dj.make_schedule("linear", 1000)), "vp": dj.make_process("vp"),
              "edm": dj.make_process("edm"), "flow": dj.make_process("flow")}
 NATURAL = {"ddpm": "eps", "vp": "eps", "edm": "x0", "flow": "velocity"}  # each process's own target
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpm++_2m_sde"}
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpm++_2m_sde", "lcm"}
 
 
 def exact_denoiser(x, a, s):
@@ -65,6 +65,9 @@ def reference_chain(method, process, grid, x, noises):
                 x = s1 / s * np.exp(-h) * x + a1 * -np.expm1(-2 * h) * D + s1 * np.sqrt(-np.expm1(-2 * h)) * noises[i]
             else:
                 x = s1 / s * x + a1 * -np.expm1(-h) * D
+        elif method == "lcm":  # Luo et al. 2023: the consistency boundary scalings at time 10 t, then noised afresh
+            st = float(grid.model_t[i]) * 10.0
+            x = a1 * (st / np.sqrt(st ** 2 + 0.25) * x0 + 0.25 / (st ** 2 + 0.25) * x) + s1 * noises[i]
         else:
             x, history = unipc_reference(i, K, x, x0, alpha, sigma, history)
     return x
@@ -138,6 +141,8 @@ def test_every_sampler_on_every_process_is_its_float64_chain(name, method):
         np.testing.assert_array_equal(np.asarray(run(jax.random.key(1), x_T=x_T), np.float64), ours)
     mean, std = chain_moments(method, process, grid)
     assert abs(ours.mean() - mean) < 5 * std / math.sqrt(n) and abs(ours.std() - std) < 5 * std / math.sqrt(2 * n)
+    if method == "lcm":  # a consistency model's sampler: the posterior-mean denoiser here is not one
+        return
     fine_mean, fine_std = chain_moments(method, process, sampling_grid(process, method, 1000))
     assert abs(fine_mean - MU) < 5e-3 and abs(fine_std - S) < 5e-3, (fine_mean, fine_std)
 
@@ -160,7 +165,7 @@ def test_a_traced_step_count_compiles_once_and_runs_the_fixed_chain(method, opti
 
 def test_the_registry_and_what_sample_refuses():
     assert sampler_names() == ("ddpm", "ddim", "dpm_solver++", "euler", "heun", "euler_ancestral", "dpm++_2m",
-                               "dpm++_2m_sde", "unipc")
+                               "dpm++_2m_sde", "unipc", "lcm")
     model, flow, ddpm = (lambda x, t: x), PROCESSES["flow"], PROCESSES["ddpm"]
     x = jnp.zeros((2, 4, 4, 1))
     for process, kwargs, words in (
@@ -170,6 +175,9 @@ def test_the_registry_and_what_sample_refuses():
             (ddpm, {"method": "heun", "s_noise": -1.0}, "s_noise = -1.0 is out of range"),
             (ddpm, {"method": "heun", "s_tmin": "abc"}, "s_tmin must be a number, got 'abc'"),
             (ddpm, {"method": "ddim", "rho": 5.0}, "rho shapes the Karras grid"),
+            (ddpm, {"method": "ddim", "original_steps": 20}, "original_steps shapes the LCM grid"),
+            (ddpm, {"method": "lcm", "num_steps": 51}, "takes at most original_steps = 50"),
+            (flow, {"method": "lcm", "sigmas": "lcm"}, "sigmas='lcm' chooses among a model's integer timesteps"),
             (ddpm, {"method": "euler", "spacing": "trailing"}, "choose the model's timesteps"),
             (ddpm, {"method": "ddim", "num_steps": 2000}, r"num_steps must be an integer in \[1, 1000\]"),
             (ddpm, {"method": "ddim", "num_steps": 2.5}, "num_steps must be an integer"),

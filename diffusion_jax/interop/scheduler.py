@@ -196,7 +196,7 @@ _UNMODELLED = ("use_beta_sigmas", "use_flow_sigmas", "use_lu_lambdas", "threshol
 def pipeline_sampler(config: dict) -> tuple[str, dict, bool]:
     """(method, its options, clip_x0) that run the chain a pipeline's scheduler config names, step
     for step, for any step count: DDIM (with set_alpha_to_one), Euler, Euler ancestral,
-    DPM-Solver++(2M) (and its SDE form) and UniPC on the scheduler's own timesteps or sigmas;
+    DPM-Solver++(2M) (and its SDE form), UniPC and LCM on the scheduler's own timesteps or sigmas;
     PNDM's PLMS, which is not registered here, runs as its nearest, DPM-Solver++(2M) on PNDM's
     timesteps. A field whose effect is not modelled is an error naming it."""
     name = config.get("_class_name", "DDIMScheduler")
@@ -209,6 +209,9 @@ def pipeline_sampler(config: dict) -> tuple[str, dict, bool]:
     for field in _UNMODELLED:
         if config.get(field):
             raise _unsupported(field, config[field], "its grid or update is not modelled here")
+    if name == "LCMScheduler":  # its own skipping timesteps: timestep_spacing and steps_offset do not apply
+        return "lcm", {"sigmas": "lcm", "original_steps": int(config.get("original_inference_steps", 50)),
+                       "timestep_scaling": float(config.get("timestep_scaling", 10.0))}, bool(config.get("clip_sample", False))
     grid = {"sigmas": "process", "spacing": spacing, "steps_offset": int(config.get("steps_offset", 0) or 0)}
     if config.get("use_karras_sigmas"):
         grid = {"sigmas": "karras"}
@@ -239,5 +242,5 @@ def pipeline_sampler(config: dict) -> tuple[str, dict, bool]:
     if name == "PNDMScheduler":
         return "dpm++_2m", grid, False
     raise _unsupported("_class_name", name, "a pipeline runs DDPMScheduler, DDIMScheduler, PNDMScheduler, "
-                       "EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler or "
-                       "UniPCMultistepScheduler")
+                       "EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
+                       "UniPCMultistepScheduler or LCMScheduler")

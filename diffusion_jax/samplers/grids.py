@@ -8,6 +8,9 @@
   * "karras" (`rho`), "exponential": K noise levels sigma / alpha between the process's least and
     most noisy ones (k-diffusion), "logsnr": the exponential levels snapped to the model's own
     timesteps (DPM-Solver's grid for discrete-time models);
+  * "lcm": the Latent Consistency Model's skipping timesteps (diffusers' LCMScheduler): of the
+    `original_steps` timesteps k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), K evenly
+    spaced by index from the noisiest;
   * `timesteps`: the times given, noisiest first.
 Then the clean end (alpha = 1, sigma = 0), or with `last_step_to="t0"` the level of time 0
 (Stable Diffusion's DDIM, set_alpha_to_one=False). `max_steps` tabulates the grids of every step
@@ -27,12 +30,13 @@ from diffusion_jax.processes.edm import karras_sigmas
 from diffusion_jax.samplers.registry import Option, name, number
 from diffusion_jax.schedules import SPACINGS
 
-SIGMAS = ("process", "model", "karras", "exponential", "logsnr")
+SIGMAS = ("process", "model", "karras", "exponential", "logsnr", "lcm")
 LAST_STEPS = ("x0", "t0")
 GRID_OPTIONS = {"sigmas": name("process", SIGMAS), "spacing": name("linspace", SPACINGS + ("logsnr",)),
                 "steps_offset": number(0, minimum=0, integer=True), "points": name("steps", POINTS),
                 "rho": number(7.0, minimum=0.0, open_below=True), "timesteps": Option(None, steps=True),
-                "last_step_to": name("x0", LAST_STEPS), "max_steps": Option(None, minimum=1, integer=True)}
+                "last_step_to": name("x0", LAST_STEPS), "max_steps": Option(None, minimum=1, integer=True),
+                "original_steps": number(50, minimum=1, integer=True)}
 
 
 class Grid(NamedTuple):
@@ -70,13 +74,35 @@ def check_num_steps(num_steps, limit) -> int:
     return int(num_steps)
 
 
-def _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps):
+def lcm_times(process, K: int, original_steps: int) -> np.ndarray:
+    """The "lcm" grid's K timesteps, noisiest first (module docstring)."""
+    if process.max_steps is None:
+        raise UsageError(f"sigmas='lcm' chooses among a model's integer timesteps: the {process.name!r} process has "
+                         "none (it has its own grid)")
+    T = process.max_steps
+    if original_steps > T or K > original_steps:
+        raise UsageError(f"the LCM grid takes at most original_steps = {original_steps} of the {T} timesteps: "
+                         f"{K} steps do not fit (give num_steps <= original_steps <= {T})")
+    origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original_steps, K, endpoint=False)).astype(np.int64)].astype(np.float64)
+
+
+def steps_bound(process, sigmas: str = "process", original_steps: int = 50, **_) -> int | None:
+    """The most steps a grid of these options has (None: unbounded)."""
+    return min(process.max_steps, original_steps) if sigmas == "lcm" and process.max_steps else process.max_steps
+
+
+def _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps, original_steps):
+    if original_steps != GRID_OPTIONS["original_steps"].default and sigmas != "lcm":
+        raise UsageError(f"original_steps shapes the LCM grid: it needs sigmas='lcm' (got sigmas={sigmas!r})")
     if timesteps is not None:
         if len(timesteps) != K:
             raise UsageError(f"{len(timesteps)} timesteps given for num_steps = {K}: give one per step")
         return np.asarray(timesteps, np.float64)
     spaced = {k: v for k, v in (("spacing", spacing), ("steps_offset", steps_offset), ("points", points))
               if v != GRID_OPTIONS[k].default}
+    if sigmas == "lcm" and not spaced:
+        return lcm_times(process, K, original_steps)
     if sigmas in ("process", "model"):
         if process.max_steps is None and spaced:
             raise UsageError(f"{sorted(spaced)} choose among integer timesteps: the {process.name!r} process has "
@@ -98,7 +124,8 @@ def _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps):
 
 
 def make_grid(process, num_steps, sigmas: str = "process", spacing: str = "linspace", steps_offset: int = 0,
-              points: str = "steps", rho: float = 7.0, timesteps=None, last_step_to: str = "x0") -> Grid:
+              points: str = "steps", rho: float = 7.0, timesteps=None, last_step_to: str = "x0",
+              original_steps: int = 50) -> Grid:
     """The grid of `num_steps` steps (module docstring); a setting that would do nothing is an error."""
     if isinstance(num_steps, jax.core.Tracer):
         raise UsageError("a traced num_steps needs max_steps, the grid's bound: pass max_steps=N (N >= any "
@@ -109,7 +136,7 @@ def make_grid(process, num_steps, sigmas: str = "process", spacing: str = "linsp
     if rho != 7.0 and sigmas != "karras":
         raise UsageError(f"rho shapes the Karras grid: it needs sigmas='karras' (got sigmas={sigmas!r})")
     with jax.ensure_compile_time_eval():
-        t = _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps)
+        t = _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps, original_steps)
         alpha, sigma = (np.asarray(a, np.float64) for a in process.marginal(t))
         if np.any(~np.isfinite(alpha)) or np.any(t[:-1] <= t[1:]):
             shown = np.round(t, 4).tolist()
