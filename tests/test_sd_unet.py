@@ -26,6 +26,14 @@ SD2_FORM = dict(SD1_FORM, block_out_channels=(32, 64, 64), layers_per_block=2,
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=24, attention_head_dim=[2, 4, 8], use_linear_projection=True, upcast_attention=True)
 
+# SDXL's: the first level without attention, a transformer depth per block, the "text_time" added embedding
+SDXL_FORM = dict(SD1_FORM, block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                              "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 1, 2), attention_head_dim=[2, 4, 8], use_linear_projection=True,
+                 cross_attention_dim=40, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=16 + 6 * 8)
+
 
 def run_both(unet, imported, batch=2, tokens=7, mask=None):
     rng = np.random.default_rng(0)
@@ -33,10 +41,16 @@ def run_both(unet, imported, batch=2, tokens=7, mask=None):
     x = rng.standard_normal((batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)).astype(np.float32)
     t = np.array([3, 871][:batch] + [500] * (batch - 2), np.int64)
     context = rng.standard_normal((batch, tokens, cfg.cross_attention_dim)).astype(np.float32)
-    with torch.no_grad():
-        kwargs = {} if mask is None else {"encoder_attention_mask": torch.from_numpy(mask)}
-        theirs = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **kwargs).sample.numpy()
+    kwargs = {} if mask is None else {"encoder_attention_mask": torch.from_numpy(mask)}
     y = jnp.asarray(context) if mask is None else {"embeddings": jnp.asarray(context), "mask": jnp.asarray(mask)}
+    if cfg.addition_embed_type == "text_time":  # the pooled embedding and the time ids (sizes, crop)
+        pooled = rng.standard_normal((batch, 16)).astype(np.float32)
+        ids = np.array([[64, 48, 3, 5, 32, 32], [16, 16, 0, 0, 24, 40]][:batch], np.float32)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(ids)}
+        y = {"embeddings": jnp.asarray(context), "pooled": jnp.asarray(pooled), "time_ids": jnp.asarray(ids),
+             **({} if mask is None else {"mask": jnp.asarray(mask)})}
+    with torch.no_grad():
+        theirs = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **kwargs).sample.numpy()
     ours = jax.jit(imported.model.apply)({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
                                          jnp.asarray(t, jnp.float32), y)
     return np.asarray(ours).transpose(0, 3, 1, 2), theirs
@@ -46,7 +60,7 @@ def relative_error(ours, theirs):
     return float(np.abs(ours - theirs).max() / np.sqrt(np.mean(theirs ** 2)))
 
 
-@pytest.mark.parametrize("form", [SD1_FORM, SD2_FORM], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("form", [SD1_FORM, SD2_FORM, SDXL_FORM], ids=["sd1", "sd2", "sdxl"])
 def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, form):
     unet = _perturbed(diffusers.UNet2DConditionModel(**form))
     unet.save_pretrained(tmp_path / "unet")
@@ -72,10 +86,19 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
 
 
-@pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964)])  # sd21_unet: 865,910,724
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, down_block_types=(
+    "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=(
+    "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+    cross_attention_dim=2048, transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize("name,config,count", [("sd15_unet", SD15_UNET, 859_520_964),
+                                               ("sdxl_unet", SDXL_UNET, 2_567_463_684)])  # sd21_unet: 865,910,724
 def test_the_sd_unet_presets_have_diffusers_parameter_counts(name, config, count):
     """The presets' shapes (jax.eval_shape: nothing allocated) against diffusers' model built on the
-    meta device from the same config (SD 1.5's: 859,520,964)."""
+    meta device from the same config (SD 1.5's: 859,520,964; SDXL's: 2,567,463,684)."""
     from diffusion_jax.models import create_model, param_shapes
 
     model = create_model(name)
@@ -90,8 +113,10 @@ def test_the_sd_unet_presets_have_diffusers_parameter_counts(name, config, count
 def test_what_the_text_conditioned_unet_refuses(tmp_path):
     config = {"_class_name": "UNet2DConditionModel", **SD1_FORM, "addition_embed_type": "text_time"}
     from diffusion_jax.interop import unet2d_condition
-    with pytest.raises(UsageError, match="SDXL"):
+    with pytest.raises(UsageError, match="text_time embedding needs addition_time_embed_dim"):
         unet2d_condition.module_from_config(config)
+    with pytest.raises(UsageError, match="addition_embed_type = 'image'"):
+        unet2d_condition.module_from_config({**config, "addition_embed_type": "image"})
     with pytest.raises(UsageError, match="attention_head_dim"):
         unet2d_condition.module_from_config({**SD1_FORM, "attention_head_dim": 5})
     with pytest.raises(UsageError, match="dual_cross_attention"):

@@ -120,12 +120,13 @@ def entries(model: UNet, input_shape):
     (copy, original) tensor pairs (none)."""
     size = input_shape[0]
     mid = attention_entries("mid_attn", "mid_block.attentions.0", model.mid_attn_norm) if model.mid_attn else []
-    return unet_entries(model, lambda level: size // 2 ** level in model.attn_resolutions, attention_entries, mid), []
+    return unet_entries(model, lambda level: size // 2 ** level in model.attn_resolutions,
+                        lambda ours, theirs, level: attention_entries(ours, theirs), mid), []
 
 
 def unet_entries(model: UNet, has_attn, attention, mid_attention: list) -> list:
     """The table of a U-Net with diffusers' block layout (down_blocks, mid_block, up_blocks):
-    `has_attn(level)` says where `attention(ours, theirs)` entries go; `mid_attention` are the
+    `has_attn(level)` says where `attention(ours, theirs, level)` entries go; `mid_attention` are the
     middle's. UNet2DModel's and UNet2DConditionModel's share it."""
     widths = [model.ch * m for m in model.ch_mult]
     levels = len(widths)
@@ -138,7 +139,7 @@ def unet_entries(model: UNet, has_attn, attention, mid_attention: list) -> list:
             table += resnet_entries(f"down{level}_res{i}", f"down_blocks.{level}.resnets.{i}", width != widths[level])
             width = widths[level]
             if has_attn(level):
-                table += attention(f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}")
+                table += attention(f"down{level}_attn{i}", f"down_blocks.{level}.attentions.{i}", level)
         if level != levels - 1:
             table.append(Entry((f"down{level}_resample",), "conv", f"down_blocks.{level}.downsamplers.0.conv"))
     table += resnet_entries("mid_res0", "mid_block.resnets.0", False) + resnet_entries("mid_res1", "mid_block.resnets.1", False)
@@ -153,7 +154,7 @@ def unet_entries(model: UNet, has_attn, attention, mid_attention: list) -> list:
             table += resnet_entries(f"up{level}_res{i}", f"up_blocks.{block}.resnets.{i}", width + skip != widths[level])
             width = widths[level]
             if has_attn(level):
-                table += attention(f"up{level}_attn{i}", f"up_blocks.{block}.attentions.{i}")
+                table += attention(f"up{level}_attn{i}", f"up_blocks.{block}.attentions.{i}", level)
         if level != 0:
             table.append(Entry((f"up{level}_resample",), "conv", f"up_blocks.{block}.upsamplers.0.conv"))
     table += [Entry(("norm_out",), "norm", "conv_norm_out"), Entry(("conv_out",), "conv", "conv_out")]

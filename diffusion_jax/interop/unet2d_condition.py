@@ -3,13 +3,14 @@
 
 SD 1.x: 1x1-convolution projections, 8 heads at every level (diffusers calls the head count
 `attention_head_dim` there); SD 2.x: linear projections and a head count per block ([5, 10, 20,
-20], 64-wide heads). SDXL's additions (a second text encoder's pooled embeddings and time ids:
-`addition_embed_type`) are out of scope and refused by name.
+20], 64-wide heads). SDXL: a transformer depth per block (`transformer_layers_per_block`) and the "text_time" added
+embedding (`addition_embed_type`: the pooled text embedding and the micro-conditioning time ids
+through an MLP added to the time embedding).
 """
 from __future__ import annotations
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.interop.tensors import transformer2d_entries
+from diffusion_jax.interop.tensors import Entry, transformer2d_entries
 from diffusion_jax.interop.unet2d import unet_entries
 from diffusion_jax.models.unet import UNet
 
@@ -58,10 +59,14 @@ def _per_block(value, n: int, field: str) -> list:
 def module_from_config(config: dict):
     """(UNet module, input shape (H, W, C)) of a UNet2DConditionModel config.json dict."""
     c = {**DEFAULTS, **config}
-    if c["addition_embed_type"] is not None:
-        raise _unsupported("addition_embed_type", c["addition_embed_type"],
-                           "this is an SDXL-style U-Net (a second text encoder's pooled embeddings and added time ids), "
-                           "which is out of scope: Stable Diffusion 1.x and 2.x U-Nets load")
+    if c["addition_embed_type"] not in (None, "text_time"):
+        raise _unsupported("addition_embed_type", c["addition_embed_type"], "None (SD 1.x, 2.x) or 'text_time' (SDXL)")
+    added = 0
+    if c["addition_embed_type"] == "text_time":
+        added = c["addition_time_embed_dim"]
+        if not isinstance(added, int) or added <= 0 or not isinstance(c["projection_class_embeddings_input_dim"], int):
+            raise _unsupported("addition_time_embed_dim", added, "SDXL's text_time embedding needs "
+                               "addition_time_embed_dim and projection_class_embeddings_input_dim (integers)")
     for field, value in _FIXED.items():
         if c[field] != value:
             raise _unsupported(field, c[field], f"this U-Net supports {value!r} only")
@@ -79,9 +84,14 @@ def module_from_config(config: dict):
     if len(down_attn) != n or [_UP[b] for b in c["up_block_types"]] != down_attn[::-1]:
         raise _unsupported("up_block_types", list(c["up_block_types"]),
                            "one block per width, cross-attention in the up blocks mirroring the down blocks")
-    depth = set(_per_block(c["transformer_layers_per_block"] or 1, n, "transformer_layers_per_block"))
-    if len(depth) != 1:
-        raise _unsupported("transformer_layers_per_block", c["transformer_layers_per_block"], "one depth for every block")
+    depths = _per_block(c["transformer_layers_per_block"] or 1, n, "transformer_layers_per_block")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in depths):
+        raise _unsupported("transformer_layers_per_block", c["transformer_layers_per_block"], "positive integers")
+    reverse = c.get("reverse_transformer_layers_per_block")
+    if reverse is not None and [_per_block(r, 1, "reverse_transformer_layers_per_block")[0] if isinstance(r, list) else r
+                                for r in reverse] != depths[::-1]:
+        raise _unsupported("reverse_transformer_layers_per_block", reverse, "the up blocks mirror the down blocks' depths")
+    depth = depths[0] if len(set(depths)) == 1 else tuple(depths)
     # diffusers' legacy naming: attention_head_dim is the number of heads when num_attention_heads is unset
     heads = _per_block(c["num_attention_heads"] or c["attention_head_dim"], n, "attention_head_dim")
     for width, h in zip(widths, heads):
@@ -96,7 +106,9 @@ def module_from_config(config: dict):
                  num_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
                  flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
                  downsample_padding=int(c["downsample_padding"]), context_dim=int(c["cross_attention_dim"]),
-                 linear_projection=bool(c["use_linear_projection"]), transformer_depth=depth.pop())
+                 linear_projection=bool(c["use_linear_projection"]), transformer_depth=depth,
+                 addition_time_embed_dim=int(added),
+                 addition_embed_dim=int(c["projection_class_embeddings_input_dim"] or 0) if added else 0)
     return model, (size, size, c["in_channels"])
 
 
@@ -113,14 +125,26 @@ def config_from_module(model: UNet, input_shape) -> dict:
             "block_out_channels": [model.ch * m for m in model.ch_mult], "layers_per_block": model.num_res_blocks,
             "downsample_padding": model.downsample_padding, "dropout": model.dropout,
             "norm_num_groups": model.num_groups, "norm_eps": model.norm_eps,
-            "cross_attention_dim": model.context_dim, "transformer_layers_per_block": model.transformer_depth,
+            "cross_attention_dim": model.context_dim,
             "attention_head_dim": list(model.level_heads or [model.num_heads] * levels),
-            "use_linear_projection": model.linear_projection}
+            "use_linear_projection": model.linear_projection,
+            "transformer_layers_per_block": model.transformer_depth if isinstance(model.transformer_depth, int)
+            else list(model.transformer_depth), **_text_time_config(model)}
+
+
+def _text_time_config(model: UNet) -> dict:
+    """SDXL's added-embedding fields (none for SD 1.x / 2.x)."""
+    if not model.addition_time_embed_dim:
+        return {}
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": model.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": model.addition_embed_dim}
 
 
 def entries(model: UNet, input_shape):
     """The parameter table (`tensors.Entry`) of a text-conditioned U-Net, and its copies (none)."""
-    transformer = lambda ours, theirs: transformer2d_entries(ours, theirs, model.transformer_depth,
-                                                             model.linear_projection)
+    transformer = lambda ours, theirs, level: transformer2d_entries(ours, theirs, model.depth_at(level),
+                                                                    model.linear_projection)
+    added = [Entry(("add_emb_dense0",), "dense", "add_embedding.linear_1"),
+             Entry(("add_emb_dense1",), "dense", "add_embedding.linear_2")] if model.addition_time_embed_dim else []
     return unet_entries(model, lambda level: level in model.attn_levels, transformer,
-                        transformer("mid_attn", "mid_block.attentions.0")), []
+                        transformer("mid_attn", "mid_block.attentions.0", None) + added), []

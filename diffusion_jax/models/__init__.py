@@ -70,6 +70,12 @@ PRESETS: dict[str, Preset] = {
                                    attn_levels=(0, 1, 2), level_heads=(5, 10, 20, 20), context_dim=1024,
                                    linear_projection=True, dropout=0.0, norm_eps=1e-5, downsample_padding=1),
                         (96, 96, 4), "866M"),
+    # SDXL's base U-Net: 3 levels, no attention at the first, 2 and 10 transformer blocks at the others,
+    # 64-wide heads, 2048-wide text embeddings, the "text_time" added embedding (2,567,463,684)
+    "sdxl_unet": Preset(UNet, dict(ch=320, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), attn_levels=(1, 2),
+                                   level_heads=(5, 10, 20), context_dim=2048, linear_projection=True,
+                                   transformer_depth=(1, 2, 10), addition_time_embed_dim=256, addition_embed_dim=2816,
+                                   dropout=0.0, norm_eps=1e-5, downsample_padding=1), (128, 128, 4), "2.6B"),
 }
 # DiT (Peebles & Xie 2022) on a 32x32x4 latent, ImageNet classes, learned sigma:
 # S/2 33M, B/2 130M, L/2 458M, XL/2 675M parameters; patch 4 and 8 variants too.
@@ -96,6 +102,10 @@ def example_condition(model: nn.Module, batch: int = 1):
     text-conditioned one, a vector [B, cond_dim] for one that takes a condition vector, else None
     (labels are optional)."""
     context_dim, cond_dim = getattr(model, "context_dim", 0), getattr(model, "cond_dim", 0)
+    if context_dim and getattr(model, "addition_time_embed_dim", 0):  # SDXL: the pooled embedding and time ids
+        ids = 6
+        return {"embeddings": jnp.zeros((batch, 77, context_dim), jnp.float32), "time_ids": jnp.zeros((batch, ids)),
+                "pooled": jnp.zeros((batch, model.addition_embed_dim - ids * model.addition_time_embed_dim))}
     if context_dim:
         return jnp.zeros((batch, 77, context_dim), jnp.float32)
     return jnp.zeros((batch, cond_dim), jnp.float32) if cond_dim else None

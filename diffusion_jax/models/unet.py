@@ -164,7 +164,15 @@ class UNet(nn.Module):
     attn_levels: Optional[Sequence[int]] = None  # levels with attention (instead of attn_resolutions)
     level_heads: Optional[Sequence[int]] = None  # heads of each level's transformers (the middle: the last's)
     linear_projection: bool = False  # the transformers' proj_in / proj_out: linear (SD 2) or 1x1 conv (SD 1)
-    transformer_depth: int = 1
+    transformer_depth: Any = 1  # blocks of each transformer: one for all, or one per level (the middle: the last's)
+    addition_time_embed_dim: int = 0  # > 0: SDXL's "text_time" embedding (y then also has "pooled", "time_ids")
+    addition_embed_dim: int = 0  # its MLP's input: the pooled embedding's width + 6 x addition_time_embed_dim
+
+    def depth_at(self, level: Optional[int]) -> int:
+        """The transformer depth at a level (None: the middle block)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return tuple(self.transformer_depth)[-1 if level is None else level]
 
     def check_input(self, x):
         if x.ndim != 4:
@@ -209,6 +217,8 @@ class UNet(nn.Module):
             temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
         if self.cond_dim:
             temb = temb + embed_vector(y, 4 * self.ch, self.param_dtype, "cond_emb")
+        if self.addition_time_embed_dim:
+            temb = temb + self._text_time_embedding(y, B, dense)
         temb = temb.astype(self.dtype)
 
         levels = len(self.ch_mult)
@@ -225,7 +235,7 @@ class UNet(nn.Module):
             if not self.context_dim:
                 return self_attn(name, normalize)
             heads = (self.level_heads or [self.num_heads] * levels)[levels - 1 if level is None else level]
-            block = SpatialTransformer(heads, self.transformer_depth, self.linear_projection, self.num_groups,
+            block = SpatialTransformer(heads, self.depth_at(level), self.linear_projection, self.num_groups,
                                        self.dtype, self.param_dtype, self.ops_impl, name=name)
             return lambda h: block(h, context, context_mask)
         down_padding = "SAME" if self.downsample_padding == 0 else [(self.downsample_padding,) * 2] * 2
@@ -271,3 +281,19 @@ class UNet(nn.Module):
                         autodiff=self.autodiff_ops, impl=self.ops_impl, name="norm_out")(h)
         out = conv(out_ch, "conv_out", kernel_init=nn.initializers.zeros)(h)
         return out.astype(jnp.float32)
+
+    def _text_time_embedding(self, y, batch: int, dense):
+        """SDXL's added embedding: MLP([pooled text embedding [B, P], sinusoidal embeddings of the
+        time ids [B, n] (original size, crop top-left, target size), each addition_time_embed_dim
+        wide]) -> [B, 4 ch], added to the time embedding."""
+        if not isinstance(y, dict) or "pooled" not in y or "time_ids" not in y:
+            raise UsageError("this U-Net takes SDXL's added conditions: give y = {'embeddings': [B, L, D], 'pooled': "
+                             "[B, P] (the second text encoder's pooled embedding), 'time_ids': [B, 6]}")
+        ids = jnp.asarray(y["time_ids"], jnp.float32)
+        times = timestep_embedding(ids.reshape(-1), self.addition_time_embed_dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                                   freq_shift=self.freq_shift).reshape(batch, -1)
+        added = jnp.concatenate([jnp.asarray(y["pooled"], jnp.float32), times], axis=-1)
+        if added.shape[-1] != self.addition_embed_dim:
+            raise UsageError(f"SDXL's added embedding takes {self.addition_embed_dim} numbers, got {added.shape[-1]}: "
+                             f"a pooled embedding of {y['pooled'].shape[-1]} and {ids.shape[-1]} time ids")
+        return dense(4 * self.ch, "add_emb_dense1")(nn.silu(dense(4 * self.ch, "add_emb_dense0")(added)))
