@@ -131,6 +131,33 @@ def test_the_text_encoder_is_transformers_clip_text_model(tmp_path, changes):
     close(embed(*load_text_encoder(tmp_path / "exported")[:2], jnp.asarray(ids)), last)
 
 
+def test_a_text_encoder_with_projection_is_transformers_and_gives_sdxls_embeddings(tmp_path):
+    """transformers' CLIPTextModelWithProjection (SDXL's second encoder): the projected pooled
+    output ("text_embeds") and the penultimate hidden state SDXL conditions on within 1e-4 x RMS;
+    its export read back by transformers."""
+    config = transformers.CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=595,
+                                         projection_dim=24, hidden_act="gelu")
+    torch.manual_seed(1)
+    model = transformers.CLIPTextModelWithProjection(config).eval()
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    encoder = load_text_encoder(tmp_path / "text_encoder_2")
+    assert encoder.model.projection_dim == 24
+    write_tokenizer(tmp_path / "tokenizer")
+    ids = load_tokenizer(tmp_path / "tokenizer")(PROMPTS[:4])
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    ours = jax.jit(encoder.model.apply)({"params": encoder.params}, jnp.asarray(ids))
+    for mine, theirs in ((ours["text_embeds"], out.text_embeds.numpy()),
+                         (ours["hidden_states"][-2], out.hidden_states[-2].numpy())):
+        assert np.abs(np.asarray(mine) - theirs).max() / np.sqrt(np.mean(theirs ** 2)) <= 1e-4
+    save_text_encoder(tmp_path / "exported", encoder.model, encoder.params)
+    reread = transformers.CLIPTextModelWithProjection.from_pretrained(str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reread(torch.from_numpy(ids.astype(np.int64))).text_embeds.numpy(),
+                                   out.text_embeds.numpy(), atol=1e-6)
+
+
 def test_what_the_text_encoder_and_tokenizer_refuse(tmp_path):
     small_clip().save_pretrained(tmp_path / "te")
     config = json.loads((tmp_path / "te" / "config.json").read_text())

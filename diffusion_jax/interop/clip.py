@@ -23,6 +23,8 @@ from diffusion_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 log = logging.getLogger(__name__)
 
 CLASS_NAME = "CLIPTextModel"
+WITH_PROJECTION = "CLIPTextModelWithProjection"  # SDXL's second text encoder
+PROJECTION = "text_projection"
 WEIGHTS = "model.safetensors"
 PREFIX = "text_model."
 # CLIPTextConfig's fields read here, with transformers' defaults (types checked).
@@ -33,11 +35,12 @@ NULLABLE = ("projection_dim", "pad_token_id", "bos_token_id", "layer_norm_eps", 
 
 
 def module_from_config(config: dict) -> CLIPTextEncoder:
-    """The encoder of a CLIPTextConfig config.json dict."""
-    if config.get("architectures") and CLASS_NAME not in config["architectures"] and \
-            "CLIPTextModelWithProjection" not in config["architectures"]:
+    """The encoder of a CLIPTextConfig config.json dict (a CLIPTextModelWithProjection's with its
+    projection)."""
+    architectures = config.get("architectures") or [CLASS_NAME]
+    if CLASS_NAME not in architectures and WITH_PROJECTION not in architectures:
         raise UsageError(f"text encoder config architectures = {config['architectures']!r} is not supported: "
-                         f"a {CLASS_NAME} loads (SDXL's second encoder, with a projection, is out of scope)")
+                         f"a {CLASS_NAME} or a {WITH_PROJECTION} loads")
     files.check_field_types(config, DEFAULTS, NULLABLE)
     c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     if c["hidden_act"] not in ACTIVATIONS:
@@ -48,16 +51,18 @@ def module_from_config(config: dict) -> CLIPTextEncoder:
                            intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
                            num_heads=int(c["num_attention_heads"]), max_positions=int(c["max_position_embeddings"]),
                            activation=c["hidden_act"], layer_norm_eps=float(c["layer_norm_eps"]),
-                           eos_token_id=int(eos))
+                           eos_token_id=int(eos),
+                           projection_dim=int(c["projection_dim"]) if WITH_PROJECTION in architectures else 0)
 
 
 def config_from_module(model: CLIPTextEncoder) -> dict:
-    return {"architectures": [CLASS_NAME], "model_type": "clip_text_model", "vocab_size": model.vocab_size,
+    return {"architectures": [WITH_PROJECTION if model.projection_dim else CLASS_NAME], "model_type": "clip_text_model",
+            "vocab_size": model.vocab_size,
             "hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
             "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
             "max_position_embeddings": model.max_positions, "hidden_act": model.activation,
             "layer_norm_eps": model.layer_norm_eps, "eos_token_id": model.eos_token_id, "bos_token_id": 49406,
-            "pad_token_id": 1, "attention_dropout": 0.0, "projection_dim": 512}
+            "pad_token_id": 1, "attention_dropout": 0.0, "projection_dim": model.projection_dim or 512}
 
 
 def entries(model: CLIPTextEncoder) -> list:
@@ -73,6 +78,8 @@ def entries(model: CLIPTextEncoder) -> list:
                   Entry((ours, "fc2"), "dense", f"{theirs}.mlp.fc2")]
         table += [Entry((ours, "self_attn", p), "dense", f"{theirs}.self_attn.{p}")
                   for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if model.projection_dim:  # outside text_model. in the state dict
+        table.append(Entry(("text_projection",), "linear", PROJECTION))
     return table
 
 
@@ -102,6 +109,7 @@ def load_text_encoder(directory) -> TextEncoder:
 def save_text_encoder(directory, model: CLIPTextEncoder, params) -> pathlib.Path:
     """Write a transformers CLIPTextModel directory (the text_model. names)."""
     directory = pathlib.Path(directory)
-    tensors = {PREFIX + k: v for k, v in tensors_from_params(entries(model), params).items()}
+    tensors = {(k if k.startswith(PROJECTION + ".") else PREFIX + k): v
+               for k, v in tensors_from_params(entries(model), params).items()}
     files.write_model(directory, config_from_module(model), tensors, WEIGHTS)
     return directory

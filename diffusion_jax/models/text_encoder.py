@@ -10,7 +10,9 @@ then an MLP with quick-GELU or GELU), each a residual update -> the final LayerN
     before the final LayerNorm (SD 2.x conditions on the penultimate; `clip_skip` k takes
     final_layer_norm(hidden_states[-(k + 1)]), as diffusers does: `skip_hidden_state`);
   * "pooled" [B, D]: last_hidden_state at the end-of-text token (the first `eos_token_id`; the
-    largest id for the old configs whose eos_token_id is 2, as transformers does).
+    largest id for the old configs whose eos_token_id is 2, as transformers does);
+  * "text_embeds" [B, projection_dim] with `projection_dim` > 0: the pooled output through the
+    bias-free `text_projection` (transformers' CLIPTextModelWithProjection, SDXL's second encoder).
 Padding: an `attention_mask` [B, L] (1 = a token, 0 = padding) masks keys beside the causal mask;
 Stable Diffusion passes none (its padding tokens are attended to, causally, as in training).
 """
@@ -71,6 +73,7 @@ class CLIPTextEncoder(nn.Module):
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int = 0  # > 0: CLIPTextModelWithProjection's text_projection
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -85,6 +88,8 @@ class CLIPTextEncoder(nn.Module):
                                         self.layer_norm_eps, self.dtype, name=f"layers_{i}")
                        for i in range(self.num_layers)]
         self.final_layer_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)
+        if self.projection_dim:
+            self.text_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype)
 
     def __call__(self, input_ids, attention_mask: Optional[jax.Array] = None) -> dict:
         """input_ids int [B, L], L <= max_positions; attention_mask [B, L] or None (module docstring)."""
@@ -103,8 +108,10 @@ class CLIPTextEncoder(nn.Module):
         last = self.final_layer_norm(x)
         ids = jnp.asarray(input_ids, jnp.int32)
         end = jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
-        return {"last_hidden_state": last, "hidden_states": tuple(hidden_states),
-                "pooled": last[jnp.arange(B), end]}
+        out = {"last_hidden_state": last, "hidden_states": tuple(hidden_states), "pooled": last[jnp.arange(B), end]}
+        if self.projection_dim:
+            out["text_embeds"] = self.text_projection(out["pooled"])
+        return out
 
     def skip_hidden_state(self, hidden_state):
         """The final LayerNorm of an earlier layer's output: diffusers' `clip_skip` embeddings."""
