@@ -8,11 +8,14 @@ transformers:
 The chain is the library's sampler the scheduler config names (`scheduler.pipeline_sampler`:
 DDIM, Euler, Euler ancestral, DPM-Solver++(2M), UniPC on the scheduler's own timesteps), with
 classifier-free guidance against the empty prompt's embeddings (or the negative prompts').
-SDXL (a second text encoder) is refused by name.
+SDXL's base pipeline loads too: two text encoders (penultimate hidden states side by side, the
+second's projected pooled embedding), the micro-conditioning time ids, zero embeddings for no
+negative prompt (`force_zeros_for_empty_prompt`); its refiner is refused by name.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Optional
 
@@ -31,8 +34,10 @@ from diffusion_jax.models.text_encoder import compiled_text_embeddings
 from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
+SDXL = "StableDiffusionXLPipeline"
 STEPS_QUANTUM = 50  # a pipeline's programs run any step count up to the next multiple of this
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +52,10 @@ class StableDiffusion:
     scheduler_config: dict
     schedule: Any
     clip_skip: int = 0
-    loras: dict = dataclasses.field(default_factory=dict)  # {"unet" / "text_encoder": LoraLayers} (`lora`)
+    text_encoder_2: Optional[TextEncoder] = None  # SDXL's second encoder (with projection) and its tokenizer
+    tokenizer_2: Optional[CLIPTokenizer] = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt guides against zero embeddings
+    loras: dict = dataclasses.field(default_factory=dict)  # {"unet" / "text_encoder(_2)": LoraLayers} (`lora`)
     programs: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # compiled, per sampler
 
     @property
@@ -58,11 +66,35 @@ class StableDiffusion:
     def vae_scale(self) -> float:
         return float(self.vae.config.get("scaling_factor", 0.18215))
 
-    def encode_prompt(self, prompts) -> jax.Array:
-        """The text embeddings [B, 77, D] the U-Net is conditioned on (the condition)."""
+    def encode_prompt(self, prompts):
+        """The condition the U-Net gets: the text embeddings [B, 77, D]; for SDXL {"embeddings": both
+        encoders' penultimate hidden states (clip_skip more layers back) side by side [B, 77, D1 + D2],
+        "pooled": the second's projected pooled output [B, P], "time_ids": [B, 6], the
+        micro-conditioning (original size, crop top-left (0, 0), target size: the image's)}."""
         ids = jnp.asarray(self.tokenizer(prompts))
-        return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(
-            self.text_encoder.params, ids, self.loras.get("text_encoder", ()))
+        if self.text_encoder_2 is None:
+            return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(
+                self.text_encoder.params, ids, self.loras.get("text_encoder", ()))
+        cond = _sdxl_text_condition(self.text_encoder.model, self.text_encoder_2.model, self.clip_skip)(
+            self.text_encoder.params, self.text_encoder_2.params, ids, jnp.asarray(self.tokenizer_2(prompts)),
+            self.loras.get("text_encoder", ()), self.loras.get("text_encoder_2", ()))
+        height, width = self.image_size
+        time_ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
+        return {**cond, "time_ids": jnp.broadcast_to(time_ids, (len(prompts), 6))}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images: the latents' size times the VAE's downsampling."""
+        factor = 2 ** (len(self.vae.config.get("block_out_channels", [0])) - 1)
+        return self.unet.input_shape[0] * factor, self.unet.input_shape[1] * factor
+
+    def null_condition(self, negative_prompts, cond):
+        """What guidance contrasts the prompts with: the negative prompts' condition, or (SDXL with
+        force_zeros_for_empty_prompt and none given) zero embeddings and pooled embedding."""
+        if negative_prompts is None and self.force_zeros_for_empty_prompt:
+            return {**jax.tree_util.tree_map(jnp.zeros_like, {k: v for k, v in cond.items() if k != "time_ids"}),
+                    "time_ids": cond["time_ids"]}
+        return self.encode_prompt(negative_prompts if negative_prompts is not None else [""] * _batch(cond))
 
     def with_loras(self, loras) -> "StableDiffusion":
         """The pipeline with the LoRA files `loras` ([(path, weight), ...]: diffusers / PEFT or kohya
@@ -70,8 +102,11 @@ class StableDiffusion:
         shared, never copied, and the adapted kernels are computed inside the programs."""
         from diffusion_jax.interop.adapters import read_loras
 
-        loras = read_loras(loras, {"unet": (self.unet.model, self.unet.input_shape, self.unet.params),
-                                   "text_encoder": (self.text_encoder.model, None, self.text_encoder.params)})
+        parts = {"unet": (self.unet.model, self.unet.input_shape, self.unet.params),
+                 "text_encoder": (self.text_encoder.model, None, self.text_encoder.params)}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = (self.text_encoder_2.model, None, self.text_encoder_2.params)
+        loras = read_loras(loras, parts)
         return dataclasses.replace(self, loras=loras)  # the same programs: the adapters are their arguments
 
     def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
@@ -93,9 +128,9 @@ class StableDiffusion:
             raise UsageError(f"key must be a JAX random key (jax.random.key(seed)), got {type(key).__name__} "
                              f"{jnp.shape(key)}")
         cond = self.encode_prompt(prompts)
-        negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
-        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        if len(negative) != len(prompts):
+        negative = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else negative_prompts
+        negative = None if negative is None else list(negative)
+        if negative is not None and len(negative) != len(prompts):
             raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one per prompt")
         if method is None:
             method, chosen, clip_x0 = scheduler.pipeline_sampler(self.scheduler_config)
@@ -109,7 +144,8 @@ class StableDiffusion:
         bound = min(-(-num_steps // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
         program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
-        images = program(self.unet.params, self.loras.get("unet", ()), self.vae.params, cond, self.encode_prompt(negative) if guided else None,
+        images = program(self.unet.params, self.loras.get("unet", ()), self.vae.params, cond,
+                         self.null_condition(negative, cond) if guided else None,
                          key, None if x_T is None else jnp.asarray(x_T, jnp.float32),
                          jnp.float32(guidance_scale if guided else 1.0), jnp.int32(num_steps))
         return np.asarray(images, np.float32)
@@ -138,9 +174,26 @@ class StableDiffusion:
         return self.programs[signature]
 
 
+def _batch(cond) -> int:
+    return jax.tree_util.tree_leaves(cond)[0].shape[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _sdxl_text_condition(encoder, encoder_2, clip_skip: int):
+    """(params, params_2, ids, ids_2, LoRA layers, layers_2) -> {"embeddings", "pooled"}, jitted once."""
+    def condition(params, params_2, ids, ids_2, loras, loras_2):
+        first = encoder.apply({"params": with_adapters(params, loras)}, ids)
+        second = encoder_2.apply({"params": with_adapters(params_2, loras_2)}, ids_2)
+        k = clip_skip + 2  # diffusers: hidden_states[-(clip_skip + 2)], no final LayerNorm
+        return {"embeddings": jnp.concatenate([first["hidden_states"][-k], second["hidden_states"][-k]], axis=-1),
+                "pooled": second["text_embeds"]}
+    return jax.jit(condition)
+
+
 def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:
-    """The StableDiffusionPipeline saved in `path` (its model_index.json and component folders), with
-    the LoRA files `loras` ([(path, weight), ...]) on its U-Net and text encoder (`with_loras`)."""
+    """The StableDiffusionPipeline or StableDiffusionXLPipeline saved in `path` (its model_index.json
+    and component folders), with the LoRA files `loras` ([(path, weight), ...]) on its U-Net and
+    text encoder(s) (`with_loras`)."""
     from diffusion_jax.interop import load_diffusers
 
     directory = files.resolve(str(path))
@@ -150,21 +203,33 @@ def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:
     index = read_json_object(directory / "model_index.json", "give a diffusers pipeline directory (saved with "
                                                              "save_pretrained) whose model_index.json is intact")
     name = index.get("_class_name")
-    if name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") or "text_encoder_2" in index:
-        raise UsageError(f"{directory} is an SDXL pipeline ({name}): a second text encoder, pooled embeddings and "
-                         "added time ids are out of scope; Stable Diffusion 1.x and 2.x pipelines load")
-    missing = [c for c in COMPONENTS if not index.get(c) or index[c][0] is None]
-    if name != PIPELINE or missing:
+    if name == "StableDiffusionXLImg2ImgPipeline":
+        raise UsageError(f"{directory} is SDXL's refiner ({name}): the refiner is out of scope; SDXL's base "
+                         f"({SDXL}) and Stable Diffusion 1.x and 2.x pipelines load")
+    components = SDXL_COMPONENTS if name == SDXL else COMPONENTS
+    missing = [c for c in components if not index.get(c) or index[c][0] is None]
+    if name not in (PIPELINE, SDXL) or missing or (name == PIPELINE and "text_encoder_2" in index):
         raise UsageError(f"{directory} holds a {name}{' without ' + ', '.join(missing) if missing else ''}: "
-                         f"load_pipeline reads a {PIPELINE} ({', '.join(COMPONENTS)})")
-    check_component_folders(directory, COMPONENTS)
+                         f"load_pipeline reads a {PIPELINE} ({', '.join(COMPONENTS)}) or an {SDXL} (also "
+                         "text_encoder_2, tokenizer_2)")
+    check_component_folders(directory, components)
     unet, vae = load_diffusers(str(directory / "unet")), load_diffusers(str(directory / "vae"))
     config = read_json_object(directory / "scheduler" / "scheduler_config.json",
                               "give the pipeline's scheduler/scheduler_config.json intact")
     encoder, tokenizer = load_text_encoder_parts(directory)
-    check_parts_fit(directory, unet, vae, encoder, tokenizer)
+    second = {}
+    if name == SDXL:
+        from diffusion_jax.interop.clip import load_text_encoder
+        from diffusion_jax.interop.tokenizer import load_tokenizer
+
+        second = dict(text_encoder_2=load_text_encoder(directory / "text_encoder_2"),
+                      tokenizer_2=load_tokenizer(directory / "tokenizer_2"),
+                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        if vae.config.get("latents_mean") is not None or vae.config.get("latents_std") is not None:
+            raise UsageError(f"{directory / 'vae'}: latents_mean / latents_std are not supported here")
+    check_parts_fit(directory, unet, vae, encoder, tokenizer, second.get("text_encoder_2"))
     pipeline = StableDiffusion(unet, vae, encoder, tokenizer, config, scheduler.process_from_scheduler(config),
-                               int(clip_skip))
+                               int(clip_skip), **second)
     return pipeline.with_loras(loras) if loras else pipeline
 
 
@@ -178,16 +243,23 @@ def check_component_folders(directory, components) -> None:
                              f"save the whole pipeline again (save_pretrained) or copy its {component}/ folder back")
 
 
-def check_parts_fit(directory, unet, vae, encoder: TextEncoder, tokenizer: CLIPTokenizer) -> None:
+def check_parts_fit(directory, unet, vae, encoder: TextEncoder, tokenizer: CLIPTokenizer,
+                    encoder_2: Optional[TextEncoder] = None) -> None:
     """The parts work together: the U-Net is text-conditioned on the text encoder's width and takes
     the VAE's latent channels, and every id the tokenizer gives has a row in the encoder's
     embedding table (else its images would be NaN); each mismatch names the parts."""
     context = int(getattr(unet.model, "context_dim", 0) or 0)
     if not context:
         raise UsageError(f"{directory / 'unet'} is not a text-conditioned U-Net (UNet2DConditionModel)")
-    if encoder.model.hidden_size != context:
-        raise UsageError(f"{directory}: the text encoder's width {encoder.model.hidden_size} is not the U-Net's "
+    width = encoder.model.hidden_size + (encoder_2.model.hidden_size if encoder_2 is not None else 0)
+    if width != context:
+        raise UsageError(f"{directory}: the text encoder{'s' if encoder_2 else ''}' width {width} is not the U-Net's "
                          f"cross_attention_dim {context}: the text_encoder/ and unet/ come from different pipelines")
+    if encoder_2 is not None and unet.model.addition_embed_dim != \
+            encoder_2.model.projection_dim + 6 * unet.model.addition_time_embed_dim:
+        raise UsageError(f"{directory}: the U-Net's added embedding takes {unet.model.addition_embed_dim} numbers, not "
+                         f"text_encoder_2's projection ({encoder_2.model.projection_dim}) and 6 time ids of "
+                         f"{unet.model.addition_time_embed_dim}: the parts come from different pipelines")
     if unet.input_shape[2] != vae.model.latent_channels:
         raise UsageError(f"{directory}: the U-Net takes {unet.input_shape[2]} channels but the VAE makes "
                          f"{vae.model.latent_channels}-channel latents: the unet/ and vae/ come from different pipelines")
@@ -240,8 +312,8 @@ def pipeline_parts(directory) -> Optional[tuple]:
     index = read_json_object(directory / "model_index.json", "give the pipeline's model_index.json intact")
     name = index.get("_class_name")
     if "text_encoder_2" in index or (name or "").startswith("StableDiffusionXL"):
-        raise UsageError(f"{directory} is an SDXL pipeline ({name}): a second text encoder, pooled embeddings and "
-                         "added time ids are out of scope; Stable Diffusion 1.x and 2.x pipelines import")
+        raise UsageError(f"{directory} is an SDXL pipeline ({name}): it does not import as a run yet; "
+                         "load_pipeline runs it, and Stable Diffusion 1.x and 2.x pipelines import")
     if name not in PIPELINE_PARTS:
         raise UsageError(f"{directory} holds a {name}, which does not import as a run: pipelines that do are "
                          f"{sorted(PIPELINE_PARTS)} (or give one model's folder with --subfolder)")
