@@ -5,6 +5,8 @@ that does not exist, is an error naming the key (ml_collections' locked ConfigDi
 """
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
 
 from diffusion_jax.errors import UsageError
@@ -108,7 +110,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ode_bpd = True           # a "ddpm" run's probability-flow ODE likelihood beside its bound
     c.eval.seed = 1234
     c.eval.fid_stats = ""           # reference .npz (fid-stats); "" = no FID
+
+    # LoRA fine-tuning (rank > 0): only low-rank adapters on the layers named by `targets` train, on
+    # the frozen EMA parameters of the run `base`; checkpoints hold the adapters (`lora`).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 0.0              # 0: alpha = rank (the adapters' scale alpha / rank is 1)
+    c.lora.targets = "to_q,to_k,to_v,to_out.0"  # diffusers module names (or their ends), comma-separated
+    c.lora.base = ""                # the run whose model the adapters adapt (its workdir)
+    c.lora.base_step = -1           # its checkpoint (-1: the newest, pinned when the LoRA run starts)
     return c
+
+
+def with_lora_section(config):
+    """A run's config with the `lora` section (its defaults where a run written before LoRA has none)."""
+    if config.get("lora") is None:
+        with config.unlocked():
+            config.lora = base_config().lora
+    return config
+
+
+def lora_settings(config):
+    """The run's LoRA section when it trains adapters (lora.rank > 0), else None (runs written
+    before LoRA have no section)."""
+    section = config.get("lora") if hasattr(config, "get") else None
+    return section if section and int(section.get("rank", 0) or 0) > 0 else None
+
+
+def lora_scale(section) -> float:
+    """alpha / rank of a LoRA section (alpha 0: 1)."""
+    return float(section.get("alpha", 0.0) or section.rank) / int(section.rank)
+
+
+def lora_targets(section) -> list:
+    return [t.strip() for t in str(section.targets).split(",") if t.strip()]
 
 
 def _at_least(config, key: str, minimum, what: str = "") -> None:
@@ -166,12 +201,34 @@ def validate_config(config) -> None:
         raise UsageError(f"train.cond_dropout is {config.train.cond_dropout} but the run has no condition "
                          "(no data.condition, data.use_labels is False, no model.text_encoder): dropout trains "
                          "classifier-free guidance of a conditional model; set it to 0, or give the run a condition")
+    validate_lora(config)
     from diffusion_jax.builders import build_process
 
     guidance_enabled(config, config.sample.guidance_scale)
     process = build_process(config)
     validate_process_settings(config, process)
     sampler_settings(config, process)
+
+
+def validate_lora(config) -> None:
+    """lora.rank a whole number >= 0; with rank > 0, a finite alpha >= 0, targets, and a base run."""
+    section = config.get("lora")
+    if section is None:
+        return
+    rank = section.get("rank", 0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise UsageError(f"lora.rank must be a whole number >= 0 (0: no LoRA), got {rank!r}")
+    if rank == 0:
+        return
+    alpha = section.get("alpha", 0.0)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < float("inf"):
+        raise UsageError(f"lora.alpha must be a finite number >= 0 (0: alpha = rank), got {alpha!r}")
+    if not lora_targets(section):
+        raise UsageError("lora.targets names no layer: give diffusers module names, e.g. to_q,to_k,to_v,to_out.0")
+    base = str(section.get("base", "") or "")
+    if not base or not (pathlib.Path(base) / "config.json").exists():
+        raise UsageError(f"lora.base {base!r} is not a run: give the workdir of the run whose model the adapters "
+                         "adapt (an imported pipeline's, or any trained run's)")
 
 
 def validate_process_settings(config, process) -> None:
@@ -254,7 +311,11 @@ def config_fingerprint(config) -> dict:
     data = {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels") if k in c["data"]}
     if c["data"].get("condition", ""):
         data["condition"] = c["data"]["condition"]
-    return {"model": model, "diffusion": diffusion, "data": data}
+    fingerprint = {"model": model, "diffusion": diffusion, "data": data}
+    lora = dict(c.get("lora") or {})
+    if int(lora.get("rank", 0) or 0) > 0:  # the adapters' layout and the model they adapt
+        fingerprint["lora"] = {k: lora.get(k) for k in ("rank", "alpha", "targets", "base", "base_step")}
+    return fingerprint
 
 
 # Settings renamed since runs were written: (section, old name, new name). A run's config.json is

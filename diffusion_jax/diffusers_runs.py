@@ -134,6 +134,22 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
     return path
 
 
+def export_lora(workdir, out, step: int | None = None) -> pathlib.Path:
+    """A LoRA run's EMA adapters (newest good checkpoint, or `step`) as a PEFT LoRA file with
+    diffusers' metadata; an existing file is never overwritten."""
+    from diffusion_jax.interop.adapters import backbone_component
+    from diffusion_jax.lora import write_lora
+    from diffusion_jax.runs import load_run
+
+    out = pathlib.Path(out)
+    if out.exists():
+        raise UsageError(f"--lora {out} exists already: give a new file name")
+    run = load_run(workdir, step)
+    if run.adapters is None:
+        raise UsageError(f"{workdir} is not a LoRA run (config.lora.rank is 0): export its model with --out DIR")
+    return write_lora(out, {backbone_component(run.model): run.adapters})
+
+
 def export_pipeline(run, out) -> pathlib.Path:
     """A text-conditioned run as a StableDiffusionPipeline directory: model_index.json, unet/ (the
     EMA parameters), vae/, text_encoder/, tokenizer/ and scheduler/ (the imported pipeline's

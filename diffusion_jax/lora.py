@@ -306,3 +306,49 @@ def write_lora(path, layers: dict) -> pathlib.Path:
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True),
                                             "format": "pt"})
     return path
+
+
+# ---------------------------------------------------------------------------------------- training
+def adapter_spec(entries, targets) -> tuple:
+    """((module name, kernel path, part), ...) of the layers whose diffusers module name is one of
+    `targets` or ends with "." + one of them (PEFT's rule: "to_q" adapts every attention's query),
+    in the table's order; a target that matches nothing is an error naming the modules there are."""
+    table = layer_table(entries)
+    chosen = tuple((name, path, part) for name, (path, _, part) in table.items()
+                   if any(name == t or name.endswith("." + t) for t in targets))
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _, _ in chosen)]
+    if unmatched or not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in table})
+        raise UsageError(f"lora.targets {list(unmatched or targets)} match no layer of this model: its Dense layers and "
+                         f"convolutions end in {suffixes[:24]}")
+    return chosen
+
+
+def _kernel_shape(param_shapes, path, part) -> tuple:
+    node = param_shapes
+    for key in path:
+        node = node[key]
+    shape = tuple(node.shape)
+    return shape[:-1] + (shape[-1] // 3 if part is not None else shape[-1],)
+
+
+def init_adapters(key, spec, param_shapes, rank: int) -> dict:
+    """{module name: {"down": [..., in, r], "up": [r, out]}} as PEFT initialises them: down uniform in
+    +-1 / sqrt(fan_in) (kaiming-uniform with a = sqrt(5)), up zero, so the adapted model starts as
+    the base model."""
+    adapters = {}
+    for i, (name, path, part) in enumerate(spec):
+        shape = _kernel_shape(param_shapes, path, part)
+        fan_in = int(np.prod(shape[:-1]))
+        bound = 1.0 / math.sqrt(fan_in)
+        adapters[name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), shape[:-1] + (rank,), jnp.float32,
+                                                     -bound, bound),
+                          "up": jnp.zeros((rank, shape[-1]), jnp.float32)}
+    return adapters
+
+
+def adapter_layers(adapters: dict, spec, scale: float) -> tuple:
+    """The LoraLayers of trainable `adapters` (their tree from `init_adapters`), each at `scale`
+    (alpha / r)."""
+    return tuple(LoraLayer(adapters[name]["down"], adapters[name]["up"], jnp.float32(scale), path, part, name)
+                 for name, path, part in spec)

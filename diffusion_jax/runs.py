@@ -20,6 +20,8 @@ from diffusion_jax.latents import model_input_shape
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.checkpoints import Checkpointer
+from diffusion_jax.config import lora_scale, lora_settings, lora_targets
+from diffusion_jax.lora import adapter_layers, adapter_spec, init_adapters, with_adapters
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,30 @@ log = logging.getLogger(__name__)
 class Run(NamedTuple):
     config: ml_collections.ConfigDict
     model: Any
-    ema_params: Any
+    ema_params: Any  # a LoRA run's: its base's with the adapters added to the adapted kernels
     schedule: Any  # the run's process: DDPM's Schedule, or a continuous process (builders.build_process)
     step: int
+    adapters: Any = None  # a LoRA run's EMA adapters, as LoraLayers (`lora`); None for other runs
+
+
+def lora_parts(config, model) -> tuple:
+    """(the adapted layers' spec, the base run) of a LoRA run (`config.lora`): the base run's model
+    must be this run's."""
+    from diffusion_jax.config import config_fingerprint
+    from diffusion_jax.interop import entries_for
+
+    section = lora_settings(config)
+    step = int(section.get("base_step", -1))
+    base = load_run(section.base, None if step < 0 else step)
+    if config_fingerprint(base.config)["model"] != config_fingerprint(config)["model"]:
+        raise UsageError(f"lora.base {section.base} is a run of another model than this LoRA run's: train the adapters "
+                         "with the base run's model settings")
+    return adapter_spec(entries_for(model, model_input_shape(config)), lora_targets(section)), base
+
+
+def newest_step(workdir) -> int:
+    """The step of a run's newest checkpoint that restores and verifies."""
+    return load_run(workdir).step
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -48,7 +71,13 @@ def load_run(workdir, step: int | None = None) -> Run:
     the checkpoint at `step`, which must be good."""
     config = load_config(workdir)
     model = build_model(config)
-    abstract = param_shapes(model, model_input_shape(config))
+    section = lora_settings(config)
+    if section is not None:
+        spec, base = lora_parts(config, model)
+        abstract = jax.eval_shape(lambda key: init_adapters(key, spec, base.ema_params, int(section.rank)),
+                                  jax.random.key(0))
+    else:
+        abstract = param_shapes(model, model_input_shape(config))
     everywhere = replicated(make_mesh())  # restored onto every device, ready for sharded sampling
     abstract = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
@@ -63,6 +92,10 @@ def load_run(workdir, step: int | None = None) -> Run:
                                                step=step, read_only=True)
         if restored is None:
             raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
-        return Run(config, model, restored["ema_params"], build_process(config), int(record["step"]))
+        if section is None:
+            return Run(config, model, restored["ema_params"], build_process(config), int(record["step"]))
+        layers = adapter_layers(restored["ema_params"], spec, lora_scale(section))
+        return Run(config, model, with_adapters(base.ema_params, layers), build_process(config), int(record["step"]),
+                   layers)
     finally:
         ckpt.close()

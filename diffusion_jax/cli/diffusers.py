@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from diffusion_jax.cli import overrides as config_overrides
+from diffusion_jax.errors import UsageError
 from diffusion_jax.cli.arguments import at_least
 
 
@@ -19,7 +20,9 @@ def register(sub) -> None:
     m.set_defaults(run=lambda args, overrides: import_command(args, overrides), takes_overrides=True)
     x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
     x.add_argument("--workdir", required=True, help="the run to export")
-    x.add_argument("--out", required=True, help="a new or empty directory")
+    x.add_argument("--out", help="a new or empty directory")
+    x.add_argument("--lora", metavar="FILE", help="a LoRA run: write its EMA adapters as a PEFT LoRA file "
+                                                  "(diffusers' load_lora_weights reads it)")
     x.add_argument("--checkpoint", type=at_least(0))
     x.set_defaults(run=lambda args: export_command(args))
 
@@ -78,10 +81,16 @@ def copy_parts(workdir, vae: str, text_encoder: str) -> tuple[str, str]:
 
 
 def export_command(args) -> None:
-    from diffusion_jax.diffusers_runs import export_run
+    from diffusion_jax.diffusers_runs import export_lora, export_run
 
     import pathlib
 
+    if (args.out is None) == (args.lora is None):
+        raise UsageError("give --out DIR (the model or pipeline) or --lora FILE (a LoRA run's adapters), one of them")
+    if args.lora:
+        path = export_lora(args.workdir, args.lora, args.checkpoint)
+        print(f"wrote {path} (a PEFT LoRA file with its metadata)")
+        return
     out = pathlib.Path(export_run(args.workdir, args.out, args.checkpoint))
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     kind = "a StableDiffusionPipeline" if (out / "model_index.json").exists() else "a diffusers model"

@@ -1,5 +1,6 @@
 """`train --config FILE --workdir DIR [--config.KEY=VALUE ...] [--evaluate]` (or `train --workdir
-RUN` to continue a run with its own config.json), and `run_experiment`, the entry point of the
+RUN` to continue a run with its own config.json; `train --workdir NEW --config.lora.base=RUN
+--config.lora.rank=R` starts a LoRA run on RUN's settings), and `run_experiment`, the entry point of the
 experiment modules (`python -m experiments.NAME --workdir DIR`)."""
 from __future__ import annotations
 
@@ -52,12 +53,33 @@ def add_run_arguments(p, evaluate_default: bool) -> None:
 
 
 def train_command(args, overrides) -> None:
+    from diffusion_jax.runs import load_config
+
+    base = override_value(overrides, "lora.base")
     if args.config:
         config = config_overrides.from_file(args.config, overrides)
+    elif base and not os.path.exists(os.path.join(args.workdir, "config.json")):
+        from diffusion_jax.config import with_lora_section  # a new LoRA run: the base run's settings
+
+        config = config_overrides.from_dict(with_lora_section(load_config(base)), overrides)
+        if int(config.lora.rank) > 0 and int(config.lora.base_step) < 0:  # pinned: the base may train on
+            from diffusion_jax.runs import newest_step
+
+            config.lora.base_step = newest_step(base)
     else:
-        from diffusion_jax.runs import load_config
         config = config_overrides.from_dict(load_config(args.workdir), overrides)
     train_and_report(config, args.workdir, bool(args.evaluate))
+
+
+def override_value(overrides: list, key: str):
+    """The value `--config.KEY=VALUE` (or `--config.KEY VALUE`) gives, or None."""
+    flag = f"--config.{key}"
+    for i, argument in enumerate(overrides):
+        if argument.startswith(flag + "="):
+            return argument[len(flag) + 1:]
+        if argument == flag and i + 1 < len(overrides):
+            return overrides[i + 1]
+    return None
 
 
 def run_experiment(get_config, argv=None) -> None:

@@ -288,6 +288,6 @@ class SampleWriter:
         if self.generate is None:
             self.generate = make_generator(self.program.model, self.program.schedule, self.config,
                                            batch_size=n, mesh=self.mesh)
-        images = self.generate(state.ema_params, n, jax.random.PRNGKey(self.config.seed + 1))
+        images = self.generate(self.program.model_params(state.ema_params), n, jax.random.PRNGKey(self.config.seed + 1))
         if self.is_main:
             viz.save_grid(images, self.workdir / "samples" / f"step_{step:08d}.png")
