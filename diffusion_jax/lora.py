@@ -17,6 +17,9 @@ without it) and kohya's (`lora_unet_`, `lora_te_` / `lora_te1_` / `lora_te2_` wi
 dots as underscores, `.lora_down` / `.lora_up` / `.alpha`). Names are matched against the
 model's table of diffusers module names (`interop.tensors.Entry`): a key that matches no layer is
 an error naming it. `write_lora` writes the PEFT format with its metadata.
+
+Training: `adapter_spec(entries, targets)` chooses the layers, `init_adapters` makes the trainable
+tree {module name: {"down", "up"}} as PEFT initialises it, `adapter_layers` turns it into LoraLayers.
 """
 from __future__ import annotations
 
@@ -265,10 +268,7 @@ def _flax_factors(down: np.ndarray, up: np.ndarray, kind: str, file: str, module
 def check_fits(layers, params, what: str) -> None:
     """Each layer's kernel exists and has the shape down @ up gives, or a UsageError names it."""
     for layer in layers:
-        node = params
-        for key in layer.path:
-            node = node[key]
-        want = tuple(node.shape[:-1]) + ((node.shape[-1] // 3,) if layer.part is not None else (node.shape[-1],))
+        want = _kernel_shape(params, layer.path, layer.part)
         got = tuple(layer.down.shape[:-1]) + (layer.up.shape[-1],)
         if got != want:
             raise UsageError(f"{what}: the LoRA of {layer.name} changes a kernel of shape {got}, the model's is {want}: "
@@ -325,6 +325,7 @@ def adapter_spec(entries, targets) -> tuple:
 
 
 def _kernel_shape(param_shapes, path, part) -> tuple:
+    """The shape [..., in, out] a layer's delta has: its kernel's, or a third of a fused q/k/v one's."""
     node = param_shapes
     for key in path:
         node = node[key]
