@@ -20,7 +20,7 @@ from diffusion_jax.conditions.text import text_encoder_source
 from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, taking_kind
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
-from diffusion_jax.interop.adapters import backbone_component, run_loras
+from diffusion_jax.interop.adapters import backbone_component, run_loras, sample_loras
 from diffusion_jax.lora import with_adapters
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -65,10 +65,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
     kind = condition_kind(config)
     encode = kind.encoder(config) if kind else None
-    shape_hw = latents.model_input_shape(config)
-    component = backbone_component(model)
-    others = ("text_encoder",) if text_encoder_source(config) else ()  # its adapters: the text condition's
-    loras = run_loras(config, {component: (model, shape_hw, param_shapes(model, shape_hw))}, others).get(component, ())
+    loras = _backbone_loras(model, config)
 
     @functools.partial(jax.jit, static_argnums=0)
     def run(guided, params, loras, vae_params, key, eta, guidance_scale, cond, null_cond):
@@ -127,3 +124,13 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         return (images, trajectory) if trajectory_every else images
 
     return generate
+
+
+def _backbone_loras(model, config) -> tuple:
+    """The LoRA layers of `config.sample.loras` on the backbone (the text encoder's are the text
+    condition's to read)."""
+    if not sample_loras(config):
+        return ()
+    shape, component = latents.model_input_shape(config), backbone_component(model)
+    others = ("text_encoder",) if text_encoder_source(config) else ()
+    return run_loras(config, {component: (model, shape, param_shapes(model, shape))}, others).get(component, ())

@@ -69,6 +69,10 @@ def _bad_inputs_of_the_newer_commands(root):
               str(root / "unet_lora.safetensors"))
     save_file({"transformer.nothing.lora_A.weight": q, "transformer.nothing.lora_B.weight": q.T.copy()},
               str(root / "odd_lora.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": q,  # rank 4, its metadata says 8
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": q.T.copy()},
+              str(root / "rank_lora.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 8, "transformer.lora_alpha": 8})})
     np.save(root / "stats.npy", np.zeros(3))
     whole = (root / "stats.npz").read_bytes()
     (root / "stats_cut.npz").write_bytes(whole[: len(whole) // 2])
@@ -382,6 +386,9 @@ NEWER_COMMANDS = {
     "sample: a LoRA weight that is not a number": (["sample", "--workdir", "{root}/run", "--lora",
                                                     "{root}/odd_lora.safetensors:nan", "--out", "{root}/l.npz"],
                                                    "the weight 'nan' must be a finite number"),
+    "sample: a LoRA whose rank disagrees with its metadata": (["sample", "--workdir", "{root}/run", "--lora",
+                                                               "{root}/rank_lora.safetensors", "--out", "{root}/l.npz"],
+                                                              "has rank 4 but the file's metadata says 8"),
     "generate: a LoRA file that is not there": (G + ["--lora", "{root}/none.safetensors", "--out", "{root}/g_lora"],
                                                 "no LoRA file"),
     "train: a LoRA on a base that is not a run": (["train", "--workdir", "{root}/lora_a", "--config.lora.base={root}/nowhere",
@@ -460,7 +467,7 @@ def test_model_fields_can_be_overridden_from_the_command_line():
 REQUIRED = {"train": ["--workdir"], "sample": ["--workdir", "--out"],
             "generate": ["--workdir", "--num_samples", "--out"], "evaluate": ["--workdir"],
             "fid": ["--samples", "--ref"], "fid-stats": ["--out"], "import": ["--from", "--workdir"],
-            "export": ["--workdir", "--out"], "prepare": ["--dataset", "--image_size", "--out"]}
+            "export": ["--workdir"], "prepare": ["--dataset", "--image_size", "--out"]}
 
 
 def test_every_commands_help_runs_and_lists_its_required_flags(capsys):

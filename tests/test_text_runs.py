@@ -93,12 +93,16 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     assert exit_info.value.code == 2 and "prompts_sha256 was" in capsys.readouterr().err
     # the LoRA files are part of the job: each one's sha256 recorded, resumed, a changed file refused
     lora_job = ["generate", "--workdir", str(run), "--num_samples", "2", "--steps", "3", "--out", str(tmp_path / "lora_job"),
-                "--lora", f"{lora_file}:0.7"]
+                "--prompts", str(tmp_path / "lora_prompts.txt"), "--lora", f"{lora_file}:0.7"]
+    (tmp_path / "lora_prompts.txt").write_text("a photo of a cat\na painting of a horse\n")
     _cli(*lora_job)
     manifest = json.loads((tmp_path / "lora_job" / "manifest.json").read_text())
     assert manifest["loras"] == [{"file": str(lora_file.resolve()), "weight": 0.7,
                                   "sha256": hashlib.sha256(lora_file.read_bytes()).hexdigest()}]
-    _cli(*lora_job)
+    images = {p.name: np.load(p)["images"] for p in sorted((tmp_path / "lora_job").glob("*.npz"))}
+    _cli(*lora_job)  # resumed: the same shards, nothing remade
+    again = {p.name: np.load(p)["images"] for p in sorted((tmp_path / "lora_job").glob("*.npz"))}
+    assert again.keys() == images.keys() and all(np.array_equal(again[k], images[k]) for k in images)
     lora_file.write_bytes(lora_file.read_bytes().replace(b"lora_alpha", b"lora_alphb"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(lora_job)

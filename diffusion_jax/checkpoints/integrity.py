@@ -57,7 +57,8 @@ def _leaf_sums(x) -> tuple[int, float, bool]:
         weights = _global_flat_index(index, x.shape) * np.uint32(2654435761) + np.uint32(1)
         digest = (digest + int(np.sum(_bits(data) * weights, dtype=np.uint32))) % 2**32
         if jnp.issubdtype(data.dtype, jnp.floating):
-            values = data.astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):  # damaged bits: NaN or inf, reported below
+                values = data.astype(np.float64)
             squares += float(np.sum(values * values))
             finite = finite and bool(np.all(np.isfinite(values)))
     return digest, squares, finite
