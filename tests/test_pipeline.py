@@ -381,6 +381,9 @@ def test_a_pipeline_whose_scheduler_is_lcm_gives_diffusers_images_at_one_and_fou
     between steps) runs as the `lcm` sampler: diffusers' images within 1e-3 at one step (the
     one-step generator: no noise) and at four, diffusers given our noise through its randn_tensor."""
     pipe, saved = small_pipeline
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")
+    ddim_pipe = load_pipeline(saved)  # a pipeline of another scheduler, asked for method="lcm" (an LCM-LoRA's use)
     pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=40)
     pipe.scheduler.save_config(saved / "scheduler")
     latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -398,6 +401,9 @@ def test_a_pipeline_whose_scheduler_is_lcm_gives_diffusers_images_at_one_and_fou
                          x_T=latents.transpose(0, 2, 3, 1))
         assert np.abs(ours - theirs).max() <= 1e-3, (steps, np.abs(ours - theirs).max())
         assert theirs.std() > 0.01
+    asked = ddim_pipe(PROMPTS, jax.random.key(0), num_steps=4, guidance_scale=1.5, negative_prompts=NEGATIVE,
+                      x_T=latents.transpose(0, 2, 3, 1), method="lcm", original_steps=40)
+    np.testing.assert_allclose(asked, ours, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -137,9 +137,11 @@ class StableDiffusion:
             options = {**chosen, **options}
         else:
             clip_x0 = False
+        from diffusion_jax.samplers import sampler_options
         from diffusion_jax.samplers.grids import check_num_steps, steps_bound
 
-        limit = steps_bound(as_process(self.schedule), **options)  # the grid's most steps (LCM's: original_steps)
+        grid, _ = sampler_options(method, as_process(self.schedule), options)  # with the sampler's own defaults
+        limit = steps_bound(as_process(self.schedule), **grid)  # the grid's most steps (LCM's: original_steps)
         num_steps = check_num_steps(num_steps, limit)
         bound = min(-(-num_steps // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
