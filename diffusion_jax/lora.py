@@ -14,7 +14,8 @@ Files: diffusers / PEFT (`unet.` / `text_encoder.` / `text_encoder_2.` prefixes,
 the older `to_q_lora.down` and `lora.down` / `lora_linear_layer.down` names, the adapter metadata
 in the safetensors header: r, lora_alpha, rank_pattern, alpha_pattern, use_rslora; alpha = r
 without it) and kohya's (`lora_unet_`, `lora_te_` / `lora_te1_` / `lora_te2_` with the module's
-dots as underscores, `.lora_down` / `.lora_up` / `.alpha`). Names are matched against the
+dots as underscores: diffusers' names or, as kohya writes SDXL's, Stability's sgm ones (`sgm_names`);
+`.lora_down` / `.lora_up` / `.alpha`). Names are matched against the
 model's table of diffusers module names (`interop.tensors.Entry`): a key that matches no layer is
 an error naming it. `write_lora` writes the PEFT format with its metadata.
 
@@ -149,6 +150,53 @@ def _kohya_name(module: str) -> str:
     return module.replace(".", "_")
 
 
+_RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_OUTSIDE_SGM = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sgm_names(modules) -> dict:
+    """{name in Stability's sgm U-Net (kohya's SDXL LoRAs name layers so): diffusers module name} of a
+    UNet2DConditionModel's modules: input_blocks.k (k = 1 + level (n + 1) + i for resnet / attention
+    i of a level, the level's downsampler at k = (level + 1)(n + 1), `.op`), middle_block.0-2,
+    output_blocks.k (k = block (n + 1) + i, the upsampler after the block's last), with sgm's names
+    inside a resnet; n is the resnets of a down block."""
+    modules = list(modules)
+    down = [int(m.split(".")[3]) for m in modules if m.startswith("down_blocks.0.resnets.")]
+    n = max(down) + 1 if down else 0
+    attended = {int(m.split(".")[1]) for m in modules if m.startswith("up_blocks.") and ".attentions." in m}
+    out = {}
+    for module in modules:
+        parts = module.split(".")
+        if module in _OUTSIDE_SGM:
+            out[_OUTSIDE_SGM[module]] = module
+            continue
+        where, rest = parts[0], parts[1:]
+        if where in ("down_blocks", "up_blocks") and len(rest) >= 3:
+            block, kind, i = int(rest[0]), rest[1], int(rest[2])
+            inner = ".".join(rest[3:])
+            if where == "down_blocks":
+                index = (block + 1) * (n + 1) if kind == "downsamplers" else 1 + block * (n + 1) + i
+            else:
+                index = block * (n + 1) + (n if kind == "upsamplers" else i)
+            sub = {"resnets": "0", "attentions": "1", "downsamplers": "0",
+                   "upsamplers": "2" if block in attended else "1"}[kind]
+            name = f"{'input' if where == 'down_blocks' else 'output'}_blocks.{index}.{sub}"
+        elif where == "mid_block" and len(rest) >= 2:
+            kind, i, inner = rest[0], int(rest[1]), ".".join(rest[2:])
+            name = f"middle_block.{1 if kind == 'attentions' else 2 * i}"
+        else:
+            continue
+        if kind in ("resnets",):
+            inner = _RESNET_SGM.get(inner, inner)
+        elif kind == "downsamplers":
+            inner = "op"
+        out[f"{name}.{inner}"] = module
+    return out
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern: the first key that matches the module's name at its end."""
     for pattern, value in (patterns or {}).items():
@@ -212,7 +260,8 @@ def read_lora(path, models: dict, weight: float = 1.0, skip=()) -> dict:
             continue
         pairs.setdefault((component, module), {})["down" if _is_down(key) else "up"] = (key, np.asarray(value))
     tables = {c: layer_table(entries) for c, entries in models.items()}
-    kohya = {c: {_kohya_name(name): name for name in table} for c, table in tables.items()}
+    kohya = {c: {**{_kohya_name(sgm): name for sgm, name in sgm_names(table).items()},
+                 **{_kohya_name(name): name for name in table}} for c, table in tables.items()}
     layers: dict = {c: [] for c in models}
     for (component, module), pair in pairs.items():
         key = next(iter(pair.values()))[0]

@@ -462,3 +462,65 @@ def test_a_small_sdxl_pipeline_gives_diffusers_images(small_sdxl, scheduler):
     empty = ours_pipe(PROMPTS, jax.random.key(0), num_steps=5, guidance_scale=5.0, negative_prompts=["", ""],
                       x_T=latents.transpose(0, 2, 3, 1))
     assert np.abs(empty - ours).max() > 1e-3
+
+
+def test_an_sdxl_lora_in_kohyas_sgm_names_gives_diffusers_images(small_sdxl, tmp_path):
+    """kohya writes SDXL LoRAs in Stability's sgm names (lora_unet_input_blocks_..., output_blocks,
+    middle_block, in_layers / emb_layers / op ...; lora_te1_ / lora_te2_ for the encoders): a LoRA on
+    every kind of U-Net layer and on both text encoders, so named, gives our images of the same LoRA in
+    PEFT's names, and (the U-Net's and the second encoder's) diffusers' load_lora_weights images
+    within 1e-3."""
+    import safetensors.torch
+
+    from diffusion_jax.lora import sgm_names
+
+    peft = pytest.importorskip("peft")
+    pipe, saved = small_sdxl
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.save_config(saved / "scheduler")
+    torch.manual_seed(7)
+    states = {}
+    for part, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv",
+                                    "time_emb_proj", "conv_shortcut", "linear_1", "ff.net.2"]),
+                          ("text_encoder", ["q_proj", "fc1"]), ("text_encoder_2", ["v_proj", "out_proj"])):
+        model = copy.deepcopy(getattr(pipe, part))
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                                     target_modules=targets), model)
+        states[part] = {k: 0.5 * v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "peft", unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
+        text_encoder_2_lora_layers=states["text_encoder_2"])
+    unet_modules = {k.rsplit(".lora_", 1)[0] for k in states["unet"]}
+    to_sgm = {module: sgm for sgm, module in sgm_names(sorted(unet_modules | {
+        f"down_blocks.0.resnets.{i}.conv1" for i in range(1)})).items()}
+    kohya = {}
+    for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for key, value in states[part].items():
+            module, _, which = key.rpartition(".lora_")
+            # kohya names the encoders' layers text_model.encoder... (transformers 5's CLIPTextModel has no text_model.)
+            module = to_sgm[module] if part == "unet" else "text_model." + module.removeprefix("text_model.")
+            name = prefix + module.replace(".", "_")
+            kohya[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+            kohya[f"{name}.alpha"] = torch.tensor(2.0)
+    assert any("input_blocks" in k for k in kohya) and any("output_blocks" in k for k in kohya)
+    safetensors.torch.save_file(kohya, tmp_path / "kohya_sdxl.safetensors")
+    # diffusers maps lora_te1_text_model_... onto text_model.*, which transformers 5's CLIPTextModel does
+    # not have (its first encoder would load nothing): diffusers is given the file without them
+    safetensors.torch.save_file({k: v for k, v in kohya.items() if not k.startswith("lora_te1_")},
+                                tmp_path / "kohya_sdxl_te2.safetensors")
+    latents = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya_sdxl_te2.safetensors", adapter_name="kohya")
+    try:
+        with torch.no_grad():
+            theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                          latents=torch.from_numpy(latents), output_type="np").images
+    finally:
+        pipe.unload_lora_weights()
+    base = load_pipeline(saved)
+    call = dict(num_steps=4, guidance_scale=5.0, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
+    ours_te2 = base.with_loras([(tmp_path / "kohya_sdxl_te2.safetensors", 1.0)])(PROMPTS, jax.random.key(0), **call)
+    assert np.abs(ours_te2 - theirs).max() <= 1e-3, np.abs(ours_te2 - theirs).max()
+    ours = base.with_loras([(tmp_path / "kohya_sdxl.safetensors", 1.0)])(PROMPTS, jax.random.key(0), **call)
+    in_peft = base.with_loras([(tmp_path / "peft" / "pytorch_lora_weights.safetensors", 1.0)])
+    np.testing.assert_allclose(in_peft(PROMPTS, jax.random.key(0), **call), ours, atol=1e-6)
+    assert np.abs(ours - base(PROMPTS, jax.random.key(0), **call)).max() > 0.02
