@@ -47,17 +47,9 @@ def with_sample_loras(config, specs):
     """A copy of a run's config that samples with the LoRA files `specs` ([(path, weight), ...]):
     `sample.loras` [[absolute path, weight], ...]."""
     config = copy.deepcopy(config)
-    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+    with config.unlocked():
         config.sample.loras = [[str(pathlib.Path(path).resolve()), float(weight)] for path, weight in specs]
     return config
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sample_loras(config) -> list:
@@ -73,7 +65,7 @@ def run_loras(config, parts: dict, skip=()) -> dict:
     return read_loras(specs, parts, skip) if specs else {}
 
 
-def lora_settings(specs) -> list:
+def lora_file_records(specs) -> list:
     """What a generate job records of its LoRA files: each path, weight and sha256."""
     out = []
     for path, weight in specs:

@@ -6,7 +6,7 @@ transformers:
     images = pipe(["a photo of a cat"], jax.random.key(0))   # [B, 512, 512, 3] in [0, 1]
 
 The chain is the library's sampler the scheduler config names (`scheduler.pipeline_sampler`:
-DDIM, Euler, Euler ancestral, DPM-Solver++(2M), UniPC on the scheduler's own timesteps), with
+DDIM, Euler, Euler ancestral, DPM-Solver++(2M), UniPC, LCM on the scheduler's own timesteps), with
 classifier-free guidance against the empty prompt's embeddings (or the negative prompts').
 SDXL's base pipeline loads too: two text encoders (penultimate hidden states side by side, the
 second's projected pooled embedding), the micro-conditioning time ids, zero embeddings for no

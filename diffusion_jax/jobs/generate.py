@@ -28,7 +28,7 @@ from diffusion_jax.conditions import (by_index, condition_kind, given_values, gu
                                       taking_kind)
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
-from diffusion_jax.interop.adapters import lora_settings, with_sample_loras
+from diffusion_jax.interop.adapters import lora_file_records, with_sample_loras
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.files import claim_directory, write_json_atomically
 from diffusion_jax.runs import load_run
@@ -74,7 +74,7 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     if num_samples < 1 or shard_size < 1 or batch_size < 1:
         raise UsageError(f"--num_samples, --shard_size and --batch_size must be at least 1, got "
                          f"{num_samples}, {shard_size} and {batch_size}")
-    lora_files = lora_settings(loras) if loras else None  # a missing file is named before the run is read
+    lora_files = lora_file_records(loras) if loras else None  # a missing file is named before the run is read
     run = load_run(workdir, checkpoint)
     c = with_sample_loras(run.config, loras) if loras else run.config
     method, steps, options = sampler_settings(c, run.schedule, method, steps, options, eta=eta)
