@@ -4,7 +4,7 @@ fit their parameters, and the adapters of several files concatenated (`lora`).
 
 A run samples with LoRAs through its config: `with_sample_loras(config, [(file, weight), ...])`
 sets `sample.loras`, which the generator (the backbone's adapters) and the text condition (the
-text encoder's) read through `run_loras(config)`.
+text encoder's) read through `run_loras`.
 """
 from __future__ import annotations
 
