@@ -312,3 +312,27 @@ def test_a_repository_id_without_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", needs_a_module)
     with pytest.raises(ValueError, match="needs a module that is not installed.*pip install hf_xet"):
         load_diffusers("google/ddpm-cifar10-32")
+
+
+def test_sgm_names_of_sd15_are_the_original_checkpoints():
+    """`lora.sgm_names` on SD 1.5's U-Net (4 levels, the last without attention or downsampler)
+    gives the names of the original LDM checkpoint, which kohya's LoRAs in sgm form use."""
+    from diffusion_jax import interop
+    from diffusion_jax.lora import layer_table, sgm_names
+    from diffusion_jax.models import create_model
+
+    names = sgm_names(layer_table(interop.entries_for(create_model("sd15_unet"), (64, 64, 4))))
+    expected = {"input_blocks.0.0": "conv_in", "input_blocks.1.1.transformer_blocks.0.attn1.to_q":
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "input_blocks.3.0.op": "down_blocks.0.downsamplers.0.conv",
+                "input_blocks.4.0.skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+                "input_blocks.11.0.out_layers.3": "down_blocks.3.resnets.1.conv2",
+                "middle_block.1.proj_in": "mid_block.attentions.0.proj_in",
+                "middle_block.2.emb_layers.1": "mid_block.resnets.1.time_emb_proj",
+                "output_blocks.2.1.conv": "up_blocks.0.upsamplers.0.conv",
+                "output_blocks.5.2.conv": "up_blocks.1.upsamplers.0.conv",
+                "output_blocks.11.1.proj_out": "up_blocks.3.attentions.2.proj_out",
+                "output_blocks.11.0.in_layers.2": "up_blocks.3.resnets.2.conv1",
+                "time_embed.2": "time_embedding.linear_2", "out.2": "conv_out"}
+    assert {k: names.get(k) for k in expected} == expected
+    assert "output_blocks.11.2.conv" not in names and len(set(names.values())) == len(names)
