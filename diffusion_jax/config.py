@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 0.0              # 0: alpha = rank (the adapters' scale alpha / rank is 1)
     c.lora.targets = "to_q,to_k,to_v,to_out.0"  # diffusers module names (or their ends), comma-separated
     c.lora.base = ""                # the run whose model the adapters adapt (its workdir)
-    c.lora.base_step = -1           # its checkpoint (-1: the newest, pinned when the LoRA run starts)
+    c.lora.base_step = -1           # its checkpoint (-1: the newest, pinned when the LoRA run's program is built)
     return c
 
 

@@ -50,11 +50,6 @@ def lora_parts(config, model) -> tuple:
     return adapter_spec(entries_for(model, model_input_shape(config)), lora_targets(section)), base
 
 
-def newest_step(workdir) -> int:
-    """The step of a run's newest checkpoint that restores and verifies."""
-    return load_run(workdir).step
-
-
 def load_config(workdir) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():

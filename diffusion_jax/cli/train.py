@@ -62,11 +62,6 @@ def train_command(args, overrides) -> None:
         from diffusion_jax.config import with_lora_section  # a new LoRA run: the base run's settings
 
         config = config_overrides.from_dict(with_lora_section(load_config(base)), overrides)
-        config.lora.base = os.path.abspath(base)  # the run resumes from any directory
-        if int(config.lora.rank) > 0 and int(config.lora.base_step) < 0:  # pinned: the base may train on
-            from diffusion_jax.runs import newest_step
-
-            config.lora.base_step = newest_step(base)
     else:
         config = config_overrides.from_dict(load_config(args.workdir), overrides)
     train_and_report(config, args.workdir, bool(args.evaluate))

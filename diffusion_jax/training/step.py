@@ -7,6 +7,8 @@ equals the unsharded one.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -111,24 +113,28 @@ def build_train_program(config, mesh) -> TrainProgram:
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)
     section = lora_settings(config)
+    merged = frozen = frozen_shapes = None
     if section is None:
         init = make_init_fn(model, optimizer, model_input_shape(config), config.seed)
-        state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-        step, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer), k),
-                                         state_shapes, mesh, stacked=k > 1)
-        return TrainProgram(model, schedule, optimizer, step, state_shapes, shardings,
-                            jax.jit(init, out_shardings=shardings))
-    spec, base = lora_parts(config, model)
-    scale, rank = lora_scale(section), int(section.rank)
-    frozen_shapes = jax.eval_shape(lambda p: p, base.ema_params)
-    frozen = jax.device_put(base.ema_params, state_shardings(frozen_shapes, mesh))
+    else:
+        # the base run's absolute path and step are recorded: it may move on, this run's model does not
+        section.base = os.path.abspath(section.base)
+        spec, base = lora_parts(config, model)
+        if int(section.base_step) < 0:
+            section.base_step = base.step
+        scale, rank = lora_scale(section), int(section.rank)
+        frozen_shapes = jax.eval_shape(lambda p: p, base.ema_params)
+        frozen = jax.device_put(base.ema_params, state_shardings(frozen_shapes, mesh))
 
-    def init(key):
-        return create_train_state(init_adapters(key, spec, frozen_shapes, rank), optimizer, config.seed)
+        def init(key):
+            return create_train_state(init_adapters(key, spec, frozen_shapes, rank), optimizer, config.seed)
 
-    merged = lambda params, base_params: with_adapters(base_params, adapter_layers(params, spec, scale))
+        merged = lambda params, base_params: with_adapters(base_params, adapter_layers(params, spec, scale))
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged), k),
                                        state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
+    if merged is None:
+        return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings,
+                            jax.jit(init, out_shardings=shardings))
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
                         shardings, jax.jit(init, out_shardings=shardings), lambda params: merged(params, frozen))
