@@ -220,25 +220,42 @@ def test_a_pipeline_without_its_model_index_says_so_instead_of_a_subfolder_circl
         load_diffusers(str(copy))
 
 
-def _peft_lora(pipe, seed: int, rank: int, alpha: float, patterns: bool):
-    """A LoRA made by PEFT on copies of the pipeline's U-Net and text encoder (random, non-zero up
-    weights; with `patterns`, a rank and an alpha pattern), as (U-Net state dict, text encoder state
-    dict, their metadata)."""
+def _peft_state(module, **lora_config):
+    """(state dict, metadata) of a LoRA that PEFT injects into a copy of `module` (random, non-zero
+    up weights, halved)."""
     peft = pytest.importorskip("peft")
-    unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    model, config = copy.deepcopy(module), peft.LoraConfig(init_lora_weights=False, **lora_config)
+    peft.inject_adapter_in_model(config, model)
+    return {k: 0.5 * v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}, config.to_dict()
+
+
+def _peft_lora(pipe, seed: int, rank: int, alpha: float, patterns: bool):
+    """A LoRA made by PEFT on copies of the pipeline's U-Net and text encoder (with `patterns`, a rank
+    and an alpha pattern), as (U-Net state dict, text encoder state dict, their metadata)."""
     torch.manual_seed(seed)
-    unet_config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                                  target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1",
-                                                  "ff.net.2", "time_emb_proj"],
-                                  rank_pattern={"conv1": 2} if patterns else {},
-                                  alpha_pattern={"to_k": 2 * alpha} if patterns else {})
-    text_config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                                  target_modules=["q_proj", "v_proj", "out_proj", "fc1"])
-    peft.inject_adapter_in_model(unet_config, unet)
-    peft.inject_adapter_in_model(text_config, text_encoder)
-    shrink = lambda state: {k: 0.5 * v.detach().clone() for k, v in state.items()}
-    return (shrink(peft.get_peft_model_state_dict(unet)), shrink(peft.get_peft_model_state_dict(text_encoder)),
-            unet_config.to_dict(), text_config.to_dict())
+    unet_state, unet_meta = _peft_state(
+        pipe.unet, r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                             "conv1", "ff.net.2", "time_emb_proj"],
+        rank_pattern={"conv1": 2} if patterns else {}, alpha_pattern={"to_k": 2 * alpha} if patterns else {})
+    text_state, text_meta = _peft_state(pipe.text_encoder, r=rank, lora_alpha=alpha,
+                                        target_modules=["q_proj", "v_proj", "out_proj", "fc1"])
+    return unet_state, text_state, unet_meta, text_meta
+
+
+def diffusers_lora_images(pipe, files, weights, latents, steps: int, guidance_scale: float, negative=NEGATIVE,
+                          prompts=PROMPTS):
+    """diffusers' images with the LoRA files `files` loaded (`load_lora_weights`) at `weights`
+    (`set_adapters`), from the latents [B, C, h, w]; the pipeline is left without them."""
+    names = [f"lora{i}" for i in range(len(files))]
+    for name, path in zip(names, files):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    try:
+        pipe.set_adapters(names, adapter_weights=list(weights))
+        with torch.no_grad():
+            return pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance_scale,
+                        latents=torch.from_numpy(latents), output_type="np").images
+    finally:
+        pipe.unload_lora_weights()
 
 
 def _as_kohya(unet_state, text_state, unet_meta, text_meta) -> dict:
@@ -281,17 +298,6 @@ def test_loras_from_diffusers_and_kohya_files_give_diffusers_images(small_pipeli
         loras[f"kohya_{name}"] = tmp_path / f"kohya_{name}.safetensors"
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
 
-    def theirs(adapters, weights):
-        for name in adapters:
-            pipe.load_lora_weights(str(loras[name].parent), weight_name=loras[name].name, adapter_name=name)
-        try:
-            pipe.set_adapters(adapters, adapter_weights=weights)
-            with torch.no_grad():
-                return pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
-                            latents=torch.from_numpy(latents), output_type="np").images
-        finally:
-            pipe.unload_lora_weights()
-
     base = load_pipeline(saved)
     ours = {}
     for adapters, weights in ((["a"], [1.0]), (["a"], [0.7]), (["kohya_a"], [0.7]), (["kohya_b"], [1.0]),
@@ -300,7 +306,7 @@ def test_loras_from_diffusers_and_kohya_files_give_diffusers_images(small_pipeli
         ours[tuple(adapters), weights[0]] = ours_pipe(PROMPTS, jax.random.key(0), num_steps=6, negative_prompts=NEGATIVE,
                                                       x_T=latents.transpose(0, 2, 3, 1))
         if adapters != ["kohya_a"]:
-            reference = theirs(adapters, weights)
+            reference = diffusers_lora_images(pipe, [loras[n] for n in adapters], weights, latents, 6, 7.5)
             assert np.abs(ours[tuple(adapters), weights[0]] - reference).max() <= 1e-3, (adapters, weights)
     np.testing.assert_allclose(ours[("kohya_a",), 0.7], ours[("a",), 0.7], atol=1e-6)
     plain = base(PROMPTS, jax.random.key(0), num_steps=6, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
@@ -334,13 +340,7 @@ def test_a_lora_we_write_loads_in_diffusers_merges_into_the_weights_and_bad_file
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     call = dict(num_steps=6, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
     ours = adapted(PROMPTS, jax.random.key(0), **call)
-    pipe.load_lora_weights(str(tmp_path / "ours"), adapter_name="ours")
-    try:
-        with torch.no_grad():
-            theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5,
-                          latents=torch.from_numpy(latents), output_type="np").images
-    finally:
-        pipe.unload_lora_weights()
+    theirs = diffusers_lora_images(pipe, [tmp_path / "ours" / "pytorch_lora_weights.safetensors"], [1.0], latents, 6, 7.5)
     assert np.abs(ours - theirs).max() <= 1e-3 and np.abs(ours - base(PROMPTS, jax.random.key(0), **call)).max() > 0.02
 
     import dataclasses
@@ -474,7 +474,6 @@ def test_an_sdxl_lora_in_kohyas_sgm_names_gives_diffusers_images(small_sdxl, tmp
 
     from diffusion_jax.lora import sgm_names
 
-    peft = pytest.importorskip("peft")
     pipe, saved = small_sdxl
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.save_config(saved / "scheduler")
@@ -483,10 +482,7 @@ def test_an_sdxl_lora_in_kohyas_sgm_names_gives_diffusers_images(small_sdxl, tmp
     for part, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv",
                                     "time_emb_proj", "conv_shortcut", "linear_1", "ff.net.2"]),
                           ("text_encoder", ["q_proj", "fc1"]), ("text_encoder_2", ["v_proj", "out_proj"])):
-        model = copy.deepcopy(getattr(pipe, part))
-        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
-                                                     target_modules=targets), model)
-        states[part] = {k: 0.5 * v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+        states[part] = _peft_state(getattr(pipe, part), r=2, lora_alpha=2, target_modules=targets)[0]
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
         tmp_path / "peft", unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
         text_encoder_2_lora_layers=states["text_encoder_2"])
@@ -509,13 +505,7 @@ def test_an_sdxl_lora_in_kohyas_sgm_names_gives_diffusers_images(small_sdxl, tmp
     safetensors.torch.save_file({k: v for k, v in kohya.items() if not k.startswith("lora_te1_")},
                                 tmp_path / "kohya_sdxl_te2.safetensors")
     latents = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    pipe.load_lora_weights(str(tmp_path), weight_name="kohya_sdxl_te2.safetensors", adapter_name="kohya")
-    try:
-        with torch.no_grad():
-            theirs = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
-                          latents=torch.from_numpy(latents), output_type="np").images
-    finally:
-        pipe.unload_lora_weights()
+    theirs = diffusers_lora_images(pipe, [tmp_path / "kohya_sdxl_te2.safetensors"], [1.0], latents, 4, 5.0)
     base = load_pipeline(saved)
     call = dict(num_steps=4, guidance_scale=5.0, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
     ours_te2 = base.with_loras([(tmp_path / "kohya_sdxl_te2.safetensors", 1.0)])(PROMPTS, jax.random.key(0), **call)

@@ -15,7 +15,7 @@ from diffusion_jax.runs import load_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from tests.test_pipeline import _peft_lora, small_pipeline  # noqa: E402,F401  (the fixture)
+from tests.test_pipeline import _peft_lora, diffusers_lora_images, small_pipeline  # noqa: E402,F401  (the fixture)
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -178,13 +178,7 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
     original.scheduler = diffusers.DDIMScheduler.from_config(original.scheduler.config)
     latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
     prompts = ["a photo of a cat", "a painting of a horse"]
-    original.load_lora_weights(str(lora_file.parent), adapter_name="trained")
-    try:
-        with torch.no_grad():
-            theirs = original(prompts, num_inference_steps=4, guidance_scale=3.0, latents=torch.from_numpy(latents),
-                              output_type="np").images
-    finally:
-        original.unload_lora_weights()
+    theirs = diffusers_lora_images(original, [lora_file], [1.0], latents, 4, 3.0, negative=None, prompts=prompts)
     base_pipe = load_pipeline(saved)
     ours = base_pipe.with_loras([(lora_file, 1.0)])(prompts, jax.random.key(0), num_steps=4, guidance_scale=3.0,
                                                    x_T=latents.transpose(0, 2, 3, 1))
