@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 128         # global batch, over all processes and devices
     c.data.random_flip = False      # random horizontal flips, drawn per example and step
     c.data.use_labels = False       # feed class labels to the model (the condition kind "labels")
-    c.data.condition = ""           # a condition kind by name ("labels", "text", "module:name"); "" = the
+    c.data.condition = ""           # a condition kind by name ("labels", "text", "sdxl", "module:name"); "" = the
                                     # one its settings imply (use_labels: labels; model.text_encoder: text)
     c.data.num_classes = 0
     c.data.data_dir = ""            # tfds data_dir ("" = default)

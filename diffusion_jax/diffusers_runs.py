@@ -16,6 +16,7 @@ import ml_collections
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object, write_json_atomically
+from diffusion_jax.conditions import condition_kind
 from diffusion_jax.conditions.text import text_encoder_source
 from diffusion_jax.builders import IMPLEMENTATION_FIELDS, RUN_FIELDS, build_model
 from diffusion_jax.latents import model_input_shape
@@ -65,12 +66,15 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
                          "a text encoder was given for a backbone that takes no text")
     if text_encoder:
         from diffusion_jax.interop import files
-        hidden = files.read_config(files.resolve(text_encoder) / "text_encoder").get("hidden_size")
+        encoders = [f for f in ("text_encoder", "text_encoder_2") if (files.resolve(text_encoder) / f).is_dir()]
+        hidden = sum(files.read_config(files.resolve(text_encoder) / f).get("hidden_size", 0) for f in encoders)
         if hidden != context_dim:
-            raise UsageError(f"the text encoder's width {hidden} is not the U-Net's cross-attention width {context_dim}")
+            raise UsageError(f"the text encoders' width {hidden} is not the U-Net's cross-attention width {context_dim}")
         config.model.text_encoder = text_encoder
-        config.sample.guidance_scale = 7.5  # Stable Diffusion's pipelines' default, with DDIM-50
-        config.sample.method, config.sample.steps = "ddim", 50
+        sdxl = len(encoders) == 2
+        config.data.condition = "sdxl" if sdxl else ""
+        config.sample.guidance_scale = 5.0 if sdxl else 7.5  # the pipelines' defaults, with 50 steps
+        config.sample.method, config.sample.options, config.sample.steps = *pipeline_chain(imported), 50
     learn_sigma = bool(getattr(model, "learn_sigma", False))
     settings = scheduler.settings_from_scheduler(imported.scheduler_config or {}, learn_sigma)
     for key, value in settings["diffusion"].items():
@@ -78,6 +82,18 @@ def run_config(imported: Imported, config: ml_collections.ConfigDict, vae: str =
     if imported.scheduler_config:
         config.sample.update(settings["sample"])
     return config
+
+
+def pipeline_chain(imported: Imported) -> tuple[str, ml_collections.ConfigDict]:
+    """(method, options) of the chain the imported pipeline's scheduler config names
+    (`scheduler.pipeline_sampler`); DDIM on its timesteps for a scheduler not modelled here."""
+    config = imported.scheduler_config or {}
+    try:
+        method, options, _ = scheduler.pipeline_sampler(config)
+    except UsageError as e:
+        log.warning("the run samples with DDIM on the scheduler's timesteps: %s", e)
+        method, options, _ = scheduler.pipeline_sampler({**config, "_class_name": "DDIMScheduler"})
+    return method, ml_collections.ConfigDict(options)
 
 
 def write_imported_run(imported: Imported, config, workdir) -> pathlib.Path:
@@ -153,12 +169,14 @@ def export_lora(workdir, out, step: int | None = None) -> pathlib.Path:
 def export_pipeline(run, out) -> pathlib.Path:
     """A text-conditioned run as a StableDiffusionPipeline directory: model_index.json, unet/ (the
     EMA parameters), vae/, text_encoder/, tokenizer/ and scheduler/ (the imported pipeline's
-    scheduler config when there was one, else DDIM on the run's schedule)."""
+    scheduler config when there was one, else DDIM on the run's schedule); an SDXL run (its
+    condition kind's) as a StableDiffusionXLPipeline, with text_encoder_2/ and tokenizer_2/."""
     from diffusion_jax import latents
     from diffusion_jax.files import ensure_new_dir
     from diffusion_jax.interop import files
     from diffusion_jax.interop.pipeline import save_pipeline
-    from diffusion_jax.interop.text_encoders import RANDOM, text_encoder_parts
+    from diffusion_jax.interop.text_encoders import RANDOM, second_text_encoder_parts, text_encoder_parts
+    from diffusion_jax.conditions.sdxl import SDXL_KIND
 
     c, d = run.config, run.config.diffusion
     if discrete_schedule(run.schedule) is None or not latents.vae_source(c):
@@ -173,4 +191,5 @@ def export_pipeline(run, out) -> pathlib.Path:
         "_class_name": "DDIMScheduler", "set_alpha_to_one": False, "steps_offset": 1}
     ensure_new_dir(out, "--out")
     unet = Imported(run.model, run.ema_params, {}, model_input_shape(c))
-    return save_pipeline(out, unet, vae, encoder, tokenizer, config)
+    second = second_text_encoder_parts(where) if condition_kind(c) is SDXL_KIND else None
+    return save_pipeline(out, unet, vae, encoder, tokenizer, config, second)

@@ -16,7 +16,6 @@ import numpy as np
 
 from diffusion_jax import latents
 from diffusion_jax.builders import denoise_fn_for, precondition_of
-from diffusion_jax.conditions.text import text_encoder_source
 from diffusion_jax.conditions import by_index, condition_kind, given_values, guidance_enabled, taking_kind
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
@@ -132,5 +131,6 @@ def _backbone_loras(model, config) -> tuple:
     if not sample_loras(config):
         return ()
     shape, component = latents.model_input_shape(config), backbone_component(model)
-    others = ("text_encoder",) if text_encoder_source(config) else ()
+    kind = condition_kind(config)
+    others = kind.adapted_parts(config) if kind else ()
     return run_loras(config, {component: (model, shape, param_shapes(model, shape))}, others).get(component, ())

@@ -83,9 +83,9 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
 
 
 def global_batch(local: dict, mesh: Mesh, leading: int = 0) -> dict:
-    """This process's rows of a batch (NumPy) -> global jax.Arrays sharded on the batch axis."""
+    """This process's rows of a batch (a tree of NumPy arrays) -> global jax.Arrays sharded on the batch axis."""
     sharding = batch_sharding(mesh, leading)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return jax.tree_util.tree_map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), local)
 
 
 def agree_across_processes(value: int, name: str = "") -> int:

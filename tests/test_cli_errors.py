@@ -34,7 +34,7 @@ def places(tmp_path_factory):
     (root / "a_file").write_text("x")
     save_statistics(root / "stats.npz", np.zeros(3), np.eye(3))
     _bad_inputs_of_the_newer_commands(root)
-    for name, index in (("sdxl", {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "x"]}),
+    for name, index in (("refiner", {"_class_name": "StableDiffusionXLImg2ImgPipeline"}),
                         ("inpaint_pipeline", {"_class_name": "StableDiffusionInpaintPipeline"})):
         (root / name).mkdir()
         (root / name / "model_index.json").write_text(__import__("json").dumps(index))
@@ -401,8 +401,8 @@ NEWER_COMMANDS = {
     "export: --lora of a run that is not a LoRA run": (["export", "--workdir", "{root}/run", "--lora",
                                                         "{root}/adapters.safetensors"], "is not a LoRA run"),
     "export: neither --out nor --lora": (["export", "--workdir", "{root}/run"], "give --out DIR"),
-    "import: an SDXL pipeline": (["import", "--from", "{root}/sdxl", "--workdir", "{root}/imported_sdxl"],
-                                 "is an SDXL pipeline"),
+    "import: SDXL's refiner": (["import", "--from", "{root}/refiner", "--workdir", "{root}/imported_refiner"],
+                               "SDXL's refiner, out of scope"),
     "import: a pipeline that is not a run": (["import", "--from", "{root}/inpaint_pipeline", "--workdir",
                                               "{root}/imported_inpaint"], "does not import as a run"),
 }

@@ -1,8 +1,9 @@
 """Text-to-image runs from the CLI: a small StableDiffusionPipeline (tests/test_pipeline.py's)
 imported whole through its model_index.json, sampled with --prompt (and a negative prompt), as a
 generate job over a prompts file (deterministic per sample, resumable, the file's sha256 in the
-manifest), exported back, fine-tuned on a captioned folder and evaluated; a DDPMPipeline imports
-without --subfolder; the digits report's agreement of samples with their prompts."""
+manifest), exported back, fine-tuned on a captioned folder and evaluated; a small SDXL pipeline the
+same way, with its micro-conditioning and LoRA files; a DDPMPipeline imports without --subfolder;
+the digits report's agreement of samples with their prompts."""
 import json
 
 import jax
@@ -15,7 +16,8 @@ from diffusion_jax.runs import load_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from tests.test_pipeline import _peft_lora, diffusers_lora_images, small_pipeline  # noqa: E402,F401  (the fixture)
+from tests.test_pipeline import (NEGATIVE, PROMPTS, _peft_lora, _peft_state, diffusers_lora_images,  # noqa: E402,F401
+                                 small_pipeline, small_sdxl)  # (the fixtures)
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -248,3 +250,105 @@ def test_an_imported_run_keeps_its_frozen_parts_with_copy_parts(small_pipeline, 
          "--out", tmp_path / "kept.npz")
     assert np.isfinite(np.load(tmp_path / "kept.npz")["samples"]).all()
     assert (tmp_path / "kept" / "parts" / "text_encoder").is_dir() and (tmp_path / "kept" / "parts" / "vae").is_dir()
+
+
+def _sizes_oracle(height: int, width: int, size: int) -> tuple:
+    """diffusers' train_text_to_image_sdxl.py: resize the short side to `size` (torchvision's Resize:
+    the long side int(size * long / short)), center-crop, crop_top_left = round((side - size) / 2)."""
+    new_h, new_w = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
+    return height, width, round((new_h - size) / 2), round((new_w - size) / 2), size, size
+
+
+def test_an_sdxl_pipeline_imports_samples_trains_a_lora_and_exports(small_sdxl, tmp_path, capsys):  # noqa: F811
+    """A small StableDiffusionXLPipeline as a run: its condition (both encoders, the pooled projection,
+    the time ids; the zero null of force_zeros_for_empty_prompt, a negative prompt's) is the pipeline's
+    (whose images are diffusers', test_pipeline), a captioned folder's micro-conditioning is diffusers'
+    training script's; `sample --lora FILE:W` and `generate --prompts --lora` take an SDXL LoRA file
+    (U-Net and both encoders); a rank-4 LoRA trains on the folder and its exported PEFT file gives
+    diffusers' load_lora_weights images within 1e-3; `export` writes a pipeline diffusers runs to the
+    imported one's images."""
+    import hashlib
+
+    import diffusion_jax.data as data_module
+    from diffusion_jax.conditions import condition_kind
+    from diffusion_jax.interop.pipeline import load_pipeline
+
+    original, saved = small_sdxl
+    run = tmp_path / "run"
+    _cli("import", "--from", saved, "--workdir", run, "--copy_parts", *SMALL)
+    config = load_config(run)
+    assert (config.data.condition, config.sample.guidance_scale, config.sample.method) == ("sdxl", 5.0, "euler")
+    kind, pipe = condition_kind(config), load_pipeline(saved)
+    theirs = pipe.encode_prompt(PROMPTS)
+    for ours, expected in ((kind.encoder(config)(PROMPTS), theirs),
+                           (kind.null(config), pipe.null_condition(None, theirs)),
+                           (kind.null(config, NEGATIVE[0]), pipe.null_condition([NEGATIVE[0]] * 2, theirs))):
+        for name in ("embeddings", "pooled", "time_ids"):
+            np.testing.assert_allclose(np.asarray(ours[name][:1]), np.asarray(expected[name][:1]), atol=1e-5)
+    assert not np.asarray(kind.null(config)["pooled"]).any()
+
+    from PIL import Image
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    rng, sizes = np.random.default_rng(0), [(16, 16), (24, 16), (16, 32), (40, 24)]
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (*sizes[i % 4], 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(PROMPTS[i % 2])
+    with config.unlocked():
+        config.data.name = f"folder:{folder}"
+    conditions, _ = kind.training_conditions(config, data_module.load_split(config.data, "train"))
+    np.testing.assert_array_equal(conditions["time_ids"], [_sizes_oracle(*sizes[i % 4], 16) for i in range(8)])
+
+    def sample(name, *extra):
+        _cli("sample", "--workdir", run, "--num_samples", 2, "--steps", 4, "--prompt", PROMPTS[0],
+             "--out", tmp_path / f"{name}.npz", *extra)
+        return np.load(tmp_path / f"{name}.npz")["samples"]
+
+    torch.manual_seed(3)
+    states = {part: _peft_state(getattr(original, part), r=4, lora_alpha=4, target_modules=targets)[0]
+              for part, targets in (("unet", ["to_q", "to_v", "conv1"]), ("text_encoder", ["q_proj"]),
+                                    ("text_encoder_2", ["v_proj"]))}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
+        text_encoder_2_lora_layers=states["text_encoder_2"])
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    plain = sample("plain")
+    assert plain.shape == (2, 16, 16, 3) and np.isfinite(plain).all()
+    np.testing.assert_allclose(sample("lora0", "--lora", f"{lora_file}:0"), plain, atol=1e-5)
+    assert np.abs(sample("lora", "--lora", f"{lora_file}:0.7") - plain).max() > 0.02
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    job = ["generate", "--workdir", run, "--num_samples", 3, "--steps", 3, "--shard_size", 2, "--prompts", prompts,
+           "--lora", lora_file, "--out", tmp_path / "job"]
+    _cli(*job)
+    manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
+    assert manifest["loras"][0]["sha256"] == hashlib.sha256(lora_file.read_bytes()).hexdigest()
+    images = {p.name: np.load(p)["images"] for p in sorted((tmp_path / "job").glob("*.npz"))}
+    _cli(*job)  # resumed: nothing remade, the same shards
+    assert {p.name: np.load(p)["images"] for p in sorted((tmp_path / "job").glob("*.npz"))}.keys() == images.keys()
+
+    lora_run, trained = tmp_path / "lora_run", tmp_path / "trained" / "pytorch_lora_weights.safetensors"
+    _cli("train", "--workdir", lora_run, f"--config.lora.base={run}", "--config.lora.rank=4",
+         "--config.lora.targets=to_q,to_k,to_v,to_out.0", "--config.train.steps=10",
+         f"--config.data.name=folder:{folder}", "--config.data.batch_size=8", "--config.train.cond_dropout=0.2",
+         "--config.optim.learning_rate=3e-3", "--config.optim.warmup_steps=0", "--config.train.ema_decay=0.5",
+         "--config.train.log_every=5", "--config.train.num_sample_images=0", "--config.train.progress=False")
+    _cli("export", "--workdir", lora_run, "--lora", trained)
+    latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    call = dict(num_steps=4, guidance_scale=5.0, negative_prompts=NEGATIVE, x_T=latents.transpose(0, 2, 3, 1))
+    ours = pipe.with_loras([(trained, 1.0)])(PROMPTS, jax.random.key(0), **call)
+    assert np.abs(ours - diffusers_lora_images(original, [trained], [1.0], latents, 4, 5.0)).max() <= 1e-3
+    assert np.abs(ours - pipe(PROMPTS, jax.random.key(0), **call)).max() > 1e-3
+
+    capsys.readouterr()
+    _cli("export", "--workdir", run, "--out", tmp_path / "exported")
+    assert "a StableDiffusionXLPipeline" in capsys.readouterr().out
+    back = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "exported"))
+    images = []
+    for each in (back, original):
+        each.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images.append(each(PROMPTS[:1], num_inference_steps=3, latents=torch.from_numpy(latents[:1]),
+                               output_type="np").images)
+    assert np.abs(images[0] - images[1]).max() <= 1e-5

@@ -15,7 +15,7 @@ def register(sub) -> None:
     m.add_argument("--vae", default="", help="latent diffusion: the AutoencoderKL (a directory, a repository id, "
                                              "or a pipeline with a vae/ folder)")
     m.add_argument("--copy_parts", action="store_true",
-                   help="copy the frozen parts the run reads (a pipeline's vae/, text_encoder/, tokenizer/, scheduler/) "
+                   help="copy the frozen parts the run reads (a pipeline's vae/, text encoders, tokenizers, scheduler/) "
                         "into WORKDIR/parts, so the run does not depend on the source directory")
     m.set_defaults(run=lambda args, overrides: import_command(args, overrides), takes_overrides=True)
     x = sub.add_parser("export", help="a run's EMA model as a diffusers model directory")
@@ -67,7 +67,8 @@ def copy_parts(workdir, vae: str, text_encoder: str) -> tuple[str, str]:
 
     parts = pathlib.Path(workdir) / "parts"
     copied = {}
-    for source, folders in ((vae, ("vae",)), (text_encoder, ("text_encoder", "tokenizer", "scheduler"))):
+    text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+    for source, folders in ((vae, ("vae",)), (text_encoder, text_folders)):
         if not source:
             continue
         directory = files.resolve(source)
@@ -76,6 +77,8 @@ def copy_parts(workdir, vae: str, text_encoder: str) -> tuple[str, str]:
         for folder in folders:
             if (directory / folder).is_dir():
                 shutil.copytree(directory / folder, parts / folder, dirs_exist_ok=True)
+        if source == text_encoder and (directory / "model_index.json").exists():  # SDXL's force_zeros_for_empty_prompt
+            shutil.copy2(directory / "model_index.json", parts / "model_index.json")
         copied[source] = str(parts.resolve())
     return copied.get(vae, vae), copied.get(text_encoder, text_encoder)
 
@@ -83,6 +86,7 @@ def copy_parts(workdir, vae: str, text_encoder: str) -> tuple[str, str]:
 def export_command(args) -> None:
     from diffusion_jax.diffusers_runs import export_lora, export_run
 
+    import json
     import pathlib
 
     if (args.out is None) == (args.lora is None):
@@ -93,5 +97,6 @@ def export_command(args) -> None:
         return
     out = pathlib.Path(export_run(args.workdir, args.out, args.checkpoint))
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    kind = "a StableDiffusionPipeline" if (out / "model_index.json").exists() else "a diffusers model"
+    index = out / "model_index.json"
+    kind = f"a {json.loads(index.read_text())['_class_name']}" if index.exists() else "a diffusers model"
     print(f"wrote {out} ({kind}, diffusers format: {', '.join(written)})")

@@ -18,6 +18,7 @@ class Labels(ConditionKind):
     name = "labels"
     description = "class-conditional (data.use_labels)"
     how_to_give = "use --labels 0,1,2 (classes of the run)"
+    arguments = ("labels",)
 
     def implied_by(self, config) -> bool:
         return bool(config.data.use_labels)

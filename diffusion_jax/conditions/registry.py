@@ -45,6 +45,7 @@ class ConditionKind:
     description = ""   # what the run is, for messages: "class-conditional (data.use_labels)"
     how_to_give = ""   # what a user gives at sampling, for messages
     file_key = "conditions"  # a generate job's settings name its file {file_key}_file, {file_key}_sha256
+    arguments: tuple = ()    # the named arguments (ARGUMENTS) that give its values besides conditions=
 
     def implied_by(self, config) -> bool:
         return False
@@ -69,6 +70,10 @@ class ConditionKind:
 
     def null(self, config, negative=None):
         raise NotImplementedError
+
+    def adapted_parts(self, config) -> tuple:
+        """The components of a LoRA file that this kind's encoder reads (the text encoders)."""
+        return ()
 
     def job_settings(self, values) -> dict:
         return {} if values is None else {"conditions": [str(v) for v in values]}
@@ -122,19 +127,18 @@ def describe(kind: ConditionKind | None) -> str:
     return kind.description if kind else "unconditional (no data.condition, data.use_labels or model.text_encoder)"
 
 
-# What a user gives, by argument: (the kind that takes it, or None for the run's own; its words in messages).
-ARGUMENTS = {"conditions": (None, "conditions"), "labels": ("labels", "labels"), "prompts": ("text", "prompts"),
-             "negative_prompt": ("text", "a negative prompt")}
+# What a user gives, by argument, in messages; a kind takes conditions= and its own `arguments`.
+ARGUMENTS = {"conditions": "conditions", "labels": "labels", "prompts": "prompts", "negative_prompt": "a negative prompt"}
 
 
 def taking_kind(config, argument: str) -> ConditionKind:
     """The run's kind, when it takes `argument` (an ARGUMENTS key); else the error naming what was
     given and what to give instead."""
     kind = condition_kind(config)
-    expected, what = ARGUMENTS[argument]
-    if kind is None or (expected is not None and kind.name != expected):
-        wanted = f", not {KINDS[expected].description}" if expected is not None else ""
-        raise UsageError(f"{what} given, but this run is {describe(kind)}{wanted}: "
+    if kind is None or (argument != "conditions" and argument not in kind.arguments):
+        takers = [k.description for k in KINDS.values() if argument in k.arguments]  # the library's kind first
+        wanted = f", not {takers[0]}" if takers and argument != "conditions" else ""
+        raise UsageError(f"{ARGUMENTS[argument]} given, but this run is {describe(kind)}{wanted}: "
                          f"{kind.how_to_give if kind else 'drop them'}")
     return kind
 
@@ -147,7 +151,7 @@ def given_values(config, **given):
         if value is not None:
             values = taking_kind(config, argument).values(config, list(value))
             if not len(values):
-                raise UsageError(f"{ARGUMENTS[argument][1]} given but empty: give at least one, or none for the "
+                raise UsageError(f"{ARGUMENTS[argument]} given but empty: give at least one, or none for the "
                                  "default")
     return values
 
@@ -187,6 +191,11 @@ def describe_guidance(config, guidance_scale: float) -> str:
     if not guidance_enabled(config, guidance_scale):
         return "no guidance (conditional model, scale 1)"
     return f"classifier-free guidance scale {float(guidance_scale):g}"
+
+
+def broadcast_condition(cond, batch: int):
+    """A condition of batch 1 (or a scalar's leaves, e.g. the null label) repeated to `batch`, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, (batch, *jnp.shape(c)[1:])), cond)
 
 
 def drop_condition(key, cond, probability: float, null):

@@ -48,6 +48,7 @@ class Text(ConditionKind):
     description = "text-conditioned (model.text_encoder)"
     how_to_give = "give prompts (--prompt TEXT, or --prompts FILE)"
     file_key = "prompts"  # a generate job's settings: prompts_file, prompts_sha256
+    arguments = ("prompts", "negative_prompt")
 
     def implied_by(self, config) -> bool:
         return bool(text_encoder_source(config))
@@ -65,6 +66,9 @@ class Text(ConditionKind):
         if ids.size * encoder.model.hidden_size * 4 > EMBEDDINGS_IN_MEMORY:
             return ids, lambda batch_ids: np.asarray(encode(batch_ids))
         return np.concatenate([np.asarray(encode(ids[i:i + 256])) for i in range(0, len(ids), 256)]), None
+
+    def adapted_parts(self, config) -> tuple:
+        return ("text_encoder",)
 
     def values(self, config, given) -> list:
         return [str(v) for v in given]

@@ -16,6 +16,7 @@ import queue
 import threading
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from diffusion_jax.errors import UsageError
@@ -36,7 +37,7 @@ class Batches:
         self.global_batch = global_batch
         self.seed, self.p, self.local_shard = seed, process_index, data.process_shard
         self.random_flip = random_flip
-        self.conditions = conditions  # [N, ...] per example: its condition kind's (labels, caption embeddings)
+        self.conditions = conditions  # [N, ...] per example (a tree of them): its kind's (labels, caption embeddings)
         rows = len(data.images)
         per_step = self.local_batch_size if self.local_shard else global_batch
         if rows < per_step:
@@ -70,14 +71,14 @@ class Batches:
             images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
         batch = {"image": np.ascontiguousarray(to_model_range(images))}
         if self.conditions is not None:
-            batch["cond"] = self.conditions[idx]
+            batch["cond"] = jax.tree_util.tree_map(lambda c: c[idx], self.conditions)
         return batch
 
 def stacked_batches(batches, step: int, k: int) -> dict:
     """batches(step) .. batches(step + k - 1) stacked on a leading axis [k, b, ...], for k train
     steps in one dispatch (`batches` is any step -> batch function: Batches, LatentBatches)."""
     parts = [batches(step + j) for j in range(k)]
-    return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *parts)
 
 
 def prefetch(make, steps: Iterator[int], size: int = 2) -> Iterator:

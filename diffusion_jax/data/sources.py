@@ -31,6 +31,8 @@ class ImageData(NamedTuple):
     labels: np.ndarray  # int32 [N]
     process_shard: bool = False  # True: only this process's shard of the split (see Batches)
     captions: Optional[list] = None  # N strings (a captioned data set), or None
+    sizes: Optional[np.ndarray] = None  # int32 [N, 4]: each image's original (H, W) and its crop's top-left
+                                        # corner in the resized image (`crop_corner`; SDXL's micro-conditioning)
 
     def model_range(self, index=slice(None)) -> np.ndarray:
         """images[index] as float32 in [-1, 1]."""
@@ -52,6 +54,24 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     pil = pil.resize((size, size), Image.BICUBIC if side < size else Image.BOX)
     out = np.asarray(pil)
     return out[..., None] if squeeze else out
+
+
+def crop_corner(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of `center_crop_resize`'s crop of an H x W image, in the coordinates of the image
+    resized so its short side is `size`: diffusers' SDXL training scripts' crop_top_left."""
+    side = min(height, width)
+    return round((height - side) // 2 * size / side), round((width - side) // 2 * size / side)
+
+
+def folder_image_sizes(files, size: int) -> np.ndarray:
+    """int32 [n, 4]: (H, W, crop top, crop left) of each image file (its header read, not its pixels)."""
+    from PIL import Image
+
+    def record(path):
+        with Image.open(path) as image:
+            width, height = image.size
+        return (height, width, *crop_corner(height, width, size))
+    return np.asarray([record(f) for f in files], np.int32).reshape(-1, 4)
 
 
 def _match_shape(images: np.ndarray, image_size: int, channels: int, name: str) -> np.ndarray:
@@ -175,7 +195,7 @@ def folder_captions(path: str, files) -> Optional[list]:
 def load_folder(path: str, image_size: int, channels: int) -> ImageData:
     files = folder_files(path)
     return ImageData(read_folder_images(files, image_size, channels), np.zeros(len(files), np.int32),
-                     captions=folder_captions(path, files))
+                     captions=folder_captions(path, files), sizes=folder_image_sizes(files, image_size))
 
 
 def _tfds(name: str):

@@ -18,7 +18,7 @@ from diffusion_jax.data import load_split
 from diffusion_jax.builders import denoise_fn_for, precondition_of
 from diffusion_jax.evaluation.frechet import feature_statistics, frechet_distance, load_statistics
 from diffusion_jax.evaluation.metrics import prediction_metrics
-from diffusion_jax.conditions import condition_kind, describe_guidance, guidance_enabled
+from diffusion_jax.conditions import broadcast_condition, condition_kind, describe_guidance, guidance_enabled
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.generation import make_generator
 from diffusion_jax.likelihood import discrete_schedule, nll_bpd
@@ -93,8 +93,8 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     kind = condition_kind(c)
     denoise = denoise_fn_for(run.model, run.ema_params, kind is not None, sigma_data=precondition_of(c))
     if kind is not None:
-        null, conditioned = jnp.asarray(kind.null(c)), denoise
-        denoise = lambda x, t: conditioned(x, t, jnp.broadcast_to(null, (x.shape[0], *null.shape[1:])))
+        null, conditioned = kind.null(c), denoise
+        denoise = lambda x, t: conditioned(x, t, broadcast_condition(null, x.shape[0]))
 
     model_inputs = held_out_images
     if latents.vae_source(c):  # the backbone's held-out inputs are the latents of the images

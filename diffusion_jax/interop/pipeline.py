@@ -15,7 +15,6 @@ negative prompt (`force_zeros_for_empty_prompt`); its refiner is refused by name
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from typing import Any, Optional
 
@@ -27,10 +26,10 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.files import read_json_object
 from diffusion_jax.interop import files, scheduler
 from diffusion_jax.interop.clip import TextEncoder
-from diffusion_jax.interop.text_encoders import load_text_encoder_parts
+from diffusion_jax.interop.text_encoders import load_second_text_encoder, load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.lora import with_adapters
-from diffusion_jax.models.text_encoder import compiled_text_embeddings
+from diffusion_jax.models.text_encoder import compiled_sdxl_condition, compiled_text_embeddings
 from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
@@ -75,7 +74,7 @@ class StableDiffusion:
         if self.text_encoder_2 is None:
             return compiled_text_embeddings(self.text_encoder.model, self.clip_skip)(
                 self.text_encoder.params, ids, self.loras.get("text_encoder", ()))
-        cond = _sdxl_text_condition(self.text_encoder.model, self.text_encoder_2.model, self.clip_skip)(
+        cond = compiled_sdxl_condition(self.text_encoder.model, self.text_encoder_2.model, self.clip_skip)(
             self.text_encoder.params, self.text_encoder_2.params, ids, jnp.asarray(self.tokenizer_2(prompts)),
             self.loras.get("text_encoder", ()), self.loras.get("text_encoder_2", ()))
         height, width = self.image_size
@@ -180,18 +179,6 @@ def _batch(cond) -> int:
     return jax.tree_util.tree_leaves(cond)[0].shape[0]
 
 
-@functools.lru_cache(maxsize=4)
-def _sdxl_text_condition(encoder, encoder_2, clip_skip: int):
-    """(params, params_2, ids, ids_2, LoRA layers, layers_2) -> {"embeddings", "pooled"}, jitted once."""
-    def condition(params, params_2, ids, ids_2, loras, loras_2):
-        first = encoder.apply({"params": with_adapters(params, loras)}, ids)
-        second = encoder_2.apply({"params": with_adapters(params_2, loras_2)}, ids_2)
-        k = clip_skip + 2  # diffusers: hidden_states[-(clip_skip + 2)], no final LayerNorm
-        return {"embeddings": jnp.concatenate([first["hidden_states"][-k], second["hidden_states"][-k]], axis=-1),
-                "pooled": second["text_embeds"]}
-    return jax.jit(condition)
-
-
 def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:
     """The StableDiffusionPipeline or StableDiffusionXLPipeline saved in `path` (its model_index.json
     and component folders), with the LoRA files `loras` ([(path, weight), ...]) on its U-Net and
@@ -221,12 +208,9 @@ def load_pipeline(path, *, clip_skip: int = 0, loras=()) -> StableDiffusion:
     encoder, tokenizer = load_text_encoder_parts(directory)
     second = {}
     if name == SDXL:
-        from diffusion_jax.interop.clip import load_text_encoder
-        from diffusion_jax.interop.tokenizer import load_tokenizer
-
-        second = dict(text_encoder_2=load_text_encoder(directory / "text_encoder_2"),
-                      tokenizer_2=load_tokenizer(directory / "tokenizer_2"),
-                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        parts = load_second_text_encoder(directory, index)
+        second = dict(text_encoder_2=parts.encoder, tokenizer_2=parts.tokenizer,
+                      force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
         if vae.config.get("latents_mean") is not None or vae.config.get("latents_std") is not None:
             raise UsageError(f"{directory / 'vae'}: latents_mean / latents_std are not supported here")
     check_parts_fit(directory, unet, vae, encoder, tokenizer, second.get("text_encoder_2"))
@@ -272,11 +256,13 @@ def check_parts_fit(directory, unet, vae, encoder: TextEncoder, tokenizer: CLIPT
 
 
 def save_pipeline(out, unet, vae, text_encoder: TextEncoder, tokenizer: CLIPTokenizer,
-                  scheduler_config: dict) -> pathlib.Path:
+                  scheduler_config: dict, second=None) -> pathlib.Path:
     """Write a StableDiffusionPipeline directory that diffusers and `load_pipeline` read:
     model_index.json, unet/ and vae/ (each an `Imported`-like (model, params, input_shape): the
     U-Net's latent shape, the VAE's image shape), text_encoder/, tokenizer/ and
-    scheduler/scheduler_config.json. `out` must not hold a pipeline already."""
+    scheduler/scheduler_config.json; with `second` (`text_encoders.SecondTextEncoder`) a
+    StableDiffusionXLPipeline, also text_encoder_2/ and tokenizer_2/. `out` must not hold a
+    pipeline already."""
     from diffusion_jax.files import write_json_atomically
     from diffusion_jax.interop import save_diffusers
     from diffusion_jax.interop.clip import save_text_encoder
@@ -294,6 +280,13 @@ def save_pipeline(out, unet, vae, text_encoder: TextEncoder, tokenizer: CLIPToke
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", scheduler_config["_class_name"]], "safety_checker": [None, None],
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+    if second is not None:
+        save_text_encoder(out / "text_encoder_2", second.encoder.model, second.encoder.params)
+        save_tokenizer(out / "tokenizer_2", second.tokenizer)
+        index = {**{k: v for k, v in index.items() if k not in ("safety_checker", "requires_safety_checker")},
+                 "_class_name": SDXL, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                 "force_zeros_for_empty_prompt": second.force_zeros_for_empty_prompt}
     write_json_atomically(out / "model_index.json", index)
     return out
 
@@ -301,7 +294,7 @@ def save_pipeline(out, unet, vae, text_encoder: TextEncoder, tokenizer: CLIPToke
 # What `import` takes from each pipeline class: (the backbone's folder, whether its vae/ is the
 # run's VAE, whether its text_encoder/ and tokenizer/ condition the run).
 PIPELINE_PARTS = {"DDPMPipeline": ("unet", False, False), "DDIMPipeline": ("unet", False, False),
-                  "DiTPipeline": ("transformer", True, False), PIPELINE: ("unet", True, True)}
+                  "DiTPipeline": ("transformer", True, False), PIPELINE: ("unet", True, True), SDXL: ("unet", True, True)}
 
 
 def pipeline_parts(directory) -> Optional[tuple]:
@@ -313,12 +306,11 @@ def pipeline_parts(directory) -> Optional[tuple]:
         return None
     index = read_json_object(directory / "model_index.json", "give the pipeline's model_index.json intact")
     name = index.get("_class_name")
-    if "text_encoder_2" in index or (name or "").startswith("StableDiffusionXL"):
-        raise UsageError(f"{directory} is an SDXL pipeline ({name}): it does not import as a run yet; "
-                         "load_pipeline runs it, and Stable Diffusion 1.x and 2.x pipelines import")
     if name not in PIPELINE_PARTS:
-        raise UsageError(f"{directory} holds a {name}, which does not import as a run: pipelines that do are "
+        refiner = " (SDXL's refiner, out of scope)" if name == "StableDiffusionXLImg2ImgPipeline" else ""
+        raise UsageError(f"{directory} holds a {name}{refiner}, which does not import as a run: pipelines that do are "
                          f"{sorted(PIPELINE_PARTS)} (or give one model's folder with --subfolder)")
     backbone, uses_vae, uses_text = PIPELINE_PARTS[name]
-    check_component_folders(directory, COMPONENTS if uses_text else (backbone,) + (("vae",) if uses_vae else ()))
+    text_parts = SDXL_COMPONENTS if name == SDXL else COMPONENTS
+    check_component_folders(directory, text_parts if uses_text else (backbone,) + (("vae",) if uses_vae else ()))
     return PIPELINE_PARTS[name]

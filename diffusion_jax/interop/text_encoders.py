@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +59,35 @@ def text_encoder_parts(source: str) -> tuple[TextEncoder, CLIPTokenizer]:
     """(TextEncoder, CLIPTokenizer) of a source ("random", a directory or a Hub id), loaded once
     per process."""
     return random_text_encoder() if source == RANDOM else load_text_encoder_parts(files.resolve(source))
+
+
+class SecondTextEncoder(NamedTuple):
+    """SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer, and whether the pipeline
+    guides against zero embeddings when no negative prompt is given (`force_zeros_for_empty_prompt`)."""
+
+    encoder: TextEncoder
+    tokenizer: CLIPTokenizer
+    force_zeros_for_empty_prompt: bool
+
+
+def load_second_text_encoder(directory, index: dict) -> SecondTextEncoder:
+    """The text_encoder_2/ and tokenizer_2/ of an SDXL pipeline's directory, with `index`'s (its
+    model_index.json's) force_zeros_for_empty_prompt (True, SDXL's default, when absent)."""
+    directory = pathlib.Path(directory)
+    for part in ("text_encoder_2", "tokenizer_2"):
+        if not (directory / part).is_dir():
+            raise FileNotFoundError(f"{directory} has no {part}/ folder: give the directory of an SDXL pipeline")
+    return SecondTextEncoder(load_text_encoder(directory / "text_encoder_2"), load_tokenizer(directory / "tokenizer_2"),
+                             bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+@functools.lru_cache(maxsize=4)
+def second_text_encoder_parts(source: str) -> SecondTextEncoder:
+    """`load_second_text_encoder` of a source (an SDXL pipeline's directory or Hub id), loaded once per
+    process."""
+    from diffusion_jax.files import read_json_object
+
+    directory = files.resolve(source)
+    index = directory / "model_index.json"
+    return load_second_text_encoder(directory, read_json_object(index, "give the pipeline's model_index.json intact")
+                                    if index.exists() else {})
