@@ -18,6 +18,8 @@
 # Issue #27's Stable Diffusion 1.5 at 512x512 (a random-weight pipeline written on the machine,
 # DDIM-50, guidance 7.5, batch 1 and 4; ours float32, the peer float16 and float32, no transformers):
 #   ONLY="sd15_pipeline peer_sd15_pipeline"                                      # ~400 s
+# Issue #37's LoRA cost and SDXL (1024x1024, Euler-30, guidance 5, batch 4):
+#   ONLY="sd15_lora sdxl_pipeline peer_sdxl_pipeline"                            # ~600 s
 # (unet_b128 compiles cold into $CACHE, unet_compile_warm is the same program from it; dit_b256 and
 # unet_b128 write their optimised HLO next to the profile, so each kernel in the *_trace lines
 # names the JAX operations it computes.)
@@ -36,9 +38,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   UNET=unet_tiny; DIT=dit_tiny; BU=8; BU2=16; BD=8; BS=4; STEPS=20; CLASSES=10
   PEER="--unet_batch 2 --dit_batch 2 --sample_batch 2 --sample_steps 5"
   SD=tiny; SD_OURS="--batch 2 --steps 3 --repeats 1"; SD_PEER="--sd_batch 2 --sd_steps 3 --sd_repeats 1"
+  SDXL=sdxl_tiny; SDXL_OURS="--batch 2 --steps 3 --repeats 1"; SDXL_PEER="--sd_batch 2 --sd_steps 3 --sd_repeats 1"
+  LORA="--batch 2 --steps 3 --repeats 1 --lora 4:0.8"
 else
   UNET=ddpm_cifar10; DIT=dit_b2; BU=128; BU2=512; BD=256; BS=256; STEPS=1000; CLASSES=1000; PEER=""
   SD=sd15; SD_OURS="--batch 1 --batch 4 --steps 50"; SD_PEER="--sd_batch 1 --sd_batch 4 --sd_steps 50"
+  SDXL=sdxl; SDXL_OURS="--batch 4 --steps 30"; SDXL_PEER="--sd_batch 4 --sd_steps 30"
+  LORA="--batch 4 --steps 50 --lora 16:0.8"
 fi
 RESULTS=$OUT/results.jsonl
 LOG=$OUT/log.txt
@@ -109,11 +115,17 @@ stage 80 dit_xla_attention $PY -m benchmarks.train --model $DIT --batch $BD --dt
 # Stable Diffusion 1.5, ours then PyTorch's on the same weights (written by the first stage).
 stage 300 sd15_pipeline $PY -m benchmarks.pipeline --write /tmp/sd_$SD --size $SD $SD_OURS
 stage 240 peer_sd15_pipeline $PEER_PY -m benchmarks.peer_diffusers --what sd_pipeline --pipeline /tmp/sd_$SD $SD_PEER
+# Issue #37: what a LoRA costs a step (SD 1.5, a rank-16 LoRA on every attention projection at weight
+# 0.8, against the same pipeline without; the pipeline the sd15 stage wrote), and SDXL's base at
+# 1024x1024, Euler-30, guidance 5, batch 4, ours against PyTorch's on the same random weights.
+stage 300 sd15_lora $PY -m benchmarks.pipeline --write /tmp/sd_$SD --size $SD $LORA
+stage 420 sdxl_pipeline $PY -m benchmarks.pipeline --write /tmp/sdxl_$SDXL --size $SDXL --guidance_scale 5 $SDXL_OURS
+stage 300 peer_sdxl_pipeline $PEER_PY -m benchmarks.peer_diffusers --what sd_pipeline --pipeline /tmp/sdxl_$SDXL --sd_guidance_scale 5 $SDXL_PEER
 
 echo "=== summary (+$(( $(date +%s) - START ))s)"
 $PY - "$RESULTS" <<'EOF'
 import json, sys
-keep = ("stage", "bench", "peer", "model", "batch", "method", "steps", "compiled", "overrides", "images_per_sec",
+keep = ("stage", "bench", "peer", "model", "batch", "method", "steps", "lora", "guidance_scale", "compiled", "overrides", "images_per_sec",
         "step_ms", "mfu", "dtype", "seconds", "samples_per_sec", "compile_s", "first_call_s", "warmup_s", "overhead", "peak_memory_gb", "compiled_temp_gb", "kernel_ms_per_step", "wall_ms_per_step", "kernels_per_step",
         "by_category_ms", "op", "shape", "impl", "tile_elements", "group_channels", "forward_ms", "forward_gb_s",
         "forward_backward_ms", "forward_backward_gb_s")

@@ -109,24 +109,36 @@ def ddpm_sampling(batch, steps, device):
 
 
 def sd_pipeline(directory, batches, steps, device, guidance_scale=7.5, repeats=3):
-    """StableDiffusionPipeline's chain on the pipeline in `directory` (unet/, vae/, scheduler/ read
-    with diffusers): the latents and the 2B-row guided U-Net call of every DDIM step, the VAE
-    decoder; random text embeddings stand in for the CLIP encoder (one forward a call, not timed),
-    so transformers is not needed. float16 (the usual GPU setting) and float32; float32 on a CPU."""
+    """StableDiffusionPipeline's (or StableDiffusionXLPipeline's) chain on the pipeline in `directory`
+    (unet/, vae/, scheduler/ read with diffusers; the scheduler its config names): the latents and
+    the 2B-row guided U-Net call of every step, the VAE decoder; random text embeddings (and, for
+    SDXL, pooled embeddings and the micro-conditioning time ids) stand in for the CLIP encoders (one
+    forward a call, not timed), so transformers is not needed. float16 (the usual GPU setting) and
+    float32; float32 on a CPU."""
+    import json
     import pathlib
 
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     directory = pathlib.Path(directory)
+    scheduler_class = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     dtypes = [torch.float16, torch.float32] if device.startswith("cuda") else [torch.float32]
     for dtype in dtypes:
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype).to(device).eval()
         vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device).eval()
-        scheduler = DDIMScheduler.from_pretrained(directory / "scheduler")
+        scheduler = getattr(diffusers, scheduler_class).from_pretrained(directory / "scheduler")
         size, width = unet.config.sample_size, unet.config.cross_attention_dim
         for batch in batches:
             text = torch.randn(2 * batch, 77, width, device=device, dtype=dtype)
+            added = None
+            if unet.config.addition_embed_type == "text_time":  # SDXL: pooled embedding [2B, P], time ids [2B, 6]
+                pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+                image = size * 2 ** (len(vae.config.block_out_channels) - 1)
+                added = {"text_embeds": torch.randn(2 * batch, pooled, device=device, dtype=dtype),
+                         "time_ids": torch.tensor([[image, image, 0, 0, image, image]] * 2 * batch, device=device,
+                                                  dtype=dtype)}
 
             def run(seed):
                 generator = torch.Generator(device).manual_seed(seed)
@@ -135,7 +147,8 @@ def sd_pipeline(directory, batches, steps, device, guidance_scale=7.5, repeats=3
                 latents = latents * scheduler.init_noise_sigma
                 for t in scheduler.timesteps:
                     model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    uncond, cond = unet(model_input, t, encoder_hidden_states=text).sample.chunk(2)
+                    uncond, cond = unet(model_input, t, encoder_hidden_states=text,
+                                        added_cond_kwargs=added).sample.chunk(2)
                     latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
                 images = vae.decode(latents / vae.config.scaling_factor).sample
                 _sync()
@@ -151,7 +164,7 @@ def sd_pipeline(directory, batches, steps, device, guidance_scale=7.5, repeats=3
                     images = run(i + 1)
                     seconds.append(time.perf_counter() - t0)
             s = sorted(seconds)[len(seconds) // 2]
-            _emit({"bench": "pipeline", "model": directory.name, "batch": batch, "steps": steps, "method": "ddim",
+            _emit({"bench": "pipeline", "model": directory.name, "batch": batch, "steps": steps, "method": scheduler_class,
                    "guidance_scale": guidance_scale, "image_size": list(images.shape[2:]) + [3],
                    "dtype": str(dtype).replace("torch.", ""), "seconds": round(s, 3),
                    "images_per_sec": round(batch / s, 3), "first_call_s": round(first_s, 2)})
@@ -173,6 +186,7 @@ def main(argv=None):
     p.add_argument("--sd_batch", type=int, action="append", help="sd_pipeline: prompts per call (repeatable; 1)")
     p.add_argument("--sd_steps", type=int, default=50)
     p.add_argument("--sd_repeats", type=int, default=3)
+    p.add_argument("--sd_guidance_scale", type=float, default=7.5)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     what = args.what.split(",")
@@ -191,7 +205,8 @@ def main(argv=None):
     if "sd_pipeline" in what:
         if not args.pipeline:
             p.error("--what sd_pipeline needs --pipeline DIR (written by benchmarks.pipeline --write)")
-        sd_pipeline(args.pipeline, args.sd_batch or [1], args.sd_steps, device, repeats=args.sd_repeats)
+        sd_pipeline(args.pipeline, args.sd_batch or [1], args.sd_steps, device, args.sd_guidance_scale,
+                    repeats=args.sd_repeats)
 
 
 if __name__ == "__main__":
