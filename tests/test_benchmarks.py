@@ -50,22 +50,28 @@ def test_the_kernel_benchmark_times_xla_and_the_kernels_at_each_tiling(capsys, m
 
 
 def test_the_pipeline_benchmark_writes_a_pipeline_that_it_and_the_pytorch_peer_both_run(tmp_path, capsys):
-    """`benchmarks.pipeline --write DIR --size tiny`: a random-weight StableDiffusionPipeline through
-    the library's writers, timed by `load_pipeline` and read by diffusers for the peer's loop; the
-    sd15 size is SD 1.5's configs, whose parameter counts tests/test_sd_unet.py checks."""
+    """`benchmarks.pipeline --write DIR --size sdxl_tiny --lora 4:0.8`: a random-weight SDXL pipeline
+    through the library's writers, timed by `load_pipeline` without and with a random LoRA, and read
+    by diffusers for the peer's loop; the sd15 and sdxl sizes are the published configs (the U-Nets'
+    parameter counts tests/test_sd_unet.py checks; bigG's 694,659,840 that of SDXL's text_encoder_2)."""
     from benchmarks import pipeline
+    from diffusion_jax.interop import clip
+    from diffusion_jax.models import count_params
 
-    pipeline.main(["--write", str(tmp_path / "tiny"), "--size", "tiny", "--batch", "2", "--steps", "3",
-                   "--repeats", "1"])
-    ours = json.loads(capsys.readouterr().out.splitlines()[-1])
+    pipeline.main(["--write", str(tmp_path / "tiny"), "--size", "sdxl_tiny", "--batch", "2", "--steps", "3",
+                   "--repeats", "1", "--guidance_scale", "5", "--lora", "4:0.8"])
+    plain, ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()[-2:]]
     assert (ours["bench"], ours["batch"], ours["steps"], ours["image_size"]) == ("pipeline", 2, 3, [16, 16, 3])
     assert ours["images_per_sec"] > 0 and ours["first_call_s"] >= ours["seconds"] and ours["programs"] == 1
+    assert plain["lora"] is None and ours["lora"]["layers"] > 0 and ours["method"] == "euler"
     pytest.importorskip("diffusers")
     from benchmarks import peer_diffusers
     peer_diffusers.main(["--what", "sd_pipeline", "--pipeline", str(tmp_path / "tiny"), "--sd_batch", "2",
-                         "--sd_steps", "3", "--sd_repeats", "1"])
+                         "--sd_steps", "3", "--sd_repeats", "1", "--sd_guidance_scale", "5"])
     theirs = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (theirs["peer"], theirs["batch"], theirs["image_size"]) == ("diffusers", 2, [16, 16, 3])
     from tests.test_sd_unet import SD15_TEXT_ENCODER, SD15_VAE  # counted there against transformers and diffusers
-    assert pipeline.SIZES["sd15"][1] == SD15_TEXT_ENCODER and pipeline.SIZES["sd15"][0] == {}  # the sd15_unet preset
+    assert pipeline.SIZES["sd15"][:3] == ("sd15_unet", {}, SD15_TEXT_ENCODER) and pipeline.SIZES["sdxl"][:2] == ("sdxl_unet", {})
+    assert pipeline.SIZES["sdxl"][2] == SD15_TEXT_ENCODER  # SDXL's first encoder is SD 1.5's CLIP ViT-L
+    assert count_params(clip.param_shapes(clip.module_from_config(pipeline.SECOND_ENCODERS["sdxl"]))) == 694_659_840
     assert {**pipeline.vae_config("sd15"), "_class_name": None} == {**SD15_VAE, "_class_name": None}
