@@ -132,5 +132,5 @@ def _backbone_loras(model, config) -> tuple:
         return ()
     shape, component = latents.model_input_shape(config), backbone_component(model)
     kind = condition_kind(config)
-    others = kind.adapted_parts(config) if kind else ()
+    others = tuple(kind.encoders(config)) if kind else ()
     return run_loras(config, {component: (model, shape, param_shapes(model, shape))}, others).get(component, ())

@@ -71,9 +71,10 @@ class ConditionKind:
     def null(self, config, negative=None):
         raise NotImplementedError
 
-    def adapted_parts(self, config) -> tuple:
-        """The components of a LoRA file that this kind's encoder reads (the text encoders)."""
-        return ()
+    def encoders(self, config) -> dict:
+        """{component: encoder} of the frozen networks the kind's encoder runs, by the names LoRA files
+        give them (the text encoders; none for a kind without one)."""
+        return {}
 
     def job_settings(self, values) -> dict:
         return {} if values is None else {"conditions": [str(v) for v in values]}

@@ -14,12 +14,11 @@ it, or for a negative prompt, that prompt's; its time ids are the sampling ones.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.conditions.registry import register_kind
-from diffusion_jax.conditions.text import EMBEDDINGS_IN_MEMORY, Text, text_encoder_source
+from diffusion_jax.conditions.text import Text, clip_skip, text_encoder_source
 from diffusion_jax.errors import UsageError
 
 
@@ -49,25 +48,6 @@ def training_time_ids(config, data) -> np.ndarray:
     return np.concatenate([np.asarray(data.sizes, np.float32), target], axis=1)
 
 
-def ids_encoder(config):
-    """{"ids": int32 [B, L], "ids_2": int32 [B, L], "time_ids": [B, 6]} -> the condition (jitted; the
-    LoRA files of sample.loras on either encoder)."""
-    from diffusion_jax.interop.adapters import BACKBONES, run_loras
-    from diffusion_jax.models.text_encoder import compiled_sdxl_condition
-
-    (encoder, _), second = _parts(config)
-    encode = compiled_sdxl_condition(encoder.model, second.encoder.model, int(config.model.get("clip_skip", 0) or 0))
-    parts = {"text_encoder": (encoder.model, None, encoder.params),
-             "text_encoder_2": (second.encoder.model, None, second.encoder.params)}
-    loras = run_loras(config, parts, skip=BACKBONES)
-
-    def condition(batch):
-        cond = encode(encoder.params, second.encoder.params, jnp.asarray(batch["ids"]), jnp.asarray(batch["ids_2"]),
-                      loras.get("text_encoder", ()), loras.get("text_encoder_2", ()))
-        return {**cond, "time_ids": jnp.asarray(batch["time_ids"], jnp.float32)}
-    return condition
-
-
 class SDXL(Text):
     name = "sdxl"
     description = "SDXL text-conditioned (data.condition='sdxl')"
@@ -75,35 +55,33 @@ class SDXL(Text):
     def implied_by(self, config) -> bool:
         return False  # set by name: an SDXL run's text encoder also implies "text"
 
-    def adapted_parts(self, config) -> tuple:
-        return ("text_encoder", "text_encoder_2")
+    def encoders(self, config) -> dict:
+        (encoder, _), second = _parts(config)
+        return {"text_encoder": encoder, "text_encoder_2": second.encoder}
 
-    def _ids(self, config, prompts) -> dict:
+    def inputs(self, config, prompts, time_ids=None):
+        """{"ids", "ids_2": each tokenizer's ids int32 [B, L], "time_ids": float32 [B, 6] (default the
+        sampling ones)}."""
         (_, tokenizer), second = _parts(config)
         return {"ids": np.asarray(tokenizer(list(prompts)), np.int32),
-                "ids_2": np.asarray(second.tokenizer(list(prompts)), np.int32)}
+                "ids_2": np.asarray(second.tokenizer(list(prompts)), np.int32),
+                "time_ids": sampling_time_ids(config, len(prompts)) if time_ids is None else time_ids}
 
-    def training_conditions(self, config, data):
-        """Every caption's condition through the frozen encoders, with `training_time_ids`, computed once
-        when the embeddings fit in EMBEDDINGS_IN_MEMORY; else the captions' ids and time ids, and the
-        encoders to run a batch at a time."""
+    def training_inputs(self, config, data):
         if data.captions is None:
-            return super().training_conditions(config, data)  # its error: the data have no captions
-        given = {**self._ids(config, data.captions), "time_ids": training_time_ids(config, data)}
-        encode, ((encoder, _), second) = ids_encoder(config), _parts(config)
-        width = encoder.model.hidden_size + second.encoder.model.hidden_size
-        if given["ids"].size * width * 4 > EMBEDDINGS_IN_MEMORY:
-            return given, lambda batch: jax.tree_util.tree_map(np.asarray, encode(batch))
-        parts = [encode(jax.tree_util.tree_map(lambda v: v[i:i + 256], given)) for i in range(0, len(data.captions), 256)]
-        return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *parts), None
+            return super().training_inputs(config, data)  # its error: the data have no captions
+        return self.inputs(config, data.captions, training_time_ids(config, data))
 
-    def encoder(self, config):
-        """prompts (a list of strings) -> the condition, with the sampling time ids."""
-        encode = ids_encoder(config)
-        return lambda prompts: encode({**self._ids(config, prompts), "time_ids": sampling_time_ids(config, len(prompts))})
+    def condition(self, config, params: dict, inputs):
+        from diffusion_jax.models.text_encoder import sdxl_condition
 
-    def null(self, config, negative=None):
-        cond = self.encoder(config)([negative or ""])
+        encoders = self.encoders(config)
+        cond = sdxl_condition(encoders["text_encoder"].model, encoders["text_encoder_2"].model, clip_skip(config))(
+            params["text_encoder"], params["text_encoder_2"], inputs["ids"], inputs["ids_2"])
+        return {**cond, "time_ids": jnp.asarray(inputs["time_ids"], jnp.float32)}
+
+    def null(self, config, negative=None, adapters=None):
+        cond = self.encoder(config, adapters)([negative or ""])
         if negative is None and _parts(config)[1].force_zeros_for_empty_prompt:
             return {**cond, "embeddings": jnp.zeros_like(cond["embeddings"]), "pooled": jnp.zeros_like(cond["pooled"])}
         return cond

@@ -5,12 +5,16 @@ has it with model.text_encoder; its data are the captions of a split (`data.capt
 
     encode = TEXT.encoder(config)
     cond = encode(["a photo of a cat"])         # text embeddings [B, 77, D]
+
+A kind of text (this one, SDXL's) says which encoders it runs (`encoders`), what a prompt becomes
+before them (`inputs`: token ids) and the condition they make of it (`condition`, a pure function of
+the encoders' parameters); the rest is shared: the encoders run jitted, with the LoRA files of
+sample.loras and a LoRA run's own adapters on them, and a LoRA run that trains the encoders'
+adapters (lora.text_encoder) runs `condition` inside its train step on the batch's `inputs`.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from diffusion_jax.conditions.registry import ConditionKind, register_kind
@@ -30,17 +34,11 @@ def _parts(config):
     return text_encoder_parts(text_encoder_source(config))
 
 
-def ids_encoder(config) -> Callable:
-    """ids int32 [B, L] -> embeddings [B, L, D] (jitted; the parameters an argument, not constants)."""
-    from diffusion_jax.models.text_encoder import compiled_text_embeddings
+_COMPILED = {}  # (kind, text encoder source, clip_skip) -> the jitted condition
 
-    from diffusion_jax.interop.adapters import BACKBONES, run_loras
 
-    encoder = _parts(config)[0]
-    encode = compiled_text_embeddings(encoder.model, int(config.model.get("clip_skip", 0) or 0))
-    parts = {"text_encoder": (encoder.model, None, encoder.params)}
-    loras = run_loras(config, parts, skip=BACKBONES).get("text_encoder", ())  # LoRA files' layers on the encoder (sample.loras)
-    return lambda ids: encode(encoder.params, jnp.asarray(ids), loras)
+def clip_skip(config) -> int:
+    return int(config.model.get("clip_skip", 0) or 0)
 
 
 class Text(ConditionKind):
@@ -53,22 +51,56 @@ class Text(ConditionKind):
     def implied_by(self, config) -> bool:
         return bool(text_encoder_source(config))
 
-    def training_conditions(self, config, data):
-        """The frozen encoder's embeddings [N, L, D] of every caption, computed once when they fit in
-        EMBEDDINGS_IN_MEMORY; else the caption ids [N, L] and the encoder to run a batch at a time."""
-        if data.captions is None:
-            raise UsageError(f"this run is text-conditioned (model.text_encoder) but data {config.data.name!r} has "
-                             "no captions: give a folder with NAME.txt beside each image (or captions.jsonl), a tfds "
-                             "data set with data.caption_feature, or the digits")
-        encoder, tokenizer = _parts(config)
-        ids = np.asarray(tokenizer(list(data.captions)), np.int32)
-        encode = ids_encoder(config)
-        if ids.size * encoder.model.hidden_size * 4 > EMBEDDINGS_IN_MEMORY:
-            return ids, lambda batch_ids: np.asarray(encode(batch_ids))
-        return np.concatenate([np.asarray(encode(ids[i:i + 256])) for i in range(0, len(ids), 256)]), None
+    def encoders(self, config) -> dict:
+        """{component: TextEncoder} the condition runs, by the names LoRA files give them."""
+        return {"text_encoder": _parts(config)[0]}
 
-    def adapted_parts(self, config) -> tuple:
-        return ("text_encoder",)
+    def inputs(self, config, prompts):
+        """What the encoders take for `prompts`: token ids int32 [B, L]."""
+        return np.asarray(_parts(config)[1](list(prompts)), np.int32)
+
+    def training_inputs(self, config, data):
+        """`inputs` of a split's captions [N, ...]."""
+        if data.captions is None:
+            raise UsageError(f"this run is {self.description} but data {config.data.name!r} has no captions: give a "
+                             "folder with NAME.txt beside each image (or captions.jsonl), a tfds data set with "
+                             "data.caption_feature, or the digits")
+        return self.inputs(config, data.captions)
+
+    def condition(self, config, params: dict, inputs):
+        """The condition of `inputs` [B, ...] with the encoders' parameters {component: params}
+        (traceable): the embeddings [B, L, D] (clip_skip layers before the last, as diffusers)."""
+        from diffusion_jax.models.text_encoder import text_embeddings
+
+        return text_embeddings(self.encoders(config)["text_encoder"].model, params["text_encoder"], inputs,
+                               clip_skip=clip_skip(config))
+
+    def encode(self, config, adapters=None):
+        """inputs -> the condition, jitted once per kind, encoders and clip_skip; with the LoRA files of
+        sample.loras and `adapters` ({component: LoraLayers}, a LoRA run's) on the encoders."""
+        from diffusion_jax.interop.adapters import BACKBONES, run_loras
+        from diffusion_jax.lora import with_adapters
+
+        encoders = self.encoders(config)
+        key = (self.name, text_encoder_source(config), clip_skip(config))
+        if key not in _COMPILED:
+            _COMPILED[key] = jax.jit(lambda params, layers, inputs: self.condition(
+                config, {c: with_adapters(p, layers.get(c, ())) for c, p in params.items()}, inputs))
+        files = run_loras(config, {c: (e.model, None, e.params) for c, e in encoders.items()}, skip=BACKBONES)
+        layers = {c: files.get(c, ()) + tuple((adapters or {}).get(c, ())) for c in encoders}
+        params = {c: e.params for c, e in encoders.items()}
+        return lambda inputs: _COMPILED[key](params, layers, inputs)
+
+    def training_conditions(self, config, data):
+        """Every caption's condition through the frozen encoders, computed once when the embeddings fit in
+        EMBEDDINGS_IN_MEMORY; else the captions' `inputs` and the encoders to run a batch at a time."""
+        inputs, encode = self.training_inputs(config, data), self.encode(config)
+        width = sum(e.model.hidden_size for e in self.encoders(config).values())
+        rows = len(data.captions)
+        if rows * 77 * width * 4 > EMBEDDINGS_IN_MEMORY:
+            return inputs, lambda batch: jax.tree_util.tree_map(np.asarray, encode(batch))
+        parts = [encode(jax.tree_util.tree_map(lambda v: v[i:i + 256], inputs)) for i in range(0, rows, 256)]
+        return jax.tree_util.tree_map(lambda *leaves: np.concatenate([np.asarray(x) for x in leaves]), *parts), None
 
     def values(self, config, given) -> list:
         return [str(v) for v in given]
@@ -76,13 +108,13 @@ class Text(ConditionKind):
     def default_values(self, config) -> list:
         return [""]  # the empty prompt
 
-    def encoder(self, config) -> Callable:
-        """prompts (a list of strings) -> text embeddings [B, L, D] (float32, on device)."""
-        encode_ids, tokenizer = ids_encoder(config), _parts(config)[1]
-        return lambda prompts: encode_ids(tokenizer(list(prompts)))
+    def encoder(self, config, adapters=None):
+        """prompts (a list of strings) -> the condition (text embeddings [B, L, D], float32, on device)."""
+        encode = self.encode(config, adapters)
+        return lambda prompts: encode(self.inputs(config, prompts))
 
-    def null(self, config, negative=None):
-        return self.encoder(config)([negative or ""])
+    def null(self, config, negative=None, adapters=None):
+        return self.encoder(config, adapters)([negative or ""])
 
 
 TEXT = register_kind(Text())

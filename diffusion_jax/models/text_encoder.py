@@ -126,19 +126,26 @@ def compiled_text_embeddings(encoder: CLIPTextEncoder, clip_skip: int = 0):
                                                                  clip_skip=clip_skip))
 
 
-@functools.lru_cache(maxsize=4)
-def compiled_sdxl_condition(encoder: CLIPTextEncoder, encoder_2: CLIPTextEncoder, clip_skip: int = 0):
-    """SDXL's text condition, jitted once per encoder pair: (params, params_2, ids [B, L], ids_2 [B, L],
-    LoRA layers, layers_2) -> {"embeddings": both encoders' hidden states clip_skip + 2 from the end
-    (the penultimate at 0; no final LayerNorm) side by side [B, L, D1 + D2], "pooled": the second's
-    projected pooled output [B, P]}, as diffusers' StableDiffusionXLPipeline.encode_prompt."""
-    def condition(params, params_2, ids, ids_2, loras, loras_2):
-        first = encoder.apply({"params": with_adapters(params, loras)}, ids)
-        second = encoder_2.apply({"params": with_adapters(params_2, loras_2)}, ids_2)
+def sdxl_condition(encoder: CLIPTextEncoder, encoder_2: CLIPTextEncoder, clip_skip: int = 0):
+    """SDXL's text condition: (params, params_2, ids [B, L], ids_2 [B, L]) -> {"embeddings": both
+    encoders' hidden states clip_skip + 2 from the end (the penultimate at 0; no final LayerNorm) side
+    by side [B, L, D1 + D2], "pooled": the second's projected pooled output [B, P]}, as diffusers'
+    StableDiffusionXLPipeline.encode_prompt."""
+    def condition(params, params_2, ids, ids_2):
+        first, second = encoder.apply({"params": params}, ids), encoder_2.apply({"params": params_2}, ids_2)
         k = clip_skip + 2
         return {"embeddings": jnp.concatenate([first["hidden_states"][-k], second["hidden_states"][-k]], axis=-1),
                 "pooled": second["text_embeds"]}
-    return jax.jit(condition)
+    return condition
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_sdxl_condition(encoder: CLIPTextEncoder, encoder_2: CLIPTextEncoder, clip_skip: int = 0):
+    """`sdxl_condition` jitted once per encoder pair, with LoRA layers on each: (params, params_2, ids,
+    ids_2, layers, layers_2) -> the condition."""
+    condition = sdxl_condition(encoder, encoder_2, clip_skip)
+    return jax.jit(lambda params, params_2, ids, ids_2, loras, loras_2: condition(
+        with_adapters(params, loras), with_adapters(params_2, loras_2), ids, ids_2))
 
 
 def text_embeddings(encoder: CLIPTextEncoder, params, input_ids, *, clip_skip: int = 0, attention_mask=None):
