@@ -119,15 +119,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = "to_q,to_k,to_v,to_out.0"  # diffusers module names (or their ends), comma-separated
     c.lora.base = ""                # the run whose model the adapters adapt (its workdir)
     c.lora.base_step = -1           # its checkpoint (-1: the newest, pinned when the LoRA run's program is built)
+    c.lora.text_encoder = False     # also adapters on the text encoder(s)' attention (TEXT_ENCODER_TARGETS), as
+                                    # diffusers' LoRA scripts' --train_text_encoder
     return c
 
 
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # diffusers' LoRA scripts' text encoder targets
+
+
 def with_lora_section(config):
-    """A run's config with the `lora` section (its defaults where a run written before LoRA has none)."""
-    if config.get("lora") is None:
-        with config.unlocked():
+    """A run's config with the `lora` section (its defaults where a run written before LoRA, or before
+    one of its settings, has none)."""
+    with config.unlocked():
+        if config.get("lora") is None:
             config.lora = base_config().lora
+        for key, value in base_config().lora.items():
+            if key not in config.lora:
+                config.lora[key] = value
     return config
+
+
+def trains_text_encoder(config) -> bool:
+    """Whether a LoRA run trains adapters on its text encoder(s) too (lora.text_encoder)."""
+    section = lora_settings(config)
+    return bool(section is not None and section.get("text_encoder", False))
 
 
 def lora_settings(config):
@@ -229,6 +244,17 @@ def validate_lora(config) -> None:
     if not base or not (pathlib.Path(base) / "config.json").exists():
         raise UsageError(f"lora.base {base!r} is not a run: give the workdir of the run whose model the adapters "
                          "adapt (an imported pipeline's, or any trained run's)")
+    if section.get("text_encoder", False):
+        from diffusion_jax.conditions import condition_kind
+
+        kind = condition_kind(config)
+        if kind is None or not kind.encoders(config):
+            raise UsageError("lora.text_encoder is True but this run has no text encoder: it trains adapters on a "
+                             "text run's encoder(s); set it to False")
+        if config.train.cond_dropout > 0:
+            raise UsageError(f"lora.text_encoder is True with train.cond_dropout {config.train.cond_dropout}: the "
+                             "null condition is the frozen encoder's, not the adapted one's, so it is not trained "
+                             "with dropout (as diffusers' LoRA scripts do not); set train.cond_dropout=0")
 
 
 def validate_process_settings(config, process) -> None:
@@ -315,6 +341,8 @@ def config_fingerprint(config) -> dict:
     lora = dict(c.get("lora") or {})
     if int(lora.get("rank", 0) or 0) > 0:  # the adapters' layout and the model they adapt
         fingerprint["lora"] = {k: lora.get(k) for k in ("rank", "alpha", "targets", "base", "base_step")}
+        if lora.get("text_encoder"):
+            fingerprint["lora"]["text_encoder"] = True
     return fingerprint
 
 

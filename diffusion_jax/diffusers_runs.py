@@ -151,8 +151,9 @@ def export_run(workdir, out, step: int | None = None) -> pathlib.Path:
 
 
 def export_lora(workdir, out, step: int | None = None) -> pathlib.Path:
-    """A LoRA run's EMA adapters (newest good checkpoint, or `step`) as a PEFT LoRA file with
-    diffusers' metadata; an existing file is never overwritten."""
+    """A LoRA run's EMA adapters (newest good checkpoint, or `step`; the text encoders' too with
+    lora.text_encoder) as a PEFT LoRA file with diffusers' metadata; an existing file is never
+    overwritten."""
     from diffusion_jax.interop.adapters import backbone_component
     from diffusion_jax.lora import write_lora
     from diffusion_jax.runs import load_run
@@ -163,7 +164,7 @@ def export_lora(workdir, out, step: int | None = None) -> pathlib.Path:
     run = load_run(workdir, step)
     if run.adapters is None:
         raise UsageError(f"{workdir} is not a LoRA run (config.lora.rank is 0): export its model with --out DIR")
-    return write_lora(out, {backbone_component(run.model): run.adapters})
+    return write_lora(out, {backbone_component(run.model): run.adapters, **run.condition_adapters})
 
 
 def export_pipeline(run, out) -> pathlib.Path:

@@ -31,10 +31,12 @@ _keys_for = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
 def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, method=None,
                    steps=None, options=None, eta=None, trajectory_every=None, mesh=None,
-                   per_sample_keys: bool = False):
+                   per_sample_keys: bool = False, condition_adapters=None):
     """A function generate(params, num_samples, key, eta=None, guidance_scale=None, conditions=None,
-    first_index=0, labels=None, prompts=None, negative_prompt=None) -> images [N, H, W, C] in
-    [-1, 1] (NumPy), sampling in batches sharded over `mesh`.
+    first_index=0, labels=None, prompts=None, negative_prompt=None, condition_adapters=None) ->
+    images [N, H, W, C] in [-1, 1] (NumPy), sampling in batches sharded over `mesh`.
+    `condition_adapters` ({component: LoraLayers}: a LoRA run's `Run.condition_adapters`) are the
+    adapters of the condition's text encoders, by default those given here.
 
     A conditional run's sample i gets conditions[i % len(conditions)], values of the run's
     condition kind (`conditions`; by default its `default_values`: classes 0, 1, 2, ... of a
@@ -64,6 +66,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     vae = latents.load_vae(latents.vae_source(config)) if latents.vae_source(config) else None
     kind = condition_kind(config)
     encode = kind.encoder(config) if kind else None
+    default_adapters = condition_adapters
     loras = _backbone_loras(model, config)
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -90,7 +93,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         return decode(out)
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, conditions=None,
-                 first_index: int = 0, labels=None, prompts=None, negative_prompt=None):
+                 first_index: int = 0, labels=None, prompts=None, negative_prompt=None, condition_adapters=None):
         if negative_prompt:
             taking_kind(config, "negative_prompt")
         if num_samples < 1:
@@ -103,12 +106,15 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         values = given_values(config, conditions=conditions, labels=labels, prompts=prompts)
         if kind is not None and values is None:
             values = kind.default_values(config)
-        null = kind.null(config, negative_prompt) if kind else None
+        adapters = condition_adapters or default_adapters
+        encoded = kind.encoder(config, adapters) if adapters else encode
+        null = None if kind is None else kind.null(config, negative_prompt, adapters) if adapters else \
+            kind.null(config, negative_prompt)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
             # the batch's sample indices, the last batch padded with the next ones
             index = (first_index if per_sample_keys else 0) + i * batch_size + np.arange(batch_size)
-            cond = None if kind is None else encode(by_index(values, index))
+            cond = None if kind is None else encoded(by_index(values, index))
             batch_key = jax.random.fold_in(key, i)
             if per_sample_keys:
                 batch_key = _keys_for(key, jnp.asarray(index, jnp.int32))

@@ -20,7 +20,7 @@ from diffusion_jax.latents import model_input_shape
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import make_mesh, replicated
 from diffusion_jax.checkpoints import Checkpointer
-from diffusion_jax.config import lora_scale, lora_settings, lora_targets
+from diffusion_jax.config import TEXT_ENCODER_TARGETS, lora_scale, lora_settings, lora_targets, trains_text_encoder
 from diffusion_jax.lora import adapter_layers, adapter_spec, init_adapters, with_adapters
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Run(NamedTuple):
     schedule: Any  # the run's process: DDPM's Schedule, or a continuous process (builders.build_process)
     step: int
     adapters: Any = None  # a LoRA run's EMA adapters, as LoraLayers (`lora`); None for other runs
+    condition_adapters: dict = {}  # a LoRA run's adapters on its text encoder(s): {component: LoraLayers}
 
 
 def lora_parts(config, model) -> tuple:
@@ -48,6 +49,42 @@ def lora_parts(config, model) -> tuple:
         raise UsageError(f"lora.base {section.base} is a run of another model than this LoRA run's: train the adapters "
                          "with the base run's model settings")
     return adapter_spec(entries_for(model, model_input_shape(config)), lora_targets(section)), base
+
+
+def encoder_lora_specs(config) -> dict:
+    """{component: adapter spec} of a LoRA run's adapters on its text encoder(s) (lora.text_encoder:
+    TEXT_ENCODER_TARGETS of each encoder its condition kind runs); {} for other runs."""
+    if not trains_text_encoder(config):
+        return {}
+    from diffusion_jax.conditions import condition_kind
+    from diffusion_jax.interop import clip
+
+    return {component: adapter_spec(clip.entries(encoder.model), TEXT_ENCODER_TARGETS)
+            for component, encoder in condition_kind(config).encoders(config).items()}
+
+
+def init_run_adapters(key, config, spec, base_params, rank: int):
+    """A LoRA run's trained parameters: the backbone's adapters (`init_adapters`); with adapters on the
+    text encoder(s) too, {"backbone": those, component: each encoder's}."""
+    backbone = init_adapters(key, spec, base_params, rank)
+    specs = encoder_lora_specs(config)
+    if not specs:
+        return backbone
+    from diffusion_jax.conditions import condition_kind
+
+    encoders = condition_kind(config).encoders(config)
+    return {"backbone": backbone, **{component: init_adapters(jax.random.fold_in(key, i + 1), encoder_spec,
+                                                              encoders[component].params, rank)
+                                     for i, (component, encoder_spec) in enumerate(specs.items())}}
+
+
+def run_adapter_layers(adapters, config, spec, scale: float) -> tuple:
+    """(the backbone's LoraLayers, {text encoder component: LoraLayers}) of a LoRA run's adapters."""
+    specs = encoder_lora_specs(config)
+    if not specs:
+        return adapter_layers(adapters, spec, scale), {}
+    return adapter_layers(adapters["backbone"], spec, scale), {
+        component: adapter_layers(adapters[component], encoder_spec, scale) for component, encoder_spec in specs.items()}
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -69,7 +106,7 @@ def load_run(workdir, step: int | None = None) -> Run:
     section = lora_settings(config)
     if section is not None:
         spec, base = lora_parts(config, model)
-        abstract = jax.eval_shape(lambda key: init_adapters(key, spec, base.ema_params, int(section.rank)),
+        abstract = jax.eval_shape(lambda key: init_run_adapters(key, config, spec, base.ema_params, int(section.rank)),
                                   jax.random.key(0))
     else:
         abstract = param_shapes(model, model_input_shape(config))
@@ -89,8 +126,8 @@ def load_run(workdir, step: int | None = None) -> Run:
             raise FileNotFoundError(f"no usable checkpoint in {ckpt.directory}: every one of {steps} is corrupt")
         if section is None:
             return Run(config, model, restored["ema_params"], build_process(config), int(record["step"]))
-        layers = adapter_layers(restored["ema_params"], spec, lora_scale(section))
+        layers, encoder_layers = run_adapter_layers(restored["ema_params"], config, spec, lora_scale(section))
         return Run(config, model, with_adapters(base.ema_params, layers), build_process(config), int(record["step"]),
-                   layers)
+                   layers, encoder_layers)
     finally:
         ckpt.close()

@@ -62,7 +62,8 @@ def sample_command(args):
     generate = make_generator(run.model, run.schedule, config,
                               batch_size=min(args.num_samples, args.batch_size),
                               method=args.method, steps=args.steps,
-                              options=parse_options(args.option), eta=args.eta)
+                              options=parse_options(args.option), eta=args.eta,
+                              condition_adapters=run.condition_adapters)
     images = generate(run.ema_params, args.num_samples, jax.random.PRNGKey(args.seed),
                       guidance_scale=args.guidance_scale, labels=labels, prompts=args.prompt,
                       negative_prompt=args.negative_prompt, conditions=args.condition)

@@ -93,7 +93,8 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     kind = condition_kind(c)
     denoise = denoise_fn_for(run.model, run.ema_params, kind is not None, sigma_data=precondition_of(c))
     if kind is not None:
-        null, conditioned = kind.null(c), denoise
+        null = kind.null(c, None, run.condition_adapters) if run.condition_adapters else kind.null(c)
+        conditioned = denoise
         denoise = lambda x, t: conditioned(x, t, broadcast_condition(null, x.shape[0]))
 
     model_inputs = held_out_images
@@ -117,7 +118,7 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
 
     generate = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256),
                               method=method, steps=num_steps, options=options,
-                              trajectory_every=max(1, num_steps // 10))
+                              trajectory_every=max(1, num_steps // 10), condition_adapters=run.condition_adapters)
     generate = functools.partial(generate, guidance_scale=guidance_scale)
     samples, trajectory = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
     metrics["sampler"] = {"method": method, "steps": int(num_steps), "eta": options.get("eta"),

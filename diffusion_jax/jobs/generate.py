@@ -115,7 +115,8 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     params = jax.tree_util.tree_map(lambda a: jax.device_put(a.addressable_data(0), replicated(mesh)),
                                     run.ema_params)
     generate = make_generator(run.model, run.schedule, c, batch_size=min(batch_size, shard_size),
-                              method=method, steps=steps, options=options, mesh=mesh, per_sample_keys=True)
+                              method=method, steps=steps, options=options, mesh=mesh, per_sample_keys=True,
+                              condition_adapters=run.condition_adapters)
     key = jax.random.key(seed)
     total = sum(last - first + 1 for first, last in mine)
     bar = _progress(total, progress and jax.process_index() == 0)

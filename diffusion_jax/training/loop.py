@@ -28,7 +28,7 @@ from diffusion_jax.data.pipeline import stacked_batches
 from diffusion_jax.errors import NoUsableCheckpoint, NonFiniteLoss, Preempted, WorkdirLocked
 from diffusion_jax.generation import make_generator
 from diffusion_jax.checkpoints import Checkpointer, abstract_like, summarize
-from diffusion_jax.config import validate_config
+from diffusion_jax.config import trains_text_encoder, validate_config
 from diffusion_jax.training.logbook import MetricWriter
 from diffusion_jax.training.state import TrainState
 from diffusion_jax.training.step import TrainProgram, build_train_program
@@ -44,6 +44,8 @@ def make_batches(config) -> Batches:
     data = load_split(config.data, config.data.train_split, jax.process_index(), jax.process_count())
     kind = condition_kind(config)
     conditions, encode = kind.training_conditions(config, data) if kind else (None, None)
+    if trains_text_encoder(config):  # the encoders run in the train step, with their adapters: their inputs
+        conditions, encode = kind.training_inputs(config, data), None
     batches = Batches(data, config.data.batch_size, config.seed, process_index=jax.process_index(),
                       process_count=jax.process_count(), random_flip=config.data.random_flip, conditions=conditions)
     if latents.vae_source(config):
@@ -288,6 +290,7 @@ class SampleWriter:
         if self.generate is None:
             self.generate = make_generator(self.program.model, self.program.schedule, self.config,
                                            batch_size=n, mesh=self.mesh)
-        images = self.generate(self.program.model_params(state.ema_params), n, jax.random.PRNGKey(self.config.seed + 1))
+        images = self.generate(self.program.model_params(state.ema_params), n, jax.random.PRNGKey(self.config.seed + 1),
+                               condition_adapters=self.program.condition_adapters(state.ema_params))
         if self.is_main:
             viz.save_grid(images, self.workdir / "samples" / f"step_{step:08d}.png")

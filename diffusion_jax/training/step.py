@@ -22,29 +22,33 @@ from diffusion_jax.losses import training_loss
 from diffusion_jax.processes.edm import precondition
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
 from diffusion_jax.optim import make_optimizer, tree_norm
-from diffusion_jax.config import lora_scale, lora_settings
-from diffusion_jax.lora import adapter_layers, init_adapters, with_adapters
-from diffusion_jax.runs import lora_parts
+from diffusion_jax.config import lora_scale, lora_settings, trains_text_encoder
+from diffusion_jax.lora import with_adapters
+from diffusion_jax.runs import init_run_adapters, lora_parts, run_adapter_layers
 from diffusion_jax.training.state import TrainState, create_train_state, ema_decay, ema_update, make_init_fn
 
 
-def make_train_step(model, schedule, config, optimizer, model_params=None):
+def make_train_step(model, schedule, config, optimizer, model_params=None, condition=None):
     """train_step(state, batch, frozen=None) -> (state, metrics) for batch {"image" [B, H, W, C],
     "cond"?: the condition kind's [B, ...]}; `schedule` is the run's process (`build_process`).
     `model_params(params, frozen)` makes the model's parameters of the trained ones (a LoRA run's
-    adapters on its frozen base); by default they are the model's."""
+    adapters on its frozen base); by default they are the model's. With `condition(params, frozen,
+    inputs)` the batch's "cond" holds the condition kind's inputs, made the condition here (a LoRA
+    run that trains the text encoders' adapters)."""
     d, t = config.diffusion, config.train
     sigma_data = precondition_of(config)
     kind = condition_kind(config)
-    null = kind.null(config) if kind else None
+    null = kind.null(config) if kind and condition is None else None
 
     def train_step(state: TrainState, batch: dict, frozen=None):
         key = jax.random.fold_in(state.rng, state.step)
         key_loss, key_dropout, key_labels = jax.random.split(key, 3)
-        cond = drop_condition(key_labels, batch.get("cond"), t.cond_dropout, null)
+        given = batch.get("cond") if condition is not None else \
+            drop_condition(key_labels, batch.get("cond"), t.cond_dropout, null)
 
         def loss_fn(params):
             applied = params if model_params is None else model_params(params, frozen)
+            cond = given if condition is None else condition(params, frozen, given)
 
             def denoise_fn(x_t, t_model):
                 return model.apply({"params": applied}, x_t, t_model, cond, train=True,
@@ -104,6 +108,7 @@ class TrainProgram(NamedTuple):
     shardings: Any
     init: Callable
     model_params: Callable = lambda params: params  # the model's parameters of the trained ones (LoRA: merged)
+    condition_adapters: Callable = lambda params: {}  # the text encoders' adapters of the trained ones (LoRA)
 
 
 def build_train_program(config, mesh) -> TrainProgram:
@@ -113,7 +118,7 @@ def build_train_program(config, mesh) -> TrainProgram:
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)
     section = lora_settings(config)
-    merged = frozen = frozen_shapes = None
+    merged = frozen = frozen_shapes = condition = None
     if section is None:
         init = make_init_fn(model, optimizer, model_input_shape(config), config.seed)
     else:
@@ -123,18 +128,31 @@ def build_train_program(config, mesh) -> TrainProgram:
         if int(section.base_step) < 0:
             section.base_step = base.step
         scale, rank = lora_scale(section), int(section.rank)
-        frozen_shapes = jax.eval_shape(lambda p: p, base.ema_params)
-        frozen = jax.device_put(base.ema_params, state_shardings(frozen_shapes, mesh))
+        kind = condition_kind(config)
+        # frozen: the base run's EMA parameters, and with lora.text_encoder {"backbone": those, "encoders": theirs}
+        frozen = base.ema_params
+        if trains_text_encoder(config):
+            frozen = {"backbone": frozen, "encoders": {c: e.params for c, e in kind.encoders(config).items()}}
+        frozen_shapes = jax.eval_shape(lambda p: p, frozen)
+        frozen = jax.device_put(frozen, state_shardings(frozen_shapes, mesh))
+        backbone = (lambda f: f["backbone"]) if trains_text_encoder(config) else (lambda f: f)
 
         def init(key):
-            return create_train_state(init_adapters(key, spec, frozen_shapes, rank), optimizer, config.seed)
+            return create_train_state(init_run_adapters(key, config, spec, backbone(frozen_shapes), rank), optimizer,
+                                      config.seed)
 
-        merged = lambda params, base_params: with_adapters(base_params, adapter_layers(params, spec, scale))
+        layers = lambda params: run_adapter_layers(params, config, spec, scale)
+        merged = lambda params, frozen_params: with_adapters(backbone(frozen_params), layers(params)[0])
+        if trains_text_encoder(config):
+            condition = lambda params, frozen_params, inputs: kind.condition(config, {
+                c: with_adapters(p, layers(params)[1][c]) for c, p in frozen_params["encoders"].items()}, inputs)
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-    jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged), k),
+    jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
+                                                                       condition), k),
                                        state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
     if merged is None:
         return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings,
                             jax.jit(init, out_shardings=shardings))
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
-                        shardings, jax.jit(init, out_shardings=shardings), lambda params: merged(params, frozen))
+                        shardings, jax.jit(init, out_shardings=shardings), lambda params: merged(params, frozen),
+                        lambda params: layers(params)[1])
