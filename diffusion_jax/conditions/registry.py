@@ -8,9 +8,12 @@ A kind (class labels, text, or one a user defines) says, in one file:
   - what the data gives: `training_conditions(config, data)`, per-example conditions [N, ...] of a
     split and, when they are encoded a batch at a time, the function that does it;
   - what a user gives at sampling: `values(config, given)` checks a list (from Python, the CLI's
-    `--labels` / `--prompt` / `--condition`, or a file read by `read_values`; `given_values` is
-    the one entry); `default_values` when nothing is given; sample i gets values[i % len(values)];
-  - `encoder(config)`: a batch of values -> the model's condition [B, ...] (a pytree, batch first);
+    `--condition`, the named `arguments` it takes: `--labels`, `--prompt`; or a file read by
+    `read_values`; `given_values` is the one entry); `default_values` when nothing is given;
+    sample i gets values[i % len(values)];
+  - `encoder(config)`: a batch of values -> the model's condition [B, ...] (a pytree, batch first:
+    SDXL's is a dict of arrays); `encoders(config)`: the frozen networks it runs, by the names LoRA
+    files give them (a LoRA file's text encoder layers go there, not to the backbone);
   - `null(config, negative)`: the null condition, broadcast leaf by leaf (guidance's other half,
     and what dropout trains), and what a generate job records (`job_settings`, `shard_labels`).
 
