@@ -110,8 +110,9 @@ def input_shape(config, vae=None) -> tuple:
 
 
 def denoise_fn_for(model, params, conditional: bool, sigma_data=None):
-    """The `denoise_fn(x_t, t[, y])` closure of a model and its parameters (inference mode); with
-    `sigma_data` (`precondition_of`), inside EDM's preconditioning."""
-    fn = ((lambda x, t, y: model.apply({"params": params}, x, t, y)) if conditional
-          else (lambda x, t: model.apply({"params": params}, x, t)))
+    """The `denoise_fn(x_t, t[, y], **r)` closure of a model and its parameters (inference mode; a
+    two-time model's second time as r=); with `sigma_data` (`precondition_of`), inside EDM's
+    preconditioning."""
+    fn = ((lambda x, t, y, **r: model.apply({"params": params}, x, t, y, **r)) if conditional
+          else (lambda x, t, **r: model.apply({"params": params}, x, t, **r)))
     return fn if sigma_data is None else precondition(fn, sigma_data)

@@ -1,5 +1,6 @@
 """Independent oracles shared by the tests: float64 NumPy formulas and the Gaussian data set
 whose optimal denoiser is known in closed form."""
+import jax
 import numpy as np
 import jax.numpy as jnp
 from scipy.stats import norm
@@ -179,3 +180,17 @@ def gaussian_exact_process_model(process, prediction, mu, sigma):
         return prediction_target(prediction, lv, x0, (x - a * x0) / s)
 
     return model
+
+
+def gaussian_average_velocity(mu, s):
+    """u(z, r, t) of data N(mu, s^2) on the flow path z_t = (1 - t) x0 + t eps: the exact ODE map
+    z_r = m_r + (sd_r / sd_t)(z - m_t) (m_t = (1 - t) mu, sd_t^2 = (1 - t)^2 s^2 + t^2; a Gaussian's
+    flow keeps its standardised coordinate) makes u = (z - z_r) / (t - r) affine in z; with
+    sd_t^2 - sd_r^2 = (t - r)((t + r) - s^2 (2 - t - r)) it is, without dividing by t - r,
+    u = -mu + ((t + r) - s^2 (2 - t - r)) / (sd_t + sd_r) (z - m_t) / sd_t; at r = t the velocity.
+    Times in [0, 1], float32 (jax) or float64 (NumPy) as given."""
+    def u(z, r, t):
+        xp = jnp if isinstance(z, jax.Array) or isinstance(t, jax.Array) else np
+        sd = lambda time: xp.sqrt((1 - time) ** 2 * s ** 2 + time ** 2)
+        return -mu + ((t + r) - s ** 2 * (2 - t - r)) / (sd(t) + sd(r)) * (z - (1 - t) * mu) / sd(t)
+    return u

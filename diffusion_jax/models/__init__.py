@@ -122,6 +122,15 @@ def param_shapes(model: nn.Module, input_shape, batch: int = 1):
     return jax.tree_util.tree_map(lambda s: s, _param_shapes(model, tuple(input_shape), batch))
 
 
+def with_second_time(params, model: nn.Module, input_shape):
+    """A one-time model's parameters for its two-time form `model` (`second_time=True`): the layers it
+    adds (the zero-initialised projection of the second time) as zeros, so it computes the same
+    function for any r until they train."""
+    added = {k: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), v)
+             for k, v in param_shapes(model, input_shape).items() if k not in params}
+    return {**params, **added}
+
+
 @functools.lru_cache(maxsize=32)
 def _param_shapes(model: nn.Module, input_shape: tuple, batch: int):
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)

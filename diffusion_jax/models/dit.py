@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import (DenseGELU, MultiHeadSelfAttention, embed_labels, embed_vector,
+from diffusion_jax.models.layers import (second_time_embedding, DenseGELU, MultiHeadSelfAttention, embed_labels, embed_vector,
                                         timestep_embedding)
 from diffusion_jax.models.ops import adaptive_layer_norm
 
@@ -101,9 +101,12 @@ class DiT(nn.Module):
     freq_dim: int = 256
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
+    second_time: bool = False  # a two-time model u(x, t, r) (MeanFlow): r embedded as t, added through a zero init
 
     @nn.compact
-    def __call__(self, x, t, y=None, train: bool = False):
+    def __call__(self, x, t, y=None, train: bool = False, r=None):
+        """x [B, H, W, C], t [B] (model time), y the condition; r [B] the second time of a two-time
+        model (`second_time`; default t), refused by a one-time model."""
         if x.ndim != 4:
             raise UsageError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
         B, H, W, C = x.shape
@@ -121,9 +124,14 @@ class DiT(nn.Module):
         h = h.reshape(B, gh * gw, self.hidden)
         h = h + jnp.asarray(sincos_pos_embed_2d(self.hidden, gh, gw), self.dtype)[None]
 
-        temb = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
-        temb = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")(temb)
-        c = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")(nn.silu(temb))
+        fc1 = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")
+        fc2 = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")
+        embed_time = lambda s: fc2(nn.silu(fc1(timestep_embedding(s, self.freq_dim, freq_shift=self.freq_shift))))
+        c = embed_time(t)
+        if self.second_time:
+            c = c + second_time_embedding(t if r is None else r, embed_time, self.hidden, self.param_dtype)
+        elif r is not None:
+            raise UsageError("r (a second time) given to a one-time model: set the model field second_time=True")
         if self.num_classes:
             c = c + embed_labels(y, B, self.num_classes, self.hidden, self.param_dtype, "y_embedder")
         if self.cond_dim:

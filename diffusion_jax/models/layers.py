@@ -148,6 +148,15 @@ def embed_labels(y, batch: int, num_classes: int, features: int, param_dtype, na
     return nn.Embed(num_classes + 1, features, param_dtype=param_dtype, name=name)(labels).astype(jnp.float32)
 
 
+def second_time_embedding(r, embed_time, features: int, param_dtype, name: str = "r_proj"):
+    """The embedding float32 [B, features] of a two-time model's second time r [B] (MeanFlow's r, in
+    the model-time units of t): `embed_time` (the module's own time embedding, its weights shared
+    with t's) through a zero-initialised Dense `name`, so that a one-time model's checkpoint given
+    this layer computes the same function."""
+    zeros = nn.initializers.zeros
+    return nn.Dense(features, kernel_init=zeros, bias_init=zeros, param_dtype=param_dtype, name=name)(embed_time(r))
+
+
 def embed_vector(y, features: int, param_dtype, name: str):
     """The embedding float32 [batch, features] of a condition vector y [batch, cond_dim] (a kind's
     own encoding, its null included): Dense, SiLU, Dense, as the time embedding. Called inside a

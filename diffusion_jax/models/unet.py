@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import (GroupNorm32, MultiHeadSelfAttention, embed_labels, embed_vector,
+from diffusion_jax.models.layers import (second_time_embedding, GroupNorm32, MultiHeadSelfAttention, embed_labels, embed_vector,
                                         timestep_embedding)
 from diffusion_jax.models.transformer2d import SpatialTransformer
 
@@ -167,6 +167,7 @@ class UNet(nn.Module):
     transformer_depth: Any = 1  # blocks of each transformer: one for all, or one per level (the middle: the last's)
     addition_time_embed_dim: int = 0  # > 0: SDXL's "text_time" embedding (y then also has "pooled", "time_ids")
     addition_embed_dim: int = 0  # its MLP's input: the pooled embedding's width + 6 x addition_time_embed_dim
+    second_time: bool = False  # a two-time model u(x, t, r) (MeanFlow): r embedded as t, added through a zero init
 
     def depth_at(self, level: Optional[int]) -> int:
         """The transformer depth at a level (None: the middle block)."""
@@ -198,7 +199,9 @@ class UNet(nn.Module):
         return resolution in self.attn_resolutions
 
     @nn.compact
-    def __call__(self, x, t, y=None, train: bool = False):
+    def __call__(self, x, t, y=None, train: bool = False, r=None):
+        """x [B, H, W, C], t [B] (model time), y the condition; r [B] the second time of a two-time
+        model (`second_time`; default t), refused by a one-time model."""
         self.check_input(x)
         B, H, W, C = x.shape
         context, context_mask = None, None
@@ -210,9 +213,14 @@ class UNet(nn.Module):
         out_ch = self.out_channels or C
         out_ch = 2 * out_ch if self.learn_sigma else out_ch
         dense = lambda n, name: nn.Dense(n, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)
-        temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
-        temb = dense(4 * self.ch, "temb_dense0")(temb)
-        temb = dense(4 * self.ch, "temb_dense1")(nn.silu(temb))
+        dense0, dense1 = dense(4 * self.ch, "temb_dense0"), dense(4 * self.ch, "temb_dense1")
+        embed_time = lambda s: dense1(nn.silu(dense0(timestep_embedding(
+            s, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift))))
+        temb = embed_time(t)
+        if self.second_time:
+            temb = temb + second_time_embedding(t if r is None else r, embed_time, 4 * self.ch, self.param_dtype)
+        elif r is not None:
+            raise UsageError("r (a second time) given to a one-time model: set the model field second_time=True")
         if self.num_classes:
             temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
         if self.cond_dim:

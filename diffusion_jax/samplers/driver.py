@@ -74,7 +74,8 @@ def model_calls(method: str, num_steps: int) -> int:
 
 def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_scale=None,
                       guidance_rescale=None) -> Callable:
-    """denoise_fn(x, t[, cond]) as a function of (x, t), with classifier-free guidance.
+    """denoise_fn(x, t[, cond]) as a function of (x, t), with classifier-free guidance (a two-time
+    model's second time r= passed through).
 
     A condition is any pytree whose leaves have the batch axis first: class labels [B], text
     embeddings [B, L, D], or {"embeddings": ..., "mask": ...}; `null_cond` has the same structure,
@@ -87,16 +88,17 @@ def guided_denoise_fn(denoise_fn: Callable, cond=None, null_cond=None, guidance_
     conditional output's standard deviation per example: phi = 0 is plain guidance.
     """
     if guidance_scale is None:
-        return denoise_fn if cond is None else (lambda x, t: denoise_fn(x, t, cond))
+        return denoise_fn if cond is None else (lambda x, t, **r: denoise_fn(x, t, cond, **r))
     if cond is None or null_cond is None:
         raise UsageError("guidance_scale needs both cond (the condition) and null_cond (the null condition)")
 
-    def guided(x, t):
+    def guided(x, t, **r):
         batch = x.shape[0]
         both = jax.tree_util.tree_map(
             lambda c, n: jnp.concatenate([c, jnp.broadcast_to(jnp.asarray(n, jnp.asarray(c).dtype), jnp.shape(c))]),
             cond, null_cond)
-        out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+        out = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both,
+                         **{k: jnp.concatenate([v, v]) for k, v in r.items()})
         mean_c, mean_u = mean_channels(out[:batch], x), mean_channels(out[batch:], x)
         mean = mean_u + guidance_scale * (mean_c - mean_u)
         if guidance_rescale is not None:

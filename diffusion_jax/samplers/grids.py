@@ -11,6 +11,8 @@
   * "lcm": the Latent Consistency Model's skipping timesteps (diffusers' LCMScheduler): of the
     `original_steps` timesteps k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), K evenly
     spaced by index from the noisiest;
+  * "uniform": a continuous process's times evenly spaced from its noisiest sampling time to 0,
+    t_max (1 - k / K) (few-step generators: MeanFlow's 1 -> 0.5 -> 0);
   * `timesteps`: the times given, noisiest first.
 Then the clean end (alpha = 1, sigma = 0), or with `last_step_to="t0"` the level of time 0
 (Stable Diffusion's DDIM, set_alpha_to_one=False). `max_steps` tabulates the grids of every step
@@ -30,7 +32,7 @@ from diffusion_jax.processes.edm import karras_sigmas
 from diffusion_jax.samplers.registry import Option, name, number
 from diffusion_jax.schedules import SPACINGS
 
-SIGMAS = ("process", "model", "karras", "exponential", "logsnr", "lcm")
+SIGMAS = ("process", "model", "karras", "exponential", "logsnr", "lcm", "uniform")
 LAST_STEPS = ("x0", "t0")
 GRID_OPTIONS = {"sigmas": name("process", SIGMAS), "spacing": name("linspace", SPACINGS + ("logsnr",)),
                 "steps_offset": number(0, minimum=0, integer=True), "points": name("steps", POINTS),
@@ -103,6 +105,11 @@ def _times(process, K, sigmas, spacing, steps_offset, points, rho, timesteps, or
               if v != GRID_OPTIONS[k].default}
     if sigmas == "lcm" and not spaced:
         return lcm_times(process, K, original_steps)
+    if sigmas == "uniform" and not spaced:
+        if process.max_steps is not None:
+            raise UsageError(f"sigmas='uniform' spaces a continuous process's times evenly: the {process.name!r} process "
+                             "has integer timesteps (its own grid, sigmas='process', spaces them)")
+        return float(process.own_grid(1)[0]) * (1.0 - np.arange(K, dtype=np.float64) / K)
     if sigmas in ("process", "model"):
         if process.max_steps is None and spaced:
             raise UsageError(f"{sorted(spaced)} choose among integer timesteps: the {process.name!r} process has "

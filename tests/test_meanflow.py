@@ -1,0 +1,94 @@
+"""MeanFlow (objective and sampler) on Gaussian data, whose average velocity on the flow path is
+exact (`oracles.gaussian_average_velocity`): the loss is stationary there and its gradient points
+back from a perturbed model; one jump from t = 1 (and 2 or 4) maps the prior onto N(mu, s^2) as
+the float64 map does; a two-time backbone given a one-time model's parameters computes its
+function."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffusion_jax as dj
+from diffusion_jax.errors import UsageError
+from diffusion_jax.objectives import meanflow_loss
+from diffusion_jax.samplers import sample
+from tests.oracles import gaussian_average_velocity
+
+MU, S = 0.3, 0.5
+FLOW = dj.make_process("flow")
+EXACT = gaussian_average_velocity(MU, S)
+
+
+def exact_model(theta=0.0):
+    """The exact average velocity as a model of model times (1000 t; r= the second), plus theta times
+    a direction (z t + 1) that the loss must push back to 0."""
+    def model(z, model_t, r=None):
+        t = model_t.reshape((-1,) + (1,) * (z.ndim - 1)) / 1000.0
+        r = t if r is None else r.reshape(t.shape) / 1000.0
+        return EXACT(z, r, t) + theta * (z * t + 1.0)
+    return model
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_meanflow_jumps_map_the_prior_onto_the_data_as_the_float64_map_does(steps):
+    """x_T ~ N(0, 1) at t = 1; with the exact u every jump is the exact ODE map, so any number of
+    steps gives mu + s x_T (float64), and the samples have N(mu, s^2)'s moments within 0.01."""
+    n = 20_000
+    x_T = np.random.default_rng(0).standard_normal((n, 1)).astype(np.float32)
+    out = np.asarray(jax.jit(lambda key: sample(exact_model(), FLOW, (n, 1), key, method="meanflow",
+                                                 num_steps=steps, prediction="velocity", x_T=x_T))(jax.random.key(0)))
+    np.testing.assert_allclose(out, MU + S * x_T.astype(np.float64), atol=2e-5)
+    assert abs(out.mean() - MU) < 0.01 and abs(out.std() - S) < 0.01
+
+
+def test_the_meanflow_loss_is_stationary_at_the_exact_average_velocity():
+    """The gradient in theta of the loss of u_exact + theta (z t + 1), over 32 keys of 4096 examples:
+    at theta = 0 its mean is within 4 standard errors of 0 (the plain squared error, adaptive p = 0;
+    the loss itself is not 0: the target carries the sample's own velocity), at theta = +-0.05 it
+    points back to 0, well outside its noise."""
+    x0_of = lambda key: MU + S * jax.random.normal(key, (4096, 1))
+
+    def gradient(theta, key):
+        key_data, key_loss = jax.random.split(key)
+        loss = lambda th: meanflow_loss(exact_model(theta=th), FLOW, x0_of(key_data), key_loss,
+                                        adaptive_p=0.0)[0]
+        return jax.value_and_grad(loss)(theta)
+
+    keys = jax.random.split(jax.random.key(0), 32)
+    for theta in (0.0, 0.05, -0.05):
+        losses, grads = np.asarray(jax.jit(jax.vmap(gradient, in_axes=(None, 0)))(jnp.float32(theta), keys))
+        mean, error = grads.mean(), grads.std() / math.sqrt(len(grads))
+        if theta == 0.0:
+            assert abs(mean) < 4 * error and losses.mean() > 0.1, (mean, error, losses.mean())
+        else:
+            assert mean * theta > 0 and abs(mean) > 8 * error, (theta, mean, error)
+
+
+def test_meanflow_refuses_a_model_of_another_target_and_ddpms_integer_times():
+    model = exact_model()
+    with pytest.raises(UsageError, match="average velocity"):
+        sample(model, FLOW, (2, 1), jax.random.key(0), method="meanflow", prediction="x0")
+    with pytest.raises(UsageError, match="integer timesteps"):
+        meanflow_loss(model, dj.make_schedule("linear", 1000), jnp.zeros((2, 1)), jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
+def test_a_two_time_backbone_computes_the_one_time_models_function_from_its_parameters(name):
+    """`with_second_time` adds the zero-initialised projection of r to a one-time model's (perturbed)
+    parameters: the two-time model computes the same outputs for any r (max difference 0)."""
+    from diffusion_jax.models import PRESETS, create_model, param_shapes, with_second_time
+
+    one, two = create_model(name), create_model(name, second_time=True)
+    shape, labels = PRESETS[name].input_shape, jnp.array([1, 2]) if name == "dit_tiny" else None
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype),
+                                    param_shapes(one, shape))
+    x, t = jax.random.normal(jax.random.key(0), (2, *shape)), jnp.array([10.0, 500.0])
+    before = jax.jit(lambda p: one.apply({"params": p}, x, t, labels))(params)
+    after = jax.jit(lambda p: two.apply({"params": p}, x, t, labels, r=jnp.array([3.0, 100.0])))(
+        with_second_time(params, two, shape))
+    assert float(jnp.abs(before).max()) > 0 and float(jnp.abs(after - before).max()) == 0.0
+    with pytest.raises(UsageError, match="second_time=True"):
+        one.apply({"params": params}, x, t, labels, r=t)
