@@ -194,3 +194,20 @@ def gaussian_average_velocity(mu, s):
         sd = lambda time: xp.sqrt((1 - time) ** 2 * s ** 2 + time ** 2)
         return -mu + ((t + r) - s ** 2 * (2 - t - r)) / (sd(t) + sd(r)) * (z - (1 - t) * mu) / sd(t)
     return u
+
+
+def gaussian_average_velocity_model(process, mu, s):
+    """model(z [B, ...], model_time [B], r=model time [B]) -> the average velocity between times r < t
+    of data N(mu, s^2) on any continuous process: (z - z_r) / (t - r), z_r the exact ODE map
+    a_r mu + (sd_r / sd_t)(z - a_t mu), sd^2 = a^2 s^2 + sigma^2 (what the meanflow sampler jumps
+    with; `gaussian_average_velocity` is the flow path's form that r = t also allows)."""
+    time_of = PROCESS_TIME_OF[process.name]
+
+    def model(z, model_time, r):
+        shape = (-1,) + (1,) * (z.ndim - 1)
+        t, r = (time_of(jnp.asarray(m, jnp.float32)).reshape(shape) for m in (model_time, r))
+        (a, sigma), (a_r, sigma_r) = process.marginal(t), process.marginal(r)
+        sd, sd_r = jnp.sqrt(a ** 2 * s ** 2 + sigma ** 2), jnp.sqrt(a_r ** 2 * s ** 2 + sigma_r ** 2)
+        return (z - a_r * mu - sd_r / sd * (z - a * mu)) / (t - r)
+
+    return model

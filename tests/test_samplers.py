@@ -15,7 +15,7 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import Edit, sample, sampler_names, sampling_grid
-from tests.oracles import gaussian_exact_process_model
+from tests.oracles import gaussian_average_velocity_model, gaussian_exact_process_model
 
 MU, S = 0.3, 0.5
 PROCESSES = {"ddpm": dj.as_process(dj.make_schedule("linear", 1000)), "vp": dj.make_process("vp"),
@@ -68,6 +68,8 @@ def reference_chain(method, process, grid, x, noises):
         elif method == "lcm":  # Luo et al. 2023: the consistency boundary scalings at time 10 t, then noised afresh
             st = float(grid.model_t[i]) * 10.0
             x = a1 * (st / np.sqrt(st ** 2 + 0.25) * x0 + 0.25 / (st ** 2 + 0.25) * x) + s1 * noises[i]
+        elif method == "meanflow":  # Geng et al. 2025: the jump with the exact average velocity is the ODE map
+            x = a1 * MU + np.sqrt(a1 ** 2 * S ** 2 + s1 ** 2) / np.sqrt(a ** 2 * S ** 2 + s ** 2) * (x - a * MU)
         else:
             x, history = unipc_reference(i, K, x, x0, alpha, sigma, history)
     return x
@@ -128,8 +130,16 @@ def chain_noises(key, num_steps, shape):
 @pytest.mark.parametrize("name", sorted(PROCESSES))
 @pytest.mark.parametrize("method", sampler_names())
 def test_every_sampler_on_every_process_is_its_float64_chain(name, method):
+    """(meanflow's model is the average velocity of a continuous process, `gaussian_average_velocity_model`:
+    on DDPM's integer times it refuses the grid it needs.)"""
     process, prediction, n, steps = PROCESSES[name], NATURAL[name], 20_000, 12
     model = gaussian_exact_process_model(process, prediction, MU, S)
+    if method == "meanflow":
+        if name == "ddpm":
+            with pytest.raises(UsageError, match="integer timesteps"):
+                sampling_grid(process, method, steps)
+            return
+        model, prediction = gaussian_average_velocity_model(process, MU, S), "velocity"
     x_T = (np.random.default_rng(2).standard_normal((n, 1)) * process.prior_std).astype(np.float32)
     run = jax.jit(functools.partial(sample, model, process, (n, 1), method=method, num_steps=steps,
                                     prediction=prediction, clip_x0=False))
@@ -165,7 +175,7 @@ def test_a_traced_step_count_compiles_once_and_runs_the_fixed_chain(method, opti
 
 def test_the_registry_and_what_sample_refuses():
     assert sampler_names() == ("ddpm", "ddim", "dpm_solver++", "euler", "heun", "euler_ancestral", "dpm++_2m",
-                               "dpm++_2m_sde", "unipc", "lcm")
+                               "dpm++_2m_sde", "unipc", "lcm", "meanflow")
     model, flow, ddpm = (lambda x, t: x), PROCESSES["flow"], PROCESSES["ddpm"]
     x = jnp.zeros((2, 4, 4, 1))
     for process, kwargs, words in (
