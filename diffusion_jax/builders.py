@@ -18,7 +18,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # Module fields a run decides outside model.overrides (`run_fields`), and fields of how a module
 # computes rather than what it is: neither is part of a model's description (import, export).
-RUN_FIELDS = ("dtype", "remat", "learn_sigma", "num_classes", "cond_dim")
+RUN_FIELDS = ("dtype", "remat", "learn_sigma", "second_time", "num_classes", "cond_dim")
 IMPLEMENTATION_FIELDS = ("parent", "name", "param_dtype", "attention_impl", "autodiff_ops", "ops_impl")
 
 
@@ -28,14 +28,22 @@ def run_fields(config) -> dict:
     if config.model.dtype not in DTYPES:
         raise UsageError(f"unknown model.dtype {config.model.dtype!r}; choose one of {sorted(DTYPES)}")
     fields = dict(dtype=DTYPES[config.model.dtype], remat=config.model.remat,
-                  learn_sigma=config.diffusion.variance == "learned_range", **condition_fields(config))
+                  learn_sigma=config.diffusion.variance == "learned_range",
+                  second_time=bool(config.model.get("second_time", False)), **condition_fields(config))
     assert tuple(fields) == RUN_FIELDS
     return fields
 
 
 def build_model(config):
-    """The Flax module of a run: the preset, its model.overrides, then the `run_fields`."""
-    return create_model(config.model.name, **{**dict(config.model.overrides), **run_fields(config)})
+    """The Flax module of a run: the preset, its model.overrides, then the `run_fields`; an objective
+    that differentiates the model in forward mode (`objectives.FORWARD_MODE`: jax.jvp) gets JAX's
+    autodiff in place of the ops' hand-written gradients, which have no forward mode."""
+    from diffusion_jax.objectives import FORWARD_MODE
+
+    fields = {**dict(config.model.overrides), **run_fields(config)}
+    if config.diffusion.get("objective", "denoise") in FORWARD_MODE:
+        fields["autodiff_ops"] = True
+    return create_model(config.model.name, **fields)
 
 
 # The forward process must destroy the signal: sampling starts from N(0, I), which is q(x_T)

@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text_encoder = ""       # text conditioning: a Stable Diffusion pipeline's directory (its
                                     # text_encoder/ and tokenizer/, frozen); the condition is the embeddings
     c.model.clip_skip = 0           # condition on the text encoder's output this many layers before the last
+    c.model.second_time = False     # a two-time model u(x, t, r) (MeanFlow): r embedded as t, added through
+                                    # a zero-initialised projection; a one-time run's checkpoint loads into it
                                     # id; the backbone trains on its scaled latents (see latents.py)
     c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
                                                      # --config.model.overrides.ch=16
@@ -58,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.variance = "fixed_small"
     c.diffusion.weighting = "none"
     c.diffusion.vlb_weight = 0.001
+    c.diffusion.objective = "denoise"  # denoise (the denoising loss) | meanflow (objectives/: a two-time model's
+                                       # average velocity, model.second_time=True, a continuous process)
+    c.diffusion.objective_options = ml_collections.ConfigDict()  # e.g. meanflow's ratio, time_mean, adaptive_p
     c.diffusion.zero_terminal_snr = False  # rescale the betas to abar_T = 0 (needs prediction "v")
 
     c.optim = ml_collections.ConfigDict()
@@ -279,6 +284,7 @@ def validate_process_settings(config, process) -> None:
     if d.prediction == "eps" and noisy_end(process)[0] == 0.0:
         raise UsageError(f"diffusion.prediction 'eps' cannot be sampled: the {process.name!r} process's noisy end has "
                          "alpha = 0, where a noise prediction says nothing of x0; predict velocity, v or x0")
+    validate_objective(config, process)
     if config.model.get("precondition", "") not in ("", "edm"):
         raise UsageError(f"unknown model.precondition {config.model.precondition!r}; choose '' or 'edm'")
     if config.model.get("precondition", "") == "edm" and (getattr(process, "sigma_data", None) is None
@@ -286,6 +292,34 @@ def validate_process_settings(config, process) -> None:
         raise UsageError("model.precondition 'edm' makes the model an x0 predictor of sigma: it needs "
                          f"diffusion.process='edm' and diffusion.prediction='x0' (got {process.name!r}, "
                          f"{d.prediction!r})")
+
+
+def validate_objective(config, process) -> None:
+    """diffusion.objective is the denoising loss or one of `objectives.OBJECTIVES`, with its options;
+    meanflow trains a two-time model (model.second_time) of the average velocity (prediction
+    "velocity") of a continuous process, with neither another weighting nor a learned variance."""
+    from diffusion_jax.objectives import OBJECTIVES, objective_options
+
+    d = config.diffusion
+    objective = d.get("objective", "denoise")
+    if objective != "denoise" and objective not in OBJECTIVES:
+        raise UsageError(f"unknown diffusion.objective {objective!r}; choose one of {('denoise',) + tuple(OBJECTIVES)}")
+    if objective == "denoise":
+        if d.get("objective_options"):
+            raise UsageError(f"diffusion.objective_options {dict(d.objective_options)} given for the denoising "
+                             "objective, which takes none: drop them, or choose the objective they belong to")
+        return
+    objective_options(objective, dict(d.get("objective_options", {})))
+    wrong = [f"{key} {value!r}" for key, value, want in (
+        ("model.second_time", bool(config.model.get("second_time", False)), True),
+        ("diffusion.prediction", d.prediction, "velocity"), ("diffusion.weighting", d.weighting, "none"),
+        ("diffusion.variance", d.variance, "fixed_small")) if value != want]
+    if process.max_steps is not None:
+        wrong.append(f"diffusion.process {process.name!r} (integer timesteps)")
+    if wrong:
+        raise UsageError(f"objective {objective!r} trains a two-time model of the average velocity of a continuous "
+                         f"process: set model.second_time=True, prediction 'velocity', weighting 'none', variance "
+                         f"'fixed_small' and a continuous process (flow); got {', '.join(wrong)}")
 
 
 def sampler_settings(config, process, method=None, steps=None, options=None, eta=None):
@@ -331,7 +365,9 @@ def config_fingerprint(config) -> dict:
     c = _as_dict(config)
     model, diffusion = dict(c["model"]), dict(c["diffusion"])
     for section, key, default in ((model, "precondition", ""), (model, "text_encoder", ""), (model, "clip_skip", 0),
-                                  (diffusion, "process", "ddpm"), (diffusion, "process_options", {})):
+                                  (model, "second_time", False), (diffusion, "process", "ddpm"),
+                                  (diffusion, "process_options", {}), (diffusion, "objective", "denoise"),
+                                  (diffusion, "objective_options", {})):
         if section.get(key, default) == default:
             section.pop(key, None)
     data = {k: c["data"][k] for k in ("image_size", "channels", "num_classes", "use_labels") if k in c["data"]}

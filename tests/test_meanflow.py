@@ -61,6 +61,7 @@ def test_meanflow_refuses_a_model_of_another_target_and_ddpms_integer_times():
         meanflow_loss(model, dj.make_schedule("linear", 1000), jnp.zeros((2, 1)), jax.random.key(0))
 
 
+@pytest.mark.slow  # compiles whole backbones
 @pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
 def test_a_two_time_backbone_computes_the_one_time_models_function_from_its_parameters(name):
     """`with_second_time` adds the zero-initialised projection of r to a one-time model's (perturbed)
@@ -79,3 +80,40 @@ def test_a_two_time_backbone_computes_the_one_time_models_function_from_its_para
     assert float(jnp.abs(before).max()) > 0 and float(jnp.abs(after - before).max()) == 0.0
     with pytest.raises(UsageError, match="second_time=True"):
         one.apply({"params": params}, x, t, labels, r=t)
+
+
+SMALL_SD = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), attn_levels=(1,), level_heads=(2, 2),
+                context_dim=8, num_groups=8, transformer_depth=(1, 2), linear_projection=True)
+
+
+@pytest.mark.slow  # compiles whole backbones
+@pytest.mark.parametrize("name,ops_impl", [("unet_tiny", "xla"), ("unet_tiny", "pallas_interpret"),
+                                           ("dit_tiny", "xla"), ("sd15_unet", "xla")])
+def test_jvp_through_each_two_time_backbone_equals_finite_differences(name, ops_impl):
+    """MeanFlow's target is one jax.jvp of the model; the ops' hand-written gradients have no forward
+    mode, so a forward-mode objective's model takes JAX's autodiff (builders: autodiff_ops, on
+    every GroupNorm, adaLN and GELU, whatever ops_impl). Tangent (dx, 0, 1) in (x, r, t) against the
+    central difference at h = 1e-2 (float32): relative 1e-3 of the tangent's scale."""
+    from diffusion_jax.models import PRESETS, create_model, param_shapes
+
+    fields = dict(SMALL_SD if name == "sd15_unet" else {}, second_time=True, autodiff_ops=True, ops_impl=ops_impl)
+    model = create_model(name, **fields)
+    shape = (8, 8, 4) if name == "sd15_unet" else PRESETS[name].input_shape
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
+                                    param_shapes(model, shape))
+    y = {"dit_tiny": jnp.array([1, 2]), "sd15_unet": jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)}.get(name)
+    x, dx = (jnp.asarray(rng.standard_normal((2, *shape)), jnp.float32) for _ in range(2))
+    r = jnp.array([100.0, 300.0])
+
+    def u(x, t):
+        return model.apply({"params": params}, x, t, y, r=r)
+
+    t = jnp.array([400.0, 700.0])
+    _, tangent = jax.jit(lambda x, t: jax.jvp(u, (x, t), (dx, jnp.ones_like(t))))(x, t)
+    h = 1e-2
+    step = jax.jit(lambda s: u(x + s * dx, t + s))
+    difference = (step(h) - step(-h)) / (2 * h)
+    scale = float(jnp.abs(tangent).max())
+    assert scale > 1e-3 and float(jnp.abs(tangent - difference).max()) <= 1e-3 * scale, \
+        (float(jnp.abs(tangent - difference).max()), scale)

@@ -74,11 +74,13 @@ class SpatialTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     ops_impl: Optional[str] = None
+    autodiff_ops: bool = False  # True: JAX's autodiff instead of the GroupNorm's hand-written gradient
 
     @nn.compact
     def __call__(self, x, context, context_mask=None):
         B, H, W, C = x.shape
-        h = GroupNorm32(self.num_groups, 1e-6, param_dtype=self.param_dtype, impl=self.ops_impl, name="norm")(x)
+        h = GroupNorm32(self.num_groups, 1e-6, param_dtype=self.param_dtype, autodiff=self.autodiff_ops,
+                        impl=self.ops_impl, name="norm")(x)
         if self.linear_projection:
             project = lambda name: nn.Dense(C, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
             h = project("proj_in")(h.reshape(B, H * W, C))

@@ -244,7 +244,7 @@ class UNet(nn.Module):
                 return self_attn(name, normalize)
             heads = (self.level_heads or [self.num_heads] * levels)[levels - 1 if level is None else level]
             block = SpatialTransformer(heads, self.depth_at(level), self.linear_projection, self.num_groups,
-                                       self.dtype, self.param_dtype, self.ops_impl, name=name)
+                                       self.dtype, self.param_dtype, self.ops_impl, self.autodiff_ops, name=name)
             return lambda h: block(h, context, context_mask)
         down_padding = "SAME" if self.downsample_padding == 0 else [(self.downsample_padding,) * 2] * 2
         conv = lambda ch, name, padding="SAME", **kw: nn.Conv(ch, (3, 3), padding=padding, name=name,

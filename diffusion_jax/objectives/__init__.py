@@ -1,7 +1,30 @@
 """Training objectives beside the denoising loss (`losses.training_loss`), each in its own module:
-MeanFlow's average-velocity loss (`meanflow`)."""
+MeanFlow's average-velocity loss (`meanflow`). Each takes (model_fn, process, x0, key, **options)
+and returns (loss, aux) as the denoising loss does; `objective_options` checks a run's options."""
+import math
+
+from diffusion_jax.errors import UsageError
+from diffusion_jax.objectives import meanflow
 from diffusion_jax.objectives.meanflow import meanflow_loss
 
 OBJECTIVES = {"meanflow": meanflow_loss}
+OPTIONS = {"meanflow": meanflow.OPTIONS}  # {option: (default, low, high)}
+FORWARD_MODE = ("meanflow",)  # objectives that differentiate the model with jax.jvp
 
-__all__ = ["OBJECTIVES", "meanflow_loss"]
+
+def objective_options(objective: str, options: dict) -> dict:
+    """The objective's options, defaults filled in, each a finite number in its range."""
+    declared = OPTIONS[objective]
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise UsageError(f"objective {objective!r} takes the options {sorted(declared)}, not {unknown}")
+    merged = {k: options.get(k, default) for k, (default, _, _) in declared.items()}
+    for k, value in merged.items():
+        low, high = declared[k][1:]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise UsageError(f"objective {objective!r} option {k} = {value!r} must be a finite number in [{low:g}, {high:g}]")
+    return merged
+
+
+__all__ = ["FORWARD_MODE", "OBJECTIVES", "meanflow_loss", "objective_options"]

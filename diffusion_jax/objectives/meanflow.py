@@ -16,6 +16,7 @@ The model sees both times in its model-time units: `model_fn(z, model_time(t), r
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -26,7 +27,8 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import levels
 
-DEFAULTS = {"ratio": 0.25, "time_mean": -0.4, "time_std": 1.0, "adaptive_p": 1.0, "adaptive_c": 1e-3}
+OPTIONS = {"ratio": (0.25, 0.0, 1.0), "time_mean": (-0.4, -math.inf, math.inf), "time_std": (1.0, 1e-6, math.inf),
+           "adaptive_p": (1.0, 0.0, math.inf), "adaptive_c": (1e-3, 1e-12, math.inf)}  # (default, low, high)
 
 
 def two_times(process, key, batch: int, ratio: float, time_mean: float, time_std: float):

@@ -50,16 +50,18 @@ def make_train_step(model, schedule, config, optimizer, model_params=None, condi
             applied = params if model_params is None else model_params(params, frozen)
             cond = given if condition is None else condition(params, frozen, given)
 
-            def denoise_fn(x_t, t_model):
+            def denoise_fn(x_t, t_model, **r):  # r=: a two-time model's second time
                 return model.apply({"params": applied}, x_t, t_model, cond, train=True,
-                                   rngs={"dropout": key_dropout})
+                                   rngs={"dropout": key_dropout}, **r)
             if sigma_data is not None:
                 denoise_fn = precondition(denoise_fn, sigma_data)
             return training_loss(denoise_fn, schedule, batch["image"], key_loss,
                                  prediction=d.prediction, weighting=d.weighting,
                                  variance=d.variance, vlb_weight=d.vlb_weight,
                                  time_sampling=t.get("time_sampling", "uniform"),
-                                 time_sampling_options=dict(t.get("time_sampling_options", {})))
+                                 time_sampling_options=dict(t.get("time_sampling_options", {})),
+                                 objective=d.get("objective", "denoise"),
+                                 objective_options=dict(d.get("objective_options", {})))
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
