@@ -13,6 +13,8 @@ from diffusion_jax.errors import UsageError
 OPEN_ENDED = {"--config.model.overrides.": ("model", "overrides", "a field of the model, e.g. ch=16"),
               "--config.sample.options.": ("sample", "options", "a sampler option, e.g. sigmas='karras'"),
               "--config.diffusion.process_options.": ("diffusion", "process_options", "a process option, e.g. shift=3.0"),
+              "--config.diffusion.objective_options.": ("diffusion", "objective_options",
+                                                        "an objective's option, e.g. ratio=0.5"),
               "--config.train.time_sampling_options.": ("train", "time_sampling_options",
                                                         "a time-sampling option, e.g. std=1.0")}
 
