@@ -11,7 +11,6 @@ c_v^2 = (alpha^2 + sigma^2)^2 / sigma^2, c_velocity^2 = (alpha' - sigma' alpha /
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -21,55 +20,10 @@ from diffusion_jax.diffusion import VARIANCES, _check_option, mean_flat, split_m
 from diffusion_jax.errors import UsageError
 from diffusion_jax.likelihood import discrete_schedule, vlb_terms_bpd
 from diffusion_jax.processes import as_process
-from diffusion_jax.processes.registry import T_MARGIN
 from diffusion_jax.processes.targets import check_prediction, levels, prediction_target
+from diffusion_jax.processes.times import TIME_SAMPLINGS, sample_times  # noqa: F401 (re-exported)
 
 WEIGHTINGS = ("none", "min_snr", "p2", "edm", "sigma_sqrt", "cosmap")
-TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal", "mode")
-# Each option's default and the values that keep the sampling a distribution of times in range.
-TIME_SAMPLING_OPTIONS = {"uniform": {}, "logit_normal": {"mean": (0.0, -math.inf, math.inf), "std": (1.0, 0.0, math.inf)},
-                         "lognormal": {"p_mean": (-1.2, -math.inf, math.inf), "p_std": (1.2, 0.0, math.inf)},
-                         "mode": {"scale": (1.29, -1.0, 1.0 / (math.pi / 2 - 1))}}
-
-
-def time_sampling_options(time_sampling: str, options) -> dict:
-    """The options of a time sampling, defaults filled in, each a finite number in its range (a
-    standard deviation above 0; the mode's scale where its map of u stays monotone)."""
-    _check_option("time_sampling", time_sampling, TIME_SAMPLINGS)
-    declared = TIME_SAMPLING_OPTIONS[time_sampling]
-    unknown = set(options or {}) - set(declared)
-    if unknown:
-        raise UsageError(f"time_sampling {time_sampling!r} takes {sorted(declared) or 'no options'}, not {sorted(unknown)}")
-    merged = {k: dict(options or {}).get(k, default) for k, (default, _, _) in declared.items()}
-    for k, value in merged.items():
-        low, high = declared[k][1:]
-        if isinstance(value, jax.core.Tracer):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high or (low == 0.0 and value == 0.0):
-            raise UsageError(f"time_sampling {time_sampling!r} option {k} = {value!r} must be a finite number in "
-                             f"{'(' if low == 0.0 else '['}{low:g}, {high:g}]")
-    return merged
-
-
-def sample_times(process, key, batch: int, time_sampling: str = "uniform", **options):
-    """Training times [batch] of `process`: uniform its own (DDPM's t ~ U{0..T-1}); logit_normal
-    (u = sigmoid(mean + std z), SD3) and mode (SD3's, `scale`) draw u in (0, 1) onto the
-    process's times (`training_time`; a flow process's shift moves them); lognormal draws EDM's
-    noise level sigma / alpha = exp(p_mean + p_std z) and takes its time."""
-    o = time_sampling_options(time_sampling, options)
-    if time_sampling == "uniform":
-        return process.uniform_times(key, batch)
-    if time_sampling == "lognormal":
-        return process.time_at(jnp.exp(o["p_mean"] + o["p_std"] * jax.random.normal(key, (batch,), jnp.float32)))
-    if time_sampling == "logit_normal":
-        u = jax.nn.sigmoid(o["mean"] + o["std"] * jax.random.normal(key, (batch,), jnp.float32))
-    else:
-        v = jax.random.uniform(key, (batch,), jnp.float32)
-        u = 1.0 - v - o["scale"] * (jnp.cos(0.5 * jnp.pi * v) ** 2 - 1.0 + v)
-    return process.training_time(jnp.clip(u, T_MARGIN, 1.0 - T_MARGIN))
-
-
 def mse_factor(lv, prediction: str):
     """c_pred(t)^2 [B]: the prediction's MSE per unit of x0-MSE at a fixed x_t (module docstring)."""
     if prediction == "velocity":

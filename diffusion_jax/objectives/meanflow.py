@@ -26,6 +26,7 @@ from diffusion_jax.diffusion import mean_flat
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import levels
+from diffusion_jax.processes.times import sample_times
 
 OPTIONS = {"ratio": (0.25, 0.0, 1.0), "time_mean": (-0.4, -math.inf, math.inf), "time_std": (1.0, 1e-6, math.inf),
            "adaptive_p": (1.0, 0.0, math.inf), "adaptive_c": (1e-3, 1e-12, math.inf)}  # (default, low, high)
@@ -34,8 +35,6 @@ OPTIONS = {"ratio": (0.25, 0.0, 1.0), "time_mean": (-0.4, -math.inf, math.inf), 
 def two_times(process, key, batch: int, ratio: float, time_mean: float, time_std: float):
     """(t, r) [batch] each: logit-normal times on the process's training times, t >= r, r = t but
     for a `ratio` of the batch."""
-    from diffusion_jax.losses import sample_times
-
     key_t, key_r, key_mask = jax.random.split(key, 3)
     a, b = (sample_times(process, k, batch, "logit_normal", mean=time_mean, std=time_std) for k in (key_t, key_r))
     t, r = jnp.maximum(a, b), jnp.minimum(a, b)
