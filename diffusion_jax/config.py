@@ -296,9 +296,9 @@ def validate_process_settings(config, process) -> None:
 
 def validate_objective(config, process) -> None:
     """diffusion.objective is the denoising loss or one of `objectives.OBJECTIVES`, with its options;
-    meanflow trains a two-time model (model.second_time) of the average velocity (prediction
-    "velocity") of a continuous process, with neither another weighting nor a learned variance."""
-    from diffusion_jax.objectives import OBJECTIVES, objective_options
+    each trains on a continuous process, with neither another weighting nor a learned variance;
+    meanflow a two-time model (model.second_time) of the average velocity (prediction "velocity")."""
+    from diffusion_jax.objectives import OBJECTIVES, TWO_TIME, objective_options
 
     d = config.diffusion
     objective = d.get("objective", "denoise")
@@ -310,16 +310,18 @@ def validate_objective(config, process) -> None:
                              "objective, which takes none: drop them, or choose the objective they belong to")
         return
     objective_options(objective, dict(d.get("objective_options", {})))
-    wrong = [f"{key} {value!r}" for key, value, want in (
-        ("model.second_time", bool(config.model.get("second_time", False)), True),
-        ("diffusion.prediction", d.prediction, "velocity"), ("diffusion.weighting", d.weighting, "none"),
-        ("diffusion.variance", d.variance, "fixed_small")) if value != want]
+    wants = [("diffusion.weighting", d.weighting, "none"), ("diffusion.variance", d.variance, "fixed_small")]
+    if objective in TWO_TIME:
+        wants += [("model.second_time", bool(config.model.get("second_time", False)), True),
+                  ("diffusion.prediction", d.prediction, "velocity")]
+    wrong = [f"{key} {value!r}" for key, value, want in wants if value != want]
     if process.max_steps is not None:
         wrong.append(f"diffusion.process {process.name!r} (integer timesteps)")
     if wrong:
-        raise UsageError(f"objective {objective!r} trains a two-time model of the average velocity of a continuous "
-                         f"process: set model.second_time=True, prediction 'velocity', weighting 'none', variance "
-                         f"'fixed_small' and a continuous process (flow); got {', '.join(wrong)}")
+        what = "a two-time model of the average velocity" if objective in TWO_TIME else "a consistency function"
+        settings = ", ".join(f"{key} {want!r}" for key, _, want in wants)
+        raise UsageError(f"objective {objective!r} trains {what} on a continuous process (flow): set {settings}; "
+                         f"got {', '.join(wrong)}")
 
 
 def sampler_settings(config, process, method=None, steps=None, options=None, eta=None):

@@ -78,15 +78,16 @@ def training_loss(denoise_fn: Callable, process, x0, key, *, prediction: str = "
     (unweighted), "loss". With `variance="learned_range"` the loss is improved DDPM's hybrid
     L_simple + vlb_weight * T * L_t (L_t in bits/dim; a process with a discrete posterior, DDPM's),
     the VLB term seeing the mean output through a stop-gradient so it trains only the variance;
-    aux then also has "vlb". Another `objective` (`objectives.OBJECTIVES`: "meanflow") is that
-    objective's loss with `objective_options`, `denoise_fn` its model (a two-time one: r=).
+    aux then also has "vlb". Another `objective` (`objectives.OBJECTIVES`: "meanflow", "consistency")
+    is that objective's loss with `objective_options`, `denoise_fn` its model (meanflow's takes r=).
     """
     if objective != "denoise":
         from diffusion_jax.objectives import OBJECTIVES, objective_options as checked
 
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {objective!r}; choose one of {('denoise',) + tuple(OBJECTIVES)}")
-        return OBJECTIVES[objective](denoise_fn, process, x0, key, **checked(objective, dict(objective_options or {})))
+        return OBJECTIVES[objective](denoise_fn, process, x0, key, prediction=prediction,
+                                     **checked(objective, dict(objective_options or {})))
     process = as_process(process)
     check_prediction(prediction)
     _check_option("variance", variance, VARIANCES)

@@ -211,3 +211,17 @@ def gaussian_average_velocity_model(process, mu, s):
         return (z - a_r * mu - sd_r / sd * (z - a * mu)) / (t - r)
 
     return model
+
+
+def gaussian_consistency_model(process, mu, s):
+    """model(x_t [B, ...], model_time [B]) -> the consistency function of data N(mu, s^2), the exact
+    ODE map to t = 0, mu + s (x_t - a mu) / sqrt(a^2 s^2 + sigma^2), as an x0 prediction (it is not
+    E[x0 | x_t]: the ODE keeps each sample's standardised coordinate)."""
+    time_of = PROCESS_TIME_OF[process.name]
+
+    def model(x, model_time, *unused):
+        t = time_of(jnp.asarray(model_time, jnp.float32)).reshape((-1,) + (1,) * (x.ndim - 1))
+        a, sigma = process.marginal(t)
+        return mu + s * (x - a * mu) / jnp.sqrt(a ** 2 * s ** 2 + sigma ** 2)
+
+    return model

@@ -15,13 +15,13 @@ import pytest
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import Edit, sample, sampler_names, sampling_grid
-from tests.oracles import gaussian_average_velocity_model, gaussian_exact_process_model
+from tests.oracles import gaussian_average_velocity_model, gaussian_consistency_model, gaussian_exact_process_model
 
 MU, S = 0.3, 0.5
 PROCESSES = {"ddpm": dj.as_process(dj.make_schedule("linear", 1000)), "vp": dj.make_process("vp"),
              "edm": dj.make_process("edm"), "flow": dj.make_process("flow")}
 NATURAL = {"ddpm": "eps", "vp": "eps", "edm": "x0", "flow": "velocity"}  # each process's own target
-STOCHASTIC = {"ddpm", "euler_ancestral", "dpm++_2m_sde", "lcm"}
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpm++_2m_sde", "lcm", "consistency"}
 
 
 def exact_denoiser(x, a, s):
@@ -68,6 +68,8 @@ def reference_chain(method, process, grid, x, noises):
         elif method == "lcm":  # Luo et al. 2023: the consistency boundary scalings at time 10 t, then noised afresh
             st = float(grid.model_t[i]) * 10.0
             x = a1 * (st / np.sqrt(st ** 2 + 0.25) * x0 + 0.25 / (st ** 2 + 0.25) * x) + s1 * noises[i]
+        elif method == "consistency":  # Song et al. 2023: the ODE map to 0, noised afresh to the next level
+            x = a1 * (MU + S * (x - a * MU) / np.sqrt(a ** 2 * S ** 2 + s ** 2)) + s1 * noises[i]
         elif method == "meanflow":  # Geng et al. 2025: the jump with the exact average velocity is the ODE map
             x = a1 * MU + np.sqrt(a1 ** 2 * S ** 2 + s1 ** 2) / np.sqrt(a ** 2 * S ** 2 + s ** 2) * (x - a * MU)
         else:
@@ -131,7 +133,7 @@ def chain_noises(key, num_steps, shape):
 @pytest.mark.parametrize("method", sampler_names())
 def test_every_sampler_on_every_process_is_its_float64_chain(name, method):
     """(meanflow's model is the average velocity of a continuous process, `gaussian_average_velocity_model`:
-    on DDPM's integer times it refuses the grid it needs.)"""
+    on DDPM's integer times it refuses the grid it needs; consistency's the consistency function.)"""
     process, prediction, n, steps = PROCESSES[name], NATURAL[name], 20_000, 12
     model = gaussian_exact_process_model(process, prediction, MU, S)
     if method == "meanflow":
@@ -140,6 +142,8 @@ def test_every_sampler_on_every_process_is_its_float64_chain(name, method):
                 sampling_grid(process, method, steps)
             return
         model, prediction = gaussian_average_velocity_model(process, MU, S), "velocity"
+    if method == "consistency":  # its model is the consistency function: the exact ODE map to t = 0
+        model, prediction = gaussian_consistency_model(process, MU, S), "x0"
     x_T = (np.random.default_rng(2).standard_normal((n, 1)) * process.prior_std).astype(np.float32)
     run = jax.jit(functools.partial(sample, model, process, (n, 1), method=method, num_steps=steps,
                                     prediction=prediction, clip_x0=False))
@@ -175,7 +179,7 @@ def test_a_traced_step_count_compiles_once_and_runs_the_fixed_chain(method, opti
 
 def test_the_registry_and_what_sample_refuses():
     assert sampler_names() == ("ddpm", "ddim", "dpm_solver++", "euler", "heun", "euler_ancestral", "dpm++_2m",
-                               "dpm++_2m_sde", "unipc", "lcm", "meanflow")
+                               "dpm++_2m_sde", "unipc", "lcm", "meanflow", "consistency")
     model, flow, ddpm = (lambda x, t: x), PROCESSES["flow"], PROCESSES["ddpm"]
     x = jnp.zeros((2, 4, 4, 1))
     for process, kwargs, words in (

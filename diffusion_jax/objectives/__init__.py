@@ -1,15 +1,18 @@
 """Training objectives beside the denoising loss (`losses.training_loss`), each in its own module:
-MeanFlow's average-velocity loss (`meanflow`). Each takes (model_fn, process, x0, key, **options)
-and returns (loss, aux) as the denoising loss does; `objective_options` checks a run's options."""
+MeanFlow's average-velocity loss (`meanflow`) and continuous-time consistency training
+(`consistency`). Each takes (model_fn, process, x0, key, prediction=..., **options) and returns
+(loss, aux) as the denoising loss does; `objective_options` checks a run's options."""
 import math
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.objectives import meanflow
+from diffusion_jax.objectives import consistency, meanflow
+from diffusion_jax.objectives.consistency import consistency_loss
 from diffusion_jax.objectives.meanflow import meanflow_loss
 
-OBJECTIVES = {"meanflow": meanflow_loss}
-OPTIONS = {"meanflow": meanflow.OPTIONS}  # {option: (default, low, high)}
-FORWARD_MODE = ("meanflow",)  # objectives that differentiate the model with jax.jvp
+OBJECTIVES = {"meanflow": meanflow_loss, "consistency": consistency_loss}
+OPTIONS = {"meanflow": meanflow.OPTIONS, "consistency": consistency.OPTIONS}  # {option: (default, low, high)}
+FORWARD_MODE = ("meanflow", "consistency")  # objectives that differentiate the model with jax.jvp
+TWO_TIME = ("meanflow",)  # objectives of a two-time model (model.second_time) of the average velocity
 
 
 def objective_options(objective: str, options: dict) -> dict:
@@ -27,4 +30,4 @@ def objective_options(objective: str, options: dict) -> dict:
     return merged
 
 
-__all__ = ["FORWARD_MODE", "OBJECTIVES", "meanflow_loss", "objective_options"]
+__all__ = ["FORWARD_MODE", "OBJECTIVES", "TWO_TIME", "consistency_loss", "meanflow_loss", "objective_options"]

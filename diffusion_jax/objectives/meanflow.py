@@ -41,11 +41,15 @@ def two_times(process, key, batch: int, ratio: float, time_mean: float, time_std
     return t, jnp.where(jax.random.bernoulli(key_mask, ratio, (batch,)), r, t)
 
 
-def meanflow_loss(model_fn: Callable, process, x0, key, *, ratio: float = 0.25, time_mean: float = -0.4,
-                  time_std: float = 1.0, adaptive_p: float = 1.0, adaptive_c: float = 1e-3):
+def meanflow_loss(model_fn: Callable, process, x0, key, *, prediction: str = "velocity", ratio: float = 0.25,
+                  time_mean: float = -0.4, time_std: float = 1.0, adaptive_p: float = 1.0, adaptive_c: float = 1e-3):
     """The MeanFlow loss on a batch x0 [B, ...] of a continuous process; `model_fn(z, model time t [B],
-    r=model time r [B])` -> u [B, ...]. Returns (loss, aux) as `losses.training_loss`: the batch mean
-    and per-example "t", "r", "mse" (the unweighted squared error's mean) and "loss"."""
+    r=model time r [B])` -> u [B, ...] (`prediction` "velocity": the average one). Returns (loss, aux)
+    as `losses.training_loss`: the batch mean and per-example "t", "r", "mse" (the unweighted squared
+    error's mean) and "loss"."""
+    if prediction != "velocity":
+        raise UsageError(f"objective 'meanflow' trains a model of the average velocity: prediction 'velocity', not "
+                         f"{prediction!r}")
     process = as_process(process)
     if process.max_steps is not None:
         raise UsageError(f"objective 'meanflow' differentiates the model along continuous time: the {process.name!r} "
