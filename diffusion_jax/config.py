@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.fsdp = 1                # devices on the fsdp mesh axis (1 = replicated params)
     c.train.progress = True
     c.train.restart = False         # start again from step 0 when checkpoints exist but none restores
+    c.train.init_from = ""          # a new run starts from this run's EMA parameters (its workdir; a one-time
+                                    # model's into a two-time model: the projection of r added at zero)
+    c.train.init_from_step = -1     # its checkpoint (-1: the newest, pinned when the run's program is built)
     c.train.divergence_factor = 100.0  # stop when the loss or the parameter norm grows this much (0: off)
     c.train.time_sampling = "uniform"  # a continuous process's training times: uniform | logit_normal |
                                        # lognormal (edm) | mode; ddpm: t ~ U{0..T-1}
@@ -222,6 +225,9 @@ def validate_config(config) -> None:
                          "(no data.condition, data.use_labels is False, no model.text_encoder): dropout trains "
                          "classifier-free guidance of a conditional model; set it to 0, or give the run a condition")
     validate_lora(config)
+    source = str(config.train.get("init_from", "") or "")
+    if source and not (pathlib.Path(source) / "config.json").exists():
+        raise UsageError(f"train.init_from {source!r} is not a run: give the workdir of the run to start from")
     from diffusion_jax.builders import build_process
 
     guidance_enabled(config, config.sample.guidance_scale)
@@ -249,6 +255,9 @@ def validate_lora(config) -> None:
     if not base or not (pathlib.Path(base) / "config.json").exists():
         raise UsageError(f"lora.base {base!r} is not a run: give the workdir of the run whose model the adapters "
                          "adapt (an imported pipeline's, or any trained run's)")
+    if config.train.get("init_from", ""):
+        raise UsageError("train.init_from and lora.base both given: a LoRA run starts from its base run's model; "
+                         "drop train.init_from")
     if section.get("text_encoder", False):
         from diffusion_jax.conditions import condition_kind
 

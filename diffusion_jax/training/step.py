@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
+from diffusion_jax.errors import UsageError
 from diffusion_jax.conditions import condition_kind, drop_condition
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
@@ -98,6 +99,29 @@ def jit_train_step(step_fn, state_shapes, mesh, stacked: bool = False, frozen_sh
     return jax.jit(step_fn, in_shardings=inputs, out_shardings=(shardings, replicated(mesh)), donate_argnums=0), shardings
 
 
+def initial_params(config, model):
+    """The EMA parameters of the run `train.init_from` (its newest good checkpoint, or
+    `train.init_from_step`), pinned in the config (absolute path, step), as this run's model's: a
+    one-time model's with the zero projection of a two-time model's second time added
+    (`models.with_second_time`); a model of other parameters is refused."""
+    from diffusion_jax.models import param_shapes, with_second_time
+    from diffusion_jax.runs import load_run
+
+    t = config.train
+    t.init_from = os.path.abspath(t.init_from)
+    source = load_run(t.init_from, None if int(t.get("init_from_step", -1)) < 0 else int(t.init_from_step))
+    t.init_from_step = source.step
+    shape = model_input_shape(config)
+    params = with_second_time(source.ema_params, model, shape) if getattr(model, "second_time", False) else \
+        source.ema_params
+    expected = param_shapes(model, shape)
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(expected) or any(
+            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected))):
+        raise UsageError(f"train.init_from {t.init_from} is a run of another model (its parameters differ from this "
+                         "run's): start from a run of the same model settings")
+    return params
+
+
 class TrainProgram(NamedTuple):
     """Everything compiled for a run: the model, schedule and optimiser, the jitted step, and
     `init(key)`, which builds a fresh TrainState directly in its shardings."""
@@ -149,12 +173,16 @@ def build_train_program(config, mesh) -> TrainProgram:
             condition = lambda params, frozen_params, inputs: kind.condition(config, {
                 c: with_adapters(p, layers(params)[1][c]) for c, p in frozen_params["encoders"].items()}, inputs)
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    if section is None and config.train.get("init_from", ""):  # read when a new run starts, never on resume
+        placed = jax.jit(lambda params: create_train_state(params, optimizer, config.seed),
+                         out_shardings=state_shardings(state_shapes, mesh))  # the parameters an argument
+        init = lambda key: placed(initial_params(config, model))
     jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
                                                                        condition), k),
                                        state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
     if merged is None:
         return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings,
-                            jax.jit(init, out_shardings=shardings))
+                            init if config.train.get("init_from", "") else jax.jit(init, out_shardings=shardings))
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
                         shardings, jax.jit(init, out_shardings=shardings), lambda params: merged(params, frozen),
                         lambda params: layers(params)[1])
