@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.diffusion import mean_flat
-from diffusion_jax.errors import UsageError
-from diffusion_jax.processes import as_process
+from diffusion_jax.objectives.path import continuous_process, path_point
 from diffusion_jax.processes.targets import from_prediction, levels
 from diffusion_jax.processes.times import sample_times
 
@@ -37,16 +36,11 @@ def consistency_loss(model_fn: Callable, process, x0, key, *, prediction: str = 
     """The continuous-time consistency loss on a batch x0 [B, ...] of a continuous process;
     `model_fn(x_t, model time [B])` -> the output of `prediction`. Returns (loss, aux) as
     `losses.training_loss`: "t", "mse" (mean square of df/dt) and "loss" per example."""
-    process = as_process(process)
-    if process.max_steps is not None:
-        raise UsageError(f"objective 'consistency' differentiates the model along continuous time: the {process.name!r} "
-                         "process has integer timesteps; use a continuous process (flow)")
+    process = continuous_process("consistency", process)
     key_t, key_noise = jax.random.split(key)
     x0 = jnp.asarray(x0, jnp.float32)
     t = sample_times(process, key_t, x0.shape[0], "logit_normal", mean=time_mean, std=time_std)
-    eps = jax.random.normal(key_noise, x0.shape, jnp.float32)
-    lv = levels(process, t, x0, derivatives=True)
-    x_t, v = lv.alpha * x0 + lv.sigma * eps, lv.d_alpha * x0 + lv.d_sigma * eps
+    x_t, v = path_point(process, x0, t, key_noise)
 
     def consistency_function(x, t):
         at = levels(process, t, x, derivatives=prediction == "velocity")

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.diffusion import mean_flat
 from diffusion_jax.errors import UsageError
-from diffusion_jax.processes import as_process
-from diffusion_jax.processes.targets import levels
+from diffusion_jax.objectives.path import continuous_process, path_point
 from diffusion_jax.processes.times import sample_times
 
 OPTIONS = {"ratio": (0.25, 0.0, 1.0), "time_mean": (-0.4, -math.inf, math.inf), "time_std": (1.0, 1e-6, math.inf),
@@ -50,16 +49,11 @@ def meanflow_loss(model_fn: Callable, process, x0, key, *, prediction: str = "ve
     if prediction != "velocity":
         raise UsageError(f"objective 'meanflow' trains a model of the average velocity: prediction 'velocity', not "
                          f"{prediction!r}")
-    process = as_process(process)
-    if process.max_steps is not None:
-        raise UsageError(f"objective 'meanflow' differentiates the model along continuous time: the {process.name!r} "
-                         "process has integer timesteps; use a continuous process (flow)")
+    process = continuous_process("meanflow", process)
     key_t, key_noise = jax.random.split(key)
     x0 = jnp.asarray(x0, jnp.float32)
     t, r = two_times(process, key_t, x0.shape[0], ratio, time_mean, time_std)
-    eps = jax.random.normal(key_noise, x0.shape, jnp.float32)
-    lv = levels(process, t, x0, derivatives=True)
-    z, v = lv.alpha * x0 + lv.sigma * eps, lv.d_alpha * x0 + lv.d_sigma * eps
+    z, v = path_point(process, x0, t, key_noise)
 
     def average_velocity(z, r, t):
         return jnp.asarray(model_fn(z, process.model_time(t), r=process.model_time(r)), jnp.float32)
