@@ -6,11 +6,12 @@ along each probability-flow ODE trajectory, the ODE map to t = 0.
 The discrete consistency loss ||f(x_t, t) - f(x_r, r)||^2 / (t - r), with x_r taken from the same
 x0 and noise, has the gradient 2 (d_theta f)^T df/dt as r -> t, df/dt = v d_x f + d_t f the total
 derivative along the sample's own velocity v = alpha'(t) x0 + sigma'(t) eps: one `jax.jvp` with
-tangent (v, 1). So the loss here is sum f(x_t, t) * stop_gradient(g), g = df/dt normalised by
-(||df/dt|| + `tangent_c`) (sCM's tangent normalisation; tangent_c = 0: none), whose gradient is
-that one. As df/dt is linear in v and E[v | x_t] is the ODE's velocity, the gradient vanishes in
-expectation at the exact consistency function (with tangent_c = 0). Its value is not a distance
-(it may be negative): aux "mse" is the mean square of df/dt, the consistency error per unit time.
+tangent (v, 1). So the loss here is ||f(x_t, t) - stop_gradient(f(x_t, t) - g)||^2, g = df/dt
+normalised by (||df/dt|| + `tangent_c`) (sCM's tangent normalisation; tangent_c = 0: none): its
+gradient is that one (twice) and its value ||g||^2 >= 0. As df/dt is linear in v and E[v | x_t] is
+the ODE's velocity, the gradient vanishes in expectation at the exact consistency function (with
+tangent_c = 0); the value does not (v's own variance remains). aux "mse" is the mean square of
+df/dt.
 
 Times: logit-normal (`time_mean`, `time_std`) on the process's training times.
 """
@@ -50,5 +51,5 @@ def consistency_loss(model_fn: Callable, process, x0, key, *, prediction: str = 
     axes = tuple(range(1, x0.ndim))
     norm = jnp.sqrt(jnp.sum(df_dt ** 2, axis=axes, keepdims=True))
     tangent = jax.lax.stop_gradient(df_dt / (norm + tangent_c) if tangent_c > 0 else df_dt)
-    per_example = jnp.sum(f * tangent, axis=axes)
+    per_example = jnp.sum((f - jax.lax.stop_gradient(f - tangent)) ** 2, axis=axes)  # value ||g||^2, gradient 2 g d f
     return jnp.mean(per_example), {"t": t, "mse": mean_flat(df_dt ** 2), "loss": per_example}
