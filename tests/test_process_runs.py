@@ -64,9 +64,13 @@ def test_a_continuous_process_run_trains_and_samples_from_the_cli(process, extra
         tuned = tmp_path / "meanflow"
         cli.main(["train", "--workdir", str(tuned), "--config", DIGITS, f"--config.diffusion.process={process}",
                   *SMALL, *extra, "--config.train.steps=2", "--config.diffusion.objective=meanflow",
-                  "--config.model.second_time=True", "--config.sample.method=meanflow", f"--config.train.init_from={run}"])
+                  "--config.model.second_time=True", "--config.sample.method=meanflow", f"--config.train.init_from={run}",
+                  "--config.eval.bpd_examples=0"])
         settings = json.loads((tuned / "config.json").read_text())["train"]
         assert (settings["init_from"], settings["init_from_step"]) == (str(run.resolve()), 6)
         cli.main(["sample", "--workdir", str(tuned), "--num_samples", "4", "--steps", "2", "--labels", "3",
                   "--out", str(tmp_path / "meanflow.npz")])
         assert np.isfinite(np.load(tmp_path / "meanflow.npz")["samples"]).all()
+        cli.main(["evaluate", "--workdir", str(tuned), "--num_samples", "16", "--out", str(tmp_path / "meanflow_eval")])
+        by_steps = json.loads((tmp_path / "meanflow_eval" / "metrics.json").read_text())["digits_fd_by_steps"]
+        assert set(by_steps) == {"1", "2", "4"} and all(np.isfinite(v) for v in by_steps.values())

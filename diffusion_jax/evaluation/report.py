@@ -57,6 +57,10 @@ def bits_per_dim(denoise_fn, schedule, x0, *, key, prediction, variance, batch_s
     return {k: float(np.concatenate(v).mean()) for k, v in totals.items()} | {"num_images": int(len(x0))}
 
 
+FEW_STEP = ("meanflow", "consistency", "lcm")  # samplers of one-or-few-step generators: FD reported at 1, 2, 4 steps
+FEW_STEP_EVALUATIONS = (1, 2, 4)
+
+
 def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int | None = None,
                  fid_stats: str | None = None, inception_weights: str | None = None,
@@ -136,6 +140,16 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
         metrics["digits_class_histogram"] = np.bincount(classes, minlength=10).tolist()
+        if method in FEW_STEP:  # a few-step generator: its FD at 1, 2 and 4 model evaluations
+            by_steps = {}
+            for k in FEW_STEP_EVALUATIONS:
+                images = samples if k == num_steps else make_generator(
+                    run.model, run.schedule, c, batch_size=min(num_samples, 256), method=method, steps=k,
+                    options=options, condition_adapters=run.condition_adapters)(
+                        run.ema_params, num_samples, jax.random.PRNGKey(seed), guidance_scale=guidance_scale)
+                by_steps[str(k)] = frechet_distance(*feature_statistics(digits_features(images)),
+                                                    *feature_statistics(digits_features(real)))
+            metrics["digits_fd_by_steps"] = by_steps
     if kind is not None and kind.name == "text" and c.data.name == "digits":  # does the prompt say which digit? a grid per prompt
         metrics["prompts"] = digit_prompt_adherence(generate, run.ema_params, jax.random.PRNGKey(seed + 1),
                                                     out / "samples_per_prompt.png")
@@ -214,6 +228,9 @@ def render_report(m: dict) -> str:
         lines += [f"Frechet distance in digits-classifier features (lower is better): {m['digits_fd']:.3f}; "
                   f"mean classifier confidence on samples {m['digits_classifier_confidence']:.3f}; "
                   f"classes {m['digits_class_histogram']}.", ""]
+    if "digits_fd_by_steps" in m:
+        lines += ["Frechet distance by steps (one model evaluation each): " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in m["digits_fd_by_steps"].items()) + ".", ""]
     if "prompts" in m:
         p = m["prompts"]
         lines += [f"Prompts: {p['per_prompt']} samples for each of \"a handwritten 0\" .. \"a handwritten 9\" "
