@@ -225,15 +225,21 @@ def validate_config(config) -> None:
                          "(no data.condition, data.use_labels is False, no model.text_encoder): dropout trains "
                          "classifier-free guidance of a conditional model; set it to 0, or give the run a condition")
     validate_lora(config)
-    source = str(config.train.get("init_from", "") or "")
-    if source and not (pathlib.Path(source) / "config.json").exists():
-        raise UsageError(f"train.init_from {source!r} is not a run: give the workdir of the run to start from")
+    if config.train.get("init_from", ""):
+        check_run_directory("train.init_from", config.train.init_from, "the run to start from")
     from diffusion_jax.builders import build_process
 
     guidance_enabled(config, config.sample.guidance_scale)
     process = build_process(config)
     validate_process_settings(config, process)
     sampler_settings(config, process)
+
+
+def check_run_directory(setting: str, path, what: str) -> None:
+    """A setting that names a run: its workdir must hold the run's config.json."""
+    path = str(path or "")
+    if not path or not (pathlib.Path(path) / "config.json").exists():
+        raise UsageError(f"{setting} {path!r} is not a run: give the workdir of {what}")
 
 
 def validate_lora(config) -> None:
@@ -251,10 +257,8 @@ def validate_lora(config) -> None:
         raise UsageError(f"lora.alpha must be a finite number >= 0 (0: alpha = rank), got {alpha!r}")
     if not lora_targets(section):
         raise UsageError("lora.targets names no layer: give diffusers module names, e.g. to_q,to_k,to_v,to_out.0")
-    base = str(section.get("base", "") or "")
-    if not base or not (pathlib.Path(base) / "config.json").exists():
-        raise UsageError(f"lora.base {base!r} is not a run: give the workdir of the run whose model the adapters "
-                         "adapt (an imported pipeline's, or any trained run's)")
+    check_run_directory("lora.base", section.get("base", ""), "the run whose model the adapters adapt (an imported "
+                        "pipeline's, or any trained run's)")
     if config.train.get("init_from", ""):
         raise UsageError("train.init_from and lora.base both given: a LoRA run starts from its base run's model; "
                          "drop train.init_from")

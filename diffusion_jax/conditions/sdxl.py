@@ -34,8 +34,9 @@ def _parts(config):
 
 def sampling_time_ids(config, batch: int) -> np.ndarray:
     """float32 [batch, 6]: the run's image size, no crop, the image size."""
-    size = int(config.data.image_size)
-    return np.tile(np.float32([size, size, 0, 0, size, size]), (batch, 1))
+    from diffusion_jax.models.text_encoder import sdxl_time_ids
+
+    return sdxl_time_ids(int(config.data.image_size), int(config.data.image_size), batch)
 
 
 def training_time_ids(config, data) -> np.ndarray:
@@ -81,9 +82,11 @@ class SDXL(Text):
         return {**cond, "time_ids": jnp.asarray(inputs["time_ids"], jnp.float32)}
 
     def null(self, config, negative=None, adapters=None):
+        from diffusion_jax.models.text_encoder import sdxl_zero_null
+
         cond = self.encoder(config, adapters)([negative or ""])
         if negative is None and _parts(config)[1].force_zeros_for_empty_prompt:
-            return {**cond, "embeddings": jnp.zeros_like(cond["embeddings"]), "pooled": jnp.zeros_like(cond["pooled"])}
+            return sdxl_zero_null(cond)
         return cond
 
 

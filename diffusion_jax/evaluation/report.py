@@ -133,9 +133,8 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
     if c.data.name == "digits":
         from diffusion_jax.evaluation.digits_features import digits_features, digits_predict
 
-        real = held_out_images
-        fd = frechet_distance(*feature_statistics(digits_features(samples)),
-                              *feature_statistics(digits_features(real)))
+        real = feature_statistics(digits_features(held_out_images))  # once, for every FD below
+        fd = frechet_distance(*feature_statistics(digits_features(samples)), *real)
         classes, confidence = digits_predict(samples)
         metrics["digits_fd"] = fd
         metrics["digits_classifier_confidence"] = float(confidence.mean())
@@ -143,12 +142,13 @@ def evaluate_run(workdir, *, checkpoint: int | None = None, num_samples: int | N
         if method in FEW_STEP:  # a few-step generator: its FD at 1, 2 and 4 model evaluations
             by_steps = {}
             for k in FEW_STEP_EVALUATIONS:
-                images = samples if k == num_steps else make_generator(
-                    run.model, run.schedule, c, batch_size=min(num_samples, 256), method=method, steps=k,
-                    options=options, condition_adapters=run.condition_adapters)(
-                        run.ema_params, num_samples, jax.random.PRNGKey(seed), guidance_scale=guidance_scale)
-                by_steps[str(k)] = frechet_distance(*feature_statistics(digits_features(images)),
-                                                    *feature_statistics(digits_features(real)))
+                if k == num_steps:  # the samples above
+                    by_steps[str(k)] = fd
+                    continue
+                images = make_generator(run.model, run.schedule, c, batch_size=min(num_samples, 256), method=method,
+                                        steps=k, options=options, condition_adapters=run.condition_adapters)(
+                    run.ema_params, num_samples, jax.random.PRNGKey(seed), guidance_scale=guidance_scale)
+                by_steps[str(k)] = frechet_distance(*feature_statistics(digits_features(images)), *real)
             metrics["digits_fd_by_steps"] = by_steps
     if kind is not None and kind.name == "text" and c.data.name == "digits":  # does the prompt say which digit? a grid per prompt
         metrics["prompts"] = digit_prompt_adherence(generate, run.ema_params, jax.random.PRNGKey(seed + 1),

@@ -29,7 +29,8 @@ from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_second_text_encoder, load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
 from diffusion_jax.lora import with_adapters
-from diffusion_jax.models.text_encoder import compiled_sdxl_condition, compiled_text_embeddings
+from diffusion_jax.models.text_encoder import (compiled_sdxl_condition, compiled_text_embeddings, sdxl_time_ids,
+                                               sdxl_zero_null)
 from diffusion_jax.processes import as_process
 
 PIPELINE = "StableDiffusionPipeline"
@@ -77,9 +78,7 @@ class StableDiffusion:
         cond = compiled_sdxl_condition(self.text_encoder.model, self.text_encoder_2.model, self.clip_skip)(
             self.text_encoder.params, self.text_encoder_2.params, ids, jnp.asarray(self.tokenizer_2(prompts)),
             self.loras.get("text_encoder", ()), self.loras.get("text_encoder_2", ()))
-        height, width = self.image_size
-        time_ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
-        return {**cond, "time_ids": jnp.broadcast_to(time_ids, (len(prompts), 6))}
+        return {**cond, "time_ids": jnp.asarray(sdxl_time_ids(*self.image_size, len(prompts)))}
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -91,8 +90,7 @@ class StableDiffusion:
         """What guidance contrasts the prompts with: the negative prompts' condition, or (SDXL with
         force_zeros_for_empty_prompt and none given) zero embeddings and pooled embedding."""
         if negative_prompts is None and self.force_zeros_for_empty_prompt:
-            return {**jax.tree_util.tree_map(jnp.zeros_like, {k: v for k, v in cond.items() if k != "time_ids"}),
-                    "time_ids": cond["time_ids"]}
+            return sdxl_zero_null(cond)
         return self.encode_prompt(negative_prompts if negative_prompts is not None else [""] * _batch(cond))
 
     def with_loras(self, loras) -> "StableDiffusion":

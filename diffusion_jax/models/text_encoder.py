@@ -24,6 +24,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.errors import UsageError
 from diffusion_jax.lora import with_adapters
@@ -137,6 +138,18 @@ def sdxl_condition(encoder: CLIPTextEncoder, encoder_2: CLIPTextEncoder, clip_sk
         return {"embeddings": jnp.concatenate([first["hidden_states"][-k], second["hidden_states"][-k]], axis=-1),
                 "pooled": second["text_embeds"]}
     return condition
+
+
+def sdxl_time_ids(height: int, width: int, batch: int) -> np.ndarray:
+    """float32 [batch, 6]: SDXL's micro-conditioning of an image generated at H x W, as diffusers'
+    pipeline gives it (original size H x W, crop top-left (0, 0), target size H x W)."""
+    return np.tile(np.float32([height, width, 0, 0, height, width]), (batch, 1))
+
+
+def sdxl_zero_null(cond: dict) -> dict:
+    """The condition SDXL guides against when no negative prompt is given (its
+    force_zeros_for_empty_prompt): zero embeddings and pooled output, the time ids kept."""
+    return {**cond, "embeddings": jnp.zeros_like(cond["embeddings"]), "pooled": jnp.zeros_like(cond["pooled"])}
 
 
 @functools.lru_cache(maxsize=4)

@@ -154,14 +154,14 @@ def build_train_program(config, mesh) -> TrainProgram:
         if int(section.base_step) < 0:
             section.base_step = base.step
         scale, rank = lora_scale(section), int(section.rank)
-        kind = condition_kind(config)
+        kind, text = condition_kind(config), trains_text_encoder(config)
         # frozen: the base run's EMA parameters, and with lora.text_encoder {"backbone": those, "encoders": theirs}
         frozen = base.ema_params
-        if trains_text_encoder(config):
+        if text:
             frozen = {"backbone": frozen, "encoders": {c: e.params for c, e in kind.encoders(config).items()}}
         frozen_shapes = jax.eval_shape(lambda p: p, frozen)
         frozen = jax.device_put(frozen, state_shardings(frozen_shapes, mesh))
-        backbone = (lambda f: f["backbone"]) if trains_text_encoder(config) else (lambda f: f)
+        backbone = (lambda f: f["backbone"]) if text else (lambda f: f)
 
         def init(key):
             return create_train_state(init_run_adapters(key, config, spec, backbone(frozen_shapes), rank), optimizer,
@@ -169,20 +169,22 @@ def build_train_program(config, mesh) -> TrainProgram:
 
         layers = lambda params: run_adapter_layers(params, config, spec, scale)
         merged = lambda params, frozen_params: with_adapters(backbone(frozen_params), layers(params)[0])
-        if trains_text_encoder(config):
-            condition = lambda params, frozen_params, inputs: kind.condition(config, {
-                c: with_adapters(p, layers(params)[1][c]) for c, p in frozen_params["encoders"].items()}, inputs)
+        if text:
+            def condition(params, frozen_params, inputs):
+                encoder_layers = layers(params)[1]
+                return kind.condition(config, {c: with_adapters(p, encoder_layers[c])
+                                               for c, p in frozen_params["encoders"].items()}, inputs)
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-    if section is None and config.train.get("init_from", ""):  # read when a new run starts, never on resume
-        placed = jax.jit(lambda params: create_train_state(params, optimizer, config.seed),
-                         out_shardings=state_shardings(state_shapes, mesh))  # the parameters an argument
-        init = lambda key: placed(initial_params(config, model))
     jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
                                                                        condition), k),
                                        state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
+    if section is None and config.train.get("init_from", ""):  # read when a new run starts, never on resume
+        placed = jax.jit(lambda params: create_train_state(params, optimizer, config.seed),
+                         out_shardings=shardings)  # the parameters an argument, not constants
+        start = lambda key: placed(initial_params(config, model))
+    else:
+        start = jax.jit(init, out_shardings=shardings)
     if merged is None:
-        return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings,
-                            init if config.train.get("init_from", "") else jax.jit(init, out_shardings=shardings))
+        return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings, start)
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
-                        shardings, jax.jit(init, out_shardings=shardings), lambda params: merged(params, frozen),
-                        lambda params: layers(params)[1])
+                        shardings, start, lambda params: merged(params, frozen), lambda params: layers(params)[1])
