@@ -5,8 +5,14 @@ the held-out split, as `evaluate` scores it. One JSON line per (sampler, budget)
 
     python -m benchmarks.sampler_quality --workdir runs/digits --out benchmarks/results/sampler_quality
 
-Runs of several processes or objectives side by side: `--workdir LABEL=DIR` once per run (each
-with the methods of `--methods` that run its process), one line per (run, sampler) in the plot.
+Runs of several processes or objectives side by side: `--workdir LABEL=DIR` once per run, one line
+per (run, sampler) in the plot; a `--methods` entry `LABEL:METHOD` is for that run only (a few-step
+run's own sampler), a plain `METHOD` for every run. The wall time of a cell is a second, compiled
+call (`seconds`; the first, with its compilation, is `seconds_with_compile`):
+
+    python -m benchmarks.sampler_quality --workdir ddpm=runs/digits --workdir flow=runs/digits_flow \
+        --workdir meanflow=runs/digits_meanflow --methods ddpm:ddim,flow:dpm++_2m,meanflow:meanflow \
+        --budgets 1,2,4,10,50 --out benchmarks/results/few_step
 
 Each sampler gets the most steps its budget allows (Heun: 2K - 1 evaluations for K steps) and
 its default options (Karras sigmas for the sigma-space samplers); clipping and guidance follow
@@ -96,7 +102,8 @@ def main():
     rows = []
     for spec in args.workdir or ["runs/digits"]:
         label, _, workdir = spec.rpartition("=")
-        rows += measure(load_run(workdir), label, args.methods.split(","), budgets, args.num_samples, args.seed)
+        methods = [m.rpartition(":")[2] for m in args.methods.split(",") if m.rpartition(":")[0] in ("", label)]
+        rows += measure(load_run(workdir), label, methods, budgets, args.num_samples, args.seed)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write(out, rows, budgets)
 
@@ -117,11 +124,15 @@ def measure(run, label, methods, budgets, num_samples, seed):
             started = time.perf_counter()
             images = generate(run.ema_params, num_samples, jax.random.PRNGKey(seed))
             seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            jax.block_until_ready(generate(run.ema_params, num_samples, jax.random.PRNGKey(seed)))
+            compiled_seconds = time.perf_counter() - started
             fd = frechet_distance(*feature_statistics(digits_features(images)), *real)
             row = {"bench": "sampler_quality", "run": label, "process": run.config.diffusion.process,
                    "prediction": run.config.diffusion.prediction, "method": method, "budget": budget,
                    "steps": steps, "model_calls": model_calls(method, steps), "digits_fd": float(fd),
                    "num_samples": num_samples, "seconds_with_compile": round(seconds, 1),
+                   "seconds": round(compiled_seconds, 3),
                    "checkpoint_step": run.step, **device_facts()}
             emit(row)
             rows.append(row)

@@ -37,12 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # activations; parameters stay float32
     c.model.remat = False
     c.model.vae = ""                # latent diffusion: a diffusers AutoencoderKL directory or repository
+                                    # id; the backbone trains on its scaled latents (see latents.py)
     c.model.text_encoder = ""       # text conditioning: a Stable Diffusion pipeline's directory (its
                                     # text_encoder/ and tokenizer/, frozen); the condition is the embeddings
     c.model.clip_skip = 0           # condition on the text encoder's output this many layers before the last
     c.model.second_time = False     # a two-time model u(x, t, r) (MeanFlow): r embedded as t, added through
                                     # a zero-initialised projection; a one-time run's checkpoint loads into it
-                                    # id; the backbone trains on its scaled latents (see latents.py)
     c.model.overrides = ml_collections.ConfigDict()  # any other module field, e.g. ch, dropout:
                                                      # --config.model.overrides.ch=16
     c.model.precondition = ""       # "edm": EDM's preconditioning around the backbone (process edm,
@@ -311,7 +311,7 @@ def validate_objective(config, process) -> None:
     """diffusion.objective is the denoising loss or one of `objectives.OBJECTIVES`, with its options;
     each trains on a continuous process, with neither another weighting nor a learned variance;
     meanflow a two-time model (model.second_time) of the average velocity (prediction "velocity")."""
-    from diffusion_jax.objectives import OBJECTIVES, TWO_TIME, objective_options
+    from diffusion_jax.objectives import GUIDED, OBJECTIVES, TWO_TIME, folds_guidance, objective_options
 
     d = config.diffusion
     objective = d.get("objective", "denoise")
@@ -322,7 +322,12 @@ def validate_objective(config, process) -> None:
             raise UsageError(f"diffusion.objective_options {dict(d.objective_options)} given for the denoising "
                              "objective, which takes none: drop them, or choose the objective they belong to")
         return
-    objective_options(objective, dict(d.get("objective_options", {})))
+    options = objective_options(objective, dict(d.get("objective_options", {})))
+    if objective in GUIDED and folds_guidance(options) and config.train.cond_dropout <= 0:
+        raise UsageError(f"objective {objective!r} folds classifier-free guidance into its target (guidance "
+                         f"{options['guidance']:g}, guidance_mix {options['guidance_mix']:g}): it needs a conditional run "
+                         "that also trains the null condition: set a condition (data.use_labels) and "
+                         "train.cond_dropout > 0 (the paper's 0.1), or drop those options")
     wants = [("diffusion.weighting", d.weighting, "none"), ("diffusion.variance", d.variance, "fixed_small")]
     if objective in TWO_TIME:
         wants += [("model.second_time", bool(config.model.get("second_time", False)), True),

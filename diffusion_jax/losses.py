@@ -68,7 +68,8 @@ def loss_weight(process, lv, prediction: str, weighting: str, *, min_snr_gamma: 
 def training_loss(denoise_fn: Callable, process, x0, key, *, prediction: str = "eps", weighting: str = "none",
                   variance: str = "fixed_small", vlb_weight: float = 0.001, min_snr_gamma: float = 5.0,
                   p2_gamma: float = 1.0, p2_k: float = 1.0, time_sampling: str = "uniform",
-                  time_sampling_options=None, objective: str = "denoise", objective_options=None):
+                  time_sampling_options=None, objective: str = "denoise", objective_options=None,
+                  unconditional=None):
     """The denoising loss on a batch x0 [B, ...] of any process (a DDPM `Schedule` too): times from
     `time_sampling`, fresh noise, x_t = alpha x0 + sigma eps, the model `denoise_fn(x_t, model
     time)` regressed on `prediction`'s target with `loss_weight`.
@@ -79,15 +80,18 @@ def training_loss(denoise_fn: Callable, process, x0, key, *, prediction: str = "
     L_simple + vlb_weight * T * L_t (L_t in bits/dim; a process with a discrete posterior, DDPM's),
     the VLB term seeing the mean output through a stop-gradient so it trains only the variance;
     aux then also has "vlb". Another `objective` (`objectives.OBJECTIVES`: "meanflow", "consistency")
-    is that objective's loss with `objective_options`, `denoise_fn` its model (meanflow's takes r=).
+    is that objective's loss with `objective_options`, `denoise_fn` its model (meanflow's takes r=);
+    `unconditional` (`objectives.meanflow.Unconditional`) is for those of `objectives.GUIDED`.
     """
     if objective != "denoise":
-        from diffusion_jax.objectives import OBJECTIVES, objective_options as checked
+        from diffusion_jax.objectives import GUIDED, OBJECTIVES, objective_options as checked
 
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {objective!r}; choose one of {('denoise',) + tuple(OBJECTIVES)}")
-        return OBJECTIVES[objective](denoise_fn, process, x0, key, prediction=prediction,
-                                     **checked(objective, dict(objective_options or {})))
+        options = checked(objective, dict(objective_options or {}))
+        if objective in GUIDED:
+            options["unconditional"] = unconditional
+        return OBJECTIVES[objective](denoise_fn, process, x0, key, prediction=prediction, **options)
     process = as_process(process)
     check_prediction(prediction)
     _check_option("variance", variance, VARIANCES)

@@ -31,17 +31,19 @@ def exact_model(theta=0.0):
     return model
 
 
-def test_the_meanflow_loss_is_stationary_at_the_exact_average_velocity():
+@pytest.mark.parametrize("model_tangent", [0.0, 1.0])
+def test_the_meanflow_loss_is_stationary_at_the_exact_average_velocity(model_tangent):
     """The gradient in theta of the loss of u_exact + theta (z t + 1), over 32 keys of 4096 examples:
     at theta = 0 its mean is within 4 standard errors of 0 (the plain squared error, adaptive p = 0;
     the loss itself is not 0: the target carries the sample's own velocity), at theta = +-0.05 it
-    points back to 0, well outside its noise."""
+    points back to 0, well outside its noise; along the sample's velocity (MeanFlow's tangent) and
+    along the model's own (iMF's)."""
     x0_of = lambda key: MU + S * jax.random.normal(key, (4096, 1))
 
     def gradient(theta, key):
         key_data, key_loss = jax.random.split(key)
         loss = lambda th: meanflow_loss(exact_model(theta=th), FLOW, x0_of(key_data), key_loss,
-                                        adaptive_p=0.0)[0]
+                                        adaptive_p=0.0, model_tangent=model_tangent)[0]
         return jax.value_and_grad(loss)(theta)
 
     assert stationary_and_restoring(gradient).mean() > 0.1  # at theta = -0.05; and at 0 (below): not zero
@@ -60,6 +62,46 @@ def stationary_and_restoring(gradient):
         else:
             assert mean * theta > 0 and abs(mean) > 8 * error, (theta, mean, error)
     return losses
+
+
+def test_guidance_folded_into_the_meanflow_target_is_stationary_at_the_guided_velocity():
+    """Two classes N(+-0.5, 0.3^2), equal weights, 10% of the conditions dropped to the null (label 2):
+    with guidance w = 1.5 and guidance_mix kappa = 0.25 folded into the target, the loss at r = t
+    (ratio 0) is stationary at the guided velocity v_null + s (v_c - v_null) of scale s = w / (1 - kappa)
+    = 2, v_c and v_null the classes' and the mixture's exact velocities: the model of scale 2 + theta is
+    stationary at theta = 0 and restored from +-0.05 (ignoring kappa, s = w, is theta = -0.5)."""
+    from diffusion_jax.objectives import Unconditional
+
+    means, s = jnp.array([0.5, -0.5]), 0.3
+
+    def velocities(z, t):
+        """v_c [B, 2] of each class and v_null [B, 1] of the mixture at z [B, 1], t [B, 1] on the flow path."""
+        var = (1 - t) ** 2 * s ** 2 + t ** 2
+        x0_mean = means + (1 - t) * s ** 2 / var * (z - (1 - t) * means)
+        v = (z - x0_mean) / t
+        weights = jax.nn.softmax(-(z - (1 - t) * means) ** 2 / (2 * var), axis=1)
+        return v, jnp.sum(weights * v, axis=1, keepdims=True)
+
+    def model(theta, labels):
+        def u(z, model_t, r=None):
+            v, v_null = velocities(z, model_t.reshape(-1, 1) / 1000.0)
+            v_c = jnp.take_along_axis(v, jnp.minimum(labels, 1)[:, None], axis=1)
+            return jnp.where(labels[:, None] == 2, v_null, v_null + (2.0 + theta) * (v_c - v_null))
+        return u
+
+    def gradient(theta, key):
+        key_data, key_labels, key_drop, key_loss = jax.random.split(key, 4)
+        labels = jax.random.bernoulli(key_labels, 0.5, (4096,)).astype(jnp.int32)
+        x0 = means[labels][:, None] + s * jax.random.normal(key_data, (4096, 1))
+        dropped = jax.random.bernoulli(key_drop, 0.1, (4096,))
+        loss = lambda th: meanflow_loss(model(th, jnp.where(dropped, 2, labels)), FLOW, x0, key_loss, ratio=0.0,
+                                        adaptive_p=0.0, guidance=1.5, guidance_mix=0.25,
+                                        unconditional=Unconditional(model(th, jnp.full((4096,), 2)), dropped))[0]
+        return jax.value_and_grad(loss)(theta)
+
+    stationary_and_restoring(gradient)
+    with pytest.raises(UsageError, match="cond_dropout"):
+        meanflow_loss(exact_model(), FLOW, jnp.zeros((2, 1)), jax.random.key(0), guidance=2.0)
 
 
 def test_the_consistency_loss_is_stationary_at_the_exact_consistency_function():

@@ -59,13 +59,15 @@ def test_a_continuous_process_run_trains_and_samples_from_the_cli(process, extra
         theirs.set_timesteps(4)
         np.testing.assert_allclose(theirs.sigmas.numpy(), np.append(loaded.schedule.own_grid(4), 0.0), rtol=1e-6, atol=1e-7)
         # a few-step run started from this one (train.init_from, pinned at its step): MeanFlow's two-time
-        # model (the projection of r added at zero) samples in 2 steps (consistency tuning is the same
-        # command with its objective: experiments/digits_consistency.py, validated in test_training)
+        # model (the projection of r added at zero), with guidance folded into its target (test_few_step),
+        # samples in 2 steps (consistency tuning is the same command with its objective:
+        # experiments/digits_consistency.py, validated in test_training)
         tuned = tmp_path / "meanflow"
         cli.main(["train", "--workdir", str(tuned), "--config", DIGITS, f"--config.diffusion.process={process}",
                   *SMALL, *extra, "--config.train.steps=2", "--config.diffusion.objective=meanflow",
                   "--config.model.second_time=True", "--config.sample.method=meanflow", f"--config.train.init_from={run}",
-                  "--config.eval.bpd_examples=0"])
+                  "--config.diffusion.objective_options.guidance=1.5",
+                  "--config.diffusion.objective_options.guidance_mix=0.25", "--config.eval.bpd_examples=0"])
         settings = json.loads((tuned / "config.json").read_text())["train"]
         assert (settings["init_from"], settings["init_from_step"]) == (str(run.resolve()), 6)
         cli.main(["sample", "--workdir", str(tuned), "--num_samples", "4", "--steps", "2", "--labels", "3",

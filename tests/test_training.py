@@ -219,20 +219,22 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.st
 
 def test_the_experiments_are_found():
     assert {"digits_unet", "digits_flow", "digits_edm", "digits_text", "cifar10_ddpm", "cifar10_dit", "cifar10_sit",
-            "cifar10_edm"} <= set(EXPERIMENTS)
+            "cifar10_edm", "digits_meanflow", "digits_consistency", "cifar10_meanflow", "imagenet256_meanflow"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("module", EXPERIMENTS)
 def test_every_experiment_builds_its_model(module):
     """Each experiment config passes validation and names a preset that accepts its data shape
-    (shapes only)."""
+    (shapes only; a latent run's under Stable Diffusion's VAE: factor 8, 4 channels)."""
     import importlib
+    import types
 
+    from diffusion_jax.builders import input_shape as shape_under
     from diffusion_jax.config import validate_config
     config = importlib.import_module(f"experiments.{module}").get_config()
     validate_config(config)
     model = build_model(config)
-    shape = input_shape(config)
+    shape = shape_under(config, types.SimpleNamespace(downsample_factor=8, in_channels=3, latent_channels=4))
     from diffusion_jax.models import example_condition
     out = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, example_condition(model, 2)),
                          jax.ShapeDtypeStruct((2, *shape), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))

@@ -202,14 +202,19 @@ def broadcast_condition(cond, batch: int):
     return jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, (batch, *jnp.shape(c)[1:])), cond)
 
 
+def dropped_examples(key, cond, probability: float):
+    """[B] bool: the examples whose condition `drop_condition(key, cond, probability, ...)` drops."""
+    first = jax.tree_util.tree_leaves(cond)[0]
+    return jax.random.bernoulli(key, probability, first.shape[:1])
+
+
 def drop_condition(key, cond, probability: float, null):
     """The condition (a pytree, batch axis first) with each example's replaced by `null` (broadcast
     leaf by leaf) with `probability` (classifier-free guidance training). The only place
     conditions are dropped: backbones never do it."""
     if cond is None or probability <= 0:
         return cond
-    first = jax.tree_util.tree_leaves(cond)[0]
-    dropped = jax.random.bernoulli(key, probability, first.shape[:1])
+    dropped = dropped_examples(key, cond, probability)
 
     def drop(c, n):
         where = dropped.reshape(dropped.shape + (1,) * (c.ndim - 1))

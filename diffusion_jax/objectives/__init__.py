@@ -7,12 +7,13 @@ import math
 from diffusion_jax.errors import UsageError
 from diffusion_jax.objectives import consistency, meanflow
 from diffusion_jax.objectives.consistency import consistency_loss
-from diffusion_jax.objectives.meanflow import meanflow_loss
+from diffusion_jax.objectives.meanflow import Unconditional, folds_guidance, meanflow_loss
 
 OBJECTIVES = {"meanflow": meanflow_loss, "consistency": consistency_loss}
 OPTIONS = {"meanflow": meanflow.OPTIONS, "consistency": consistency.OPTIONS}  # {option: (default, low, high)}
 FORWARD_MODE = ("meanflow", "consistency")  # objectives that differentiate the model with jax.jvp
 TWO_TIME = ("meanflow",)  # objectives of a two-time model (model.second_time) of the average velocity
+GUIDED = ("meanflow",)  # objectives that can fold classifier-free guidance into their target (`Unconditional`)
 
 
 def objective_options(objective: str, options: dict) -> dict:
@@ -30,4 +31,5 @@ def objective_options(objective: str, options: dict) -> dict:
     return merged
 
 
-__all__ = ["FORWARD_MODE", "OBJECTIVES", "TWO_TIME", "consistency_loss", "meanflow_loss", "objective_options"]
+__all__ = ["FORWARD_MODE", "GUIDED", "OBJECTIVES", "TWO_TIME", "Unconditional", "consistency_loss", "folds_guidance",
+           "meanflow_loss", "objective_options"]

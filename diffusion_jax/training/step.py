@@ -17,9 +17,10 @@ import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
 from diffusion_jax.errors import UsageError
-from diffusion_jax.conditions import condition_kind, drop_condition
+from diffusion_jax.conditions import broadcast_condition, condition_kind, drop_condition, dropped_examples
 from diffusion_jax.latents import model_input_shape
 from diffusion_jax.losses import training_loss
+from diffusion_jax.objectives import GUIDED, Unconditional
 from diffusion_jax.processes.edm import precondition
 from diffusion_jax.parallel import batch_sharding, replicated, state_shardings
 from diffusion_jax.optim import make_optimizer, tree_norm
@@ -40,6 +41,8 @@ def make_train_step(model, schedule, config, optimizer, model_params=None, condi
     sigma_data = precondition_of(config)
     kind = condition_kind(config)
     null = kind.null(config) if kind and condition is None else None
+    objective = d.get("objective", "denoise")
+    guided = null is not None and objective in GUIDED and t.cond_dropout > 0  # the objective may fold guidance in
 
     def train_step(state: TrainState, batch: dict, frozen=None):
         key = jax.random.fold_in(state.rng, state.step)
@@ -51,18 +54,24 @@ def make_train_step(model, schedule, config, optimizer, model_params=None, condi
             applied = params if model_params is None else model_params(params, frozen)
             cond = given if condition is None else condition(params, frozen, given)
 
-            def denoise_fn(x_t, t_model, **r):  # r=: a two-time model's second time
-                return model.apply({"params": applied}, x_t, t_model, cond, train=True,
-                                   rngs={"dropout": key_dropout}, **r)
-            if sigma_data is not None:
-                denoise_fn = precondition(denoise_fn, sigma_data)
-            return training_loss(denoise_fn, schedule, batch["image"], key_loss,
+            def conditioned(cond):
+                def denoise_fn(x_t, t_model, **r):  # r=: a two-time model's second time
+                    return model.apply({"params": applied}, x_t, t_model, cond, train=True,
+                                       rngs={"dropout": key_dropout}, **r)
+                return denoise_fn if sigma_data is None else precondition(denoise_fn, sigma_data)
+
+            unconditional = None
+            if guided:
+                images = batch["image"].shape[0]
+                unconditional = Unconditional(conditioned(broadcast_condition(null, images)),
+                                              dropped_examples(key_labels, given, t.cond_dropout))
+            return training_loss(conditioned(cond), schedule, batch["image"], key_loss,
                                  prediction=d.prediction, weighting=d.weighting,
                                  variance=d.variance, vlb_weight=d.vlb_weight,
                                  time_sampling=t.get("time_sampling", "uniform"),
                                  time_sampling_options=dict(t.get("time_sampling_options", {})),
-                                 objective=d.get("objective", "denoise"),
-                                 objective_options=dict(d.get("objective_options", {})))
+                                 objective=objective, objective_options=dict(d.get("objective_options", {})),
+                                 unconditional=unconditional)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
