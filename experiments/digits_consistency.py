@@ -17,7 +17,6 @@ def get_config():
     c.optim.warmup_steps = 0
     c.sample.method = "consistency"
     c.sample.steps = 1
-    c.sample.options.sigmas = "uniform"
     return c
 
 

@@ -133,13 +133,13 @@ def chain_noises(key, num_steps, shape):
 @pytest.mark.parametrize("method", sampler_names())
 def test_every_sampler_on_every_process_is_its_float64_chain(name, method):
     """(meanflow's model is the average velocity of a continuous process, `gaussian_average_velocity_model`:
-    on DDPM's integer times it refuses the grid it needs; consistency's the consistency function.)"""
+    on DDPM's integer times it refuses to jump; consistency's the consistency function.)"""
     process, prediction, n, steps = PROCESSES[name], NATURAL[name], 20_000, 12
     model = gaussian_exact_process_model(process, prediction, MU, S)
     if method == "meanflow":
         if name == "ddpm":
             with pytest.raises(UsageError, match="integer timesteps"):
-                sampling_grid(process, method, steps)
+                sample(model, process, (2, 1), jax.random.key(0), method=method, num_steps=steps, prediction=prediction)
             return
         model, prediction = gaussian_average_velocity_model(process, MU, S), "velocity"
     if method == "consistency":  # its model is the consistency function: the exact ODE map to t = 0

@@ -88,7 +88,7 @@ class DDPMProcess:
         return float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1]))
 
     def default_sigmas(self, preferred: str) -> str:
-        return preferred
+        return "process" if preferred == "uniform" else preferred  # "uniform" spaces continuous times
 
     def own_grid(self, num_steps: int, spacing: str = "linspace", steps_offset: int = 0, points: str = "steps",
                  fractional: bool = False) -> np.ndarray:
