@@ -92,22 +92,21 @@ def meanflow_loss(model_fn: Callable, process, x0, key, *, prediction: str = "ve
         return jnp.asarray(model_fn(z, process.model_time(t), r=process.model_time(r)), jnp.float32)
 
     per_image = (-1,) + (1,) * (x0.ndim - 1)
+    velocity = lambda fn=model_fn: jax.lax.stop_gradient(average_velocity(z, t, t, fn))  # u(z, t, t): the velocity
+    own = velocity() if guidance_mix or model_tangent else None
     if folds_guidance({"guidance": guidance, "guidance_mix": guidance_mix}):
         if unconditional is None:
             raise UsageError("MeanFlow's guidance folded into its target (options guidance, guidance_mix) needs a "
                              "conditional run trained with the null condition: set a condition and train.cond_dropout > 0")
         inside = ((t >= guidance_t_min) & (t <= guidance_t_max)).reshape(per_image)
         w, kappa = jnp.where(inside, guidance, 1.0), jnp.where(inside, guidance_mix, 0.0)
-        velocity = lambda fn: jax.lax.stop_gradient(average_velocity(z, t, t, fn))  # u(z, t, t): the velocity
         null_velocity = velocity(unconditional.model_fn)
         guided = w * v + (1.0 - w) * null_velocity
         if guidance_mix:
-            guided += kappa * (velocity(model_fn) - null_velocity)
+            guided += kappa * (own - null_velocity)
         v = jnp.where(unconditional.dropped.reshape(per_image), v, guided)
 
-    tangent = v
-    if model_tangent:
-        tangent = (1.0 - model_tangent) * v + model_tangent * jax.lax.stop_gradient(average_velocity(z, t, t))
+    tangent = (1.0 - model_tangent) * v + model_tangent * own if model_tangent else v
     u, du_dt = jax.jvp(average_velocity, (z, r, t), (tangent, jnp.zeros_like(r), jnp.ones_like(t)))
     gap = (t - r).reshape(per_image)
     error = u - jax.lax.stop_gradient(v - gap * du_dt)
