@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import (second_time_embedding, DenseGELU, MultiHeadSelfAttention, embed_labels, embed_vector,
+from diffusion_jax.models.layers import (add_second_time, DenseGELU, MultiHeadSelfAttention, embed_labels, embed_vector,
                                         timestep_embedding)
 from diffusion_jax.models.ops import adaptive_layer_norm
 
@@ -127,11 +127,7 @@ class DiT(nn.Module):
         fc1 = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc1")
         fc2 = nn.Dense(self.hidden, param_dtype=self.param_dtype, name="t_embedder_fc2")
         embed_time = lambda s: fc2(nn.silu(fc1(timestep_embedding(s, self.freq_dim, freq_shift=self.freq_shift))))
-        c = embed_time(t)
-        if self.second_time:
-            c = c + second_time_embedding(t if r is None else r, embed_time, self.hidden, self.param_dtype)
-        elif r is not None:
-            raise UsageError("r (a second time) given to a one-time model: set the model field second_time=True")
+        c = add_second_time(embed_time(t), t, r, embed_time, self.second_time, self.param_dtype)
         if self.num_classes:
             c = c + embed_labels(y, B, self.num_classes, self.hidden, self.param_dtype, "y_embedder")
         if self.cond_dim:

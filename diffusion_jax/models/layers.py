@@ -148,13 +148,19 @@ def embed_labels(y, batch: int, num_classes: int, features: int, param_dtype, na
     return nn.Embed(num_classes + 1, features, param_dtype=param_dtype, name=name)(labels).astype(jnp.float32)
 
 
-def second_time_embedding(r, embed_time, features: int, param_dtype, name: str = "r_proj"):
-    """The embedding float32 [B, features] of a two-time model's second time r [B] (MeanFlow's r, in
-    the model-time units of t): `embed_time` (the module's own time embedding, its weights shared
-    with t's) through a zero-initialised Dense `name`, so that a one-time model's checkpoint given
-    this layer computes the same function."""
+def add_second_time(temb, t, r, embed_time, second_time: bool, param_dtype, name: str = "r_proj"):
+    """The time embedding temb float32 [B, features] of a two-time model (`second_time`) plus that of
+    its second time r [B] (MeanFlow's r, in the model-time units of t; default t): `embed_time` (the
+    module's own time embedding, its weights shared with t's) through a zero-initialised Dense
+    `name`, so that a one-time model's checkpoint given this layer computes the same function. A
+    one-time model returns temb and refuses an r."""
+    if not second_time:
+        if r is not None:
+            raise UsageError("r (a second time) given to a one-time model: set the model field second_time=True")
+        return temb
     zeros = nn.initializers.zeros
-    return nn.Dense(features, kernel_init=zeros, bias_init=zeros, param_dtype=param_dtype, name=name)(embed_time(r))
+    dense = nn.Dense(temb.shape[-1], kernel_init=zeros, bias_init=zeros, param_dtype=param_dtype, name=name)
+    return temb + dense(embed_time(t if r is None else r))
 
 
 def embed_vector(y, features: int, param_dtype, name: str):

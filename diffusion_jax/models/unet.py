@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
-from diffusion_jax.models.layers import (second_time_embedding, GroupNorm32, MultiHeadSelfAttention, embed_labels, embed_vector,
+from diffusion_jax.models.layers import (add_second_time, GroupNorm32, MultiHeadSelfAttention, embed_labels, embed_vector,
                                         timestep_embedding)
 from diffusion_jax.models.transformer2d import SpatialTransformer
 
@@ -216,11 +216,7 @@ class UNet(nn.Module):
         dense0, dense1 = dense(4 * self.ch, "temb_dense0"), dense(4 * self.ch, "temb_dense1")
         embed_time = lambda s: dense1(nn.silu(dense0(timestep_embedding(
             s, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift))))
-        temb = embed_time(t)
-        if self.second_time:
-            temb = temb + second_time_embedding(t if r is None else r, embed_time, 4 * self.ch, self.param_dtype)
-        elif r is not None:
-            raise UsageError("r (a second time) given to a one-time model: set the model field second_time=True")
+        temb = add_second_time(embed_time(t), t, r, embed_time, self.second_time, self.param_dtype)
         if self.num_classes:
             temb = temb + embed_labels(y, B, self.num_classes, 4 * self.ch, self.param_dtype, "label_emb")
         if self.cond_dim:
