@@ -2,9 +2,7 @@
 MeanFlow's average-velocity loss (`meanflow`) and continuous-time consistency training
 (`consistency`). Each takes (model_fn, process, x0, key, prediction=..., **options) and returns
 (loss, aux) as the denoising loss does; `objective_options` checks a run's options."""
-import math
-
-from diffusion_jax.errors import UsageError
+from diffusion_jax.numeric_options import checked_options
 from diffusion_jax.objectives import consistency, meanflow
 from diffusion_jax.objectives.consistency import consistency_loss
 from diffusion_jax.objectives.meanflow import Unconditional, folds_guidance, meanflow_loss
@@ -18,17 +16,7 @@ GUIDED = ("meanflow",)  # objectives that can fold classifier-free guidance into
 
 def objective_options(objective: str, options: dict) -> dict:
     """The objective's options, defaults filled in, each a finite number in its range."""
-    declared = OPTIONS[objective]
-    unknown = sorted(set(options) - set(declared))
-    if unknown:
-        raise UsageError(f"objective {objective!r} takes the options {sorted(declared)}, not {unknown}")
-    merged = {k: options.get(k, default) for k, (default, _, _) in declared.items()}
-    for k, value in merged.items():
-        low, high = declared[k][1:]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
-            raise UsageError(f"objective {objective!r} option {k} = {value!r} must be a finite number in [{low:g}, {high:g}]")
-    return merged
+    return checked_options(f"objective {objective!r}", OPTIONS[objective], options)
 
 
 __all__ = ["FORWARD_MODE", "GUIDED", "OBJECTIVES", "TWO_TIME", "Unconditional", "consistency_loss", "folds_guidance",

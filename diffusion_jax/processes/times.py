@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.errors import UsageError
+from diffusion_jax.numeric_options import checked_options
 from diffusion_jax.processes.registry import T_MARGIN
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal", "mode")
@@ -23,20 +24,8 @@ def time_sampling_options(time_sampling: str, options) -> dict:
     standard deviation above 0; the mode's scale where its map of u stays monotone)."""
     if time_sampling not in TIME_SAMPLINGS:
         raise UsageError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}")
-    declared = TIME_SAMPLING_OPTIONS[time_sampling]
-    unknown = set(options or {}) - set(declared)
-    if unknown:
-        raise UsageError(f"time_sampling {time_sampling!r} takes {sorted(declared) or 'no options'}, not {sorted(unknown)}")
-    merged = {k: dict(options or {}).get(k, default) for k, (default, _, _) in declared.items()}
-    for k, value in merged.items():
-        low, high = declared[k][1:]
-        if isinstance(value, jax.core.Tracer):
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high or (low == 0.0 and value == 0.0):
-            raise UsageError(f"time_sampling {time_sampling!r} option {k} = {value!r} must be a finite number in "
-                             f"{'(' if low == 0.0 else '['}{low:g}, {high:g}]")
-    return merged
+    return checked_options(f"time_sampling {time_sampling!r}", TIME_SAMPLING_OPTIONS[time_sampling], options,
+                           zero_excluded=True)
 
 
 def sample_times(process, key, batch: int, time_sampling: str = "uniform", **options):
