@@ -19,15 +19,15 @@ CORE     := $(VENV)/.installed-core
 NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && $(PY) -m pip install --quiet --upgrade pip
 COMPILE   = $(PY) -m compileall -q -j 0 -x '/tests?/|/testing/|/transformers/models/(?!clip/|auto/)' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
 
-$(CORE): pyproject.toml
+$(CORE): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(PY) -m pip install --quiet --no-compile -e .
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e .
 	$(COMPILE)
 	touch $(CORE)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
 	$(COMPILE)
 	touch $(STAMP) $(CORE)
 

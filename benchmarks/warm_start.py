@@ -1,6 +1,7 @@
 """The same training command twice, each a fresh process: the first with an empty cache directory
 (every program compiled, the digits classifier absent), the second with it filled by the first
-(the compiled programs read from JAX's persistent cache). Prints both wall times and their ratio.
+(the train step and initialiser read from the executable cache without tracing them, the other
+programs from JAX's persistent cache). Prints both wall times and their ratio.
 
     python -m benchmarks.warm_start [--steps 100] [--config experiments/digits_unet.py]
 """

@@ -51,14 +51,18 @@ def cache_dir_setting(path: str | os.PathLike | None = None) -> str | None:
     return os.fspath(default_cache_dir())
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+def enable_compilation_cache(path: str | os.PathLike | None = None, executables: bool = False) -> str | None:
     """Point JAX's persistent compilation cache at `cache_dir_setting(path)` and return that
     directory (None when disabled). Call it before the first compilation: JAX fixes the cache
     when it first compiles. A directory that cannot be created disables the cache with a
-    warning; it never stops a run."""
+    warning; it never stops a run. `executables` (the command line's choice) also keeps the
+    largest programs under its executables/ to be found without tracing (`executable_cache`)."""
     import jax
 
+    from diffusion_jax import executable_cache
+
     directory = cache_dir_setting(path)
+    executable_cache.enable(None)
     if directory is None:
         jax.config.update("jax_compilation_cache_dir", None)
         log.debug("persistent compilation cache off (%s)", CACHE_ENV)
@@ -70,6 +74,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
                     "directory or to 'off'", directory, e.strerror or e, CACHE_ENV)
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
+    if executables:
+        executable_cache.enable(os.path.join(directory, "executables"))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
     log.debug("persistent compilation cache: %s", directory)

@@ -277,8 +277,10 @@ def validate_lora(config) -> None:
 
 def validate_process_settings(config, process) -> None:
     """The run's objective on its process: prediction, variance, weighting, time sampling and
-    preconditioning, each checked by the code that uses it (on two times, eagerly)."""
+    preconditioning, each checked by the code that uses it, on two times traced abstractly
+    (`jax.eval_shape`: the options' errors are raised, nothing is compiled or run)."""
     import jax
+    import jax.numpy as jnp
 
     from diffusion_jax.likelihood import discrete_schedule
     from diffusion_jax.losses import loss_weight, sample_times
@@ -290,10 +292,13 @@ def validate_process_settings(config, process) -> None:
     if d.variance == "learned_range" and discrete_schedule(process) is None:
         raise UsageError(f"diffusion.variance 'learned_range' trains with a discrete posterior's variational bound: a "
                          f"{process.name!r} run has none; set --config.diffusion.variance=fixed_small")
-    times = sample_times(process, jax.random.PRNGKey(0), 2, config.train.time_sampling,
-                         **dict(config.train.get("time_sampling_options", {})))
-    lv = levels(process, times, times, derivatives=d.prediction == "velocity")
-    loss_weight(process, lv, d.prediction, d.weighting)
+    def weights(key):
+        times = sample_times(process, key, 2, config.train.time_sampling,
+                             **dict(config.train.get("time_sampling_options", {})))
+        lv = levels(process, times, times, derivatives=d.prediction == "velocity")
+        return loss_weight(process, lv, d.prediction, d.weighting)
+
+    jax.eval_shape(weights, jax.ShapeDtypeStruct((2,), jnp.uint32))  # a PRNGKey's
     if d.prediction == "eps" and noisy_end(process)[0] == 0.0:
         raise UsageError(f"diffusion.prediction 'eps' cannot be sampled: the {process.name!r} process's noisy end has "
                          "alpha = 0, where a noise prediction says nothing of x0; predict velocity, v or x0")

@@ -8,6 +8,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Executables found without tracing (`executable_cache`) cannot see a function a test replaces in
+# its process (monkeypatch): off for the commands tests run, on in test_compilation_cache's own test.
+os.environ.setdefault("DIFFUSION_JAX_EXECUTABLE_CACHE", "off")
 
 
 import pytest  # noqa: E402  (after the environment above, as JAX must see it)

@@ -73,3 +73,71 @@ def test_the_cache_directory_setting(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="diffusion_jax"):
         assert compilation_cache.enable_compilation_cache(tmp_path / "a_file" / "cache") is None
     assert "cannot create" in caplog.text and compilation_cache.CACHE_ENV in caplog.text, caplog.text
+
+
+@pytest.fixture
+def fresh_jax_cache(tmp_path):
+    """JAX's persistent cache in an empty directory for one test (its programs are compiled, not
+    read from the suite's cache), restored afterwards."""
+    import jax
+    from jax._src import compilation_cache as jax_cache  # reset_cache: the documented way to switch
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    jax_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    jax_cache.reset_cache()
+
+
+def test_a_train_step_is_read_from_the_executable_cache_without_tracing(tmp_path, monkeypatch, caplog,
+                                                                       fresh_jax_cache):
+    """With the executable cache on (as the command line has it), a run compiles and stores its
+    train step and initialiser; a second run of the same config reads them (no tracing: the step
+    function is not called) and ends bitwise where the first did; a damaged file is removed with a
+    warning and the run is the same; another config is another key. The key's environment holds
+    the source of every module loaded from outside the Python installation: an edited one is
+    another key."""
+    import sys
+
+    from diffusion_jax import executable_cache
+    from diffusion_jax.training import step as step_module, train
+    from tests.train_helpers import state_arrays
+
+    monkeypatch.delenv(executable_cache.CACHE_ENV)
+    monkeypatch.setattr(executable_cache, "_directory", tmp_path / "executables")  # restored afterwards
+    first = train(tiny_config(2), tmp_path / "a")
+    directory = tmp_path / "executables"
+    stored = {p.name for p in directory.iterdir()}
+    assert {name.split("-")[0] for name in stored} == {"train_step", "init"}, stored
+
+    traced = []
+    make_step = step_module.make_train_step
+    monkeypatch.setattr(step_module, "make_train_step",
+                        lambda *a, **k: (lambda f: lambda *x: traced.append(1) or f(*x))(make_step(*a, **k)))
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax"):
+        second = train(tiny_config(2), tmp_path / "b")
+    assert not traced and not caplog.text, caplog.text
+    a = state_arrays(first)
+    assert all(np.array_equal(a[k], v) for k, v in state_arrays(second).items())
+
+    monkeypatch.setattr(step_module, "make_train_step", make_step)
+    (step_file,) = [p for p in directory.iterdir() if p.name.startswith("train_step")]
+    step_file.write_bytes(b"not an executable")
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax"):
+        third = train(tiny_config(2), tmp_path / "c")
+    assert "could not be read" in caplog.text and not step_file.exists()  # JAX's cache gave it: not kept
+    assert all(np.array_equal(a[k], v) for k, v in state_arrays(third).items())
+    train(tiny_config(2, **{"optim.learning_rate": 2e-3}), tmp_path / "d")
+    (other,) = [p for p in directory.iterdir() if p.name.startswith("train_step")]
+    assert other.name != step_file.name  # its own key
+
+    module = tmp_path / "user_module.py"  # a module of the user's, e.g. a condition kind
+    module.write_text("X = 1\n")
+    monkeypatch.setitem(sys.modules, "user_module", type(sys)("user_module"))
+    sys.modules["user_module"].__file__ = str(module)
+    monkeypatch.setattr(executable_cache, "_environment", None)
+    before = executable_cache.environment()
+    module.write_text("X = 2\n")
+    monkeypatch.setattr(executable_cache, "_environment", None)
+    assert executable_cache.environment() != before

@@ -95,7 +95,8 @@ def dispatch(argv) -> None:
 
 # ---------------------------------------------------------------------------- the error boundary
 def boundary(command, argv) -> None:
-    """Runs command(argv) with the persistent compilation cache on (`compilation_cache`). A
+    """Runs command(argv) with the persistent compilation cache on (`compilation_cache`, with the
+    executables found without tracing: a command line runs the library's own code). A
     user's mistake (exit 2) or a stated stop or failure (exit 1) is one line on stderr, never a
     traceback (unless --debug or DIFFUSION_JAX_DEBUG=1); a bug (any other exception) keeps its
     traceback."""
@@ -105,7 +106,7 @@ def boundary(command, argv) -> None:
     argv = [a for a in argv if a != "--debug"]
     try:
         with cli_logging():
-            enable_compilation_cache()
+            enable_compilation_cache(executables=True)
             command(argv)
     except KeyboardInterrupt:
         if debug:

@@ -49,6 +49,9 @@ class ConditionKind:
     how_to_give = ""   # what a user gives at sampling, for messages
     file_key = "conditions"  # a generate job's settings name its file {file_key}_file, {file_key}_sha256
     arguments: tuple = ()    # the named arguments (ARGUMENTS) that give its values besides conditions=
+    # whether null(config) is computed from files the config names (a text encoder's embedding of
+    # the empty prompt): a program holding it is then not decided by the config alone
+    null_from_files = False
 
     def implied_by(self, config) -> bool:
         return False

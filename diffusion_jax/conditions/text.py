@@ -47,6 +47,7 @@ class Text(ConditionKind):
     how_to_give = "give prompts (--prompt TEXT, or --prompts FILE)"
     file_key = "prompts"  # a generate job's settings: prompts_file, prompts_sha256
     arguments = ("prompts", "negative_prompt")
+    null_from_files = True  # the encoders' embedding of the empty prompt
 
     def implied_by(self, config) -> bool:
         return bool(text_encoder_source(config))

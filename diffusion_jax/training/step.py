@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
+from diffusion_jax import executable_cache
 from diffusion_jax.errors import UsageError
 from diffusion_jax.conditions import broadcast_condition, condition_kind, drop_condition, dropped_examples
 from diffusion_jax.latents import model_input_shape
@@ -193,6 +194,12 @@ def build_train_program(config, mesh) -> TrainProgram:
         start = lambda key: placed(initial_params(config, model))
     else:
         start = jax.jit(init, out_shardings=shardings)
+    kind = condition_kind(config)
+    if section is None and not (kind and kind.null_from_files):  # decided by the config and the arguments
+        description = config.to_json(sort_keys=True)
+        jitted = executable_cache.cached("train_step", jitted, description)
+        if not config.train.get("init_from", ""):
+            start = executable_cache.cached("init", start, description)
     if merged is None:
         return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings, start)
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
