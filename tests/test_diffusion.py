@@ -168,7 +168,7 @@ def test_training_loss_jit_vmap_grad():
         down = dict(params, **{name: params[name] - h})
         fd = (jitted(up, key) - jitted(down, key)) / (2 * h)
         assert float(grads[name]) == pytest.approx(float(fd), rel=1e-2, abs=1e-4)
-    losses = jax.vmap(lambda k: loss_fn(params, k))(jax.random.split(key, 3))
+    losses = jax.jit(jax.vmap(lambda k: loss_fn(params, k)))(jax.random.split(key, 3))
     assert losses.shape == (3,) and len(set(np.asarray(losses).tolist())) == 3
     every = jax.jit(lambda p, k: [loss_fn(p, k, prediction=prediction, weighting=weighting)  # one program
                                   for prediction in ("eps", "x0", "v") for weighting in ("none", "min_snr", "p2")])

@@ -260,8 +260,9 @@ def test_one_key_per_sample_makes_each_image_independent_of_its_batch():
     known, mask = jnp.full((8, 2, 2, 1), 0.5), jnp.zeros((8, 2, 2, 1)).at[:, 0].set(1.0)
     for method, kw, edit in (("ddim", {"eta": 1.0}, lambda rows: None),
                              ("ddpm", {}, lambda rows: Edit(known[rows], mask[rows], repaint_resamples=2))):
-        run = lambda k, rows: jax.jit(lambda k, e: sample(model, process, (len(k), 2, 2, 1), k, method=method,
-                                                          num_steps=8, edit=e, **kw))(k, edit(rows))
+        chain = jax.jit(lambda k, e: sample(model, process, (len(k), 2, 2, 1), k, method=method, num_steps=8,
+                                            edit=e, **kw))  # one function: the two batch sizes, two programs
+        run = lambda k, rows: chain(k, edit(rows))
         whole = run(keys, slice(0, 8))
         parts = jnp.concatenate([run(keys[:4], slice(0, 4)), run(keys[4:], slice(4, 8))])
         np.testing.assert_array_equal(whole, parts)
