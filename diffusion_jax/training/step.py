@@ -153,7 +153,7 @@ def build_train_program(config, mesh) -> TrainProgram:
     model, schedule = build_model(config), build_process(config)
     optimizer = make_optimizer(config.optim, config.train.steps)
     k = max(int(config.train.steps_per_dispatch), 1)
-    section = lora_settings(config)
+    section, kind = lora_settings(config), condition_kind(config)
     merged = frozen = frozen_shapes = condition = None
     if section is None:
         init = make_init_fn(model, optimizer, model_input_shape(config), config.seed)
@@ -164,7 +164,7 @@ def build_train_program(config, mesh) -> TrainProgram:
         if int(section.base_step) < 0:
             section.base_step = base.step
         scale, rank = lora_scale(section), int(section.rank)
-        kind, text = condition_kind(config), trains_text_encoder(config)
+        text = trains_text_encoder(config)
         # frozen: the base run's EMA parameters, and with lora.text_encoder {"backbone": those, "encoders": theirs}
         frozen = base.ema_params
         if text:
@@ -188,18 +188,19 @@ def build_train_program(config, mesh) -> TrainProgram:
     jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
                                                                        condition), k),
                                        state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
+    # programs decided by the config and their arguments alone are kept as executables
+    cacheable = section is None and not (kind and kind.null_from_files)
+    description = config.to_json(sort_keys=True) if cacheable else ""
     if section is None and config.train.get("init_from", ""):  # read when a new run starts, never on resume
         placed = jax.jit(lambda params: create_train_state(params, optimizer, config.seed),
                          out_shardings=shardings)  # the parameters an argument, not constants
         start = lambda key: placed(initial_params(config, model))
     else:
         start = jax.jit(init, out_shardings=shardings)
-    kind = condition_kind(config)
-    if section is None and not (kind and kind.null_from_files):  # decided by the config and the arguments
-        description = config.to_json(sort_keys=True)
-        jitted = executable_cache.cached("train_step", jitted, description)
-        if not config.train.get("init_from", ""):
+        if cacheable:
             start = executable_cache.cached("init", start, description)
+    if cacheable:
+        jitted = executable_cache.cached("train_step", jitted, description)
     if merged is None:
         return TrainProgram(model, schedule, optimizer, jitted, state_shapes, shardings, start)
     return TrainProgram(model, schedule, optimizer, lambda state, batch: jitted(state, batch, frozen), state_shapes,
