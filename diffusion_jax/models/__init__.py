@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.compile_effort import jit_once
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models.dit import DiT, DiTBlock, sincos_pos_embed_2d
 from diffusion_jax.models.layers import timestep_embedding
@@ -148,7 +149,7 @@ def init_params(model: nn.Module, key, input_shape, batch: int = 1):
     """Initial parameters for inputs of shape [batch, *input_shape]."""
     x = jnp.zeros((batch, *input_shape), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
-    return jax.jit(model.init)({"params": key, "dropout": key}, x, t, example_condition(model, batch))["params"]
+    return jit_once(model.init)({"params": key, "dropout": key}, x, t, example_condition(model, batch))["params"]
 
 
 __all__ = ["DiT", "DiTBlock", "PRESETS", "Preset", "UNet", "count_params", "create_model",

@@ -17,6 +17,7 @@ import optax
 
 from diffusion_jax.builders import build_model, build_process, precondition_of
 from diffusion_jax import executable_cache
+from diffusion_jax.compile_effort import jit_once
 from diffusion_jax.errors import UsageError
 from diffusion_jax.conditions import broadcast_condition, condition_kind, drop_condition, dropped_examples
 from diffusion_jax.latents import model_input_shape
@@ -196,7 +197,7 @@ def build_train_program(config, mesh) -> TrainProgram:
                          out_shardings=shardings)  # the parameters an argument, not constants
         start = lambda key: placed(initial_params(config, model))
     else:
-        start = jax.jit(init, out_shardings=shardings)
+        start = jit_once(init, out_shardings=shardings)
         if cacheable:
             start = executable_cache.cached("init", start, description)
     if cacheable:
