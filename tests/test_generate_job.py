@@ -56,6 +56,7 @@ def test_images_do_not_depend_on_batch_size_or_devices(run, tmp_path):
     # One device instead of 8, sample by sample.
     import diffusion_jax.jobs.generate as job
     from unittest import mock
+    make = job.make_generator
     one = [jax.devices()[0]]
     with mock.patch.object(job, "make_mesh", lambda devices: parallel.make_mesh(devices=one)):
         generate_samples(run, tmp_path / "one_device", 50, seed=3, batch_size=16, shard_size=20, progress=False)
@@ -64,6 +65,11 @@ def test_images_do_not_depend_on_batch_size_or_devices(run, tmp_path):
     # Another seed gives other images.
     generate_samples(run, tmp_path / "seed4", 20, seed=4, batch_size=16, shard_size=20, progress=False)
     assert not np.array_equal(images_of(tmp_path / "seed4")[0], a[:20])
+    # A job smaller than its batch size samples no more than it keeps: 3 images, calls of 3 (8 on 8 devices).
+    sizes = []
+    with mock.patch.object(job, "make_generator", lambda *a, **k: sizes.append(k["batch_size"]) or make(*a, **k)):
+        generate_samples(run, tmp_path / "three", 3, seed=3, batch_size=256, shard_size=1000, progress=False)
+    assert sizes == [3] and np.abs(images_of(tmp_path / "three")[0].astype(int) - a[:3]).max() <= 1
 
 
 def test_a_restart_keeps_good_shards_and_remakes_damaged_ones(run, tmp_path, caplog):

@@ -114,7 +114,9 @@ def generate_samples(workdir, out_dir, num_samples: int, *, seed: int = 0, metho
     # This process's copy of the replicated parameters, onto its own devices.
     params = jax.tree_util.tree_map(lambda a: jax.device_put(a.addressable_data(0), replicated(mesh)),
                                     run.ema_params)
-    generate = make_generator(run.model, run.schedule, c, batch_size=min(batch_size, shard_size),
+    # a call never makes more samples than a shard holds (per-sample keys: the images do not depend on it)
+    largest_shard = max(last - first + 1 for first, last in shards)
+    generate = make_generator(run.model, run.schedule, c, batch_size=min(batch_size, largest_shard),
                               method=method, steps=steps, options=options, mesh=mesh, per_sample_keys=True,
                               condition_adapters=run.condition_adapters)
     key = jax.random.key(seed)
