@@ -20,7 +20,7 @@ from diffusion_jax.conditions import by_index, condition_kind, given_values, gui
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.adapters import backbone_component, run_loras, sample_loras
-from diffusion_jax.lora import with_adapters
+from diffusion_jax.lora import merge
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
 from diffusion_jax.samplers import guided_denoise_fn, sample
@@ -70,11 +70,10 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     loras = _backbone_loras(model, config)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(guided, params, loras, vae_params, key, eta, guidance_scale, cond, null_cond):
+    def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
         """One batch; `cond` the batch's condition (its kind's encoding, batch first; None
-        unconditional), `null_cond` the null condition guidance contrasts it with; `loras` the
-        backbone's adapters, added to its kernels here."""
-        params = with_adapters(params, loras)
+        unconditional), `null_cond` the null condition guidance contrasts it with; `params` with the
+        backbone's LoRA layers merged (the same program with or without them)."""
         kw = dict(method=method, num_steps=steps, clip_x0=bool(s.clip_x0), prediction=config.diffusion.prediction,
                   trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
         if takes_eta:
@@ -110,6 +109,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         encoded = kind.encoder(config, adapters) if adapters else encode
         null = None if kind is None else kind.null(config, negative_prompt, adapters) if adapters else \
             kind.null(config, negative_prompt)
+        params = merge(params, loras)
         out, trajectory = [], None
         for i in range(-(-num_samples // batch_size)):
             # the batch's sample indices, the last batch padded with the next ones
@@ -118,7 +118,7 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
             batch_key = jax.random.fold_in(key, i)
             if per_sample_keys:
                 batch_key = _keys_for(key, jnp.asarray(index, jnp.int32))
-            result = run(guided, params, loras, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
+            result = run(guided, params, None if vae is None else vae.params, batch_key, jnp.float32(0.0 if eta is None else eta),
                          jnp.float32(guidance_scale), cond, null)
             if trajectory_every:
                 result, traj = result

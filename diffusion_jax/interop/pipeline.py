@@ -28,7 +28,7 @@ from diffusion_jax.interop import files, scheduler
 from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_second_text_encoder, load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
-from diffusion_jax.lora import with_adapters
+from diffusion_jax.lora import merge
 from diffusion_jax.models.text_encoder import (compiled_sdxl_condition, compiled_text_embeddings, sdxl_time_ids,
                                                sdxl_zero_null)
 from diffusion_jax.processes import as_process
@@ -143,7 +143,7 @@ class StableDiffusion:
         bound = min(-(-num_steps // STEPS_QUANTUM) * STEPS_QUANTUM, limit)
         guided = guidance_scale is not None and guidance_scale != 1.0
         program = self.program(method, bound, options, clip_x0, guided, (len(prompts), *self.unet.input_shape))
-        images = program(self.unet.params, self.loras.get("unet", ()), self.vae.params, cond,
+        images = program(merge(self.unet.params, self.loras.get("unet", ())), self.vae.params, cond,
                          self.null_condition(negative, cond) if guided else None,
                          key, None if x_T is None else jnp.asarray(x_T, jnp.float32),
                          jnp.float32(guidance_scale if guided else 1.0), jnp.int32(num_steps))
@@ -151,7 +151,7 @@ class StableDiffusion:
 
     def program(self, method: str, bound: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
         """The jitted chain and decoder of one sampler, step bound and latent shape [B, h, w, C]: (U-Net
-        params, its LoRA layers, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
+        params with its LoRA layers merged, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
         [B, H, W, 3] in [0, 1]. Compiled once and kept."""
         from diffusion_jax.samplers import guided_denoise_fn, sample
 
@@ -160,8 +160,7 @@ class StableDiffusion:
             unet, vae, schedule, prediction, scale = self.unet.model, self.vae.model, self.schedule, \
                 self.prediction, self.vae_scale
 
-            def run(unet_params, unet_loras, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
-                unet_params = with_adapters(unet_params, unet_loras)
+            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
                 denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
                 model = guided_denoise_fn(denoise, cond, *((null, guidance_scale) if guided else ()))
                 latents = sample(model, schedule, shape, key, method=method, num_steps=num_steps, max_steps=bound,
