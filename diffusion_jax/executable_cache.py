@@ -162,21 +162,68 @@ def jax_cache_hits() -> int:
     return _jax_cache_hits
 
 
+def shapes(name: str, fn: Callable, description: str, *args):
+    """`jax.eval_shape(fn, *args)` (a pytree of ShapeDtypeStructs), read from the cache under the
+    same key as an executable's, or evaluated and written there: a run's state shapes without
+    tracing its initialiser (0.4-0.6 s for the digits U-Net)."""
+    import jax
+
+    if _directory is None or jax.process_count() > 1:
+        return jax.eval_shape(fn, *args)
+    path = _path(name, description, args, ".shapes")
+    loaded = _read(path, name)
+    if loaded is not None:
+        return loaded
+    result = jax.eval_shape(fn, *args)
+    _write(path, result)
+    return result
+
+
+def _path(name: str, description: str, args, suffix: str) -> pathlib.Path:
+    key = hashlib.sha256("\0".join((name, description, abstract_signature(args), environment())).encode())
+    return _directory / f"{name}-{key.hexdigest()}{suffix}"
+
+
+def _read(path: pathlib.Path, name: str):
+    """The object pickled in `path`, or None (no file; a damaged one is removed with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        loaded = pickle.loads(zlib.decompress(path.read_bytes()))
+        log.debug("%s read from %s", name, path)
+        return loaded
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: removed, made again
+        log.warning("executable cache: %s could not be read (%s: %s); removed it, making %s again",
+                    path, type(e).__name__, e, name)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(path: pathlib.Path, value) -> None:
+    """`value` pickled into `path` atomically; a failure is a warning (the cache is an optimisation)."""
+    try:
+        blob = zlib.compress(pickle.dumps(value), 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_bytes(blob)
+        os.replace(partial, path)
+    except Exception as e:  # noqa: BLE001 -- a full disk must not stop a run
+        log.warning("executable cache: %s not written (%s: %s)", path, type(e).__name__, e)
+
+
 def _load_or_compile(name: str, jitted: Callable, description: str, args):
     import jax
     from jax.experimental import serialize_executable
 
     if jax.process_count() > 1:
         return None
-    key = hashlib.sha256("\0".join((name, description, abstract_signature(args), environment())).encode())
-    path = _directory / f"{name}-{key.hexdigest()}.bin"
-    if path.exists():
+    path = _path(name, description, args, ".bin")
+    stored = _read(path, name)
+    if stored is not None:
         try:
-            payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
-            log.debug("executable %s read from %s", name, path)
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: removed, compiled again
-            log.warning("executable cache: %s could not be read (%s: %s); removed it, compiling %s again",
+            return serialize_executable.deserialize_and_load(*stored)
+        except Exception as e:  # noqa: BLE001 -- a foreign executable: removed, compiled again
+            log.warning("executable cache: %s could not be loaded (%s: %s); removed it, compiling %s again",
                         path, type(e).__name__, e, name)
             path.unlink(missing_ok=True)
     hits = jax_cache_hits()
@@ -185,11 +232,9 @@ def _load_or_compile(name: str, jitted: Callable, description: str, args):
         log.debug("executable %s came from JAX's persistent cache: not kept", name)
         return compiled
     try:
-        blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_bytes(blob)
-        os.replace(partial, path)
-    except Exception as e:  # noqa: BLE001 -- the cache is an optimisation: a full disk must not stop a run
-        log.warning("executable cache: %s not written (%s: %s)", path, type(e).__name__, e)
+        serialized = serialize_executable.serialize(compiled)
+    except Exception as e:  # noqa: BLE001 -- the cache is an optimisation
+        log.warning("executable cache: %s not serialized (%s: %s)", name, type(e).__name__, e)
+        return compiled
+    _write(path, serialized)
     return compiled

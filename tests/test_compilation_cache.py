@@ -93,8 +93,8 @@ def fresh_jax_cache(tmp_path):
 def test_a_train_step_is_read_from_the_executable_cache_without_tracing(tmp_path, monkeypatch, caplog,
                                                                        fresh_jax_cache):
     """With the executable cache on (as the command line has it), a run compiles and stores its
-    train step and initialiser; a second run of the same config reads them (no tracing: the step
-    function is not called) and ends bitwise where the first did; a damaged file is removed with a
+    train step and initialiser, and its state's shapes; a second run of the same config reads them
+    (no tracing: neither the step function nor the initialiser is called) and ends bitwise where the first did; a damaged file is removed with a
     warning and the run is the same; another config is another key. The key's environment holds
     the source of every module loaded from outside the Python installation: an edited one is
     another key."""
@@ -109,12 +109,13 @@ def test_a_train_step_is_read_from_the_executable_cache_without_tracing(tmp_path
     first = train(tiny_config(2), tmp_path / "a")
     directory = tmp_path / "executables"
     stored = {p.name for p in directory.iterdir()}
-    assert {name.split("-")[0] for name in stored} == {"train_step", "init"}, stored
+    assert {name.split("-")[0] for name in stored} == {"train_step", "init", "state"}, stored
 
     traced = []
-    make_step = step_module.make_train_step
-    monkeypatch.setattr(step_module, "make_train_step",
-                        lambda *a, **k: (lambda f: lambda *x: traced.append(1) or f(*x))(make_step(*a, **k)))
+    counted = lambda make: lambda *a, **k: (lambda f: lambda *x: traced.append(1) or f(*x))(make(*a, **k))
+    make_step, make_init = step_module.make_train_step, step_module.make_init_fn
+    monkeypatch.setattr(step_module, "make_train_step", counted(make_step))
+    monkeypatch.setattr(step_module, "make_init_fn", counted(make_init))  # nor its state shapes evaluated
     with caplog.at_level(logging.WARNING, logger="diffusion_jax"):
         second = train(tiny_config(2), tmp_path / "b")
     assert not traced and not caplog.text, caplog.text
@@ -122,6 +123,7 @@ def test_a_train_step_is_read_from_the_executable_cache_without_tracing(tmp_path
     assert all(np.array_equal(a[k], v) for k, v in state_arrays(second).items())
 
     monkeypatch.setattr(step_module, "make_train_step", make_step)
+    monkeypatch.setattr(step_module, "make_init_fn", make_init)
     (step_file,) = [p for p in directory.iterdir() if p.name.startswith("train_step")]
     step_file.write_bytes(b"not an executable")
     with caplog.at_level(logging.WARNING, logger="diffusion_jax"):

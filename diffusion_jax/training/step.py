@@ -185,13 +185,15 @@ def build_train_program(config, mesh) -> TrainProgram:
                 encoder_layers = layers(params)[1]
                 return kind.condition(config, {c: with_adapters(p, encoder_layers[c])
                                                for c, p in frozen_params["encoders"].items()}, inputs)
-    state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-    jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
-                                                                       condition), k),
-                                       state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
     # programs decided by the config and their arguments alone are kept as executables
     cacheable = section is None and not (kind and kind.null_from_files)
     description = config.to_json(sort_keys=True) if cacheable else ""
+    key = jax.random.PRNGKey(config.seed)
+    state_shapes = executable_cache.shapes("state", init, description, key) if cacheable else \
+        jax.eval_shape(init, key)
+    jitted, shardings = jit_train_step(make_multi_step(make_train_step(model, schedule, config, optimizer, merged,
+                                                                       condition), k),
+                                       state_shapes, mesh, stacked=k > 1, frozen_shapes=frozen_shapes)
     if section is None and config.train.get("init_from", ""):  # read when a new run starts, never on resume
         placed = jax.jit(lambda params: create_train_state(params, optimizer, config.seed),
                          out_shardings=shardings)  # the parameters an argument, not constants
