@@ -135,7 +135,7 @@ def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(t
 
 
 def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):  # noqa: F811
-    """`train` 20 steps on images with NAME.txt captions beside them: the text encoder and the VAE
+    """`train` 10 steps on images with NAME.txt captions beside them: the text encoder and the VAE
     stay frozen (they are not the run's parameters), every U-Net parameter moves. First a LoRA run
     on the same run: only its adapters train and are saved, and their PEFT file gives diffusers'
     load_lora_weights images within 1e-3."""
@@ -155,14 +155,14 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
     data = [f"--config.data.name=folder:{folder}", "--config.data.batch_size=8", "--config.train.log_every=5",
             "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0", "--config.train.progress=False"]
     # LoRA: rank-4 adapters on the imported U-Net's attention, projections and first convolutions,
-    # trained 20 steps on its frozen parameters (the import's step 0, pinned), exported as a PEFT file
+    # trained 10 steps on its frozen parameters (the import's step 0, pinned), exported as a PEFT file
     # (the text encoders' adapters train in the SDXL test below)
     lora_run, lora_file = tmp_path / "lora", tmp_path / "trained" / "pytorch_lora_weights.safetensors"
     _cli("train", "--workdir", lora_run, f"--config.lora.base={run}", "--config.lora.rank=4",
-         "--config.lora.targets=to_q,to_k,to_v,to_out.0,proj_in,conv1", "--config.train.steps=20",
+         "--config.lora.targets=to_q,to_k,to_v,to_out.0,proj_in,conv1", "--config.train.steps=10",
          "--config.optim.learning_rate=3e-3", "--config.train.ema_decay=0.5", *data)
     trained = load_run(lora_run)
-    assert trained.step == 20 and trained.config.lora.base_step == 0
+    assert trained.step == 10 and trained.config.lora.base_step == 0
     adapted = {layer.path[:-1] for layer in trained.adapters}
     assert len(adapted) == len(trained.adapters) > 8
     for (path, base), (_, merged) in zip(jax.tree_util.tree_leaves_with_path(before.ema_params),
@@ -173,7 +173,7 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
         else:  # every other parameter is the base's, bit for bit
             np.testing.assert_array_equal(np.asarray(base), np.asarray(merged), err_msg=str(keys))
     from diffusion_jax.checkpoints.integrity import saved_param_shapes
-    saved_names = saved_param_shapes(lora_run / "checkpoints" / "20" / "state")
+    saved_names = saved_param_shapes(lora_run / "checkpoints" / "10" / "state")
     assert {name.rsplit(".", 1)[-1] for name in saved_names} == {"down", "up"}  # the adapters only
     assert len(saved_names) == 2 * len(trained.adapters)
     _cli("export", "--workdir", lora_run, "--lora", lora_file)
@@ -190,11 +190,11 @@ def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, t
                          output_type="np").images
     assert np.abs(ours - theirs).max() <= 1e-3 and np.abs(ours - plain).max() > 1e-3
 
-    _cli("train", "--workdir", run, "--config.train.steps=20", f"--config.data.name=folder:{folder}",
+    _cli("train", "--workdir", run, "--config.train.steps=10", f"--config.data.name=folder:{folder}",
          "--config.data.batch_size=8", "--config.train.cond_dropout=0.1", "--config.train.log_every=5",
          "--config.train.num_sample_images=0", "--config.optim.warmup_steps=0", "--config.train.progress=False")
     after = load_run(run)
-    assert after.step == 20
+    assert after.step == 10
     assert all(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(jax.tree_util.tree_leaves(before.ema_params), jax.tree_util.tree_leaves(after.ema_params)))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
