@@ -11,6 +11,8 @@ For the digits U-Net's train step on a CPU that is about 1 s of a 5 s command.
     DIFFUSION_JAX_ environment variables, the devices and the backend's version.
 The executable stored under that key is loaded; when there is none, the function is compiled and
 stored. Later calls with other abstract arguments fall back to the jitted function.
+`shapes(name, fn, description, *args)` keeps `jax.eval_shape(fn, *args)` under the same kind of key
+(a run's state shapes, so its initialiser is not traced either).
 
 What a key cannot see: a function replaced at run time (a test's monkeypatch, an edited module in
 a notebook), and data a program holds as constants that was read from files (a text encoder's

@@ -96,7 +96,8 @@ class StableDiffusion:
     def with_loras(self, loras) -> "StableDiffusion":
         """The pipeline with the LoRA files `loras` ([(path, weight), ...]: diffusers / PEFT or kohya
         format) on its U-Net and text encoder, in place of any it had; the base parameters are
-        shared, never copied, and the adapted kernels are computed inside the programs."""
+        shared, never copied. Each call merges the U-Net's adapters first (`lora.merge`: the adapted
+        kernels alone are new arrays); the text encoders' are computed inside their programs."""
         from diffusion_jax.interop.adapters import read_loras
 
         parts = {"unet": (self.unet.model, self.unet.input_shape, self.unet.params),
@@ -104,7 +105,7 @@ class StableDiffusion:
         if self.text_encoder_2 is not None:
             parts["text_encoder_2"] = (self.text_encoder_2.model, None, self.text_encoder_2.params)
         loras = read_loras(loras, parts)
-        return dataclasses.replace(self, loras=loras)  # the same programs: the adapters are their arguments
+        return dataclasses.replace(self, loras=loras)  # the same programs: merged parameters and adapters are arguments
 
     def __call__(self, prompts, key, *, num_steps: int = 50, guidance_scale: float = 7.5, method=None,
                  negative_prompts=None, x_T=None, **options) -> np.ndarray:
