@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 from diffusion_jax.diffusion import (_prepare, mean_flat, p_mean_variance, q_mean_variance,
                                      q_posterior, q_sample)
@@ -96,7 +97,7 @@ def nll_bpd(denoise_fn: Callable, s: Schedule, x0, key, *, prediction: str = "ep
     def term(_, inputs):
         t_index, step_key = inputs
         t = jnp.full((B,), t_index, jnp.int32)
-        noise = jax.random.normal(step_key, x0.shape, jnp.float32)
+        noise = draws.normal(step_key, x0.shape)
         x_t = q_sample(s, x0, t, noise)
         out = denoise_fn(x_t, s.timesteps[t]).astype(jnp.float32)
         vb, pred = vlb_terms_bpd(s, out, x0, x_t, t, prediction=prediction, variance=variance,

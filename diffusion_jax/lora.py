@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry
@@ -411,8 +412,8 @@ def init_adapters(key, spec, param_shapes, rank: int) -> dict:
         shape = _kernel_shape(param_shapes, path, part)
         fan_in = int(np.prod(shape[:-1]))
         bound = 1.0 / math.sqrt(fan_in)
-        adapters[name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), shape[:-1] + (rank,), jnp.float32,
-                                                     -bound, bound),
+        adapters[name] = {"down": draws.uniform(jax.random.fold_in(key, i), shape[:-1] + (rank,), jnp.float32,
+                                                 -bound, bound),
                           "up": jnp.zeros((rank, shape[-1]), jnp.float32)}
     return adapters
 

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import draws
 from diffusion_jax.diffusion import VARIANCES, _check_option, mean_flat, split_model_output
 from diffusion_jax.errors import UsageError
 from diffusion_jax.likelihood import discrete_schedule, vlb_terms_bpd
@@ -100,7 +101,7 @@ def training_loss(denoise_fn: Callable, process, x0, key, *, prediction: str = "
                          f"{process.name!r} process has none; use variance='fixed_small'")
     key_t, key_noise = jax.random.split(key)
     t = sample_times(process, key_t, x0.shape[0], time_sampling, **dict(time_sampling_options or {}))
-    noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+    noise = draws.normal(key_noise, x0.shape)
     x0 = x0.astype(jnp.float32)
     lv = levels(process, t, x0, derivatives=prediction == "velocity")
     x_t = lv.alpha * x0 + lv.sigma * noise

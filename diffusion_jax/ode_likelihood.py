@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import ode_velocity
@@ -63,8 +64,8 @@ def ode_nll_bpd(denoise_fn: Callable, process, x, key=None, *, prediction: str =
     x = jnp.asarray(x, jnp.float32)
     key_deq, key_probe = jax.random.split(key) if key is not None else (None, None)
     if dequantize:
-        x = (jnp.round((x + 1.0) * 127.5) + jax.random.uniform(key_deq, x.shape)) / 128.0 - 1.0
-    probe = (jax.random.rademacher(key_probe, x.shape).astype(jnp.float32) if divergence == "hutchinson"
+        x = (jnp.round((x + 1.0) * 127.5) + draws.uniform(key_deq, x.shape)) / 128.0 - 1.0
+    probe = (draws.rademacher(key_probe, x.shape).astype(jnp.float32) if divergence == "hutchinson"
              else None)
     ts = np.asarray(process.likelihood_times(int(num_steps)), np.float32)
     v = _velocity(denoise_fn, process, prediction)

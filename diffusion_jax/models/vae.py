@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models.layers import GroupNorm32
 from diffusion_jax.models.unet import AttnBlock, ResBlock, _resample
@@ -151,4 +151,4 @@ class AutoencoderKL(nn.Module):
 
 def sample_latent(key, mean, logvar):
     """z ~ N(mean, exp(logvar)), the posterior's sample (diffusers' `latent_dist.sample()`)."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * draws.normal(key, mean.shape, mean.dtype)

@@ -2,9 +2,7 @@
 point of the path with its own velocity."""
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import levels
@@ -23,6 +21,6 @@ def continuous_process(objective: str, process):
 def path_point(process, x0, t, key):
     """(x_t, v) [B, ...]: x_t = alpha(t) x0 + sigma(t) eps, eps ~ N(0, I) from `key`, and the sample's
     own velocity v = alpha'(t) x0 + sigma'(t) eps, at times t [B]."""
-    eps = jax.random.normal(key, x0.shape, jnp.float32)
+    eps = draws.normal(key, x0.shape)
     lv = levels(process, t, x0, derivatives=True)
     return lv.alpha * x0 + lv.sigma * eps, lv.d_alpha * x0 + lv.d_sigma * eps

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import draws
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import as_process
 from diffusion_jax.processes.targets import mean_channels
@@ -153,7 +154,7 @@ def key_ops(key, shape, constrain) -> KeyOps:
     typed = jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
     if jnp.ndim(key) == (0 if typed else 1):
         return KeyOps(lambda k: tuple(jax.random.split(k)), jax.random.fold_in,
-                      lambda k: constrain(jax.random.normal(k, shape, jnp.float32)))
+                      lambda k: constrain(draws.normal(k, shape)))
     if jnp.shape(key)[0] != shape[0]:
         raise UsageError(f"{jnp.shape(key)[0]} keys for a batch of {shape[0]}: give one key, or one per sample")
 
@@ -162,7 +163,7 @@ def key_ops(key, shape, constrain) -> KeyOps:
         return both[:, 0], both[:, 1]
 
     fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-    normal = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))
+    normal = jax.vmap(lambda k: draws.normal(k, shape[1:]))
     return KeyOps(split, fold_in, lambda k: constrain(normal(k)))
 
 
