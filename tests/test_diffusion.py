@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from tests.oracles import gaussian_optimal_eps, gaussian_optimal_loss
 
@@ -18,7 +19,7 @@ def test_q_sample_monte_carlo_moments():
     n = 200_000
     x0 = jnp.full((n, 1), 0.7)
     for t in (0, 250, 999):
-        noise = jax.random.normal(jax.random.key(t), x0.shape)
+        noise = draws.normal(jax.random.key(t), x0.shape)
         x_t = np.asarray(dj.q_sample(S, x0, jnp.full((n,), t), noise), np.float64)
         abar = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t])
         se_mean = np.sqrt((1 - abar) / n)
@@ -27,7 +28,7 @@ def test_q_sample_monte_carlo_moments():
 
 
 def test_q_mean_variance_matches_q_sample_formula():
-    x0 = jax.random.uniform(jax.random.key(0), (3, 4, 4, 2), minval=-1, maxval=1)
+    x0 = draws.uniform(jax.random.key(0), (3, 4, 4, 2), minval=-1, maxval=1)
     t = jnp.array([0, 500, 999])
     mean, var, log_var = dj.q_mean_variance(S, x0, t)
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[np.asarray(t)]
@@ -43,9 +44,9 @@ def test_posterior_composes_to_the_marginal(t):
     x0 = jnp.full((n, 1), x0_value)
     k1, k2 = jax.random.split(jax.random.key(t))
     tt = jnp.full((n,), t)
-    x_t = dj.q_sample(S, x0, tt, jax.random.normal(k1, x0.shape))
+    x_t = dj.q_sample(S, x0, tt, draws.normal(k1, x0.shape))
     mean, var, _ = dj.q_posterior(S, x0, x_t, tt)
-    x_prev = np.asarray(mean + jnp.sqrt(var) * jax.random.normal(k2, x0.shape), np.float64)
+    x_prev = np.asarray(mean + jnp.sqrt(var) * draws.normal(k2, x0.shape), np.float64)
     abar_prev = float(np.asarray(S.alphas_cumprod, np.float64)[t - 1])
     assert abs(x_prev.mean() - np.sqrt(abar_prev) * x0_value) < 5 * np.sqrt((1 - abar_prev) / n)
     assert abs(x_prev.var() - (1 - abar_prev)) < 5 * (1 - abar_prev) * np.sqrt(2 / n) + 1e-6
@@ -57,8 +58,8 @@ def test_predictions_convert_back_to_the_data_and_the_noise(prediction):
     from diffusion_jax.processes.targets import levels, prediction_target
 
     k1, k2 = jax.random.split(jax.random.key(1))
-    x0 = jax.random.uniform(k1, (5, 4, 4, 3), minval=-1, maxval=1)
-    eps = jax.random.normal(k2, x0.shape)
+    x0 = draws.uniform(k1, (5, 4, 4, 3), minval=-1, maxval=1)
+    eps = draws.normal(k2, x0.shape)
     t = jnp.array([0, 3, 100, 700, 999])
     x_t = dj.q_sample(S, x0, t, eps)
     out = prediction_target(prediction, levels(dj.as_process(S), t, x0), x0, eps)
@@ -111,13 +112,13 @@ def _ancestral_chain(s, key, shape, num_steps=None):
     """The DDPM reverse chain written directly with p_sample_step in a scan."""
     denoise = gaussian_optimal_eps(S.alphas_cumprod, MU, SIGMA)
     k0, key = jax.random.split(key)
-    x_T = jax.random.normal(k0, shape)
+    x_T = draws.normal(k0, shape)
 
     def step(x, inputs):
         t, k = inputs
         tt = jnp.full((shape[0],), t)
         out = denoise(x, s.timesteps[tt])
-        return dj.p_sample_step(s, out, x, tt, jax.random.normal(k, shape), clip_x0=False), None
+        return dj.p_sample_step(s, out, x, tt, draws.normal(k, shape), clip_x0=False), None
 
     ts = jnp.arange(s.num_timesteps)[::-1]
     x0, _ = jax.lax.scan(step, x_T, (ts, jax.random.split(key, s.num_timesteps)))
@@ -134,7 +135,7 @@ def test_optimal_gaussian_denoiser_reproduces_data_moments():
 
 def test_training_loss_of_optimal_predictor_equals_analytic_value():
     n = 20_000
-    x0 = MU + SIGMA * jax.random.normal(jax.random.key(3), (n, 2, 2, 1))
+    x0 = MU + SIGMA * draws.normal(jax.random.key(3), (n, 2, 2, 1))
     denoise = gaussian_optimal_eps(S.alphas_cumprod, MU, SIGMA)
     loss, aux = jax.jit(lambda x, k: dj.training_loss(denoise, S, x, k))(x0, jax.random.key(4))
     expected = gaussian_optimal_loss(S.alphas_cumprod, SIGMA)
@@ -152,7 +153,7 @@ def _linear_model(params, x_t, t):
 
 
 def test_training_loss_jit_vmap_grad():
-    x0 = jax.random.uniform(jax.random.key(0), (8, 4, 4, 1), minval=-1, maxval=1)
+    x0 = draws.uniform(jax.random.key(0), (8, 4, 4, 1), minval=-1, maxval=1)
     params = {"w": jnp.array(0.5), "b": jnp.array(0.1)}
 
     def loss_fn(p, key, **kw):
@@ -191,7 +192,7 @@ def test_loss_weights_match_formulas():
 
 
 def test_bf16_inputs_give_finite_float32_loss():
-    x0 = jax.random.uniform(jax.random.key(0), (4, 4, 4, 3), minval=-1, maxval=1).astype(jnp.bfloat16)
+    x0 = draws.uniform(jax.random.key(0), (4, 4, 4, 3), minval=-1, maxval=1).astype(jnp.bfloat16)
     received = []
 
     def denoise(x, t):  # a bfloat16 model: casts its input itself, returns bfloat16
@@ -207,7 +208,7 @@ def test_bf16_inputs_give_finite_float32_loss():
 
 
 def test_hybrid_loss_vlb_trains_only_the_variance():
-    x0 = jax.random.uniform(jax.random.key(0), (4, 4, 4, 1), minval=-1, maxval=1)
+    x0 = draws.uniform(jax.random.key(0), (4, 4, 4, 1), minval=-1, maxval=1)
 
     def model(p, x, t):
         return jnp.concatenate([p["m"] * x, jnp.tanh(p["v"]) * jnp.ones_like(x)], -1)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
 from diffusion_jax.objectives import consistency_loss, meanflow_loss
@@ -39,7 +40,7 @@ def test_the_meanflow_loss_is_stationary_at_the_exact_average_velocity(model_tan
     the loss itself is not 0: the target carries the sample's own velocity), at theta = +-0.05 it
     points back to 0, well outside its noise; along the sample's velocity (MeanFlow's tangent) and
     along the model's own (iMF's)."""
-    x0_of = lambda key: MU + S * jax.random.normal(key, (4096, 1))
+    x0_of = lambda key: MU + S * draws.normal(key, (4096, 1))
 
     def gradient(theta, key):
         key_data, key_loss = jax.random.split(key)
@@ -93,7 +94,7 @@ def test_guidance_folded_into_the_meanflow_target_is_stationary_at_the_guided_ve
     def gradient(theta, key):
         key_data, key_labels, key_drop, key_loss = jax.random.split(key, 4)
         labels = jax.random.bernoulli(key_labels, 0.5, (4096,)).astype(jnp.int32)
-        x0 = means[labels][:, None] + s * jax.random.normal(key_data, (4096, 1))
+        x0 = means[labels][:, None] + s * draws.normal(key_data, (4096, 1))
         dropped = jax.random.bernoulli(key_drop, 0.1, (4096,))
         loss = lambda th: meanflow_loss(model(th, jnp.where(dropped, 2, labels)), FLOW, x0, key_loss, ratio=0.0,
                                         adaptive_p=0.0, guidance=1.5, guidance_mix=0.25,
@@ -113,7 +114,7 @@ def test_the_consistency_loss_is_stationary_at_the_exact_consistency_function():
 
     def gradient(theta, key):
         key_data, key_loss = jax.random.split(key)
-        x0 = MU + S * jax.random.normal(key_data, (4096, 1))
+        x0 = MU + S * draws.normal(key_data, (4096, 1))
         model = lambda th: (lambda x, model_t: exact(x, model_t) + th * (model_t / 1000.0)[:, None] * x)
         loss = lambda th: consistency_loss(model(th), FLOW, x0, key_loss, prediction="x0", tangent_c=0.0)[0]
         return jax.value_and_grad(loss)(theta)
@@ -152,7 +153,7 @@ def test_a_two_time_backbone_computes_the_one_time_models_function_from_its_para
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype),
                                     param_shapes(one, shape))
-    x, t = jax.random.normal(jax.random.key(0), (2, *shape)), jnp.array([10.0, 500.0])
+    x, t = draws.normal(jax.random.key(0), (2, *shape)), jnp.array([10.0, 500.0])
     before = jax.jit(lambda p: one.apply({"params": p}, x, t, labels))(params)
     after = jax.jit(lambda p: two.apply({"params": p}, x, t, labels, r=jnp.array([3.0, 100.0])))(
         with_second_time(params, two, shape))

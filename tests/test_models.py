@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from diffusion_jax.models import (PRESETS, count_params, create_model, init_params, param_shapes,
                                   sincos_pos_embed_2d, timestep_embedding)
@@ -69,7 +70,7 @@ def shifted(params, value):
 @pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
 def test_shapes_zero_init_jit_grad_bf16(name):
     model, params, shape = tiny(name)
-    x = jax.random.normal(jax.random.key(1), (3, *shape))
+    x = draws.normal(jax.random.key(1), (3, *shape))
     t = jnp.array([0.0, 10.0, 999.0])  # float timesteps: the fractional ones below reuse the program
     out = jax.jit(model.apply)({"params": params}, x, t)
     assert out.shape == x.shape and out.dtype == jnp.float32
@@ -104,7 +105,7 @@ def perturbed_gradients(name, remat: bool):
     _, params, shape = tiny(name)
     model = create_model(name, remat=remat)
     params = shifted(params, 0.01)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    x = draws.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 500])
     return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2)))(params)
 
@@ -120,7 +121,7 @@ def test_dropout_needs_and_uses_rng():
     _, params, shape = tiny("unet_tiny")
     model = create_model("unet_tiny", dropout=0.5)
     params = shifted(params, 0.01)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    x = draws.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 4])
     apply = jax.jit(model.apply, static_argnames="train")
     a = apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.key(0)})
@@ -131,7 +132,7 @@ def test_dropout_needs_and_uses_rng():
 
 def test_attention_matches_plain_softmax_reference():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(kk, (2, 10, 3, 8)) for kk in (k1, k2, k3))
+    q, k, v = (draws.normal(kk, (2, 10, 3, 8)) for kk in (k1, k2, k3))
     logits = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(8)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
@@ -255,7 +256,7 @@ def test_dense_gelu_is_a_dense_layer_and_its_gelu():
     """DenseGELU: nn.Dense's parameters (the same initial values), the same output, bitwise,
     and the same gradients as gelu_tanh after nn.Dense, in float32 and bfloat16; its bias
     gradient is the GELU gradient's sum (checked against the float64 formula)."""
-    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    x = draws.normal(jax.random.key(0), (2, 3, 8))
     for dtype in (jnp.float32, jnp.bfloat16):
         ours, dense = DenseGELU(16, dtype=dtype), nn.Dense(16, dtype=dtype)
         params, dense_params = ours.init(jax.random.key(1), x), dense.init(jax.random.key(1), x)
@@ -280,7 +281,7 @@ def test_dense_gelu_is_a_dense_layer_and_its_gelu():
 
 
 def test_resample_and_attention_kernel_choice():
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    x = draws.normal(jax.random.key(0), (2, 3, 4, 5))
     np.testing.assert_array_equal(_resample(x, up=True),
                                   jax.image.resize(x, (2, 6, 8, 5), method="nearest"))
     np.testing.assert_array_equal(_resample(x, up=True)[:, ::2, ::2], x)
@@ -298,7 +299,7 @@ def assert_same_loss_and_gradients(model, reference, params, shape, rtol=1e-6):
     """sum(sin(model(x, t))) and its gradient for every parameter agree with `reference`'s, at
     the parameters perturbed by a cosine (zero-initialised heads would hide differences)."""
     params = jax.tree_util.tree_map(lambda a: a + 0.05 * np.cos(np.arange(a.size).reshape(a.shape)), params)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    x = draws.normal(jax.random.key(1), (2, *shape))
     t = jnp.array([3, 700])
 
     def loss(model, p):
@@ -336,7 +337,7 @@ def test_separate_qkv_projections_compute_the_fused_function():
         split[block] = {**params[block], "attn": attn}
     perturbed = shifted(split, 0.05)  # zero-initialised heads would hide errors
     fused_params = shifted(params, 0.05)
-    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    x = draws.normal(jax.random.key(1), (2, *shape))
     t, y = jnp.array([3, 70]), jnp.array([1, 4])
     np.testing.assert_allclose(jax.jit(separate.apply)({"params": perturbed}, x, t, y),
                                jax.jit(fused.apply)({"params": fused_params}, x, t, y), rtol=1e-5, atol=1e-5)
@@ -406,7 +407,7 @@ def test_adm_options_scale_shift_and_resblock_updown():
     model = create_model("unet_tiny", scale_shift_norm=True, resblock_updown=True, num_heads=2)
     assert count_params(param_shapes(model, (8, 8, 1))) > base
     params = random_params(param_shapes(model, (8, 8, 1)), seed=2)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    x = draws.normal(jax.random.key(1), (2, 8, 8, 1))
     apply = jax.jit(model.apply)
     out_a = apply({"params": params}, x, jnp.array([1, 1]))
     out_b = apply({"params": params}, x, jnp.array([900, 900]))

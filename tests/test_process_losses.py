@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from tests.oracles import gaussian_exact_process_model, process_coefficients64
 from diffusion_jax.errors import UsageError
@@ -66,7 +67,7 @@ CASES = [  # process, prediction, time sampling, weighting (every process x pred
 @pytest.mark.parametrize("name,prediction,time_sampling,weighting", CASES)
 def test_the_loss_of_the_exact_model_is_its_closed_form(name, prediction, time_sampling, weighting):
     process = make_process(name)
-    x0 = MU + S * jax.random.normal(jax.random.key(0), (BATCH, DIM))
+    x0 = MU + S * draws.normal(jax.random.key(0), (BATCH, DIM))
     loss = jax.jit(lambda x0, key: training_loss(gaussian_exact_process_model(process, prediction, MU, S), process, x0, key,
                                                  prediction=prediction, weighting=weighting,
                                                  time_sampling=time_sampling))
@@ -94,7 +95,7 @@ def test_the_ddpm_loss_of_the_exact_model_is_its_closed_form(prediction):
     c2 = {"eps": a ** 2 / s ** 2, "x0": np.ones(1000), "v": 1 / s ** 2}[prediction]
     expected = float(np.mean(c2 * variance))
     model = gaussian_exact_process_model(as_process(schedule), prediction, MU, S)
-    x0 = MU + S * jax.random.normal(jax.random.key(3), (BATCH, DIM))
+    x0 = MU + S * draws.normal(jax.random.key(3), (BATCH, DIM))
     mean, aux = jax.jit(lambda x0, k: training_loss(model, schedule, x0, k, prediction=prediction))(x0, jax.random.key(4))
     assert aux["t"].dtype == jnp.int32  # DDPM's uniform times: its integer steps
     error = np.asarray(aux["loss"], np.float64).std() / np.sqrt(BATCH)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
 from diffusion_jax.processes import PREDICTIONS, as_process, from_prediction, make_process, process_names
@@ -73,7 +74,7 @@ def test_the_ddpm_process_is_the_schedule_bitwise():
     process = as_process(schedule)
     assert make_process("ddpm", schedule="cosine", num_timesteps=200).schedule.betas.tolist() == schedule.betas.tolist()
     key = jax.random.split(jax.random.key(0), 3)
-    x0, eps = jax.random.normal(key[0], (16, 4, 4, 1)), jax.random.normal(key[1], (16, 4, 4, 1))
+    x0, eps = draws.normal(key[0], (16, 4, 4, 1)), draws.normal(key[1], (16, 4, 4, 1))
     t = jax.random.randint(key[2], (16,), 0, 200)
     alpha, sigma = process.marginal(t)
     ours = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
@@ -130,7 +131,7 @@ def test_the_edm_grid_is_nvlabs_edm_samplers():
 def test_every_target_converts_back_to_the_data_and_the_noise(name, prediction):
     process = as_process(dj.make_schedule("linear", 1000)) if name == "ddpm" else CONTINUOUS[name]
     key = jax.random.split(jax.random.key(1), 2)
-    x0, eps = jax.random.normal(key[0], (64, 3, 3, 2)), jax.random.normal(key[1], (64, 3, 3, 2))
+    x0, eps = draws.normal(key[0], (64, 3, 3, 2)), draws.normal(key[1], (64, 3, 3, 2))
     t = jnp.asarray(np.random.default_rng(0).integers(1, 999, 64)) if name == "ddpm" else jnp.asarray(times(name), jnp.float32)
     if name == "ddpm" and prediction == "velocity":
         with pytest.raises(UsageError, match="continuous time"):
@@ -185,7 +186,7 @@ def test_noisy_gaussian_data_has_the_marginal_moments(name):
     t = 2.0 if name == "edm" else 0.6
     alpha, sigma = (float(v) for v in process.marginal(np.float32(t)))
     key = jax.random.split(jax.random.key(4), 2)
-    x = alpha * (mu + s * jax.random.normal(key[0], (n,))) + sigma * jax.random.normal(key[1], (n,))
+    x = alpha * (mu + s * draws.normal(key[0], (n,))) + sigma * draws.normal(key[1], (n,))
     std = np.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
     assert abs(float(x.mean()) - alpha * mu) < 5 * std / np.sqrt(n)
     assert abs(float(x.std()) - std) < 5 * std / np.sqrt(2 * n)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from diffusion_jax.interop.scheduler import pipeline_sampler, process_from_scheduler, settings_from_scheduler
 
@@ -42,7 +43,7 @@ def jax_toy_model(x, t):
 
 def our_noises(key, steps, shape):
     key_steps = jax.random.split(key)[1]
-    return [np.asarray(jax.random.normal(jax.random.split(jax.random.fold_in(key_steps, i))[0], shape))
+    return [np.asarray(draws.normal(jax.random.split(jax.random.fold_in(key_steps, i))[0], shape))
             for i in range(steps)]
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import draws
 import diffusion_jax as dj
 from diffusion_jax.errors import UsageError
 from diffusion_jax.samplers import Edit, sample, sampler_names, sampling_grid
@@ -125,7 +126,7 @@ def chain_moments(method, process, grid):
 def chain_noises(key, num_steps, shape):
     """The noise step i of `sample` draws: split(fold_in(split(key)[1], i))[0]."""
     key_steps = jax.random.split(key)[1]
-    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.split(jax.random.fold_in(key_steps, i))[0],
+    return np.asarray(jax.vmap(lambda i: draws.normal(jax.random.split(jax.random.fold_in(key_steps, i))[0],
                                                            shape))(jnp.arange(num_steps)), np.float64)
 
 
@@ -288,7 +289,7 @@ def test_sharded_sampling_equals_unsharded_with_per_device_noise():
 def test_ddim_inversion_round_trip_improves_with_steps(name):
     process = PROCESSES[name]
     model = gaussian_exact_process_model(process, NATURAL[name], MU, S)
-    x0 = MU + S * jax.random.normal(jax.random.key(7), (256, 2, 2, 1))
+    x0 = MU + S * draws.normal(jax.random.key(7), (256, 2, 2, 1))
     errors = []
     for n in (10, 40, 160):
         latent = jax.jit(functools.partial(dj.encode, model, process, num_steps=n, prediction=NATURAL[name]))(x0)
