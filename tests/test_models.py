@@ -31,6 +31,19 @@ def test_parameter_counts_match_the_papers(name):
     assert abs(n - expected) / expected <= tolerance, (name, n)
 
 
+def test_a_model_of_a_runs_config_json_is_hashable_and_its_shapes_traced_once():
+    """A run's config.json gives sequences as lists; the module gets them as tuples, so it is the
+    preset's module and `param_shapes` traces it once."""
+    from diffusion_jax.models import _param_shapes
+
+    listed = create_model("unet_tiny", ch_mult=[1, 2], attn_resolutions=[4])
+    assert listed == create_model("unet_tiny") and hash(listed) == hash(create_model("unet_tiny"))
+    param_shapes(listed, (8, 8, 1))
+    misses = _param_shapes.cache_info().misses
+    param_shapes(create_model("unet_tiny", ch_mult=[1, 2]), (8, 8, 1))
+    assert _param_shapes.cache_info().misses == misses
+
+
 def test_patch_variants_and_exact_ddpm_count():
     # The DDPM CIFAR-10 U-Net of the original TF code has exactly 35,746,307 parameters.
     assert count_params(param_shapes(create_model("ddpm_cifar10"), (32, 32, 3))) == 35_746_307

@@ -95,7 +95,13 @@ def create_model(name: str, **overrides) -> nn.Module:
     if unknown:
         raise UsageError(f"unknown option(s) {sorted(unknown)} for {preset.cls.__name__} preset "
                          f"{name!r}; options: {sorted(fields)}")
-    return preset.cls(**{**preset.kwargs, **overrides})
+    return preset.cls(**{**preset.kwargs, **{k: _frozen(v) for k, v in overrides.items()}})
+
+
+def _frozen(value):
+    """A list (as a run's config.json gives a sequence) as a tuple, nested ones too: a module of
+    hashable fields has its parameter shapes traced once (`param_shapes`)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def example_condition(model: nn.Module, batch: int = 1):
