@@ -2,15 +2,18 @@
 lowering its largest programs, which JAX's persistent cache (keyed by the lowered program) cannot.
 For the digits U-Net's train step on a CPU that is about 1 s of a 5 s command.
 
-`cached(name, jitted, description)` wraps a jitted function. At its first call the key is made of
+`cached(name, jitted, description)` wraps a jitted function. Its file's key is made of
   - the name and the caller's `description` (a run's whole config);
-  - the arguments, abstractly: tree structure, shapes, dtypes, weak types and shardings;
   - the environment: the source of this package and of every other module loaded from outside
     the Python installation (experiment files, a condition kind of the user's), the versions of
     jax, jaxlib, flax, optax, numpy and ml_dtypes, jax's config, the XLA_ / JAX_ / LIBTPU_ /
     DIFFUSION_JAX_ environment variables, the devices and the backend's version.
-The executable stored under that key is loaded; when there is none, the function is compiled and
-stored. Later calls with other abstract arguments fall back to the jitted function.
+The file also holds the arguments' abstract signature (tree structure, shapes, dtypes, weak types
+and shardings). Since the key needs no arguments, the executable is read and loaded on a thread
+from the moment the function is wrapped, beside whatever the command does before its first call
+(a training command: its initialiser, checkpoints, first batch). At the first call it is used if
+its signature is the arguments'; otherwise (or with no file) the function is compiled and stored.
+Later calls with other abstract arguments fall back to the jitted function.
 `shapes(name, fn, description, *args)` keeps `jax.eval_shape(fn, *args)` under the same kind of key
 (a run's state shapes, so its initialiser is not traced either).
 
@@ -35,6 +38,7 @@ import pathlib
 import pickle
 import sys
 import sysconfig
+import threading
 import zlib
 from typing import Callable
 
@@ -121,10 +125,14 @@ def abstract_signature(args) -> str:
 
 def cached(name: str, jitted: Callable, description: str) -> Callable:
     """`jitted` (a `jax.jit` function), its executable for the first call's abstract arguments
-    read from the cache or compiled and written there; `jitted` itself when the cache is off or
-    several processes run."""
-    if _directory is None:
+    read from the cache (loading from now on, on a thread) or compiled and written there; `jitted`
+    itself when the cache is off or several processes run."""
+    import jax
+
+    if _directory is None or jax.process_count() > 1:
         return jitted
+    path = _path(name, description, ".bin")
+    loading = _Loading(path, name)
     compiled = None
     first = True
 
@@ -132,7 +140,7 @@ def cached(name: str, jitted: Callable, description: str) -> Callable:
         nonlocal compiled, first
         if first:
             first = False
-            compiled = _load_or_compile(name, jitted, description, args)
+            compiled = _loaded_or_compiled(name, jitted, path, loading.result(), args)
         if compiled is not None:
             try:
                 return compiled(*args)
@@ -141,6 +149,35 @@ def cached(name: str, jitted: Callable, description: str) -> Callable:
         return jitted(*args)
 
     return call
+
+
+class _Loading:
+    """The executable stored in `path` (with its arguments' signature) read and loaded on a thread:
+    `result()` waits for (signature, executable), or None (no file; a damaged or foreign one is
+    removed with a warning)."""
+
+    def __init__(self, path: pathlib.Path, name: str):
+        self.path, self.name, self.value = path, name, None
+        self.thread = threading.Thread(target=self._load, name=f"executable_cache:{name}", daemon=True)
+        self.thread.start()
+
+    def _load(self):
+        from jax.experimental import serialize_executable
+
+        stored = _read(self.path, self.name)
+        if stored is None:
+            return
+        try:
+            signature, serialized = stored
+            self.value = signature, serialize_executable.deserialize_and_load(*serialized)
+        except Exception as e:  # noqa: BLE001 -- a foreign executable: removed, compiled again
+            log.warning("executable cache: %s could not be loaded (%s: %s); removed it, compiling %s again",
+                        self.path, type(e).__name__, e, self.name)
+            self.path.unlink(missing_ok=True)
+
+    def result(self):
+        self.thread.join()
+        return self.value
 
 
 _jax_cache_hits = 0
@@ -172,7 +209,7 @@ def shapes(name: str, fn: Callable, description: str, *args):
 
     if _directory is None or jax.process_count() > 1:
         return jax.eval_shape(fn, *args)
-    path = _path(name, description, args, ".shapes")
+    path = _path(name, description, ".shapes", args)
     loaded = _read(path, name)
     if loaded is not None:
         return loaded
@@ -181,7 +218,7 @@ def shapes(name: str, fn: Callable, description: str, *args):
     return result
 
 
-def _path(name: str, description: str, args, suffix: str) -> pathlib.Path:
+def _path(name: str, description: str, suffix: str, args=()) -> pathlib.Path:
     key = hashlib.sha256("\0".join((name, description, abstract_signature(args), environment())).encode())
     return _directory / f"{name}-{key.hexdigest()}{suffix}"
 
@@ -213,21 +250,14 @@ def _write(path: pathlib.Path, value) -> None:
         log.warning("executable cache: %s not written (%s: %s)", path, type(e).__name__, e)
 
 
-def _load_or_compile(name: str, jitted: Callable, description: str, args):
-    import jax
+def _loaded_or_compiled(name: str, jitted: Callable, path: pathlib.Path, loaded, args):
+    """The loaded executable if it was compiled for `args`' abstract signature; else `jitted`
+    compiled for them and written to `path` with that signature."""
     from jax.experimental import serialize_executable
 
-    if jax.process_count() > 1:
-        return None
-    path = _path(name, description, args, ".bin")
-    stored = _read(path, name)
-    if stored is not None:
-        try:
-            return serialize_executable.deserialize_and_load(*stored)
-        except Exception as e:  # noqa: BLE001 -- a foreign executable: removed, compiled again
-            log.warning("executable cache: %s could not be loaded (%s: %s); removed it, compiling %s again",
-                        path, type(e).__name__, e, name)
-            path.unlink(missing_ok=True)
+    signature = abstract_signature(args)
+    if loaded is not None and loaded[0] == signature:
+        return loaded[1]
     hits = jax_cache_hits()
     compiled = jitted.lower(*args).compile()
     if jax_cache_hits() != hits:  # read from JAX's cache: not serialized again (see the module docstring)
@@ -238,5 +268,5 @@ def _load_or_compile(name: str, jitted: Callable, description: str, args):
     except Exception as e:  # noqa: BLE001 -- the cache is an optimisation
         log.warning("executable cache: %s not serialized (%s: %s)", name, type(e).__name__, e)
         return compiled
-    _write(path, serialized)
+    _write(path, (signature, serialized))
     return compiled
