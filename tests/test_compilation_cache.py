@@ -130,9 +130,19 @@ def test_a_train_step_is_read_from_the_executable_cache_without_tracing(tmp_path
         third = train(tiny_config(2), tmp_path / "c")
     assert "could not be read" in caplog.text and not step_file.exists()  # JAX's cache gave it: not kept
     assert all(np.array_equal(a[k], v) for k, v in state_arrays(third).items())
-    train(tiny_config(2, **{"optim.learning_rate": 2e-3}), tmp_path / "d")
+    fourth = train(tiny_config(2, **{"optim.learning_rate": 2e-3}), tmp_path / "d")
     (other,) = [p for p in directory.iterdir() if p.name.startswith("train_step")]
     assert other.name != step_file.name  # its own key
+    # a file holds its arguments' signature: one compiled for other arguments is not used
+    import pickle
+    import zlib
+    signature, serialized = pickle.loads(zlib.decompress(other.read_bytes()))
+    other.write_bytes(zlib.compress(pickle.dumps((signature.replace("float32", "bfloat16"), serialized))))
+    monkeypatch.setattr(step_module, "make_train_step", counted(make_step))
+    fifth = train(tiny_config(2, **{"optim.learning_rate": 2e-3}), tmp_path / "e")
+    assert traced  # traced and compiled, not loaded
+    d = state_arrays(fourth)
+    assert all(np.array_equal(d[k], v) for k, v in state_arrays(fifth).items())
 
     module = tmp_path / "user_module.py"  # a module of the user's, e.g. a condition kind
     module.write_text("X = 1\n")
