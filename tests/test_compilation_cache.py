@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import compilation_cache
+from tests.conftest import xla_flags
 from tests.train_helpers import tiny_config, write_untrained_run
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
@@ -30,7 +31,7 @@ def test_a_second_process_loads_the_sampler_from_the_cache_in_the_users_cache_di
            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                         compilation_cache.CACHE_ENV)}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_DEBUG_LOG_MODULES="jax._src.compiler",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+               XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
 
     def sample(out):
         proc = subprocess.run([sys.executable, "-m", "diffusion_jax", "sample", "--workdir", str(run),

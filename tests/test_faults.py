@@ -16,6 +16,7 @@ from diffusion_jax import cli
 from diffusion_jax.errors import CheckpointMismatch, NoUsableCheckpoint, NonFiniteLoss, WorkdirLocked
 from diffusion_jax.runs import load_run
 from diffusion_jax.training import train
+from tests.conftest import xla_flags
 from tests.train_helpers import corrupt_checkpoint_data, state_arrays, tiny_config
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
@@ -237,7 +238,7 @@ def test_sigint_saves_like_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", TRAINER.format(repo=str(REPO), workdir=str(workdir))
                              .replace('"train.ckpt_every": 1', '"train.ckpt_every": 1000000')],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
+                            env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):

@@ -10,6 +10,7 @@ import pytest
 from diffusion_jax import cli, parallel
 from diffusion_jax.jobs.generate import generate_samples
 from diffusion_jax.shards import ShardDir
+from tests.conftest import xla_flags
 from tests.train_helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
@@ -203,7 +204,7 @@ def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
     port = _free_port()
     launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
     base = {k: v for k, v in os.environ.items() if k not in launch}
-    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    base.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     # Each process runs the job, then the statistics of its shards (pooled across the two).
     script = ("import sys; from diffusion_jax import cli; "
               "cli.main(sys.argv[1:sys.argv.index('--then')]); cli.main(sys.argv[sys.argv.index('--then') + 1:])")
@@ -272,7 +273,7 @@ def test_a_job_killed_during_a_shard_write_completes_on_restart(run, tmp_path, w
     import sys
 
     out = tmp_path / "killed"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", KILLER, str(run), str(out), when], env=env, timeout=600,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
+
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +26,7 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
     launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
     env = {k: v for k, v in os.environ.items() if k not in launch}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="3", **extra)
     return env
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "diffusion_jax"
 
@@ -174,7 +176,7 @@ def test_wheel_installed_outside_the_repository_trains(tmp_path):
     # The dependencies come from this environment's site-packages, but not its editable
     # install of the repository (a .pth file of a directory on PYTHONPATH is not processed).
     deps = [p for p in sys.path if p.endswith("site-packages")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *deps]), "XLA_FLAGS": "",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *deps]), "XLA_FLAGS": xla_flags(1),
            "JAX_PLATFORMS": "cpu"}
     python = [sys.executable, "-S"]  # -S: no site module, so no editable finder either
     where = subprocess.run(python + ["-c", "import diffusion_jax, sys; print(diffusion_jax.__file__)"],

@@ -19,6 +19,7 @@ from diffusion_jax.training import train
 from diffusion_jax.optim import make_optimizer
 from diffusion_jax.training.state import ema_decay
 from diffusion_jax.training.step import build_train_program
+from tests.conftest import xla_flags
 from tests.train_helpers import state_arrays, tiny_config
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
@@ -94,7 +95,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
             "train(tiny_config(100000, **{'train.log_every': 1, 'train.ckpt_every': 1000000}), %r)\n"
             % (str(REPO), str(workdir)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "XLA_FLAGS": ""})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
