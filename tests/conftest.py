@@ -1,7 +1,10 @@
-"""Test set-up, before JAX starts: 8 virtual CPU devices for the sharding tests, and a
-persistent compilation cache shared by the tests and the processes they launch (identical
-programs -- a resumed run, the multi-host workers -- compile once)."""
+"""Test set-up, before JAX starts: one CPU device (eight for the tests marked `devices(8)`, in a
+process of their own), and a persistent compilation cache shared by the tests and the processes
+they launch (identical programs -- a resumed run, the multi-host workers -- compile once)."""
 import os
+import re
+import subprocess
+import sys
 import tempfile
 
 # XLA:CPU's compile time, not the tests' run time, bounds the suite (tiny models, ~2,800 programs):
@@ -11,12 +14,20 @@ import tempfile
 # a model then runs 70x slower. BENCHMARKS.md, ninth session. A flag already in XLA_FLAGS wins; the
 # commands users run keep XLA's defaults.
 FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_cpu_use_fusion_emitters=false")
+# One device unless a test needs more: a program for a mesh of several devices compiles 15-25% slower
+# (SPMD partitioning) and a train step runs 4x slower on 8 virtual devices sharing 2 cores (BENCHMARKS.md,
+# tenth session). The sharding tests say `@pytest.mark.devices(8)`; the multi-process tests start
+# their processes with the devices they need.
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
 
 
-def xla_flags(devices: int = 8, given: str = "") -> str:
-    """XLA_FLAGS for a test process: `devices` virtual CPU devices (unless `given` says), compiled fast."""
-    flags = given or f"--xla_force_host_platform_device_count={devices}"
-    return " ".join([flags, *(f for f in FAST_COMPILE if f.split("=")[0] not in flags)])
+def xla_flags(devices: int = 1, given: str = "") -> str:
+    """XLA_FLAGS for a test process: `given` (a user's flags), `devices` virtual CPU devices unless
+    `given` names a count, and the flags that compile fast unless `given` sets them."""
+    flags = given.split()
+    if not any(flag.startswith(DEVICE_COUNT) for flag in flags):
+        flags.insert(0, f"{DEVICE_COUNT}={devices}")
+    return " ".join(flags + [f for f in FAST_COMPILE if f.split("=")[0] not in given])
 
 
 os.environ["XLA_FLAGS"] = xla_flags(given=os.environ.get("XLA_FLAGS", ""))
@@ -47,13 +58,15 @@ LONGEST_FIRST = ("test_evaluation", "test_multihost", "test_text_runs", "test_in
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Puts LONGEST_FIRST's modules first (each module's own order kept). Under `--dist loadgroup`, every test marked xdist_group
+    """Puts LONGEST_FIRST's modules first (each module's own order kept); the tests that need more
+    devices than this process has go to a process of their own. Under `--dist loadgroup`, every test marked xdist_group
     must carry its group in its node id (xdist adds it), else the groups are silently split
     across workers."""
     module = lambda item: item.module.__name__.rpartition(".")[2]
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module(item), len(rank)))
     result = yield
+    items[:] = _in_processes_with_their_devices(items)  # after the selection (-m, -k) of the tests
     if getattr(config.option, "loadgroup", False):
         ungrouped = [item.nodeid for item in items
                      if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
@@ -62,3 +75,51 @@ def pytest_collection_modifyitems(config, items):
                                     f"(e.g. {ungrouped[0]}): this pytest and pytest-xdist do not work together; "
                                     "install the versions pyproject.toml's dev extra names")
     return result
+
+
+def _devices_here() -> int:
+    match = re.search(rf"{DEVICE_COUNT}=(\d+)", os.environ["XLA_FLAGS"])
+    return int(match.group(1)) if match else 1
+
+
+def _in_processes_with_their_devices(items: list) -> list:
+    """The tests marked `devices(n)` that need more devices than this process has become one test
+    that runs them in a new process with n devices (one per n, first: it is long)."""
+    needing = {}
+    for item in items:
+        marker = item.get_closest_marker("devices")
+        if marker and marker.args[0] > _devices_here():
+            needing.setdefault(marker.args[0], []).append(item)
+    moved = {id(item) for tests in needing.values() for item in tests}
+    sessions = [DevicesProcess.from_parent(tests[0].session, name=f"the {len(tests)} tests marked devices({n})",
+                                           devices=n, tests=tests) for n, tests in sorted(needing.items())]
+    return sessions + [item for item in items if id(item) not in moved]
+
+
+class DevicesProcess(pytest.Item):
+    """Runs `tests` in `python -m pytest` with `devices` virtual CPU devices; fails with its output."""
+
+    def __init__(self, *, devices: int, tests: list, **kwargs):
+        super().__init__(**kwargs)
+        self.devices, self.node_ids = devices, [item.nodeid.partition("@")[0] for item in tests]
+
+    def runtest(self):
+        given = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT))
+        env = {**os.environ, "XLA_FLAGS": xla_flags(self.devices, given)}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                               "-rfEs", *self.node_ids], env=env, cwd=self.config.rootpath,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise DevicesProcessFailed(done.stdout[-20000:] + done.stderr[-5000:])
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, DevicesProcessFailed):
+            return f"{self.name} (in a process with {self.devices} devices) failed:\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.config.rootpath / "tests" / "conftest.py", None, f"{self.name}: {' '.join(self.node_ids)}"
+
+
+class DevicesProcessFailed(Exception):
+    pass

@@ -31,9 +31,16 @@ def test_every_draw_is_jax_randoms_bit_for_bit(partitionable):
             for ours, theirs in jax.jit(_pairs)(key):  # one program: the draws compile together
                 assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
                 np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
-        if jax.device_count() >= 8:  # a batch-sharded draw: every device its own rows, the same numbers
-            sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]), ("data",)), P("data"))
-            key = jax.random.key(4)
-            ours = jax.jit(lambda k: draws.normal(k, (16, 4, 4, 1)), out_shardings=sharding)(key)
-            assert len(ours.sharding.device_set) == 8
-            np.testing.assert_array_equal(ours, jax.random.normal(key, (16, 4, 4, 1)))
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_a_batch_sharded_draw_is_the_unsharded_draw(partitionable):
+    """Every device draws its own rows, and they are the numbers of the unsharded draw."""
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]), ("data",)), P("data"))
+    key = jax.random.key(4)
+    with jax.threefry_partitionable(partitionable):
+        ours = jax.jit(lambda k: draws.normal(k, (16, 4, 4, 1)), out_shardings=sharding)(key)
+        theirs = jax.random.normal(key, (16, 4, 4, 1))
+    assert len(ours.sharding.device_set) == 8
+    np.testing.assert_array_equal(ours, theirs)

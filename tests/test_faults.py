@@ -92,6 +92,7 @@ def replace_with_garbage_that_restores(workdir, step: int) -> None:
     ckpt.close()
 
 
+@pytest.mark.devices(8)
 def test_a_states_digest_is_its_formula_for_any_sharding_and_sees_any_changed_bit():
     """The digest of each array is sum_i bits_i (2654435761 i + 1) mod 2^32 over its flat index i
     (Python integers here), the same whether the array is on one device, split over 8 or split on

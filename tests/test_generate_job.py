@@ -44,6 +44,7 @@ def images_of(directory):
     return np.concatenate([s["images"] for s in shards]), np.concatenate([s["labels"] for s in shards])
 
 
+@pytest.mark.devices(8)
 def test_images_do_not_depend_on_batch_size_or_devices(run, tmp_path):
     first = generate_samples(run, tmp_path / "b16", 50, seed=3, batch_size=16, shard_size=20, progress=False)
     generate_samples(run, tmp_path / "b40", 50, seed=3, batch_size=40, shard_size=20, progress=False)

@@ -269,10 +269,9 @@ def test_one_key_per_sample_makes_each_image_independent_of_its_batch():
         np.testing.assert_array_equal(whole, parts)
 
 
+@pytest.mark.devices(8)
 def test_sharded_sampling_equals_unsharded_with_per_device_noise():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     process = PROCESSES["ddpm"]
     model = gaussian_exact_process_model(process, "eps", MU, S)
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]), ("data",)), P("data"))

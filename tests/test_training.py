@@ -72,14 +72,15 @@ def _one_step(mesh, k=1):
     return state, metrics
 
 
-def test_sharded_step_equals_single_device():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.devices(8)
+def test_sharded_step_equals_single_device(tmp_path):
     one, m1 = _one_step(parallel.make_mesh(devices=jax.devices()[:1]))
     eight, m8 = _one_step(parallel.make_mesh())
     fsdp, m_fsdp = _one_step(parallel.make_mesh(fsdp=2))
     scanned, m_scan = _one_step(parallel.make_mesh(), k=2)  # two steps in one lax.scan dispatch
     assert len(eight.params["x_embedder"]["kernel"].sharding.device_set) == 8
+    with pytest.raises(ValueError, match="not divisible by the device count 8"):  # before anything is made
+        train(tiny_config(2, **{"data.batch_size": 12}), tmp_path / "c")
     for other, m in ((eight, m8), (fsdp, m_fsdp), (scanned, m_scan)):
         np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
         a, b = state_arrays(one), state_arrays(other)
@@ -118,9 +119,6 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         train(tiny_config(2, **{"data.name": "not_a_dataset"}), tmp_path / "a")
     with pytest.raises(ValueError, match="has 1 channels but the config asks for 3"):
         train(tiny_config(2, **{"data.channels": 3}), tmp_path / "b")
-    if jax.device_count() == 8:
-        with pytest.raises(ValueError, match="not divisible by the device count 8"):
-            train(tiny_config(2, **{"data.batch_size": 12}), tmp_path / "c")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="--workdir: cannot write to"):
