@@ -35,7 +35,9 @@ SDXL_FORM = dict(SD1_FORM, block_out_channels=(32, 64, 64), down_block_types=("D
                  projection_class_embeddings_input_dim=16 + 6 * 8)
 
 
-def run_both(unet, imported, batch=2, tokens=7, mask=None):
+def run_both(unet, imported, apply, batch=2, tokens=7, mask=None):
+    """diffusers' `unet` and our `imported` model (through `apply`, its jitted apply: one per model
+    keeps its programs) on the same random inputs: (ours, theirs) in NCHW."""
     rng = np.random.default_rng(0)
     cfg = unet.config
     x = rng.standard_normal((batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)).astype(np.float32)
@@ -51,8 +53,7 @@ def run_both(unet, imported, batch=2, tokens=7, mask=None):
              **({} if mask is None else {"mask": jnp.asarray(mask)})}
     with torch.no_grad():
         theirs = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **kwargs).sample.numpy()
-    ours = jax.jit(imported.model.apply)({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                                         jnp.asarray(t, jnp.float32), y)
+    ours = apply({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.float32), y)
     return np.asarray(ours).transpose(0, 3, 1, 2), theirs
 
 
@@ -67,19 +68,20 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
     imported = load_diffusers(str(tmp_path / "unet"))
     assert imported.model.context_dim == form["cross_attention_dim"]
     assert imported.model.linear_projection == form.get("use_linear_projection", False)
-    ours, theirs = run_both(unet, imported)
+    apply = jax.jit(imported.model.apply)
+    ours, theirs = run_both(unet, imported, apply)
     assert relative_error(ours, theirs) <= 1e-4
     # a padding mask on the text tokens is honoured as diffusers honours it
     mask = np.ones((2, 7), np.float32)
     mask[0, 4:] = 0
-    ours, theirs = run_both(unet, imported, mask=mask)
+    ours, theirs = run_both(unet, imported, apply, mask=mask)
     assert relative_error(ours, theirs) <= 1e-4
     n_ours = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(imported.params))
     assert n_ours == sum(p.numel() for p in unet.parameters())
     # export, read back by diffusers
     save_diffusers(tmp_path / "exported", imported.model, imported.params, input_shape=imported.input_shape)
     again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "exported")).eval()
-    ours, theirs = run_both(again, imported)
+    ours, theirs = run_both(again, imported, apply)
     assert relative_error(ours, theirs) <= 1e-4
 
 
