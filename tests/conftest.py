@@ -105,10 +105,15 @@ class DevicesProcess(pytest.Item):
 
     def runtest(self):
         given = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT))
-        env = {**os.environ, "XLA_FLAGS": xla_flags(self.devices, given)}
-        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-                               "-rfEs", *self.node_ids], env=env, cwd=self.config.rootpath,
-                              capture_output=True, text=True)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}  # not a worker's
+        env["XLA_FLAGS"] = xla_flags(self.devices, given)
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                                   "-rfEs", *self.node_ids], env=env, cwd=self.config.rootpath,
+                                  capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired as timeout:  # (its output is bytes, whatever `text` says)
+            output = (timeout.stdout or b"").decode(errors="replace")[-20000:]
+            raise DevicesProcessFailed(f"still running after {timeout.timeout} s:\n{output}") from None
         if done.returncode:
             raise DevicesProcessFailed(done.stdout[-20000:] + done.stderr[-5000:])
 
