@@ -24,14 +24,15 @@ def test_a_second_process_loads_the_sampler_from_the_cache_in_the_users_cache_di
     """`sample` run twice in fresh processes, nothing configured but $XDG_CACHE_HOME: the first
     writes compiled programs under XDG_CACHE_HOME/diffusion_jax/xla, the second reads them back
     (JAX logs a cache hit for the sampling program and writes nothing new) and draws the same
-    samples."""
+    samples. JAX's threshold is 0 here: the sampler compiles in 0.45-0.6 s with the tests' flags, so
+    the library's 0.5 s would keep it on one machine and not on another."""
     run = write_untrained_run(tmp_path / "run", tiny_config())
     cache = tmp_path / "xdg" / "diffusion_jax" / "xla"
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                         compilation_cache.CACHE_ENV)}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_DEBUG_LOG_MODULES="jax._src.compiler",
-               XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+               XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
     def sample(out):
         proc = subprocess.run([sys.executable, "-m", "diffusion_jax", "sample", "--workdir", str(run),
