@@ -12,8 +12,8 @@ import tempfile
 # Small programs compile 1.05-1.8x faster for the same run time; large attention programs 2x slower
 # (the SDXL LoRA train step); the suite 14% faster in all. -O0 compiles faster still, but a scan over
 # a model then runs 70x slower. BENCHMARKS.md, ninth session. Without XLA:CPU's loop unrolling, train
-# steps compile 10-20% faster again (the suite 4%; tenth session). A flag already in XLA_FLAGS wins; the
-# commands users run keep XLA's defaults.
+# steps compile 8-21% faster again (the suite's gain is within its run-to-run spread; tenth session). A
+# flag already in XLA_FLAGS wins; the commands users run keep XLA's defaults.
 FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_cpu_use_fusion_emitters=false",
                 "--xla_backend_extra_options=xla_cpu_disable_loop_unrolling")
 # One device unless a test needs more: a program for a mesh of several devices compiles 15-25% slower
