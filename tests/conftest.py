@@ -32,6 +32,24 @@ def xla_flags(devices: int = 1, given: str = "") -> str:
     return " ".join(flags + [f for f in FAST_COMPILE if f.split("=")[0] not in given])
 
 
+def process_env(devices: int, **extra) -> dict:
+    """The environment of a JAX process a test starts: this one's, without the multi-process launch
+    variables, on the CPU with `devices` devices (the tests' XLA flags), and `extra`."""
+    launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (a coordinator's)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 os.environ["XLA_FLAGS"] = xla_flags(given=os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache"))
@@ -87,10 +105,10 @@ def _devices_here() -> int:
 def _in_processes_with_their_devices(items: list) -> list:
     """The tests marked `devices(n)` that need more devices than this process has become one test
     that runs them in a new process with n devices (one per n, first: it is long)."""
-    needing = {}
+    needing, here = {}, _devices_here()
     for item in items:
         marker = item.get_closest_marker("devices")
-        if marker and marker.args[0] > _devices_here():
+        if marker and marker.args[0] > here:
             needing.setdefault(marker.args[0], []).append(item)
     moved = {id(item) for tests in needing.values() for item in tests}
     sessions = [DevicesProcess.from_parent(tests[0].session, name=f"the {len(tests)} tests marked devices({n})",

@@ -29,8 +29,7 @@ def test_a_second_process_loads_the_sampler_from_the_cache_in_the_users_cache_di
     run = write_untrained_run(tmp_path / "run", tiny_config())
     cache = tmp_path / "xdg" / "diffusion_jax" / "xla"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                        compilation_cache.CACHE_ENV)}
+           if k not in ("JAX_COMPILATION_CACHE_DIR", compilation_cache.CACHE_ENV)}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_DEBUG_LOG_MODULES="jax._src.compiler",
                XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 

@@ -10,7 +10,7 @@ import pytest
 from diffusion_jax import cli, parallel
 from diffusion_jax.jobs.generate import generate_samples
 from diffusion_jax.shards import ShardDir
-from tests.conftest import xla_flags
+from tests.conftest import free_port, process_env
 from tests.train_helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
@@ -198,14 +198,11 @@ def test_fid_pools_shards_exactly_and_real_digits_score_zero(tmp_path, capsys):
 def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
     """Two processes on localhost (2 CPU devices each) split the shards between them; the
     directory equals one process's, shard for shard."""
-    import os
     import subprocess
     import sys
 
-    port = _free_port()
-    launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
-    base = {k: v for k, v in os.environ.items() if k not in launch}
-    base.update(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
+    port = free_port()
+    base = process_env(2)
     # Each process runs the job, then the statistics of its shards (pooled across the two).
     script = ("import sys; from diffusion_jax import cli; "
               "cli.main(sys.argv[1:sys.argv.index('--then')]); cli.main(sys.argv[sys.argv.index('--then') + 1:])")
@@ -237,14 +234,6 @@ def test_two_processes_write_the_shards_one_process_writes(run, tmp_path):
     np.testing.assert_allclose(sigma, expected[1], rtol=1e-10, atol=1e-12)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 KILLER = """
 import os, signal, sys
 from diffusion_jax import shards
@@ -269,12 +258,11 @@ generate_job.generate_samples(sys.argv[1], sys.argv[2], 30, seed=5, batch_size=1
 
 @pytest.mark.parametrize("when", ["mid_write", "before_record"])
 def test_a_job_killed_during_a_shard_write_completes_on_restart(run, tmp_path, when):
-    import os
     import subprocess
     import sys
 
     out = tmp_path / "killed"
-    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
+    env = process_env(8)
     proc = subprocess.run([sys.executable, "-c", KILLER, str(run), str(out), when], env=env, timeout=600,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -1,15 +1,13 @@
 """Two processes on localhost (CPU collectives over gloo), each with 2 CPU devices, train,
 checkpoint and resume; the result matches one process with 4 devices."""
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import xla_flags
+from tests.conftest import free_port, process_env
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -17,30 +15,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, **extra) -> dict:
-    launch = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
-    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3", **extra)
-    return env
-
-
 def test_two_processes_match_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), str(tmp_path / "multi"), str(tmp_path / "multi.npz"), str(REPO)],
-        env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(i)),
+        env=process_env(2, TF_CPP_MIN_LOG_LEVEL="3", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     single = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path / "single"), str(tmp_path / "single.npz"), str(REPO)],
-        env=_env(4), capture_output=True, text=True, timeout=600)
+        env=process_env(4, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=600)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     report = "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-2500:]}"
                        for i, (p, out) in enumerate(zip(procs, outputs)))
