@@ -407,15 +407,18 @@ def init_adapters(key, spec, param_shapes, rank: int) -> dict:
     """{module name: {"down": [..., in, r], "up": [r, out]}} as PEFT initialises them: down uniform in
     +-1 / sqrt(fan_in) (kaiming-uniform with a = sqrt(5)), up zero, so the adapted model starts as
     the base model."""
-    adapters = {}
-    for i, (name, path, part) in enumerate(spec):
-        shape = _kernel_shape(param_shapes, path, part)
-        fan_in = int(np.prod(shape[:-1]))
-        bound = 1.0 / math.sqrt(fan_in)
-        adapters[name] = {"down": draws.uniform(jax.random.fold_in(key, i), shape[:-1] + (rank,), jnp.float32,
-                                                 -bound, bound),
-                          "up": jnp.zeros((rank, shape[-1]), jnp.float32)}
-    return adapters
+    shapes = [_kernel_shape(param_shapes, path, part) for _, path, part in spec]
+    by_shape = {}  # the adapters of one kernel shape are drawn in one vmapped draw (bitwise each one's own)
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape[:-1], []).append(i)
+    downs = {}
+    for down_shape, indices in by_shape.items():
+        bound = 1.0 / math.sqrt(int(np.prod(down_shape)))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+        drawn = jax.vmap(lambda k: draws.uniform(k, down_shape + (rank,), jnp.float32, -bound, bound))(keys)
+        downs.update({i: drawn[j] for j, i in enumerate(indices)})
+    return {name: {"down": downs[i], "up": jnp.zeros((rank, shape[-1]), jnp.float32)}
+            for i, ((name, _, _), shape) in enumerate(zip(spec, shapes))}
 
 
 def adapter_layers(adapters: dict, spec, scale: float) -> tuple:

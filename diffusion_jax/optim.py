@@ -2,6 +2,8 @@
 clipping, gradient accumulation, and skipping non-finite updates."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from diffusion_jax.errors import UsageError
@@ -38,13 +40,61 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), after], [warmup])
 
 
+def _increment(count):
+    """count + 1, staying at int32's largest (optax's safe increment)."""
+    return jnp.minimum(count, jnp.iinfo(jnp.int32).max - 1) + 1
+
+
+def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, skip_nonfinite: bool,
+                       max_consecutive_errors: int = 1_000_000) -> optax.GradientTransformation:
+    """`optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(max_norm), inner))` (either part
+    left out by max_norm <= 0 or skip_nonfinite=False), with the same state tree, from one global
+    norm of the updates: it clips them, and an update whose norm is not finite (a NaN or an infinity
+    in any leaf, or a sum of squares past float32's range) is skipped. Optax computes a norm and a
+    finiteness test for every leaf, and the norm again inside the skip's `lax.cond`: thousands of
+    small kernels for a model of many leaves (a LoRA's 400 adapters: a 26 s compile on XLA:CPU's
+    classic emitters, 11 s this way; BENCHMARKS.md). XLA merges this norm with an identical one the
+    train step takes of the same gradients (its grad_norm metric)."""
+    clips = max_norm > 0
+
+    def init(params):
+        state = inner.init(params)
+        state = (optax.EmptyState(), state) if clips else state
+        if not skip_nonfinite:
+            return state
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=state)
+
+    def apply(updates, state, params):
+        if not clips:
+            return inner.update(updates, state, params)
+        updates, inner_state = inner.update(updates, state[1], params)
+        return updates, (state[0], inner_state)
+
+    def update(updates, state, params=None):
+        norm = tree_norm(updates)
+        if clips:  # optax.clip_by_global_norm's arithmetic
+            below = norm < max_norm
+            updates = jax.tree.map(lambda u: jax.lax.select(below, u, (u / norm.astype(u.dtype)) * max_norm), updates)
+        if not skip_nonfinite:
+            return apply(updates, state, params)
+        finite = jnp.isfinite(norm)
+        count = jnp.where(finite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
+        updates, inner_state = jax.lax.cond(
+            finite | (count > max_consecutive_errors), lambda: apply(updates, state.inner_state, params),
+            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
+        total = jnp.where(finite, state.total_notfinite, _increment(state.total_notfinite))
+        return updates, optax.ApplyIfFiniteState(notfinite_count=count, last_finite=finite, total_notfinite=total,
+                                                 inner_state=inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
     c = optim_config
     opt = _chosen(OPTIMIZERS, "optim.optimizer", c.optimizer)(c, learning_rate_schedule(c, total_steps))
-    if c.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
-    if c.skip_nonfinite:
-        opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
+    if c.grad_clip > 0 or c.skip_nonfinite:
+        opt = clipped_and_finite(opt, float(c.grad_clip), bool(c.skip_nonfinite))
     if c.accumulate_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=c.accumulate_steps)
     return opt
