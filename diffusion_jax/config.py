@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay = "constant"      # constant | cosine (to 0 at train.steps)
     c.optim.grad_clip = 1.0         # global-norm clip; 0 disables
     c.optim.accumulate_steps = 1    # optax.MultiSteps gradient accumulation
-    c.optim.skip_nonfinite = True   # drop updates whose gradients are not finite
+    c.optim.skip_nonfinite = True   # drop updates whose gradients' global norm is not finite
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 800_000
