@@ -65,23 +65,22 @@ def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, ski
         return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
                                         total_notfinite=jnp.zeros([], jnp.int32), inner_state=state)
 
-    def apply(updates, state, params):
+    def apply(updates, norm, state, params):
         if not clips:
             return inner.update(updates, state, params)
+        below = norm < max_norm  # optax.clip_by_global_norm's arithmetic, fused with the inner update's
+        updates = jax.tree.map(lambda u: jax.lax.select(below, u, (u / norm.astype(u.dtype)) * max_norm), updates)
         updates, inner_state = inner.update(updates, state[1], params)
         return updates, (state[0], inner_state)
 
     def update(updates, state, params=None):
         norm = tree_norm(updates)
-        if clips:  # optax.clip_by_global_norm's arithmetic
-            below = norm < max_norm
-            updates = jax.tree.map(lambda u: jax.lax.select(below, u, (u / norm.astype(u.dtype)) * max_norm), updates)
         if not skip_nonfinite:
-            return apply(updates, state, params)
+            return apply(updates, norm, state, params)
         finite = jnp.isfinite(norm)
         count = jnp.where(finite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
         updates, inner_state = jax.lax.cond(
-            finite | (count > max_consecutive_errors), lambda: apply(updates, state.inner_state, params),
+            finite | (count > max_consecutive_errors), lambda: apply(updates, norm, state.inner_state, params),
             lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
         total = jnp.where(finite, state.total_notfinite, _increment(state.total_notfinite))
         return updates, optax.ApplyIfFiniteState(notfinite_count=count, last_finite=finite, total_notfinite=total,
