@@ -14,8 +14,8 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3
 # no torch) and with its dev extra (STAMP, for the tests). Neither byte-compiles the dependencies:
 # Python caches the bytecode of each module the first time a process imports it, as it does by
 # default (PYTHONDONTWRITEBYTECODE, set on some machines, is cleared for make's commands). The tests
-# import ~6,400 of the dev extra's modules: compiling them as they are imported costs the two test
-# workers ~12 s at their start, where compiling every module ahead (compileall on both cores) took
+# import ~6,400 of the dev extra's modules: compiling them as they are imported costs each of the two
+# test workers ~10 s at its start, where compiling every module ahead (compileall on both cores) took
 # 22 s of the install and pip's own pass ~105 s on one core.
 export PYTHONDONTWRITEBYTECODE :=
 CORE     := $(VENV)/.installed-core

@@ -52,8 +52,8 @@ def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, ski
     norm of the updates: it clips them, and an update whose norm is not finite (a NaN or an infinity
     in any leaf, or a sum of squares past float32's range) is skipped. Optax computes a norm and a
     finiteness test for every leaf, and the norm again inside the skip's `lax.cond`: thousands of
-    small kernels for a model of many leaves (a LoRA's 400 adapters: a 26 s compile on XLA:CPU's
-    classic emitters, 11 s this way; BENCHMARKS.md). XLA merges this norm with an identical one the
+    small kernels for a model of many leaves (a LoRA's 400 adapters: a 27 s compile on XLA:CPU's
+    classic emitters, 13 s this way; BENCHMARKS.md). XLA merges this norm with an identical one the
     train step takes of the same gradients (its grad_norm metric)."""
     clips = max_norm > 0
 
