@@ -61,6 +61,8 @@ os.environ.setdefault("DIFFUSION_JAX_EXECUTABLE_CACHE", "off")
 
 import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 
+from tests.diffusers_models import small_pipeline, small_sdxl  # noqa: E402,F401  (every module's fixtures)
+
 
 # The two tiers: `make test-fast` (-m "not slow") runs the pure-function and oracle tests (float64
 # formulas, Monte Carlo moments, the Gaussian data set, diffusers' own schedulers and models);

@@ -14,20 +14,9 @@ from diffusion_jax.interop import from_state_dict, load_diffusers, save_diffuser
 from diffusion_jax.interop import files, scheduler  # noqa: E402
 from diffusion_jax.interop.tensors import params_from_tensors  # noqa: E402
 from diffusion_jax.models import count_params  # noqa: E402
+from tests.diffusers_models import perturbed  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs error / RMS of the reference output
-
-
-def _perturbed(model):
-    """Random weights everywhere (diffusers zero-initialises some layers), copies kept equal."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        if hasattr(model, "transformer_blocks"):  # DiT: every block's embedder equals block 0's
-            for block in model.transformer_blocks[1:]:
-                block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-    return model.eval()
 
 
 SMALL = {
@@ -75,7 +64,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusers")
     out = {}
     for name, (cls, kwargs) in SMALL.items():
-        model = _perturbed(getattr(diffusers, cls)(**kwargs))
+        model = perturbed(getattr(diffusers, cls)(**kwargs))
         model.save_pretrained(root / name)
         if name == "unet_ddpm":
             _use_old_attention_names(root / name)

@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusion_jax import cli, latents  # noqa: E402
 from diffusion_jax.interop import load_diffusers  # noqa: E402
 from diffusion_jax.runs import load_config, load_run  # noqa: E402
-from tests.test_interop import _perturbed  # noqa: E402
+from tests.diffusers_models import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -34,7 +34,7 @@ def _leaves_equal(a, b):
 def test_an_imported_unet_samples_evaluates_fine_tunes_and_exports(tmp_path, capsys):
     source = tmp_path / "ddpm"
     # google/ddpm-*'s options, small (attention is checked in test_interop; compiling it here costs time)
-    unet = _perturbed(diffusers.UNet2DModel(
+    unet = perturbed(diffusers.UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         layers_per_block=1, norm_num_groups=4, add_attention=False, freq_shift=1, flip_sin_to_cos=False,
@@ -83,12 +83,12 @@ def test_an_imported_unet_samples_evaluates_fine_tunes_and_exports(tmp_path, cap
 def test_a_latent_dit_imported_with_its_vae_trains_samples_with_guidance_and_decodes(tmp_path):
     """DiT-XL/2-256's pipeline in miniature: a class-conditional, learned-sigma DiT on the 4x4x4
     latents of a VAE for the 8x8 digits."""
-    vae = _perturbed(diffusers.AutoencoderKL(
+    vae = perturbed(diffusers.AutoencoderKL(
         in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
         latent_channels=4, norm_num_groups=4, sample_size=8))
     vae.save_pretrained(tmp_path / "pipeline" / "vae")
-    dit = _perturbed(diffusers.DiTTransformer2DModel(
+    dit = perturbed(diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=4,
         patch_size=2, num_embeds_ada_norm=10))
     dit.save_pretrained(tmp_path / "pipeline" / "transformer")
@@ -133,7 +133,7 @@ def test_a_flow_matching_dit_with_its_scheduler_imports_as_a_flow_run_sampled_as
     FlowMatchEulerDiscreteScheduler (shift 3) imports as a "flow" run that predicts the velocity; its
     Euler chain equals diffusers' loop with the torch model from the same x_T, and the CLI samples it."""
     source = tmp_path / "sit"
-    dit = _perturbed(diffusers.DiTTransformer2DModel(
+    dit = perturbed(diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=2, sample_size=8,
         patch_size=2, num_embeds_ada_norm=10)).eval()
     dit.save_pretrained(source / "transformer")
@@ -176,7 +176,7 @@ def test_a_dit_pipeline_imports_whole_with_its_vae(tmp_path):
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8)
-    dit = _perturbed(diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+    dit = perturbed(diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                                      out_channels=8, num_layers=2, sample_size=4, patch_size=2,
                                                      num_embeds_ada_norm=10))  # its embedder copies made equal
     diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(

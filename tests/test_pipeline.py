@@ -16,41 +16,9 @@ from diffusion_jax.interop.pipeline import load_pipeline
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from tests.test_interop import _perturbed  # noqa: E402
-from tests.test_text_encoder import write_tokenizer  # noqa: E402
+from tests.diffusers_models import NEGATIVE, PROMPTS, diffusers_lora_images, peft_lora, peft_state  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
-
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
-PROMPTS = ["a photo of a cat", "a painting of a horse in the style of van gogh"]
-NEGATIVE = ["high quality", ""]
-
-
-@pytest.fixture(scope="module")
-def small_pipeline(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sd")
-    write_tokenizer(directory / "tokenizer_files")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer_files"))
-    torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, eos_token_id=595)).eval()
-    unet = _perturbed(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
-    vae = _perturbed(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=16))
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(directory / "pipeline")
-    return pipe, directory / "pipeline"
-
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                        "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
@@ -220,44 +188,6 @@ def test_a_pipeline_without_its_model_index_says_so_instead_of_a_subfolder_circl
         load_diffusers(str(copy))
 
 
-def _peft_state(module, **lora_config):
-    """(state dict, metadata) of a LoRA that PEFT injects into a copy of `module` (random, non-zero
-    up weights, halved)."""
-    peft = pytest.importorskip("peft")
-    model, config = copy.deepcopy(module), peft.LoraConfig(init_lora_weights=False, **lora_config)
-    peft.inject_adapter_in_model(config, model)
-    return {k: 0.5 * v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}, config.to_dict()
-
-
-def _peft_lora(pipe, seed: int, rank: int, alpha: float, patterns: bool):
-    """A LoRA made by PEFT on copies of the pipeline's U-Net and text encoder (with `patterns`, a rank
-    and an alpha pattern), as (U-Net state dict, text encoder state dict, their metadata)."""
-    torch.manual_seed(seed)
-    unet_state, unet_meta = _peft_state(
-        pipe.unet, r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                             "conv1", "ff.net.2", "time_emb_proj"],
-        rank_pattern={"conv1": 2} if patterns else {}, alpha_pattern={"to_k": 2 * alpha} if patterns else {})
-    text_state, text_meta = _peft_state(pipe.text_encoder, r=rank, lora_alpha=alpha,
-                                        target_modules=["q_proj", "v_proj", "out_proj", "fc1"])
-    return unet_state, text_state, unet_meta, text_meta
-
-
-def diffusers_lora_images(pipe, files, weights, latents, steps: int, guidance_scale: float, negative=NEGATIVE,
-                          prompts=PROMPTS):
-    """diffusers' images with the LoRA files `files` loaded (`load_lora_weights`) at `weights`
-    (`set_adapters`), from the latents [B, C, h, w]; the pipeline is left without them."""
-    names = [f"lora{i}" for i in range(len(files))]
-    for name, path in zip(names, files):
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-    try:
-        pipe.set_adapters(names, adapter_weights=list(weights))
-        with torch.no_grad():
-            return pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        latents=torch.from_numpy(latents), output_type="np").images
-    finally:
-        pipe.unload_lora_weights()
-
-
 def _as_kohya(unet_state, text_state, unet_meta, text_meta) -> dict:
     """The same LoRA in kohya's names: lora_unet_ / lora_te_ + the module's dots as underscores,
     lora_down / lora_up, and each module's alpha (its pattern's, else lora_alpha)."""
@@ -288,7 +218,7 @@ def test_loras_from_diffusers_and_kohya_files_give_diffusers_images(small_pipeli
     pipe.scheduler.save_config(saved / "scheduler")
     loras = {}
     for name, seed, rank, alpha, patterns in (("a", 1, 4, 8.0, True), ("b", 2, 3, 3.0, False)):
-        unet_state, text_state, unet_meta, text_meta = _peft_lora(pipe, seed, rank, alpha, patterns)
+        unet_state, text_state, unet_meta, text_meta = peft_lora(pipe, seed, rank, alpha, patterns)
         diffusers.StableDiffusionPipeline.save_lora_weights(
             tmp_path / name, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
             unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=text_meta)
@@ -329,7 +259,7 @@ def test_a_lora_we_write_loads_in_diffusers_merges_into_the_weights_and_bad_file
     pipe, saved = small_pipeline
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.save_config(saved / "scheduler")
-    unet_state, text_state, unet_meta, text_meta = _peft_lora(pipe, 3, 4, 4.0, True)
+    unet_state, text_state, unet_meta, text_meta = peft_lora(pipe, 3, 4, 4.0, True)
     diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "theirs", unet_lora_layers=unet_state,
                                                         text_encoder_lora_layers=text_state,
                                                         unet_lora_adapter_metadata=unet_meta,
@@ -409,41 +339,6 @@ def test_a_pipeline_whose_scheduler_is_lcm_gives_diffusers_images_at_one_and_fou
     np.testing.assert_allclose(asked, ours, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def small_sdxl(tmp_path_factory):
-    """A small random StableDiffusionXLPipeline: two text encoders (the second with a projection; a
-    tokenizer that pads with "!"), a U-Net with no attention at its first level, transformer depths
-    (1, 2) and the text_time embedding, SDXL's Euler scheduler config."""
-    directory = tmp_path_factory.mktemp("sdxl")
-    write_tokenizer(directory / "tokenizer_files")
-    write_tokenizer(directory / "tokenizer_2_files", pad_token="!")
-    torch.manual_seed(0)
-    clip = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, eos_token_id=595)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**clip)).eval()
-    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        **clip, projection_dim=16, hidden_act="gelu")).eval()
-    unet = _perturbed(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=[2, 4], use_linear_projection=True,
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8))
-    vae = _perturbed(diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.13025))
-    scheduler = diffusers.EulerDiscreteScheduler.from_config({**SD_SCHEDULER, "interpolation_type": "linear"})
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet, scheduler=scheduler,
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer_files")),
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2_files")),
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(directory / "pipeline")
-    return pipe, directory / "pipeline"
-
-
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_a_small_sdxl_pipeline_gives_diffusers_images(small_sdxl, scheduler):
     """SDXL's base pipeline: our images equal diffusers' within 1e-3 with guidance 5, negative
@@ -485,7 +380,7 @@ def test_an_sdxl_lora_in_kohyas_sgm_names_gives_diffusers_images(small_sdxl, tmp
     for part, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv",
                                     "time_emb_proj", "conv_shortcut", "linear_1", "ff.net.2"]),
                           ("text_encoder", ["q_proj", "fc1"]), ("text_encoder_2", ["v_proj", "out_proj"])):
-        states[part] = _peft_state(getattr(pipe, part), r=2, lora_alpha=2, target_modules=targets)[0]
+        states[part] = peft_state(getattr(pipe, part), r=2, lora_alpha=2, target_modules=targets)[0]
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
         tmp_path / "peft", unet_lora_layers=states["unet"], text_encoder_lora_layers=states["text_encoder"],
         text_encoder_2_lora_layers=states["text_encoder_2"])

@@ -14,7 +14,7 @@ from diffusion_jax.interop import load_diffusers, save_diffusers
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from tests.test_interop import _perturbed  # noqa: E402
+from tests.diffusers_models import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -63,7 +63,7 @@ def relative_error(ours, theirs):
 
 @pytest.mark.parametrize("form", [SD1_FORM, SD2_FORM, SDXL_FORM], ids=["sd1", "sd2", "sdxl"])
 def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, form):
-    unet = _perturbed(diffusers.UNet2DConditionModel(**form))
+    unet = perturbed(diffusers.UNet2DConditionModel(**form))
     unet.save_pretrained(tmp_path / "unet")
     imported = load_diffusers(str(tmp_path / "unet"))
     assert imported.model.context_dim == form["cross_attention_dim"]

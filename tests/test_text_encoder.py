@@ -14,38 +14,10 @@ from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.clip import load_text_encoder, save_text_encoder
 from diffusion_jax.interop.tokenizer import load_tokenizer
 from diffusion_jax.models.text_encoder import text_embeddings
-from diffusion_jax.interop.tokenizer import byte_characters  # GPT-2's byte <-> printable character table
+from tests.diffusers_models import write_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-WORDS = ["a", "the", "photo", "of", "cat", "dog", "handwritten", "digit", "seven", "painting", "astronaut",
-         "riding", "horse", "on", "mars", "high", "quality", "in", "style", "van", "gogh", "'s", "and", "with"]
-
-
-def write_tokenizer(directory, pad_token="<|endoftext|>"):
-    """A CLIP-format tokenizer folder: every byte with and without </w>, merges building WORDS."""
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = byte_characters()
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append(pieces[0] + pieces[1])
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **special}))
-    return len(vocab)
-
 
 PROMPTS = [
     "a photo of a cat", "A Photo Of A CAT", "a  photo\tof\n a cat", "the cat's dog", "the cat's, dog!!",

@@ -16,8 +16,7 @@ from diffusion_jax.runs import load_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from tests.test_pipeline import (NEGATIVE, PROMPTS, _peft_lora, _peft_state, diffusers_lora_images,  # noqa: E402,F401
-                                 small_pipeline, small_sdxl)  # (the fixtures)
+from tests.diffusers_models import NEGATIVE, PROMPTS, diffusers_lora_images, peft_lora, peft_state  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
@@ -28,7 +27,7 @@ def _cli(*argv):
     cli.main([str(a) for a in argv])
 
 
-def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(small_pipeline, tmp_path, capsys):  # noqa: F811
+def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(small_pipeline, tmp_path, capsys):
     original, saved = small_pipeline
     run = tmp_path / "run"
     _cli("import", "--from", saved, "--workdir", run, *SMALL)
@@ -45,7 +44,7 @@ def test_a_stable_diffusion_pipeline_imports_whole_and_samples_from_prompts(smal
     np.testing.assert_array_equal(sample("cat_again", "--prompt", "a photo of a cat"), cat)  # seeded
     # a LoRA file (diffusers' save_lora_weights) on the run's U-Net and text encoder: at weight 0 the
     # run's own images, at 0.7 others (the LoRA's images are diffusers' by test_pipeline)
-    unet_state, text_state, unet_meta, text_meta = _peft_lora(original, 5, 4, 4.0, False)
+    unet_state, text_state, unet_meta, text_meta = peft_lora(original, 5, 4, 4.0, False)
     diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=unet_state,
                                                         text_encoder_lora_layers=text_state,
                                                         unet_lora_adapter_metadata=unet_meta,
@@ -134,7 +133,7 @@ def test_a_ddpm_pipeline_imports_without_subfolder_and_prompts_need_a_text_run(t
             run.ema_params, 1, __import__("jax").random.key(0), prompts=["a cat"])
 
 
-def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):  # noqa: F811
+def test_an_imported_pipeline_fine_tunes_on_a_captioned_folder(small_pipeline, tmp_path):
     """`train` 10 steps on images with NAME.txt captions beside them: the text encoder and the VAE
     stay frozen (they are not the run's parameters), every U-Net parameter moves; `evaluate` reports
     the text run. (A LoRA trained on an imported run: the SDXL test below.)"""
@@ -195,7 +194,7 @@ def test_the_digits_prompt_report_reads_the_digit_each_prompt_asks_for(tmp_path,
     assert ncols == 8 and (digits_predict(grid)[0] == np.repeat(np.arange(10), 8)).mean() > 0.95  # row d: digit d
 
 
-def test_an_imported_run_keeps_its_frozen_parts_with_copy_parts(small_pipeline, tmp_path, capsys):  # noqa: F811
+def test_an_imported_run_keeps_its_frozen_parts_with_copy_parts(small_pipeline, tmp_path, capsys):
     """A run imported from a pipeline reads its VAE and text encoder there: with the pipeline moved
     away it is refused saying so; `--copy_parts` makes the run whole in itself."""
     import shutil
@@ -223,7 +222,7 @@ def _sizes_oracle(height: int, width: int, size: int) -> tuple:
     return height, width, round((new_h - size) / 2), round((new_w - size) / 2), size, size
 
 
-def test_an_sdxl_pipeline_imports_samples_trains_a_lora_and_exports(small_sdxl, tmp_path, capsys):  # noqa: F811
+def test_an_sdxl_pipeline_imports_samples_trains_a_lora_and_exports(small_sdxl, tmp_path, capsys):
     """A small StableDiffusionXLPipeline as a run: its condition (both encoders, the pooled projection,
     the time ids; the zero null of force_zeros_for_empty_prompt, a negative prompt's) is the pipeline's
     (whose images are diffusers', test_pipeline), a captioned folder's micro-conditioning is diffusers'
@@ -273,7 +272,7 @@ def test_an_sdxl_pipeline_imports_samples_trains_a_lora_and_exports(small_sdxl, 
         return np.load(tmp_path / f"{name}.npz")["samples"]
 
     torch.manual_seed(3)
-    states = {part: _peft_state(getattr(original, part), r=4, lora_alpha=4, target_modules=targets)[0]
+    states = {part: peft_state(getattr(original, part), r=4, lora_alpha=4, target_modules=targets)[0]
               for part, targets in (("unet", ["to_q", "to_v", "conv1"]), ("text_encoder", ["q_proj"]),
                                     ("text_encoder_2", ["v_proj"]))}
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
