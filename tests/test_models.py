@@ -33,15 +33,22 @@ def test_parameter_counts_match_the_papers(name):
 
 def test_a_model_of_a_runs_config_json_is_hashable_and_its_shapes_traced_once():
     """A run's config.json gives sequences as lists; the module gets them as tuples, so it is the
-    preset's module and `param_shapes` traces it once."""
-    from diffusion_jax.models import _param_shapes
+    preset's module and `param_shapes` traces it once; so is a diffusers VAE's, loaded again."""
+    from diffusion_jax.interop import expected_params, vae
+    from diffusion_jax.models import _abstract_init
 
     listed = create_model("unet_tiny", ch_mult=[1, 2], attn_resolutions=[4])
     assert listed == create_model("unet_tiny") and hash(listed) == hash(create_model("unet_tiny"))
     param_shapes(listed, (8, 8, 1))
-    misses = _param_shapes.cache_info().misses
+    misses = _abstract_init.cache_info().misses
     param_shapes(create_model("unet_tiny", ch_mult=[1, 2]), (8, 8, 1))
-    assert _param_shapes.cache_info().misses == misses
+    assert _abstract_init.cache_info().misses == misses
+    config = {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 4, "sample_size": 8,
+              "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+    shapes = expected_params(*vae.module_from_config(config))
+    shapes["encoder"] = None  # each call's tree is its own
+    again = expected_params(*vae.module_from_config(config))
+    assert _abstract_init.cache_info().misses == misses + 1 and again["encoder"] is not None
 
 
 def test_patch_variants_and_exact_ddpm_count():

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from diffusion_jax.errors import UsageError
 from diffusion_jax.interop import dit, files, scheduler, unet2d, unet2d_condition, vae
 from diffusion_jax.interop.tensors import params_from_tensors, tensors_from_params
-from diffusion_jax.models import param_shapes
+from diffusion_jax.models import abstract_init, param_shapes
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.models.vae import AutoencoderKL
@@ -131,8 +131,7 @@ def _architecture_of(model):
 def expected_params(model, input_shape):
     """The module's params tree of ShapeDtypeStructs (nothing allocated)."""
     if isinstance(model, AutoencoderKL):
-        x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-        return jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)["params"]
+        return abstract_init(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     return param_shapes(model, input_shape)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from diffusion_jax.errors import UsageError
 from diffusion_jax.interop import files
 from diffusion_jax.interop.tensors import Entry, params_from_tensors, tensors_from_params
+from diffusion_jax.models import abstract_init
 from diffusion_jax.models.text_encoder import ACTIVATIONS, CLIPTextEncoder
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ def entries(model: CLIPTextEncoder) -> list:
 
 
 def param_shapes(model: CLIPTextEncoder):
-    ids = jax.ShapeDtypeStruct((1, model.max_positions), jnp.int32)
-    return jax.eval_shape(lambda k, ids: model.init(k, ids), jax.random.key(0), ids)["params"]
+    return abstract_init(model, jax.ShapeDtypeStruct((1, model.max_positions), jnp.int32))
 
 
 class TextEncoder(NamedTuple):

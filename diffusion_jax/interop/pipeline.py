@@ -15,6 +15,8 @@ negative prompt (`force_zeros_for_empty_prompt`); its refiner is refused by name
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import pathlib
 from typing import Any, Optional
 
@@ -153,24 +155,56 @@ class StableDiffusion:
     def program(self, method: str, bound: int, options: dict, clip_x0: bool, guided: bool, shape) -> Any:
         """The jitted chain and decoder of one sampler, step bound and latent shape [B, h, w, C]: (U-Net
         params with its LoRA layers merged, VAE params, cond, null cond, key, x_T or None, guidance scale, num_steps) -> images
-        [B, H, W, 3] in [0, 1]. Compiled once and kept."""
-        from diffusion_jax.samplers import guided_denoise_fn, sample
-
+        [B, H, W, 3] in [0, 1]. Made once and kept (`chain_program`): a pipeline loaded again, with
+        the same models and scheduler, runs the programs already traced and compiled."""
         signature = (method, int(bound), tuple(sorted(options.items())), bool(clip_x0), bool(guided), tuple(shape))
         if signature not in self.programs:
-            unet, vae, schedule, prediction, scale = self.unet.model, self.vae.model, self.schedule, \
-                self.prediction, self.vae_scale
-
-            def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
-                denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
-                model = guided_denoise_fn(denoise, cond, *((null, guidance_scale) if guided else ()))
-                latents = sample(model, schedule, shape, key, method=method, num_steps=num_steps, max_steps=bound,
-                                 prediction=prediction, clip_x0=clip_x0, x_T=x_T, **options)
-                images = vae.apply({"params": vae_params}, latents / scale, method="decode")
-                return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-            self.programs[signature] = jax.jit(run)
+            key = (self.unet.model, self.vae.model, _ByContent(self.schedule), self.prediction, self.vae_scale, signature)
+            try:
+                hash(key)
+            except TypeError:  # a module or option that cannot be a key: this pipeline's own program
+                self.programs[signature] = chain_program.__wrapped__(*key)
+            else:
+                self.programs[signature] = chain_program(*key)
         return self.programs[signature]
+
+
+class _ByContent:
+    """A pytree of arrays (a process) as a cache key: hashed and compared by its structure and values."""
+
+    def __init__(self, tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        digest = hashlib.sha256(str(treedef).encode())
+        for leaf in leaves:
+            value = np.asarray(leaf)
+            digest.update(f"{value.dtype}{value.shape}".encode() + value.tobytes())
+        self.tree, self.digest = tree, digest.hexdigest()
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByContent) and other.digest == self.digest
+
+
+@functools.lru_cache(maxsize=16)
+def chain_program(unet, vae, schedule: _ByContent, prediction: str, scale: float, signature: tuple):
+    """`StableDiffusion.program`'s jitted function for the U-Net and VAE modules, the scheduler's
+    process, its prediction, the VAE's scaling factor and the sampler's signature (method, step
+    bound, options, clip_x0, guided, latent shape); kept for the last 16 of them."""
+    from diffusion_jax.samplers import guided_denoise_fn, sample
+
+    method, bound, options, clip_x0, guided, shape = signature
+
+    def run(unet_params, vae_params, cond, null, key, x_T, guidance_scale, num_steps):
+        denoise = lambda x, t, y: unet.apply({"params": unet_params}, x, t, y)
+        model = guided_denoise_fn(denoise, cond, *((null, guidance_scale) if guided else ()))
+        latents = sample(model, schedule.tree, shape, key, method=method, num_steps=num_steps, max_steps=bound,
+                         prediction=prediction, clip_x0=clip_x0, x_T=x_T, **dict(options))
+        images = vae.apply({"params": vae_params}, latents / scale, method="decode")
+        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    return jax.jit(run)
 
 
 def _batch(cond) -> int:

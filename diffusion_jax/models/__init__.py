@@ -119,14 +119,22 @@ def example_condition(model: nn.Module, batch: int = 1):
 
 
 def param_shapes(model: nn.Module, input_shape, batch: int = 1):
-    """The parameter tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated; traced once
-    per module and shape, a fresh copy of the tree each call; a module with unhashable fields
-    is traced every time)."""
+    """The parameter tree as ShapeDtypeStructs of `model` at inputs [batch, *input_shape] (with a
+    timestep and the model's example condition): `abstract_init`'s."""
+    x = jax.ShapeDtypeStruct((batch, *tuple(input_shape)), jnp.float32)
+    return abstract_init(model, x, jax.ShapeDtypeStruct((batch,), jnp.int32), condition=True)
+
+
+def abstract_init(model: nn.Module, *inputs: jax.ShapeDtypeStruct, condition: bool = False):
+    """`model.init(key, *inputs)["params"]` as ShapeDtypeStructs (jax.eval_shape: nothing is
+    allocated), with `example_condition(model, batch)` after the inputs if `condition`. Traced once
+    per module and input shapes (loading a pipeline's parts again traces nothing), a fresh copy of
+    the tree each call; a module with unhashable fields is traced every time."""
     try:
         hash(model)
     except TypeError:
-        return _param_shapes.__wrapped__(model, tuple(input_shape), batch)
-    return jax.tree_util.tree_map(lambda s: s, _param_shapes(model, tuple(input_shape), batch))
+        return _abstract_init.__wrapped__(model, inputs, condition)
+    return jax.tree_util.tree_map(lambda s: s, _abstract_init(model, inputs, condition))
 
 
 def with_second_time(params, model: nn.Module, input_shape):
@@ -138,12 +146,10 @@ def with_second_time(params, model: nn.Module, input_shape):
     return {**params, **added}
 
 
-@functools.lru_cache(maxsize=32)
-def _param_shapes(model: nn.Module, input_shape: tuple, batch: int):
-    x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.eval_shape(lambda k, x, t: model.init(k, x, t, example_condition(model, batch)),
-                          jax.random.key(0), x, t)["params"]
+@functools.lru_cache(maxsize=64)
+def _abstract_init(model: nn.Module, inputs: tuple, condition: bool):
+    extra = (example_condition(model, inputs[0].shape[0]),) if condition else ()
+    return jax.eval_shape(lambda k, *xs: model.init(k, *xs, *extra), jax.random.key(0), *inputs)["params"]
 
 
 def count_params(tree) -> int:
@@ -158,5 +164,5 @@ def init_params(model: nn.Module, key, input_shape, batch: int = 1):
     return jit_once(model.init)({"params": key, "dropout": key}, x, t, example_condition(model, batch))["params"]
 
 
-__all__ = ["DiT", "DiTBlock", "PRESETS", "Preset", "UNet", "count_params", "create_model",
+__all__ = ["DiT", "DiTBlock", "PRESETS", "Preset", "UNet", "abstract_init", "count_params", "create_model",
            "init_params", "param_shapes", "sincos_pos_embed_2d", "timestep_embedding"]
