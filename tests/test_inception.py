@@ -10,7 +10,7 @@ from diffusion_jax.evaluation.inception import (inception_features, load_incepti
 from diffusion_jax.models import count_params
 
 
-pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("inception")]  # the full tier; one weights file
 
 def synthetic_weights(seed=0):
     """He-initialised kernels and identity batch norms, written with NumPy (no jit init)."""
@@ -27,12 +27,17 @@ def synthetic_weights(seed=0):
     return unflatten_dict(out)
 
 
-def test_inception_features_from_a_weights_file(tmp_path):
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """`synthetic_weights` written by `save_weights` (87 MB: once for the module's tests)."""
+    return save_weights(synthetic_weights(), tmp_path_factory.mktemp("inception") / "inception_fid.npz")
+
+
+def test_inception_features_from_a_weights_file(weights_file):
     shapes = variable_shapes()
     # torchvision's Inception-v3 without the auxiliary head and fc: 21.8M parameters.
     assert count_params(shapes["params"]) == 21_785_568
-    path = save_weights(synthetic_weights(), tmp_path / "inception_fid.npz")
-    variables = load_inception(path)
+    variables = load_inception(weights_file)
     rng = np.random.default_rng(1)
     small = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     features = inception_features(variables, small)
@@ -52,11 +57,11 @@ def test_missing_and_mismatched_weights_are_clear_errors(tmp_path):
         load_inception(bad)
 
 
-def test_fid_stats_command_and_fid_of_a_set_against_itself(tmp_path):
+def test_fid_stats_command_and_fid_of_a_set_against_itself(tmp_path, weights_file):
     from diffusion_jax import cli
     from diffusion_jax.data import load_digits
     from diffusion_jax.evaluation import feature_statistics, frechet_distance, load_statistics
-    weights = save_weights(synthetic_weights(), tmp_path / "w.npz")
+    weights = weights_file
     stats = tmp_path / "digits_inception.npz"
     cli.main(["fid-stats", "--dataset", "digits", "--split", "train", "--image_size", "8", "--channels", "1",
               "--features", "inception", "--inception_weights", str(weights), "--max_images", "6",

@@ -71,11 +71,11 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
     apply = jax.jit(imported.model.apply)
     ours, theirs = run_both(unet, imported, apply)
     assert relative_error(ours, theirs) <= 1e-4
-    # a padding mask on the text tokens is honoured as diffusers honours it
-    mask = np.ones((2, 7), np.float32)
-    mask[0, 4:] = 0
-    ours, theirs = run_both(unet, imported, apply, mask=mask)
-    assert relative_error(ours, theirs) <= 1e-4
+    if form is SD1_FORM:  # a padding mask on the text tokens is honoured as diffusers honours it (one
+        mask = np.ones((2, 7), np.float32)  # attention layer in every form: checked in the smallest)
+        mask[0, 4:] = 0
+        ours, theirs = run_both(unet, imported, apply, mask=mask)
+        assert relative_error(ours, theirs) <= 1e-4
     n_ours = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(imported.params))
     assert n_ours == sum(p.numel() for p in unet.parameters())
     # export, read back by diffusers
