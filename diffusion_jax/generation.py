@@ -20,6 +20,7 @@ from diffusion_jax.conditions import by_index, condition_kind, given_values, gui
 from diffusion_jax.config import sampler_settings
 from diffusion_jax.errors import UsageError
 from diffusion_jax.interop.adapters import backbone_component, run_loras, sample_loras
+from diffusion_jax.kept import ByContent, kept
 from diffusion_jax.lora import merge
 from diffusion_jax.models import param_shapes
 from diffusion_jax.parallel import batch_sharding, make_mesh, to_host
@@ -49,7 +50,8 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     whatever the batch size, devices or split into calls.
 
     Compiled on first use, once for unguided and once for guided sampling; the key, eta and
-    guidance scale are traced, so calls with other values reuse the program. Sampler settings
+    guidance scale are traced, so calls with other values reuse the program, and so does another
+    generator made with the same settings (`batch_program`). Sampler settings
     default to config.sample (see `sampler_settings`); guidance rescale is
     config.sample.guidance_rescale. With `trajectory_every` it returns (images, trajectory of the first
     batch). A latent run (config.model.vae) samples latents and returns the decoded images (and
@@ -69,27 +71,9 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
     default_adapters = condition_adapters
     loras = _backbone_loras(model, config)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
-        """One batch; `cond` the batch's condition (its kind's encoding, batch first; None
-        unconditional), `null_cond` the null condition guidance contrasts it with; `params` with the
-        backbone's LoRA layers merged (the same program with or without them)."""
-        kw = dict(method=method, num_steps=steps, clip_x0=bool(s.clip_x0), prediction=config.diffusion.prediction,
-                  trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **options)
-        if takes_eta:
-            kw.update(eta=eta)
-        denoise = denoise_fn_for(model, params, cond is not None, precondition_of(config))
-        if cond is not None:
-            denoise = guided_denoise_fn(denoise, cond, *((null_cond, guidance_scale, rescale) if guided else ()))
-        out = sample(denoise, schedule, shape, key, **kw)
-        if vae is None:
-            return out
-        decode = functools.partial(latents.decode_latents, vae.model, vae_params)
-        if trajectory_every:
-            images, trajectory = out
-            return decode(images), {**trajectory, "x_t": jax.lax.map(decode, trajectory["x_t"]),
-                                    "pred_x0": jax.lax.map(decode, trajectory["pred_x0"])}
-        return decode(out)
+    run = batch_program(model, ByContent(schedule), method, steps, tuple(sorted(options.items())), takes_eta,
+                        bool(s.clip_x0), config.diffusion.prediction, precondition_of(config), rescale, trajectory_every,
+                        mesh, shape, None if vae is None else vae.model)
 
     def generate(params, num_samples: int, key, eta=None, guidance_scale=None, conditions=None,
                  first_index: int = 0, labels=None, prompts=None, negative_prompt=None, condition_adapters=None):
@@ -129,6 +113,38 @@ def make_generator(model, schedule: Schedule, config, *, batch_size: int = 256, 
         return (images, trajectory) if trajectory_every else images
 
     return generate
+
+
+@kept(maxsize=16)
+def batch_program(model, schedule: ByContent, method: str, steps, options: tuple, takes_eta: bool, clip_x0: bool,
+                  prediction: str, sigma_data, rescale, trajectory_every, mesh, shape: tuple, vae_model):
+    """The jitted program of one batch of `make_generator`: (guided (static), params, vae_params, key,
+    eta, guidance_scale, cond, null_cond) -> images, or latents decoded by `vae_model` (and the
+    trajectory); `cond` the batch's condition (its kind's encoding, batch first; None
+    unconditional), `null_cond` the null condition guidance contrasts it with; `params` with the
+    backbone's LoRA layers merged (the same program with or without them). Kept for the last 16
+    settings: a generator made again with them (another command, a sweep) traces nothing."""
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(guided, params, vae_params, key, eta, guidance_scale, cond, null_cond):
+        kw = dict(method=method, num_steps=steps, clip_x0=clip_x0, prediction=prediction,
+                  trajectory_every=trajectory_every, sharding=batch_sharding(mesh), **dict(options))
+        if takes_eta:
+            kw.update(eta=eta)
+        denoise = denoise_fn_for(model, params, cond is not None, sigma_data)
+        if cond is not None:
+            denoise = guided_denoise_fn(denoise, cond, *((null_cond, guidance_scale, rescale) if guided else ()))
+        out = sample(denoise, schedule.tree, shape, key, **kw)
+        if vae_model is None:
+            return out
+        decode = functools.partial(latents.decode_latents, vae_model, vae_params)
+        if trajectory_every:
+            images, trajectory = out
+            return decode(images), {**trajectory, "x_t": jax.lax.map(decode, trajectory["x_t"]),
+                                    "pred_x0": jax.lax.map(decode, trajectory["pred_x0"])}
+        return decode(out)
+
+    return run
 
 
 def _backbone_loras(model, config) -> tuple:

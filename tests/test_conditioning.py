@@ -11,7 +11,7 @@ import diffusion_jax as dj
 from diffusion_jax.builders import build_model, build_schedule
 from diffusion_jax.evaluation.report import render_report
 from diffusion_jax.conditions import describe_guidance
-from diffusion_jax.generation import make_generator
+from diffusion_jax.generation import batch_program, make_generator
 from diffusion_jax.samplers import guided_denoise_fn, sample
 from diffusion_jax.optim import make_optimizer
 from diffusion_jax.training.state import make_init_fn
@@ -77,8 +77,8 @@ def labelled_config():
 
 
 def test_a_labelled_run_samples_conditionally_by_default_and_says_no_guidance():
-    config = labelled_config()
-    generate = make_generator(OracleModel(), SCHEDULE, config, batch_size=32)
+    config, model = labelled_config(), OracleModel()
+    generate = make_generator(model, SCHEDULE, config, batch_size=32)
     key = jax.random.key(0)
     labels = jnp.arange(32) % 2
     direct = lambda *guidance, cond=labels: sample(guided_denoise_fn(class_oracle, cond, *guidance), SCHEDULE,
@@ -89,8 +89,15 @@ def test_a_labelled_run_samples_conditionally_by_default_and_says_no_guidance():
     np.testing.assert_allclose(by_default, conditional, atol=1e-5)
     assert np.abs(by_default - np.asarray(unconditional)).max() > 0.1
     np.testing.assert_allclose(generate(None, 32, key, guidance_scale=0.0), unconditional, atol=1e-5)
-    np.testing.assert_allclose(generate(None, 32, key, guidance_scale=3.0),
-                               direct(2, 3.0), atol=1e-5)
+    guided = generate(None, 32, key, guidance_scale=3.0)
+    np.testing.assert_allclose(guided, direct(2, 3.0), atol=1e-5)
+    # a generator made again with the same settings runs the same program (nothing traced again)
+    built = batch_program.cache_info().misses
+    np.testing.assert_array_equal(make_generator(model, SCHEDULE, labelled_config(), batch_size=32)(
+        None, 32, key, guidance_scale=3.0), guided)
+    assert batch_program.cache_info().misses == built
+    make_generator(model, SCHEDULE, labelled_config(), batch_size=32, steps=10)
+    assert batch_program.cache_info().misses == built + 1
     assert describe_guidance(config, config.sample.guidance_scale) == "no guidance (conditional model, scale 1)"
     assert describe_guidance(config, 3.0) == "classifier-free guidance scale 3"
     unconditional_run = tiny_config(1)

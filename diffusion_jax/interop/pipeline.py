@@ -15,8 +15,6 @@ negative prompt (`force_zeros_for_empty_prompt`); its refiner is refused by name
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import pathlib
 from typing import Any, Optional
 
@@ -30,6 +28,7 @@ from diffusion_jax.interop import files, scheduler
 from diffusion_jax.interop.clip import TextEncoder
 from diffusion_jax.interop.text_encoders import load_second_text_encoder, load_text_encoder_parts
 from diffusion_jax.interop.tokenizer import CLIPTokenizer
+from diffusion_jax.kept import ByContent, kept
 from diffusion_jax.lora import merge
 from diffusion_jax.models.text_encoder import (compiled_sdxl_condition, compiled_text_embeddings, sdxl_time_ids,
                                                sdxl_zero_null)
@@ -159,36 +158,13 @@ class StableDiffusion:
         the same models and scheduler, runs the programs already traced and compiled."""
         signature = (method, int(bound), tuple(sorted(options.items())), bool(clip_x0), bool(guided), tuple(shape))
         if signature not in self.programs:
-            key = (self.unet.model, self.vae.model, _ByContent(self.schedule), self.prediction, self.vae_scale, signature)
-            try:
-                hash(key)
-            except TypeError:  # a module or option that cannot be a key: this pipeline's own program
-                self.programs[signature] = chain_program.__wrapped__(*key)
-            else:
-                self.programs[signature] = chain_program(*key)
+            self.programs[signature] = chain_program(self.unet.model, self.vae.model, ByContent(self.schedule),
+                                                     self.prediction, self.vae_scale, signature)
         return self.programs[signature]
 
 
-class _ByContent:
-    """A pytree of arrays (a process) as a cache key: hashed and compared by its structure and values."""
-
-    def __init__(self, tree):
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        digest = hashlib.sha256(str(treedef).encode())
-        for leaf in leaves:
-            value = np.asarray(leaf)
-            digest.update(f"{value.dtype}{value.shape}".encode() + value.tobytes())
-        self.tree, self.digest = tree, digest.hexdigest()
-
-    def __hash__(self):
-        return hash(self.digest)
-
-    def __eq__(self, other):
-        return isinstance(other, _ByContent) and other.digest == self.digest
-
-
-@functools.lru_cache(maxsize=16)
-def chain_program(unet, vae, schedule: _ByContent, prediction: str, scale: float, signature: tuple):
+@kept(maxsize=16)
+def chain_program(unet, vae, schedule: ByContent, prediction: str, scale: float, signature: tuple):
     """`StableDiffusion.program`'s jitted function for the U-Net and VAE modules, the scheduler's
     process, its prediction, the VAE's scaling factor and the sampler's signature (method, step
     bound, options, clip_x0, guided, latent shape); kept for the last 16 of them."""

@@ -7,7 +7,6 @@ NHWC in and the same spatial shape out, and a registry of published presets.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.compile_effort import jit_once
+from diffusion_jax.kept import kept
 from diffusion_jax.errors import UsageError
 from diffusion_jax.models.dit import DiT, DiTBlock, sincos_pos_embed_2d
 from diffusion_jax.models.layers import timestep_embedding
@@ -128,12 +128,8 @@ def param_shapes(model: nn.Module, input_shape, batch: int = 1):
 def abstract_init(model: nn.Module, *inputs: jax.ShapeDtypeStruct, condition: bool = False):
     """`model.init(key, *inputs)["params"]` as ShapeDtypeStructs (jax.eval_shape: nothing is
     allocated), with `example_condition(model, batch)` after the inputs if `condition`. Traced once
-    per module and input shapes (loading a pipeline's parts again traces nothing), a fresh copy of
-    the tree each call; a module with unhashable fields is traced every time."""
-    try:
-        hash(model)
-    except TypeError:
-        return _abstract_init.__wrapped__(model, inputs, condition)
+    per module and input shapes (`kept`: loading a pipeline's parts again traces nothing), a fresh
+    copy of the tree each call."""
     return jax.tree_util.tree_map(lambda s: s, _abstract_init(model, inputs, condition))
 
 
@@ -146,7 +142,7 @@ def with_second_time(params, model: nn.Module, input_shape):
     return {**params, **added}
 
 
-@functools.lru_cache(maxsize=64)
+@kept(maxsize=64)
 def _abstract_init(model: nn.Module, inputs: tuple, condition: bool):
     extra = (example_condition(model, inputs[0].shape[0]),) if condition else ()
     return jax.eval_shape(lambda k, *xs: model.init(k, *xs, *extra), jax.random.key(0), *inputs)["params"]
