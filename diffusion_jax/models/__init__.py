@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.compile_effort import jit_once
-from diffusion_jax.kept import kept
 from diffusion_jax.errors import UsageError
+from diffusion_jax.kept import kept
 from diffusion_jax.models.dit import DiT, DiTBlock, sincos_pos_embed_2d
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.unet import UNet
