@@ -1,7 +1,8 @@
 """Programs kept for the life of the process: a function of hashable settings (modules, shapes,
-sampler options) that builds a jitted program is memoised, so that making the same program again
--- a pipeline loaded again, another generator with the same settings, a sweep -- traces and
-compiles nothing. Arrays that decide a program (a process's schedule) take part as `ByContent`."""
+sampler options) that builds a jitted program, or traces one (a module's parameter shapes), is
+memoised, so that making the same program again -- a pipeline loaded again, another generator with
+the same settings, a sweep -- traces and compiles nothing. Arrays that decide a program (a
+process's schedule) take part as `ByContent`."""
 from __future__ import annotations
 
 import functools

@@ -71,8 +71,10 @@ def test_the_text_conditioned_unet_is_diffusers_unet2dconditionmodel(tmp_path, f
     apply = jax.jit(imported.model.apply)
     ours, theirs = run_both(unet, imported, apply)
     assert relative_error(ours, theirs) <= 1e-4
-    if form is SD1_FORM:  # a padding mask on the text tokens is honoured as diffusers honours it (one
-        mask = np.ones((2, 7), np.float32)  # attention layer in every form: checked in the smallest)
+    # a padding mask on the text tokens is honoured as diffusers honours it (the same attention
+    # layer in every form: checked in the smallest)
+    if form is SD1_FORM:
+        mask = np.ones((2, 7), np.float32)
         mask[0, 4:] = 0
         ours, theirs = run_both(unet, imported, apply, mask=mask)
         assert relative_error(ours, theirs) <= 1e-4
