@@ -1,6 +1,7 @@
 """Test set-up, before JAX starts: one CPU device (eight for the tests marked `devices(8)`, in a
 process of their own), and a persistent compilation cache shared by the tests and the processes
 they launch (identical programs -- a resumed run, the multi-host workers -- compile once)."""
+import gc
 import os
 import re
 import subprocess
@@ -52,6 +53,13 @@ def free_port() -> int:
 
 os.environ["XLA_FLAGS"] = xla_flags(given=os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One OpenMP thread for torch's reference runs and numpy's BLAS: with the other test worker busy on
+# the other core, torch's second thread spin-waits for a core it does not get (a small pipeline's
+# 10 steps took 1.6-3.0 s instead of 0.16 s) and takes CPU from that worker (BENCHMARKS.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The cyclic garbage collector, less often: JAX's caches and torch's modules make a large heap that
+# every full collection walks (4 s a worker in 2 minutes of tests at the default thresholds, 0.4 s here).
+gc.set_threshold(50_000, 50, 100)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Executables found without tracing (`executable_cache`) cannot see a function a test replaces in
