@@ -163,7 +163,7 @@ def test_a_two_time_backbone_computes_the_one_time_models_function_from_its_para
 
 
 SMALL_SD = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), attn_levels=(1,), level_heads=(2, 2),
-                context_dim=8, num_groups=8, transformer_depth=(1, 2), linear_projection=True)
+                context_dim=8, num_groups=8, transformer_depth=(1, 1), linear_projection=True)
 
 
 @pytest.mark.slow  # compiles whole backbones
