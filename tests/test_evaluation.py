@@ -155,7 +155,7 @@ def test_digits_run_learns_and_evaluate_writes_the_report(digits_run):
         assert key in saved
     assert len(saved["per_timestep"]) == 10 and sum(r["count"] for r in saved["per_timestep"]) == 300
     assert 0 < saved["bpd"]["total_bpd"] < 8 and np.isfinite(saved["digits_fd"])
-    # the ODE likelihood of the DDPM model in continuous time, beside the bound (8 images: loose)
+    # the ODE likelihood of the DDPM model in continuous time, beside the bound (4 images: loose)
     assert "continuous time" in saved["bpd_ode"]["likelihood"] and 0 < saved["bpd_ode"]["total_bpd"] < 10
     report = (out / "report.md").read_text()
     assert "Noise prediction" in report and "variational bound" in report and "probability-flow ODE" in report
