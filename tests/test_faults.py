@@ -127,6 +127,47 @@ def test_a_states_digest_is_its_formula_for_any_sharding_and_sees_any_changed_bi
     assert not np.isfinite(_digests_and_squares({"params": flipped})[1]["params"])
 
 
+@pytest.mark.devices(8)
+def test_a_checkpoint_restores_onto_any_sharding_and_reads_the_unpacked_format(tmp_path):
+    """Small replicated arrays are saved packed, one buffer per field and dtype, large or sharded
+    ones whole; either restores bit for bit onto another mesh, whole or a field alone, and so
+    does a checkpoint of the previous format (one Orbax array per leaf, no plan in its record)."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from diffusion_jax.checkpoints import Checkpointer, abstract_like
+    from diffusion_jax.training.state import TrainState
+    rng = np.random.default_rng(0)
+    params = {"big": rng.normal(size=(8, 40_000)).astype(np.float32),  # 1.3 MB: kept whole
+              "small": rng.normal(size=(3, 5)).astype(np.float32), "half": rng.normal(size=(7,)).astype(jax.numpy.bfloat16),
+              "sharded": rng.normal(size=(8, 4)).astype(np.float32)}
+    host = TrainState(step=np.int32(7), params=params, ema_params={k: v * 2 for k, v in params.items()},
+                      opt_state=(), rng=np.asarray(jax.random.key_data(jax.random.key(1))))
+    wide, narrow = (jax.sharding.Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp"))
+                    for shape in ((2, 4), (8, 1)))
+    spec = lambda path, _: P("fsdp") if jax.tree_util.keystr(path).endswith("['sharded']") else P()
+    shardings = lambda mesh: jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec(p, x)), host)
+    state = jax.device_put(host, shardings(wide))
+    config = tiny_config(10)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state, config)
+    record = ckpt.restore_record(1)
+    assert record["packed"]["params"] == {"bfloat16": [1], "float32": [3]}  # leaves big, half, sharded, small
+    assert record["packed"]["opt_state"] == {} and record["packed"]["step"] == {"int32": [0]}
+    old = {k: v for k, v in record.items() if k != "packed"}  # what the previous version wrote
+    ckpt.manager.save(2, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), record=ocp.args.JsonSave(old)))
+    abstract = abstract_like(host, shardings(narrow))
+    for step in (1, 2):
+        restored, _ = ckpt.restore_latest(abstract, config, step=step, read_only=True)
+        fields, _ = ckpt.restore_latest({"ema_params": abstract.ema_params}, config, fields=("ema_params",), step=step)
+        for got, want, target in ((restored, host, abstract), (fields["ema_params"], host.ema_params, abstract.ema_params)):
+            for g, w, t in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                               jax.tree_util.tree_leaves(target)):
+                assert g.sharding == t.sharding and g.dtype == w.dtype, step
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=str(step))
+    ckpt.close()
+
+
 @pytest.mark.xdist_group("faults")
 @pytest.mark.parametrize("damage", ["restorable_garbage", "flipped_bytes"])
 def test_a_corrupted_checkpoint_is_skipped_by_train_sample_and_evaluate(run_of_20_steps, tmp_path, capsys, caplog,

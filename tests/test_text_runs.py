@@ -321,8 +321,10 @@ def test_an_sdxl_pipeline_imports_samples_trains_a_lora_and_exports(small_sdxl, 
             assert not np.array_equal(np.asarray(base), np.asarray(merged)), keys
         else:
             np.testing.assert_array_equal(np.asarray(base), np.asarray(merged), err_msg=str(keys))
-    from diffusion_jax.checkpoints.integrity import saved_param_shapes
-    saved_names = saved_param_shapes(lora_run / "checkpoints" / "10" / "state")
+    from diffusion_jax.checkpoints import Checkpointer
+    ckpt = Checkpointer(lora_run)
+    saved_names = ckpt.restore_record(10)["layout"]["params"]  # the record's layout: what the checkpoint holds
+    ckpt.close()
     assert {name.rsplit(".", 1)[-1] for name in saved_names} == {"down", "up"}  # the adapters only
     assert len(saved_names) == 2 * (len(tuned.adapters) + sum(len(layers) for layers in text_layers.values()))
     _cli("export", "--workdir", lora_run, "--lora", trained)

@@ -1,9 +1,9 @@
 """Orbax checkpoints of the train state with a JSON record, verified on every restore
 (`integrity`: digests and layouts; `config`: what a checkpoint must agree with).
 
-A save writes the state (asynchronously where Orbax can) and a record: the step, the run's
-config, the layout of the state (the name and shape of every array) and a digest of every
-array's bits. Orbax writes into a temporary folder and renames it when complete, so a save cut
+A save writes the state (asynchronously where Orbax can; its small replicated arrays packed into
+a few buffers, `packing`) and a record: the step, the run's config, the layout of the state (the
+name and shape of every array), the packing plan and a digest of every array's bits. Orbax writes into a temporary folder and renames it when complete, so a save cut
 short never looks finished; the digest catches what Orbax cannot (bytes changed on disk that
 still decompress, which it restores as garbage without complaint).
 
@@ -19,6 +19,7 @@ The processes of a multi-host job agree on the outcome before any of them acts o
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import shutil
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusion_jax.checkpoints import packing
 from diffusion_jax.checkpoints.integrity import StateSummary, named_shapes, saved_param_shapes, state_groups, summarize, verify
 from diffusion_jax.config import config_fingerprint
 from diffusion_jax.errors import CheckpointMismatch, UsageError
@@ -75,11 +77,13 @@ class Checkpointer:
         """Saves `state` (a TrainState) at `step` with its record (config, layout, digest);
         `summary` is `summarize(state)` when the caller has it already."""
         summary = summarize(state) if summary is None else summary
+        groups = state_groups(state)
+        item, plan = packing.pack(groups)
         record = {"step": int(step), "config": config.to_dict(), "jax": jax.__version__,
-                  "layout": {name: named_shapes(tree) for name, tree in state_groups(state).items()},
-                  "digest": summary.digest}
+                  "layout": {name: named_shapes(tree) for name, tree in groups.items()},
+                  "digest": summary.digest, "packed": plan}
         self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), record=ocp.args.JsonSave(record)), force=True)
+            state=ocp.args.PyTreeSave(item), record=ocp.args.JsonSave(record)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -139,11 +143,7 @@ class Checkpointer:
         except CheckpointMismatch as e:
             return MISMATCH, e
         try:
-            if fields is None:
-                args = ocp.args.PyTreeRestore(abstract, restore_args=_restore_args(abstract))
-            else:
-                args = ocp.args.PyTreeRestore(item=groups, restore_args=_restore_args(groups), partial_restore=True)
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+            restored = self._read(step, abstract, groups, fields, record.get("packed"))
         except (PermissionError, MemoryError) as e:
             return ERROR, e
         except Exception as e:  # the layout fits, so an array that cannot be read is corrupt
@@ -152,6 +152,20 @@ class Checkpointer:
         if problem:
             return CORRUPT, problem
         return OK, (restored, record)
+
+    def _read(self, step: int, abstract, groups: dict, fields, plan):
+        """The arrays of checkpoint `step`: the TrainState of `abstract` (fields None), or {field:
+        tree} of `groups`. plan: the record's packing plan; None for a checkpoint written before
+        packing, one Orbax array per leaf of the TrainState."""
+        read = lambda args: self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        if plan is None and fields is None:
+            return read(ocp.args.PyTreeRestore(abstract, restore_args=_restore_args(abstract)))
+        if plan is None:
+            return read(ocp.args.PyTreeRestore(item=groups, restore_args=_restore_args(groups), partial_restore=True))
+        item, restore_args = packing.restore_target(groups, plan)
+        unpacked = packing.unpack(read(ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                              partial_restore=fields is not None)), groups, plan)
+        return unpacked if fields is not None else dataclasses.replace(abstract, **unpacked)
 
     def _check_fits(self, step: int, record: dict, groups: dict, config) -> None:
         """CheckpointMismatch unless the checkpoint was written by a config that agrees with
