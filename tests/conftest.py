@@ -70,6 +70,9 @@ os.environ.setdefault("DIFFUSION_JAX_EXECUTABLE_CACHE", "off")
 import pytest  # noqa: E402  (after the environment above, as JAX must see it)
 
 from tests.diffusers_models import small_pipeline, small_sdxl  # noqa: E402,F401  (every module's fixtures)
+from diffusion_jax.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the commands do: XLA's CPU buffers reused without a page fault a step
 
 
 # The two tiers: `make test-fast` (-m "not slow") runs the pure-function and oracle tests (float64

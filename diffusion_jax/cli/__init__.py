@@ -96,17 +96,20 @@ def dispatch(argv) -> None:
 # ---------------------------------------------------------------------------- the error boundary
 def boundary(command, argv) -> None:
     """Runs command(argv) with the persistent compilation cache on (`compilation_cache`, with the
-    executables found without tracing: a command line runs the library's own code). A
+    executables found without tracing: a command line runs the library's own code) and freed host
+    memory kept for reuse (`host_memory`: XLA's CPU buffers without a page fault a step). A
     user's mistake (exit 2) or a stated stop or failure (exit 1) is one line on stderr, never a
     traceback (unless --debug or DIFFUSION_JAX_DEBUG=1); a bug (any other exception) keeps its
     traceback."""
     from diffusion_jax.compilation_cache import enable_compilation_cache
+    from diffusion_jax.host_memory import keep_freed_memory
 
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
         with cli_logging():
             enable_compilation_cache(executables=True)
+            keep_freed_memory()
             command(argv)
     except KeyboardInterrupt:
         if debug:
