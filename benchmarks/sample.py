@@ -20,6 +20,7 @@ from diffusion_jax.models import PRESETS, create_model, init_params
 from diffusion_jax.builders import DTYPES
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import make_schedule
+from diffusion_jax.host_memory import keep_freed_memory
 
 
 def measure(model_name, batch, dtype, method, steps, repeats=2, overrides=None):
@@ -75,6 +76,7 @@ def main(argv=None):
     p.add_argument("--override", type=parse_override, action="append", default=[],
                    help="model field=value (repeatable), e.g. ops_impl=pallas")
     args = p.parse_args(argv)
+    keep_freed_memory()  # the host allocator the commands run with (diffusion_jax.host_memory)
     for item in args.methods.split(","):
         method, steps = item.split(":")
         emit(measure(args.model, args.batch, args.dtype, method, int(steps), args.repeats, dict(args.override)))

@@ -26,6 +26,7 @@ from diffusion_jax.models import PRESETS
 from diffusion_jax.latents import model_input_shape as input_shape
 from diffusion_jax.config import base_config
 from diffusion_jax.training.step import build_train_program
+from diffusion_jax.host_memory import keep_freed_memory
 
 
 def bench_config(model: str, batch: int, dtype: str, steps_per_dispatch: int, num_classes: int,
@@ -115,6 +116,7 @@ def main(argv=None):
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of 3 steps here")
     p.add_argument("--hlo", default=None, help="write the compiled step's optimised HLO here (.gz: compressed)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # the host allocator the commands run with (diffusion_jax.host_memory)
     for model in args.model or ["ddpm_cifar10"]:
         for batch in args.batch or [128]:
             record, run_more = measure(model, batch, args.dtype, args.steps, args.steps_per_dispatch,
