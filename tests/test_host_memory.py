@@ -3,14 +3,18 @@ faulting its pages in again (counted by the kernel), and a user's MALLOC_* setti
 import subprocess
 import sys
 
+from diffusion_jax import host_memory
+
 # Allocates and frees a 64 MiB buffer 8 times, writing every page; prints whether the setting was
 # applied and the minor page faults of the last 7 rounds: a fresh mapping each round faults each of
 # its 2 MiB (a huge page) at least once, 32 times a round, and 16,384 times without huge pages.
 ROUNDS = """
-import resource, sys
+import importlib.util, resource, sys
 import numpy as np
-from diffusion_jax.host_memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[2])  # the module alone, without JAX
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 np.ones(1 << 24, np.float32)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(7):
@@ -20,7 +24,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str, **env) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", ROUNDS, mode, host_memory.__file__], capture_output=True, text=True, check=True,
                          env={"PATH": "", **env}).stdout.split()
     return out[0], int(out[1])
 
