@@ -3,9 +3,10 @@
 
 A save writes the state (asynchronously where Orbax can; its small replicated arrays packed into
 a few buffers, `packing`) and a record: the step, the run's config, the layout of the state (the
-name and shape of every array), the packing plan and a digest of every array's bits. Orbax writes into a temporary folder and renames it when complete, so a save cut
-short never looks finished; the digest catches what Orbax cannot (bytes changed on disk that
-still decompress, which it restores as garbage without complaint).
+name and shape of every array), the packing plan and a digest of every array's bits. Orbax
+writes into a temporary folder and renames it when complete, so a save cut short never looks
+finished; the digest catches what Orbax cannot (bytes changed on disk that still decompress,
+which it restores as garbage without complaint).
 
 `restore_latest` walks back from the newest checkpoint and classifies each:
   * corrupt -- the record or the arrays cannot be read, the digest of what was read differs from
@@ -74,7 +75,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, config, summary: StateSummary | None = None) -> None:
-        """Saves `state` (a TrainState) at `step` with its record (config, layout, digest);
+        """Saves `state` (a TrainState) at `step` with its record (config, layout, packing plan, digest);
         `summary` is `summarize(state)` when the caller has it already."""
         summary = summarize(state) if summary is None else summary
         groups = state_groups(state)
