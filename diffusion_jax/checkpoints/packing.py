@@ -2,8 +2,8 @@
 flat host buffer per dtype, the others (large, or sharded) as arrays of their own.
 
 Orbax and tensorstore spend about 2 ms on each array they write or read, whatever its size: the
-digits U-Net's state (424 arrays, 2.4 MB) took 0.9-1.1 s to save and as long to restore, the same
-bytes in a few arrays 0.1 s. Packing keeps the per-array cost for the arrays large enough to
+digits U-Net's train state (431 arrays, 9.7 MB) took 1.1 s to save and 0.7 s to restore, packed
+0.11 s and 0.08 s (`python -m benchmarks.checkpoint`). Packing keeps the per-array cost for the arrays large enough to
 deserve it, and for sharded ones, which are written piece by piece from the processes that hold
 them.
 
