@@ -10,7 +10,15 @@ from diffusion_jax.errors import UsageError
 
 
 def tree_norm(tree):
-    """Global L2 norm of a pytree (optax.tree.norm where this optax has it)."""
+    """Global L2 norm of a pytree. On XLA:CPU its leaves are raveled into one float32 vector and
+    reduced once: there each leaf's own reduction is two or three kernels, each compiled apart (a
+    400-leaf LoRA's optimiser update compiled in 38 s with per-leaf norms, 13 s this way; BENCHMARKS.md,
+    fifteenth session). Elsewhere optax's per-leaf norm: no copy of the gradients, nothing gathered
+    across an fsdp mesh."""
+    leaves = jax.tree.leaves(tree)
+    if jax.default_backend() == "cpu" and leaves:
+        flat = jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+        return jnp.sqrt(jnp.vdot(flat, flat))
     tree_module = getattr(optax, "tree", None)
     if tree_module is not None and hasattr(tree_module, "norm"):
         return tree_module.norm(tree)
@@ -51,10 +59,12 @@ def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, ski
     left out by max_norm <= 0 or skip_nonfinite=False), with the same state tree, from one global
     norm of the updates: it clips them, and an update whose norm is not finite (a NaN or an infinity
     in any leaf, or a sum of squares past float32's range) is skipped. Optax computes a norm and a
-    finiteness test for every leaf, and the norm again inside the skip's `lax.cond`: thousands of
-    small kernels for a model of many leaves (a LoRA's 400 adapters: a 27 s compile on XLA:CPU's
-    classic emitters, 13 s this way; BENCHMARKS.md). XLA merges this norm with an identical one the
-    train step takes of the same gradients (its grad_norm metric)."""
+    finiteness test for every leaf, the norm again inside the skip's `lax.cond`, and divides each
+    leaf by the norm apart: thousands of small kernels for a model of many leaves, which XLA:CPU
+    compiles one by one. Here the clipping is one scale factor and the skip a select, both of which
+    XLA fuses into the inner update's own kernels (a 400-leaf LoRA's update: 27 s to compile as
+    optax composes it, 13 s this way on XLA:CPU's classic emitters; BENCHMARKS.md). XLA merges the
+    norm with an identical one the train step takes of the same gradients (its grad_norm metric)."""
     clips = max_norm > 0
 
     def init(params):
@@ -68,8 +78,9 @@ def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, ski
     def apply(updates, norm, state, params):
         if not clips:
             return inner.update(updates, state, params)
-        below = norm < max_norm  # optax.clip_by_global_norm's arithmetic, fused with the inner update's
-        updates = jax.tree.map(lambda u: jax.lax.select(below, u, (u / norm.astype(u.dtype)) * max_norm), updates)
+        # optax.clip_by_global_norm's u / norm * max_norm above the limit, as one factor (within an ulp)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
         updates, inner_state = inner.update(updates, state[1], params)
         return updates, (state[0], inner_state)
 
@@ -79,9 +90,11 @@ def clipped_and_finite(inner: optax.GradientTransformation, max_norm: float, ski
             return apply(updates, norm, state, params)
         finite = jnp.isfinite(norm)
         count = jnp.where(finite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
-        updates, inner_state = jax.lax.cond(
-            finite | (count > max_consecutive_errors), lambda: apply(updates, norm, state.inner_state, params),
-            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
+        applied = finite | (count > max_consecutive_errors)
+        new_updates, new_inner_state = apply(updates, norm, state.inner_state, params)
+        # skipped: zero updates and the inner state as it was (optax's lax.cond, as selects)
+        updates = jax.tree.map(lambda u: jnp.where(applied, u, jnp.zeros_like(u)), new_updates)
+        inner_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), new_inner_state, state.inner_state)
         total = jnp.where(finite, state.total_notfinite, _increment(state.total_notfinite))
         return updates, optax.ApplyIfFiniteState(notfinite_count=count, last_finite=finite, total_notfinite=total,
                                                  inner_state=inner_state)
