@@ -2,7 +2,9 @@
 (Adam, global-norm clipping, skipping non-finite updates) with the train step's grad_norm metric,
 over a parameter tree, built as `make_optimizer` builds it and as optax's composition
 `apply_if_finite(chain(clip_by_global_norm, adam))` (what earlier versions built). Prints the
-compile seconds of each, for each tree (BENCHMARKS.md, eleventh session).
+compile seconds of each, for each tree, and the number of operations left outside fusions (each a
+kernel of its own that XLA:CPU compiles apart: a count that does not drift with the host's speed;
+BENCHMARKS.md, eleventh and fifteenth sessions).
 
     python -m benchmarks.optimizer_compile [--trees unet_tiny,dit_tiny,lora400]
 
@@ -28,9 +30,33 @@ def parameter_tree(name: str):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(create_model(name), (8, 8, 1)))
 
 
-def compile_seconds(optimizer, params) -> float:
+# HLO operations that are no kernel of their own: a compiled program's plumbing
+PLUMBING = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def kernel_count(hlo_text: str) -> int:
+    """The operations of a compiled program's unfused computations (its entry, a conditional's
+    branches, a loop's body and condition; not the bodies of fusions or of reductions) that are not
+    plumbing: its kernels."""
+    import re
+
+    unfused = set(re.findall(r"(?:branch_computations=\{|true_computation=|false_computation=|body=|condition=)"
+                             r"([^,}\s]+(?:, %[^,}\s]+)*)", hlo_text))
+    unfused = {name.strip() for names in unfused for name in names.split(",")}
+    count, counting = 0, False
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" "):  # a computation's header: `ENTRY %main ...` or `%name (...) ...`
+            counting = line.startswith("ENTRY") or line.split(" ", 1)[0] in unfused
+            continue
+        match = re.match(r"\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\(", line)
+        if counting and match and match.group(1) not in PLUMBING:
+            count += 1
+    return count
+
+
+def compile_seconds(optimizer, params) -> tuple:
     """Seconds to compile one update of `optimizer` (with the updated parameters and the gradients'
-    global norm, as the train step takes them)."""
+    global norm, as the train step takes them), and its program's kernel count."""
     import jax
     import optax
 
@@ -42,8 +68,8 @@ def compile_seconds(optimizer, params) -> float:
 
     lowered = jax.jit(update).lower(params, optimizer.init(params), params)
     start = time.perf_counter()
-    lowered.compile()
-    return time.perf_counter() - start
+    compiled = lowered.compile()
+    return time.perf_counter() - start, kernel_count(compiled.as_text())
 
 
 def main(argv=None) -> None:
@@ -63,8 +89,10 @@ def main(argv=None) -> None:
     for name in args.trees.split(","):
         params = parameter_tree(name)
         leaves = len(jax.tree.leaves(params))
-        ours, theirs = compile_seconds(make_optimizer(config, 100), params), compile_seconds(composed, params)
-        print(f"{name} ({leaves} leaves): make_optimizer {ours:.2f} s, optax's composition {theirs:.2f} s", flush=True)
+        (ours, our_kernels), (theirs, their_kernels) = (compile_seconds(make_optimizer(config, 100), params),
+                                                        compile_seconds(composed, params))
+        print(f"{name} ({leaves} leaves): make_optimizer {ours:.2f} s ({our_kernels} kernels), "
+              f"optax's composition {theirs:.2f} s ({their_kernels} kernels)", flush=True)
 
 
 if __name__ == "__main__":
