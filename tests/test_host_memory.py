@@ -1,5 +1,6 @@
 """`keep_freed_memory`: a large buffer freed and allocated again is served from the heap without
-faulting its pages in again (counted by the kernel), and a user's MALLOC_* setting is left alone."""
+faulting its pages in again (counted by the kernel), another thread's allocations come from the same
+heap (XLA's threads allocate a train step's buffers), and a user's MALLOC_* setting is left alone."""
 import subprocess
 import sys
 
@@ -21,6 +22,18 @@ for _ in range(7):
     np.ones(1 << 24, np.float32)
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+# A thread allocates 1 MiB, then glibc's malloc_stats lists its arenas on stderr ("Arena 0:", ...).
+THREAD = """
+import ctypes, importlib.util, sys, threading
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[2])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+host_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
+thread = threading.Thread(target=lambda: bytearray(1 << 20))
+thread.start()
+thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()
+"""
 
 
 def _faults(mode: str, **env) -> tuple[str, int]:
@@ -29,8 +42,16 @@ def _faults(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+def _arenas(mode: str) -> int:
+    stats = subprocess.run([sys.executable, "-c", THREAD, mode, host_memory.__file__], capture_output=True, text=True,
+                           check=True, env={"PATH": ""}).stderr
+    return sum(line.startswith("Arena ") for line in stats.splitlines())
+
+
 def test_freed_memory_is_reused_without_page_faults():
     applied, kept = _faults("keep")
     _, default = _faults("default")
     assert applied == "True" and kept < 7 and default >= 7 * 32, (kept, default)
+    # by default a thread gets an arena (a mapped heap) of its own; kept, every thread uses the main one
+    assert (_arenas("keep"), _arenas("default")) == (1, 2)
     assert _faults("keep", MALLOC_ARENA_MAX="2")[0] == "False"  # the user's own settings win
