@@ -17,11 +17,6 @@ import tempfile
 # flag already in XLA_FLAGS wins; the commands users run keep XLA's defaults.
 FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_cpu_use_fusion_emitters=false",
                 "--xla_backend_extra_options=xla_cpu_disable_loop_unrolling")
-# The modules of large attention programs (imported Stable Diffusion U-Nets, their LoRA train steps) say
-# `pytestmark = pytest.mark.fusion_emitters` and run together in a process that compiles with XLA's
-# fusion emitters: their compiles took 20-35% less time (test_text_runs 178 -> 143 s, test_sd_unet
-# 32 -> 22 s), where the other modules' took 5-45% more (BENCHMARKS.md, sixteenth session).
-FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=true"
 # One device unless a test needs more: a program for a mesh of several devices compiles 15-25% slower
 # (SPMD partitioning) and a train step runs 4x slower on 8 virtual devices sharing 2 cores (BENCHMARKS.md,
 # tenth session). The sharding tests say `@pytest.mark.devices(8)`; the multi-process tests start
@@ -97,14 +92,14 @@ LONGEST_FIRST = ("test_evaluation", "test_multihost", "test_text_runs", "test_in
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Puts LONGEST_FIRST's modules first (each module's own order kept); the tests that need more
-    devices or other compile settings than this process has go to a process of their own. Under `--dist loadgroup`, every test marked xdist_group
+    devices than this process has go to a process of their own. Under `--dist loadgroup`, every test marked xdist_group
     must carry its group in its node id (xdist adds it), else the groups are silently split
     across workers."""
     module = lambda item: item.module.__name__.rpartition(".")[2]
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(module(item), len(rank)))
     result = yield
-    items[:] = _in_processes_with_their_settings(items)  # after the selection (-m, -k) of the tests
+    items[:] = _in_processes_with_their_devices(items)  # after the selection (-m, -k) of the tests
     if getattr(config.option, "loadgroup", False):
         ungrouped = [item.nodeid for item in items
                      if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
@@ -115,67 +110,54 @@ def pytest_collection_modifyitems(config, items):
     return result
 
 
-def _process_settings(flags: str) -> tuple:
-    """(devices, fusion emitters) of a process with these XLA_FLAGS."""
-    match = re.search(rf"{DEVICE_COUNT}=(\d+)", flags)
-    return int(match.group(1)) if match else 1, FUSION_EMITTERS in flags.split()
+def _devices_here() -> int:
+    match = re.search(rf"{DEVICE_COUNT}=(\d+)", os.environ["XLA_FLAGS"])
+    return int(match.group(1)) if match else 1
 
 
-def _needed_settings(item) -> tuple:
-    """(devices, fusion emitters) a test's markers ask of its process."""
-    devices = item.get_closest_marker("devices")
-    return devices.args[0] if devices else 1, item.get_closest_marker("fusion_emitters") is not None
-
-
-def _in_processes_with_their_settings(items: list) -> list:
-    """The tests marked `devices(n)` that need more devices than this process has, and those marked
-    `fusion_emitters` where this process compiles without them, become one test per setting that runs
-    them in a new process with it (first: it is long)."""
-    needing, (devices_here, fusion_here) = {}, _process_settings(os.environ["XLA_FLAGS"])
+def _in_processes_with_their_devices(items: list) -> list:
+    """The tests marked `devices(n)` that need more devices than this process has become one test
+    that runs them in a new process with n devices (one per n, first: it is long)."""
+    needing, here = {}, _devices_here()
     for item in items:
-        devices, fusion = _needed_settings(item)
-        if devices > devices_here or (fusion and not fusion_here):
-            needing.setdefault((max(devices, devices_here), fusion), []).append(item)
+        marker = item.get_closest_marker("devices")
+        if marker and marker.args[0] > here:
+            needing.setdefault(marker.args[0], []).append(item)
     moved = {id(item) for tests in needing.values() for item in tests}
-    sessions = [SettingsProcess.from_parent(tests[0].session, devices=devices, fusion_emitters=fusion, tests=tests,
-                                            name=f"the {len(tests)} tests marked "
-                                                 + ("fusion_emitters" if fusion else f"devices({devices})"))
-                for (devices, fusion), tests in sorted(needing.items())]
+    sessions = [DevicesProcess.from_parent(tests[0].session, name=f"the {len(tests)} tests marked devices({n})",
+                                           devices=n, tests=tests) for n, tests in sorted(needing.items())]
     return sessions + [item for item in items if id(item) not in moved]
 
 
-class SettingsProcess(pytest.Item):
-    """Runs `tests` in `python -m pytest` with `devices` virtual CPU devices (and XLA:CPU's fusion
-    emitters with `fusion_emitters`); fails with its output."""
+class DevicesProcess(pytest.Item):
+    """Runs `tests` in `python -m pytest` with `devices` virtual CPU devices; fails with its output."""
 
-    def __init__(self, *, devices: int, fusion_emitters: bool, tests: list, **kwargs):
+    def __init__(self, *, devices: int, tests: list, **kwargs):
         super().__init__(**kwargs)
-        self.devices, self.fusion = devices, fusion_emitters
-        self.node_ids = [item.nodeid.partition("@")[0] for item in tests]
+        self.devices, self.node_ids = devices, [item.nodeid.partition("@")[0] for item in tests]
 
     def runtest(self):
-        replaced = (DEVICE_COUNT, FUSION_EMITTERS.split("=")[0])
-        given = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(replaced)]
+        given = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT))
         env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}  # not a worker's
-        env["XLA_FLAGS"] = xla_flags(self.devices, " ".join(given + [FUSION_EMITTERS] * self.fusion))
+        env["XLA_FLAGS"] = xla_flags(self.devices, given)
         try:
             done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
                                    "-rfEs", *self.node_ids], env=env, cwd=self.config.rootpath,
                                   capture_output=True, text=True, timeout=1200)
         except subprocess.TimeoutExpired as timeout:  # (its output is bytes, whatever `text` says)
             output = (timeout.stdout or b"").decode(errors="replace")[-20000:]
-            raise SettingsProcessFailed(f"still running after {timeout.timeout} s:\n{output}") from None
+            raise DevicesProcessFailed(f"still running after {timeout.timeout} s:\n{output}") from None
         if done.returncode:
-            raise SettingsProcessFailed(done.stdout[-20000:] + done.stderr[-5000:])
+            raise DevicesProcessFailed(done.stdout[-20000:] + done.stderr[-5000:])
 
     def repr_failure(self, excinfo):
-        if isinstance(excinfo.value, SettingsProcessFailed):
-            return f"{self.name} (in a process of their own) failed:\n{excinfo.value}"
+        if isinstance(excinfo.value, DevicesProcessFailed):
+            return f"{self.name} (in a process with {self.devices} devices) failed:\n{excinfo.value}"
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
         return self.config.rootpath / "tests" / "conftest.py", None, f"{self.name}: {' '.join(self.node_ids)}"
 
 
-class SettingsProcessFailed(Exception):
+class DevicesProcessFailed(Exception):
     pass

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from tests.diffusers_models import perturbed  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.fusion_emitters]  # the full tier; large attention programs
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 SD1_FORM = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

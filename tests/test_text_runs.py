@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from tests.diffusers_models import NEGATIVE, PROMPTS, diffusers_lora_images, peft_lora, peft_state  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.fusion_emitters]  # the full tier; large attention programs
+pytestmark = pytest.mark.slow  # the full tier: `make test` (runs, commands, whole models)
 
 SMALL = ["--config.eval.bpd_examples=0", "--config.train.progress=False"]
 
