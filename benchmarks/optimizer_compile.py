@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from benchmarks.trace_summary import kernel_count
+
 
 def parameter_tree(name: str):
     import jax
@@ -28,30 +30,6 @@ def parameter_tree(name: str):
     from diffusion_jax.models import create_model, param_shapes
 
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(create_model(name), (8, 8, 1)))
-
-
-# HLO operations that are no kernel of their own: a compiled program's plumbing
-PLUMBING = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-
-
-def kernel_count(hlo_text: str) -> int:
-    """The operations of a compiled program's unfused computations (its entry, a conditional's
-    branches, a loop's body and condition; not the bodies of fusions or of reductions) that are not
-    plumbing: its kernels."""
-    import re
-
-    unfused = set(re.findall(r"(?:branch_computations=\{|true_computation=|false_computation=|body=|condition=)"
-                             r"([^,}\s]+(?:, %[^,}\s]+)*)", hlo_text))
-    unfused = {name.strip() for names in unfused for name in names.split(",")}
-    count, counting = 0, False
-    for line in hlo_text.splitlines():
-        if line and not line.startswith(" "):  # a computation's header: `ENTRY %main ...` or `%name (...) ...`
-            counting = line.startswith("ENTRY") or line.split(" ", 1)[0] in unfused
-            continue
-        match = re.match(r"\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\(", line)
-        if counting and match and match.group(1) not in PLUMBING:
-            count += 1
-    return count
 
 
 def compile_seconds(optimizer, params) -> tuple:

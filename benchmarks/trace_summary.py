@@ -89,6 +89,29 @@ def hlo_origins(text: str) -> dict:
     return origins
 
 
+# HLO operations that are no kernel of their own: a compiled program's plumbing
+PLUMBING = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def kernel_count(text: str) -> int:
+    """The operations of an optimised HLO module's unfused computations (its entry, a conditional's
+    branches, a loop's body and condition; not the bodies of fusions or of reductions) that are not
+    plumbing: the kernels XLA:CPU compiles apart, a count the host's speed does not move."""
+    unfused = re.findall(r"(?:branch_computations=\{|true_computation=|false_computation=|body=|condition=)"
+                         r"([^,}\s]+(?:, %[^,}\s]+)*)", text)
+    unfused = {name.strip().lstrip("%") for names in unfused for name in names.split(",")}
+    count, counting = 0, False
+    for line in text.splitlines():
+        computation = _COMPUTATION.match(line)
+        if computation:
+            counting = line.startswith("ENTRY") or computation.group(1) in unfused
+            continue
+        match = _INSTRUCTION.match(line)
+        if counting and match and match.group(3) not in PLUMBING:
+            count += 1
+    return count
+
+
 def operation(op_name: str) -> str:
     """An op_name as a per-layer operation: the differentiated module's path made
     forward/ or backward/, the transformer's block indices dropped (identical layers add up:
