@@ -11,24 +11,31 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3
 .PHONY: install test test-fast demo bench bench-gpu lint clean
 
 # Two installs: the package alone (CORE, what `make demo` and `make bench` need: no TensorFlow,
-# no torch) and with its dev extra (STAMP, for the tests). Neither byte-compiles the dependencies:
-# Python caches the bytecode of each module the first time a process imports it, as it does by
-# default (PYTHONDONTWRITEBYTECODE, set on some machines, is cleared for make's commands). The tests
-# import ~6,400 of the dev extra's modules: compiling them as they are imported costs each of the two
-# test workers ~10 s at its start, where compiling every module ahead (compileall on both cores) took
-# 22 s of the install and pip's own pass ~105 s on one core.
+# no torch) and with its dev extra (STAMP, for the tests). uv installs them: the same versions pip
+# resolves (`pip freeze` compared), the dev extra in 29 s where pip took 60 s on a fresh machine
+# (BENCHMARKS.md). uv does not read pip's configuration, so the wheel folders and indexes pip is
+# configured with (a machine's CPU build of torch) are passed on and resolved as pip resolves them.
+# Neither byte-compiles the dependencies: Python caches the bytecode of each module the first time a
+# process imports it, as it does by default (PYTHONDONTWRITEBYTECODE, set on some machines, is cleared
+# for make's commands). The tests import ~6,400 of the dev extra's modules: compiling them as they are
+# imported costs each of the two test workers ~10 s at its start, where compiling every module ahead
+# (compileall on both cores) took 22 s of the install and pip's own pass ~105 s on one core.
 export PYTHONDONTWRITEBYTECODE :=
 CORE     := $(VENV)/.installed-core
-NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && $(PY) -m pip install --quiet --upgrade pip
+pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && $(PY) -m pip install --quiet uv
+UV_INSTALL = $(VENV)/bin/uv pip install --python $(PY) --quiet --no-cache -c constraints.txt \
+	$(addprefix --find-links ,$(call pip_config,find-links)) \
+	$(addprefix --extra-index-url ,$(call pip_config,extra-index-url)) --index-strategy unsafe-best-match
 
 $(CORE): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e .
+	$(UV_INSTALL) -e .
 	touch $(CORE)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(UV_INSTALL) -e '.[dev]'
 	touch $(STAMP) $(CORE)
 
 install: $(STAMP)
