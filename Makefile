@@ -12,7 +12,7 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3
 
 # Two installs: the package alone (CORE, what `make demo` and `make bench` need: no TensorFlow,
 # no torch) and with its dev extra (STAMP, for the tests). uv installs them: the same versions pip
-# resolves (`pip freeze` compared), the dev extra in 29 s where pip took 60 s on a fresh machine
+# resolves (`pip freeze` compared), the dev extra in 41-54 s where pip took 60-107 s on a fresh clone
 # (BENCHMARKS.md). uv does not read pip's configuration, so the wheel folders and indexes pip is
 # configured with (a machine's CPU build of torch) are passed on and resolved as pip resolves them.
 # Neither byte-compiles the dependencies: Python caches the bytecode of each module the first time a
