@@ -11,10 +11,11 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3
 .PHONY: install test test-fast demo bench bench-gpu lint clean
 
 # Two installs: the package alone (CORE, what `make demo` and `make bench` need: no TensorFlow,
-# no torch) and with its dev extra (STAMP, for the tests). uv installs them: the same versions pip
-# resolves (`pip freeze` compared), the dev extra in 41-54 s where pip took 60-107 s on a fresh clone
-# (BENCHMARKS.md). uv does not read pip's configuration, so the wheel folders and indexes pip is
-# configured with (a machine's CPU build of torch) are passed on and resolved as pip resolves them.
+# no torch) and with its dev extra (STAMP, for the tests). uv installs them, or pip where uv cannot be
+# installed: the same versions (`pip freeze` compared), the dev extra in 41-54 s where pip took
+# 60-107 s on a fresh clone (BENCHMARKS.md). uv does not read pip's configuration, so the wheel
+# folders and indexes pip is configured with (a machine's CPU build of torch) are passed on and
+# resolved as pip resolves them.
 # Neither byte-compiles the dependencies: Python caches the bytecode of each module the first time a
 # process imports it, as it does by default (PYTHONDONTWRITEBYTECODE, set on some machines, is cleared
 # for make's commands). The tests import ~6,400 of the dev extra's modules: compiling them as they are
@@ -23,19 +24,22 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3
 export PYTHONDONTWRITEBYTECODE :=
 CORE     := $(VENV)/.installed-core
 pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
-NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && $(PY) -m pip install --quiet uv
+NEW_VENV  = (test -d $(VENV) || $(PYTHON) -m venv $(VENV)) && \
+	($(PY) -m pip install --quiet uv || echo "make: uv could not be installed; pip installs instead")
 UV_INSTALL = $(VENV)/bin/uv pip install --python $(PY) --quiet --no-cache -c constraints.txt \
 	$(addprefix --find-links ,$(call pip_config,find-links)) \
 	$(addprefix --extra-index-url ,$(call pip_config,extra-index-url)) --index-strategy unsafe-best-match
+PIP_INSTALL = $(PY) -m pip install --quiet --no-compile -c constraints.txt
+install_with = if test -x $(VENV)/bin/uv; then $(UV_INSTALL) $(1); else $(PIP_INSTALL) $(1); fi
 
 $(CORE): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(UV_INSTALL) -e .
+	$(call install_with,-e .)
 	touch $(CORE)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(NEW_VENV)
-	$(UV_INSTALL) -e '.[dev]'
+	$(call install_with,-e '.[dev]')
 	touch $(STAMP) $(CORE)
 
 install: $(STAMP)
